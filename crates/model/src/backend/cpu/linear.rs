@@ -1,0 +1,408 @@
+//! `y = x · Wᵀ` for weights in their stored dtype (`W` is `[out, in]`, as in every HF Linear).
+//!
+//! Two paths, each the reference for the other in tests:
+//! - **rows ≤ [`DOT_MAX_ROWS`]** (decode): every weight row is streamed from memory once and dotted
+//!   with all token rows while it is in L1. bf16/f16 are widened in registers (exact), accumulation
+//!   is f32. Decode is memory-bound, so this reads each weight byte exactly once per step.
+//! - **larger batches** (prefill, big expert batches): weight rows are widened to f32 in blocks of
+//!   [`GEMM_BLOCK`] into a per-thread buffer and multiplied with the `gemm` crate, which is compute
+//!   bound and far faster than dots once a block is reused by many tokens.
+//!
+//! Both paths are deterministic: a given row's result depends only on its inputs, never on thread
+//! scheduling, which is what lets a cluster reproduce embedded mode bit for bit.
+
+use crate::weights::Elems;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Up to this many token rows the dot path wins: it reads weights once and does not widen them
+/// to memory; beyond it the gemm path's register tiling pays for the widening.
+pub const DOT_MAX_ROWS: usize = 8;
+
+/// Weight rows widened per gemm call: 64 rows × in ≤ 14336 f32 stays within L2.
+const GEMM_BLOCK: usize = 64;
+
+/// Output rows per parallel task on the dot path; enough to amortise rayon's scheduling.
+const DOT_BLOCK: usize = 16;
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to let rayon tasks write disjoint elements of one output slice; every use
+// states why the elements are disjoint.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `r < rows`, `j < out`.
+///
+/// `x` is `[rows, in]`, `w` is `[out, in]` row-major in any supported dtype, `y` is `[rows, out]`.
+pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
+    let inp = w.len() / out.max(1);
+    debug_assert_eq!(w.len(), out * inp);
+    debug_assert!(x.len() >= rows * inp);
+    debug_assert!(y.len() >= rows * out);
+    if rows == 0 || out == 0 {
+        return;
+    }
+    if rows <= DOT_MAX_ROWS {
+        linear_dot(x, rows, w, inp, out, y);
+    } else {
+        linear_gemm(x, rows, w, inp, out, y);
+    }
+}
+
+/// The dot path, public so tests and benches can compare it against the gemm path.
+pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    let yp = SendPtr(y.as_mut_ptr());
+    let kern = dot::select();
+    (0..out.div_ceil(DOT_BLOCK)).into_par_iter().for_each(|b| {
+        let yp = yp;
+        let j0 = b * DOT_BLOCK;
+        let j1 = (j0 + DOT_BLOCK).min(out);
+        for j in j0..j1 {
+            let row = w.slice(j * inp..(j + 1) * inp);
+            let mut r = 0;
+            while r < rows {
+                let n = (rows - r).min(4);
+                let mut acc = [0f32; 4];
+                kern(row, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
+                for (t, a) in acc.iter().take(n).enumerate() {
+                    // SAFETY: element (r+t, j) belongs to this task alone (tasks own disjoint
+                    // column ranges j0..j1) and lies inside `y` (rows*out <= y.len()).
+                    unsafe { *yp.0.add((r + t) * out + j) = *a };
+                }
+                r += n;
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// Widened weight block for the gemm path; grows to GEMM_BLOCK × in once per thread.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The gemm path, public for parity tests.
+pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..out.div_ceil(GEMM_BLOCK)).into_par_iter().for_each(|b| {
+        let yp = yp;
+        let j0 = b * GEMM_BLOCK;
+        let j1 = (j0 + GEMM_BLOCK).min(out);
+        let nb = j1 - j0;
+        let run = |wb: &[f32]| {
+            // SAFETY: lhs is x ([rows, inp], row stride inp); rhs element (k, j) is wb[j*inp + k];
+            // dst element (r, j) is y[r*out + j0 + j], columns j0..j1 owned by this task alone.
+            // All indices stay in bounds by the debug-asserted sizes in `linear`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    nb,
+                    inp,
+                    yp.0.add(j0),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    wb.as_ptr(),
+                    inp as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        match w {
+            Elems::F32(s) => run(&s[j0 * inp..j1 * inp]),
+            _ => WIDE.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                buf.resize(nb * inp, 0.0);
+                w.to_f32_into(j0 * inp..j1 * inp, &mut buf[..nb * inp]);
+                run(&buf[..nb * inp]);
+            }),
+        }
+    });
+}
+
+/// Row-times-tokens dot kernels, chosen once at run time by CPU features.
+mod dot {
+    use crate::weights::Elems;
+
+    /// `acc[t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`.
+    pub type Kernel = fn(Elems<'_>, &[f32], usize, usize, &mut [f32; 4]);
+
+    pub fn select() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return super::x86::dots;
+            }
+        }
+        scalar
+    }
+
+    /// Portable reference: f32 accumulation, same math as the SIMD kernels up to summation order.
+    pub fn scalar(row: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [f32; 4]) {
+        for (t, a) in acc.iter_mut().take(n).enumerate() {
+            let xr = &x[t * inp..(t + 1) * inp];
+            *a = xr.iter().enumerate().map(|(k, v)| row.get_f32(k) * v).sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::weights::Elems;
+    use std::arch::x86_64::*;
+
+    /// Dispatches on dtype; the caller checked avx2+fma+f16c.
+    pub fn dots(row: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [f32; 4]) {
+        debug_assert!(x.len() >= n * inp && row.len() == inp);
+        // SAFETY: `select` only returns this kernel when the CPU has avx2, fma and f16c; the
+        // pointers cover `inp` elements of the row and `n * inp` of x, as asserted above.
+        unsafe {
+            match row {
+                Elems::BF16(w) => dots_bf16(w.as_ptr().cast(), x.as_ptr(), n, inp, acc),
+                Elems::F16(w) => dots_f16(w.as_ptr().cast(), x.as_ptr(), n, inp, acc),
+                Elems::F32(w) => dots_f32(w.as_ptr(), x.as_ptr(), n, inp, acc),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// One kernel body per dtype: `$load(w, k)` yields 8 widened weights at element k, `$scalar`
+    /// widens one element for the tail.
+    macro_rules! dot_kernel {
+        ($name:ident, $wty:ty, $load:ident, $scalar:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name(
+                w: *const $wty,
+                x: *const f32,
+                n: usize,
+                inp: usize,
+                acc: &mut [f32; 4],
+            ) {
+                let load = $load;
+                let scalar = $scalar;
+                let main = inp / 16 * 16;
+                // SAFETY (whole body): k + 16 <= main <= inp keeps every vector load inside the
+                // row and inside each token's slice of x.
+                unsafe {
+                    if n == 1 {
+                        // Four independent chains hide the FMA latency for a single token.
+                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let (mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let main32 = inp / 32 * 32;
+                        let mut k = 0;
+                        while k < main32 {
+                            a0 = _mm256_fmadd_ps(load(w, k), _mm256_loadu_ps(x.add(k)), a0);
+                            a1 = _mm256_fmadd_ps(load(w, k + 8), _mm256_loadu_ps(x.add(k + 8)), a1);
+                            a2 = _mm256_fmadd_ps(
+                                load(w, k + 16),
+                                _mm256_loadu_ps(x.add(k + 16)),
+                                a2,
+                            );
+                            a3 = _mm256_fmadd_ps(
+                                load(w, k + 24),
+                                _mm256_loadu_ps(x.add(k + 24)),
+                                a3,
+                            );
+                            k += 32;
+                        }
+                        while k < main {
+                            a0 = _mm256_fmadd_ps(load(w, k), _mm256_loadu_ps(x.add(k)), a0);
+                            a1 = _mm256_fmadd_ps(load(w, k + 8), _mm256_loadu_ps(x.add(k + 8)), a1);
+                            k += 16;
+                        }
+                        let mut s =
+                            hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+                        for k in main..inp {
+                            s += scalar(w, k) * *x.add(k);
+                        }
+                        acc[0] = s;
+                        return;
+                    }
+                    // Up to four tokens, two chains each: the weight vector is loaded once and
+                    // used n times.
+                    let mut lo = [_mm256_setzero_ps(); 4];
+                    let mut hi = [_mm256_setzero_ps(); 4];
+                    let mut k = 0;
+                    while k < main {
+                        let w0 = load(w, k);
+                        let w1 = load(w, k + 8);
+                        for t in 0..n {
+                            let xt = x.add(t * inp + k);
+                            lo[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), lo[t]);
+                            hi[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt.add(8)), hi[t]);
+                        }
+                        k += 16;
+                    }
+                    for t in 0..n {
+                        let mut s = hsum(_mm256_add_ps(lo[t], hi[t]));
+                        for k in main..inp {
+                            s += scalar(w, k) * *x.add(t * inp + k);
+                        }
+                        acc[t] = s;
+                    }
+                }
+            }
+        };
+    }
+
+    // Loaders: 8 weights widened to f32 at element k. Callers guarantee k + 8 <= row length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_bf16(w: *const u16, k: usize) -> __m256 {
+        // bf16 → f32 is a 16-bit left shift of the bit pattern: exact.
+        // SAFETY: the caller keeps k + 8 within the row.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(k).cast())),
+                16,
+            ))
+        }
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_f16(w: *const u16, k: usize) -> __m256 {
+        // SAFETY: the caller keeps k + 8 within the row.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.add(k).cast())) }
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load_f32(w: *const f32, k: usize) -> __m256 {
+        // SAFETY: the caller keeps k + 8 within the row.
+        unsafe { _mm256_loadu_ps(w.add(k)) }
+    }
+    #[inline]
+    unsafe fn scalar_bf16(w: *const u16, k: usize) -> f32 {
+        // SAFETY: the caller keeps k within the row.
+        f32::from_bits((unsafe { *w.add(k) } as u32) << 16)
+    }
+    #[inline]
+    unsafe fn scalar_f16(w: *const u16, k: usize) -> f32 {
+        // SAFETY: the caller keeps k within the row.
+        half::f16::from_bits(unsafe { *w.add(k) }).to_f32()
+    }
+    #[inline]
+    unsafe fn scalar_f32(w: *const f32, k: usize) -> f32 {
+        // SAFETY: the caller keeps k within the row.
+        unsafe { *w.add(k) }
+    }
+
+    dot_kernel!(dots_bf16, u16, load_bf16, scalar_bf16);
+    dot_kernel!(dots_f16, u16, load_f16, scalar_f16);
+    dot_kernel!(dots_f32, f32, load_f32, scalar_f32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        // Deterministic values in [-1, 1).
+        (0..n)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive(x: &[f32], rows: usize, w: &[f32], inp: usize, out: usize) -> Vec<f64> {
+        let mut y = vec![0.0; rows * out];
+        for r in 0..rows {
+            for j in 0..out {
+                y[r * out + j] = (0..inp)
+                    .map(|k| x[r * inp + k] as f64 * w[j * inp + k] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn check(rows: usize, inp: usize, out: usize) {
+        let x = data(rows * inp, 1);
+        let wf = data(out * inp, 2);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
+        let cases: [(Elems<'_>, Vec<f32>); 3] = [
+            (Elems::F32(&wf), wf.clone()),
+            (Elems::BF16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
+            (Elems::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
+        ];
+        for (w, wide) in cases {
+            let want = naive(&x, rows, &wide, inp, out);
+            for path in 0..3 {
+                let mut y = vec![f32::NAN; rows * out];
+                match path {
+                    0 => linear(&x, rows, w, out, &mut y),
+                    1 => linear_dot(&x, rows, w, inp, out, &mut y),
+                    _ => linear_gemm(&x, rows, w, inp, out, &mut y),
+                }
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "rows {rows} in {inp} out {out} path {path}: {a} vs {b}"
+                    );
+                }
+            }
+            // The scalar kernel agrees too.
+            let mut acc = [0.0; 4];
+            dot::scalar(w.slice(0..inp), &x[..inp], 1, inp, &mut acc);
+            assert!((acc[0] as f64 - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
+        }
+    }
+
+    #[test]
+    fn all_paths_match_naive_on_even_and_odd_shapes() {
+        for &(rows, inp, out) in &[
+            (1, 64, 64),
+            (1, 37, 5),
+            (3, 100, 33),
+            (4, 128, 70),
+            (7, 48, 17),
+            (9, 64, 130),
+            (40, 96, 65),
+        ] {
+            check(rows, inp, out);
+        }
+    }
+
+    #[test]
+    fn single_and_multi_token_kernels_agree() {
+        let (inp, out) = (96, 40);
+        let x = data(3 * inp, 5);
+        let w = data(out * inp, 6);
+        let mut all = vec![0.0; 3 * out];
+        linear_dot(&x, 3, Elems::F32(&w), inp, out, &mut all);
+        let mut one = vec![0.0; out];
+        linear_dot(&x[inp..2 * inp], 1, Elems::F32(&w), inp, out, &mut one);
+        // Single-token and multi-token kernels sum in different orders; both are f32-accurate.
+        for (a, b) in one.iter().zip(&all[out..2 * out]) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+}

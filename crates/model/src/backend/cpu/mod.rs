@@ -1,0 +1,146 @@
+//! The CPU backend: weights stay in their mapped, stored dtype; activations are f32 `Vec`s;
+//! parallelism is rayon's global pool (size it with `RAYON_NUM_THREADS` or `--threads`).
+
+pub mod attention;
+pub mod linear;
+pub mod ops;
+
+use super::{AttnSeq, AttnShape, Backend};
+use crate::{weights::HostTensor, Result};
+
+/// The CPU backend. Stateless: every op runs on rayon's global pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Weight = HostTensor;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, t: HostTensor) -> Result<HostTensor> {
+        // Weights are used in place from the memory map; touching every page now makes the load
+        // (and its progress bar) do the I/O instead of the first request.
+        t.prefault();
+        Ok(t)
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn ensure_len(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Ok(())
+    }
+
+    fn write(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn to_host(&self, src: &Vec<f32>, dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(&src[..dst.len()]);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &HostTensor, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let width = table.shape()[1];
+        ops::embedding(table.elems(), width, ids, &mut out[..ids.len() * width]);
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &HostTensor,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let width = w.shape()[0];
+        ops::rms_norm(&x[..rows * width], w.elems(), eps, width, out);
+        Ok(())
+    }
+
+    fn linear(&self, x: &Vec<f32>, rows: usize, w: &HostTensor, out: &mut Vec<f32>) -> Result<()> {
+        linear::linear(x, rows, w.elems(), w.shape()[0], out);
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        width: usize,
+        head_dim: usize,
+        positions: &[u32],
+        cos: &HostTensor,
+        sin: &HostTensor,
+    ) -> Result<()> {
+        let (c, s) = (cos.elems(), sin.elems());
+        match (c, s) {
+            (crate::weights::Elems::F32(c), crate::weights::Elems::F32(s)) => {
+                ops::rope(
+                    &mut x[..positions.len() * width],
+                    width,
+                    head_dim,
+                    positions,
+                    c,
+                    s,
+                );
+                Ok(())
+            }
+            _ => Err(crate::ModelError::Input("RoPE tables must be f32".into())),
+        }
+    }
+
+    fn kv_write(
+        &self,
+        cache: &mut Vec<f32>,
+        src: &Vec<f32>,
+        src_row0: usize,
+        rows: usize,
+        kv_dim: usize,
+        pos0: usize,
+        blocks: &[u32],
+        block_size: usize,
+    ) -> Result<()> {
+        attention::kv_write(
+            cache,
+            &src[src_row0 * kv_dim..],
+            rows,
+            kv_dim,
+            pos0,
+            blocks,
+            block_size,
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        attention::attention(q, k_cache, v_cache, seqs, shape, out);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
+        ops::silu_mul(&mut gate[..len], &up[..len]);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+        ops::add_assign(&mut x[..len], &y[..len]);
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Element-wise and row-wise CPU ops: RMSNorm, RoPE, SwiGLU, residual add, embedding lookup.
+
+use crate::weights::Elems;
+use rayon::prelude::*;
+
+/// Rows per parallel task for cheap row-wise ops; below this the work is not worth splitting.
+const ROWS_PER_TASK: usize = 8;
+
+/// `out[r] = w ⊙ x[r] / sqrt(mean(x[r]²) + eps)`, as transformers' `MixtralRMSNorm` in f32.
+pub fn rms_norm(x: &[f32], w: Elems<'_>, eps: f32, width: usize, out: &mut [f32]) {
+    let rows = x.len() / width;
+    out[..rows * width]
+        .par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(x.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(o, xi)| {
+            for (orow, xrow) in o.chunks_mut(width).zip(xi.chunks(width)) {
+                let ms = xrow.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for (k, (ov, xv)) in orow.iter_mut().zip(xrow).enumerate() {
+                    *ov = w.get_f32(k) * (xv * inv);
+                }
+            }
+        });
+}
+
+/// Rotates every head of every row in place, HF "rotate_half" layout: the pairs are
+/// `(i, i + d/2)`, not adjacent elements. `cos`/`sin` are `[positions, d/2]` tables.
+pub fn rope(
+    x: &mut [f32],
+    width: usize,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = head_dim / 2;
+    x.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &p)| {
+            let c = &cos[p as usize * half..(p as usize + 1) * half];
+            let s = &sin[p as usize * half..(p as usize + 1) * half];
+            for head in row.chunks_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        });
+}
+
+/// The RoPE tables for positions `0..max_pos`, computed as transformers does in f32:
+/// `inv_freq[i] = 1 / theta^(2i/d)`, `angle = pos · inv_freq[i]`.
+#[must_use]
+pub fn rope_tables(theta: f64, head_dim: usize, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = vec![0.0; max_pos * half];
+    let mut sin = vec![0.0; max_pos * half];
+    for p in 0..max_pos {
+        for i in 0..half {
+            let ang = p as f32 * inv[i];
+            cos[p * half + i] = ang.cos();
+            sin[p * half + i] = ang.sin();
+        }
+    }
+    (cos, sin)
+}
+
+/// `gate = silu(gate) ⊙ up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (gv, uv) in g.iter_mut().zip(u) {
+                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            }
+        });
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(4096)
+        .zip(y.par_chunks(4096))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+/// Copies (widening) table rows `ids` into `out` (`[ids.len(), width]`).
+pub fn embedding(table: Elems<'_>, width: usize, ids: &[u32], out: &mut [f32]) {
+    for (row, &id) in out.chunks_mut(width).zip(ids) {
+        let start = id as usize * width;
+        table.to_f32_into(start..start + width, row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let x = [1.0f32, -2.0, 3.0, 0.5, 0.0, 0.0, 0.0, 4.0];
+        let w = [0.5f32, 1.0, 2.0, -1.0];
+        let mut out = [0.0; 8];
+        rms_norm(&x, Elems::F32(&w), 1e-5, 4, &mut out);
+        let ms = (1.0 + 4.0 + 9.0 + 0.25) / 4.0;
+        let inv = 1.0 / (ms + 1e-5f32).sqrt();
+        assert!((out[2] - 2.0 * 3.0 * inv).abs() < 1e-6);
+        assert!((out[7] - (-1.0 * 4.0 / (4.0f32 + 1e-5).sqrt())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_half_pairs_and_keeps_norm() {
+        let (cos, sin) = rope_tables(10000.0, 4, 8);
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0];
+        rope(&mut x, 4, 4, &[0], &cos, &sin);
+        assert_eq!(x, vec![1.0, 2.0, 3.0, 4.0], "position 0 is the identity");
+        let mut y = vec![1.0f32, 2.0, 3.0, 4.0];
+        rope(&mut y, 4, 4, &[3], &cos, &sin);
+        // Pair (0, 2) rotates by angle 3 · theta^0 = 3 rad.
+        assert!((y[0] - (1.0 * 3f32.cos() - 3.0 * 3f32.sin())).abs() < 1e-6);
+        assert!((y[2] - (3.0 * 3f32.cos() + 1.0 * 3f32.sin())).abs() < 1e-6);
+        let n0: f32 = [1.0f32, 2.0, 3.0, 4.0].iter().map(|v| v * v).sum();
+        let n1: f32 = y.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4);
+    }
+
+    #[test]
+    fn silu_mul_and_add() {
+        let mut g = vec![0.0f32, 1.0, -1.0];
+        silu_mul(&mut g, &[2.0, 2.0, 2.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+        let mut a = vec![1.0f32, 2.0];
+        add_assign(&mut a, &[0.5, -2.0]);
+        assert_eq!(a, vec![1.5, 0.0]);
+    }
+}

@@ -1,0 +1,159 @@
+//! The device contract: one `Backend` trait that the layer loop and the experts are written
+//! against. The CPU backend is always built; a CUDA backend (issue: CUDA backend) implements the
+//! same trait behind the `cuda` feature, and is the only place `cfg(feature = "cuda")` may appear.
+//!
+//! Ops work on prefixes of buffers (`rows` × width), so callers size scratch buffers once for the
+//! largest step and reuse them: nothing in the step loop allocates.
+
+pub mod cpu;
+
+use crate::{weights::HostTensor, ModelError, Result};
+
+/// A compute device. Activations are `Buf`s of f32; weights are `Weight`s in their stored dtype.
+///
+/// Device-to-host copies go through [`Backend::to_host`] alone, so they are easy to find.
+pub trait Backend: Send + Sync + 'static {
+    /// Device-resident f32 activations.
+    type Buf: Send + Sync;
+    /// A device-resident weight tensor in its stored dtype (shape `[out, in]` for matrices).
+    type Weight: Send + Sync;
+
+    /// A human-readable description for logs ("cpu (2 threads)").
+    fn describe(&self) -> String;
+    /// Makes a host tensor resident on the device (and pays its I/O now).
+    fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// A zeroed buffer of `len` f32.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// Grows `buf` to at least `len` elements (contents may be lost).
+    fn ensure_len(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
+    /// Copies `src` into the start of `dst`.
+    fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+    /// Copies the first `dst.len()` elements of `src` to the host: the one way off the device.
+    fn to_host(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;
+
+    /// `out[i] = table[ids[i]]` widened to f32.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+    /// Row-wise RMSNorm of `rows` rows, weight `w` `[width]`.
+    fn rms_norm(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `out = x · wᵀ` for `rows` rows; `w` is `[out, in]`.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Weight,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Rotates the heads of `positions.len()` rows of `width` in place (HF rotate-half layout).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        width: usize,
+        head_dim: usize,
+        positions: &[u32],
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+    ) -> Result<()>;
+    /// Writes rows `src_row0..src_row0+rows` of `src` into a paged cache at positions
+    /// `pos0..pos0+rows` of the sequence whose block table is `blocks`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write(
+        &self,
+        cache: &mut Self::Buf,
+        src: &Self::Buf,
+        src_row0: usize,
+        rows: usize,
+        kv_dim: usize,
+        pos0: usize,
+        blocks: &[u32],
+        block_size: usize,
+    ) -> Result<()>;
+    /// Causal GQA attention for the query rows of every sequence in `seqs`.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `gate[..len] = silu(gate) ⊙ up`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    /// `x[..len] += y`.
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+}
+
+/// One sequence's share of an attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq<'a> {
+    /// First query row of this sequence in the step's batch.
+    pub q_row0: usize,
+    /// Number of query rows (new tokens) of this sequence.
+    pub n_q: usize,
+    /// Position of the first query row; keys `0..pos0 + n_q` are in the cache.
+    pub pos0: usize,
+    /// The sequence's KV block table.
+    pub blocks: &'a [u32],
+}
+
+/// Attention geometry shared by all sequences of a call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Keys a query may see, itself included (`None`: all earlier positions).
+    pub window: Option<usize>,
+}
+
+/// Where a process runs its math, parsed from `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Device {
+    /// Fails with a clear error for devices this build cannot drive.
+    pub fn check_available(self) -> Result<()> {
+        match self {
+            Self::Cpu => Ok(()),
+            Self::Cuda(_) => Err(ModelError::Device(
+                self.to_string(),
+                "this build has no CUDA backend".into(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The expert stage as a separate, batched step: given the normalised hidden states of N tokens
+//! and their route plan, return the weighted sum of their experts' outputs per token. The layer
+//! loop only ever calls experts through [`ExpertExecutor`], so it never knows whether they run
+//! in this process ([`LocalExperts`]) or on remote workers.
+
+use crate::{
+    backend::Backend,
+    ids::{ExpertSet, LayerId},
+    moe::RoutePlan,
+    weights::{names, Checkpoint, LoadProgress},
+    ModelError, Result,
+};
+use std::sync::Mutex;
+
+/// Runs one layer's experts for a batch of token rows.
+pub trait ExpertExecutor: Send + Sync {
+    /// `x` is `[plan.rows(), hidden]`; writes `out[r] = Σ_slots w · expert(x[r])` in slot order.
+    ///
+    /// The combine is a fixed-order sum of `w · y` terms starting from zero, never fused with
+    /// the residual, so that partial sums computed elsewhere add up to the same bits.
+    fn run(&self, layer: LayerId, x: &[f32], plan: &RoutePlan, out: &mut [f32]) -> Result<()>;
+}
+
+/// One expert's SwiGLU FFN: `w2 · (silu(w1 · x) ⊙ (w3 · x))`.
+pub struct ExpertFfn<B: Backend> {
+    w1: B::Weight,
+    w3: B::Weight,
+    w2: B::Weight,
+}
+
+/// Reused buffers of the expert stage; sized by the largest batch seen.
+struct Scratch<B: Backend> {
+    /// Entry indices grouped by expert (counting sort), and each entry's row.
+    order: Vec<u32>,
+    entry_row: Vec<u32>,
+    counts: Vec<usize>,
+    starts: Vec<usize>,
+    fill: Vec<usize>,
+    xe_host: Vec<f32>,
+    ye_host: Vec<f32>,
+    /// Per-entry expert outputs `[entries, hidden]`, combined in slot order at the end.
+    ys: Vec<f32>,
+    xe: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    ye: B::Buf,
+}
+
+/// Experts held by this process, for some or all experts of every layer.
+pub struct LocalExperts<B: Backend> {
+    backend: B,
+    hidden: usize,
+    inter: usize,
+    hosted: ExpertSet,
+    /// `[layer][expert]`, `None` where not hosted.
+    layers: Vec<Vec<Option<ExpertFfn<B>>>>,
+    scratch: Mutex<Scratch<B>>,
+    bytes: usize,
+}
+
+impl<B: Backend + Clone> LocalExperts<B> {
+    /// Loads the experts in `hosted` for every layer; touches no other expert's bytes.
+    pub fn load(
+        backend: &B,
+        ck: &Checkpoint,
+        hosted: &ExpertSet,
+        progress: &dyn LoadProgress,
+    ) -> Result<Self> {
+        let cfg = ck.config();
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut bytes = 0usize;
+        for l in 0..cfg.num_hidden_layers {
+            let mut row = Vec::with_capacity(cfg.num_local_experts);
+            for e in 0..cfg.num_local_experts {
+                if !hosted.contains(e) {
+                    row.push(None);
+                    continue;
+                }
+                let mut take = |w: &str, shape: &[usize]| -> Result<B::Weight> {
+                    let t = ck.tensor(&names::expert(l, e, w), shape)?;
+                    bytes += t.bytes().len();
+                    let n = t.bytes().len() as u64;
+                    let out = backend.upload(t)?;
+                    progress.advance(n);
+                    Ok(out)
+                };
+                row.push(Some(ExpertFfn {
+                    w1: take("w1", &[i, h])?,
+                    w3: take("w3", &[i, h])?,
+                    w2: take("w2", &[h, i])?,
+                }));
+            }
+            layers.push(row);
+        }
+        let scratch = Scratch {
+            order: Vec::new(),
+            entry_row: Vec::new(),
+            counts: vec![0; cfg.num_local_experts],
+            starts: vec![0; cfg.num_local_experts],
+            fill: vec![0; cfg.num_local_experts],
+            xe_host: Vec::new(),
+            ye_host: Vec::new(),
+            ys: Vec::new(),
+            xe: backend.alloc(0)?,
+            gate: backend.alloc(0)?,
+            up: backend.alloc(0)?,
+            ye: backend.alloc(0)?,
+        };
+        Ok(Self {
+            backend: backend.clone(),
+            hidden: h,
+            inter: i,
+            hosted: hosted.clone(),
+            layers,
+            scratch: Mutex::new(scratch),
+            bytes,
+        })
+    }
+
+    /// Bytes needed to load `hosted` from `ck` (for progress bars).
+    #[must_use]
+    pub fn bytes_to_load(ck: &Checkpoint, hosted: &ExpertSet) -> u64 {
+        let cfg = ck.config();
+        (0..cfg.num_hidden_layers)
+            .flat_map(|l| hosted.iter().map(move |e| (l, e)))
+            .flat_map(|(l, e)| ["w1", "w2", "w3"].map(|w| names::expert(l, e, w)))
+            .filter_map(|n| ck.tensor_bytes(&n))
+            .sum()
+    }
+}
+
+impl<B: Backend> LocalExperts<B> {
+    /// The experts this instance holds (the same set for every layer).
+    #[must_use]
+    pub fn hosted(&self) -> &ExpertSet {
+        &self.hosted
+    }
+
+    /// Bytes of expert weights held.
+    #[must_use]
+    pub fn weight_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl<B: Backend> ExpertExecutor for LocalExperts<B> {
+    fn run(&self, layer: LayerId, x: &[f32], plan: &RoutePlan, out: &mut [f32]) -> Result<()> {
+        let (h, inter) = (self.hidden, self.inter);
+        let rows = plan.rows();
+        if x.len() != rows * h || out.len() != rows * h {
+            return Err(ModelError::Input(format!(
+                "expert batch: {} rows need {} values of hidden {h}, got x {} / out {}",
+                rows,
+                rows * h,
+                x.len(),
+                out.len()
+            )));
+        }
+        let experts = self
+            .layers
+            .get(layer.index())
+            .ok_or_else(|| ModelError::Input(format!("layer {layer} out of range")))?;
+        for &e in plan.experts() {
+            if experts.get(e as usize).is_none_or(|f| f.is_none()) {
+                return Err(ModelError::ExpertNotHosted {
+                    layer: layer.index(),
+                    expert: e as usize,
+                });
+            }
+        }
+
+        // A poisoned lock only means another batch panicked mid-way; the scratch holds no
+        // invariants across calls, so it is safe to keep using.
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        let n_entries = plan.entries();
+
+        // Group entries by expert, keeping row order within each expert (counting sort).
+        s.entry_row.clear();
+        for r in 0..rows {
+            s.entry_row.extend(plan.row_range(r).map(|_| r as u32));
+        }
+        s.counts.iter_mut().for_each(|c| *c = 0);
+        for &e in plan.experts() {
+            s.counts[e as usize] += 1;
+        }
+        let mut acc = 0;
+        for (st, &c) in s.starts.iter_mut().zip(&s.counts) {
+            *st = acc;
+            acc += c;
+        }
+        s.fill.copy_from_slice(&s.starts);
+        s.order.resize(n_entries, 0);
+        for (i, &e) in plan.experts().iter().enumerate() {
+            s.order[s.fill[e as usize]] = i as u32;
+            s.fill[e as usize] += 1;
+        }
+
+        if s.ys.len() < n_entries * h {
+            s.ys.resize(n_entries * h, 0.0);
+        }
+        for (e, ffn) in experts.iter().enumerate() {
+            let n = s.counts[e];
+            let Some(ffn) = ffn else { continue };
+            if n == 0 {
+                continue;
+            }
+            let group = &s.order[s.starts[e]..s.starts[e] + n];
+            s.xe_host.resize(n * h, 0.0);
+            for (dst, &entry) in s.xe_host.chunks_mut(h).zip(group) {
+                let r = s.entry_row[entry as usize] as usize;
+                dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            let b = &self.backend;
+            b.ensure_len(&mut s.xe, n * h)?;
+            b.ensure_len(&mut s.gate, n * inter)?;
+            b.ensure_len(&mut s.up, n * inter)?;
+            b.ensure_len(&mut s.ye, n * h)?;
+            b.write(&mut s.xe, &s.xe_host)?;
+            b.linear(&s.xe, n, &ffn.w1, &mut s.gate)?;
+            b.linear(&s.xe, n, &ffn.w3, &mut s.up)?;
+            b.silu_mul(&mut s.gate, &s.up, n * inter)?;
+            b.linear(&s.gate, n, &ffn.w2, &mut s.ye)?;
+            s.ye_host.resize(n * h, 0.0);
+            b.to_host(&s.ye, &mut s.ye_host)?;
+            for (src, &entry) in s.ye_host.chunks(h).zip(group) {
+                let entry = entry as usize;
+                s.ys[entry * h..(entry + 1) * h].copy_from_slice(src);
+            }
+        }
+
+        combine(plan, &s.ys, h, out);
+        Ok(())
+    }
+}
+
+/// `out[r] = Σ_{entries of r, in slot order} w · y[entry]`, starting from zero. Written as
+/// separate multiply and add (never fused) so that the sum of partials computed on different
+/// workers is bit-identical to this for top-2 routing.
+pub fn combine(plan: &RoutePlan, ys: &[f32], h: usize, out: &mut [f32]) {
+    for r in 0..plan.rows() {
+        let o = &mut out[r * h..(r + 1) * h];
+        o.fill(0.0);
+        for i in plan.row_range(r) {
+            let w = plan.weights()[i];
+            for (ov, yv) in o.iter_mut().zip(&ys[i * h..(i + 1) * h]) {
+                *ov += w * yv;
+            }
+        }
+    }
+}

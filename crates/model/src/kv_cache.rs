@@ -1,0 +1,168 @@
+//! Paged KV cache: fixed-size blocks in one pool per layer, a free list, and per-sequence block
+//! tables. Sequences grow block by block; nothing is copied when they do.
+
+use crate::{backend::Backend, config::MixtralConfig, ModelError, Result};
+
+/// Positions per block. 16 keeps the waste of a half-used last block small while making block
+/// tables short.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// The cache pools of every layer and the free-block list.
+pub struct KvCache<B: Backend> {
+    block_size: usize,
+    num_blocks: usize,
+    kv_dim: usize,
+    /// Per layer: (keys, values), each `[num_blocks * block_size, kv_dim]`.
+    layers: Vec<(B::Buf, B::Buf)>,
+    free: Vec<u32>,
+}
+
+/// One sequence's view of the cache: its block table and how many positions are filled.
+#[derive(Clone, Debug, Default)]
+pub struct SeqKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqKv {
+    /// Positions already in the cache.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached yet.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The block table.
+    #[must_use]
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+    /// Records that positions up to `len` are now written.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// A cache of `num_blocks` blocks of `block_size` positions for every layer.
+    pub fn new(
+        backend: &B,
+        cfg: &MixtralConfig,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        let kv_dim = cfg.kv_dim();
+        let rows = num_blocks * block_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| Ok((backend.alloc(rows * kv_dim)?, backend.alloc(rows * kv_dim)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            block_size,
+            num_blocks,
+            kv_dim,
+            layers,
+            free: (0..num_blocks as u32).rev().collect(),
+        })
+    }
+
+    /// Blocks needed to hold `positions` positions.
+    #[must_use]
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
+    /// Bytes of one block over all layers (keys and values).
+    #[must_use]
+    pub fn block_bytes(cfg: &MixtralConfig, block_size: usize) -> usize {
+        2 * cfg.num_hidden_layers * block_size * cfg.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Grows `seq`'s block table to hold `positions` positions.
+    pub fn reserve(&mut self, seq: &mut SeqKv, positions: usize) -> Result<()> {
+        let need = self.blocks_for(positions).saturating_sub(seq.blocks.len());
+        if need > self.free.len() {
+            return Err(ModelError::KvCacheFull {
+                needed: need,
+                free: self.free.len(),
+            });
+        }
+        for _ in 0..need {
+            // Checked above: `need <= free.len()`.
+            if let Some(b) = self.free.pop() {
+                seq.blocks.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns all of `seq`'s blocks to the free list.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.free.append(&mut seq.blocks);
+        seq.len = 0;
+    }
+
+    /// Free blocks.
+    #[must_use]
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Total blocks.
+    #[must_use]
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Positions per block.
+    #[must_use]
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Key/value width.
+    #[must_use]
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Layer `l`'s pools.
+    pub(crate) fn layer_mut(&mut self, l: usize) -> &mut (B::Buf, B::Buf) {
+        &mut self.layers[l]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    fn cfg() -> MixtralConfig {
+        let text = r#"{"architectures":["MixtralForCausalLM"],"vocab_size":32,"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,
+            "num_local_experts":4,"num_experts_per_tok":2,"max_position_embeddings":64}"#;
+        MixtralConfig::from_json(text, std::path::Path::new("c")).unwrap()
+    }
+
+    #[test]
+    fn reserve_and_release_blocks() {
+        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 3).unwrap();
+        let mut a = SeqKv::default();
+        kv.reserve(&mut a, 5).unwrap();
+        assert_eq!(a.blocks().len(), 2);
+        kv.reserve(&mut a, 8).unwrap();
+        assert_eq!(a.blocks().len(), 2);
+        let mut b = SeqKv::default();
+        let err = kv.reserve(&mut b, 9).unwrap_err();
+        assert!(matches!(
+            err,
+            ModelError::KvCacheFull { needed: 3, free: 1 }
+        ));
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 3);
+        kv.reserve(&mut b, 9).unwrap();
+        assert_eq!(kv.free_blocks(), 0);
+    }
+}

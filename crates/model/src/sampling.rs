@@ -1,0 +1,290 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded RNG, and the
+//! repetition / presence / frequency penalties of transformers and OpenAI.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+/// Sampling parameters, validated by whoever builds them (the CLI, the API layer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1.0 means no nucleus cut.
+    pub top_p: f32,
+    /// transformers' multiplicative penalty on tokens seen in prompt or output (1.0 = off).
+    pub repetition_penalty: f32,
+    /// OpenAI: subtracted once from tokens that appeared in the output (0 = off).
+    pub presence_penalty: f32,
+    /// OpenAI: subtracted per occurrence in the output (0 = off).
+    pub frequency_penalty: f32,
+    /// RNG seed; `None` draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the ranges OpenAI and transformers allow.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return Err(format!(
+                "temperature must be in [0, 100], got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-sequence sampler: owns the RNG and the output-token counts penalties need.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Occurrences of each token in the output so far.
+    counts: HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: Vec<u32>,
+    /// Reused candidate buffer.
+    cand: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    /// A sampler for one sequence with `prompt` already in context.
+    #[must_use]
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let mut prompt = prompt.to_vec();
+        prompt.sort_unstable();
+        prompt.dedup();
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            counts: HashMap::new(),
+            prompt,
+            cand: Vec::new(),
+        }
+    }
+
+    /// Applies the penalties to `logits` in place (what the choice and logprobs see).
+    pub fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.counts.keys());
+            for &t in seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+    }
+
+    /// Picks the next token from (already penalised) logits and records it.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let id = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        *self.counts.entry(id).or_default() += 1;
+        id
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        self.cand.clear();
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
+        // Descending by logit; ids break ties so the order is reproducible.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(by_logit);
+        let max = self.cand[0].1;
+        let mut sum = 0.0f64;
+        for c in self.cand.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            sum += c.1 as f64;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let mut keep = self.cand.len();
+            for (i, c) in self.cand.iter().enumerate() {
+                acc += c.1 as f64 / sum;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.cand.truncate(keep);
+            sum = self.cand.iter().map(|c| c.1 as f64).sum();
+        }
+        let mut u = self.rng.random::<f64>() * sum;
+        for c in &self.cand {
+            u -= c.1 as f64;
+            if u <= 0.0 {
+                return c.0;
+            }
+        }
+        self.cand.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest logit; the lowest index on ties (as torch.argmax).
+#[must_use]
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log_softmax(logits)[i]` for every i, into `out`.
+pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    out.clear();
+    out.extend(logits.iter().map(|&l| l - lse));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, k: usize, p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            seed: Some(seed),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn seed_reproduces_and_top_k_restricts() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 3, 1.0, seed), &[]);
+            (0..40).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        let mut top3: Vec<u32> = (0..50).collect();
+        top3.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        let allowed = &top3[..3];
+        assert!(run(7).iter().all(|t| allowed.contains(t)));
+        assert!(
+            run(7)
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 1
+        );
+    }
+
+    #[test]
+    fn tiny_top_p_is_greedy() {
+        let mut s = Sampler::new(params(1.0, 0, 1e-6, 1), &[]);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[0.0, 5.0, 4.0]), 1);
+        }
+    }
+
+    #[test]
+    fn penalties_change_logits_as_documented() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25,
+                ..Default::default()
+            },
+            &[0],
+        );
+        s.sample(&[0.0, 1.0, 0.0]); // records token 1
+        s.counts.insert(1, 2);
+        let mut l = vec![2.0, 4.0, -1.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l[0], 1.0); // prompt token, positive logit divided
+        assert_eq!(l[1], 4.0 / 2.0 - 0.5 - 0.25 * 2.0);
+        assert_eq!(l[2], -1.0);
+    }
+
+    #[test]
+    fn validate_rejects_out_of_range() {
+        assert!(params(-1.0, 0, 1.0, 0).validate().is_err());
+        assert!(params(1.0, 0, 0.0, 0).validate().is_err());
+        assert!(params(1.0, 0, 1.0, 0).validate().is_ok());
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let mut out = Vec::new();
+        log_softmax(&[1.0, 2.0, 3.0], &mut out);
+        let s: f32 = out.iter().map(|v| v.exp()).sum();
+        assert!((s - 1.0).abs() < 1e-6);
+    }
+}

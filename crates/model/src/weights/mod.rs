@@ -1,0 +1,290 @@
+//! Hugging Face checkpoint folders: `config.json` plus one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped.
+//!
+//! Opening a checkpoint maps every shard and validates every header (a truncated or corrupt file
+//! fails here, naming the file). Tensors are then taken by name with the expected shape, so a
+//! worker can take only the experts it hosts and never touch the rest of the file.
+
+pub mod gen;
+pub mod names;
+mod tensor;
+
+pub use tensor::{DType, Elems, HostTensor};
+
+use crate::{config::MixtralConfig, ModelError, Result};
+use memmap2::Mmap;
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// Where a tensor lives.
+#[derive(Debug)]
+struct Entry {
+    shard: usize,
+    dtype: Result<DType, String>,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+/// An opened checkpoint folder.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: MixtralConfig,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, Entry>,
+}
+
+/// Told how many bytes a load will touch and how far it is; the CLI draws a progress bar with it.
+pub trait LoadProgress: Sync {
+    /// Called once before any bytes are read.
+    fn start(&self, total_bytes: u64);
+    /// Called as bytes become resident.
+    fn advance(&self, bytes: u64);
+    /// Called once at the end.
+    fn finish(&self) {}
+}
+
+/// A `LoadProgress` that reports nothing.
+pub struct NoProgress;
+
+impl LoadProgress for NoProgress {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads and validates `config.json`, maps and validates every shard header.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(ModelError::io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not a checkpoint folder"),
+            ));
+        }
+        let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+
+        let mut ck = Self {
+            dir: dir.clone(),
+            config,
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        if index_path.exists() {
+            let weight_map = read_index(&index_path)?;
+            let files: BTreeSet<&String> = weight_map.values().collect();
+            let mut shard_of_file = HashMap::new();
+            for file in files {
+                if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                    return Err(ModelError::Index {
+                        path: index_path.clone(),
+                        reason: format!("shard name {file:?} must be a plain file name"),
+                    });
+                }
+                let path = dir.join(file);
+                if !path.is_file() {
+                    return Err(ModelError::Index {
+                        path: index_path.clone(),
+                        reason: format!("points at shard {file:?}, which does not exist"),
+                    });
+                }
+                shard_of_file.insert(file.clone(), ck.add_shard(path)?);
+            }
+            for (name, file) in &weight_map {
+                let shard = shard_of_file[file];
+                match ck.tensors.get(name) {
+                    Some(e) if e.shard == shard => {}
+                    _ => {
+                        return Err(ModelError::MissingTensor {
+                            tensor: name.clone(),
+                            where_: format!(
+                                "{} (the index says it is there)",
+                                ck.shards[shard].path.display()
+                            ),
+                        })
+                    }
+                }
+            }
+        } else if single.exists() {
+            ck.add_shard(single)?;
+        } else {
+            return Err(ModelError::io(
+                &dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json",
+                ),
+            ));
+        }
+        Ok(ck)
+    }
+
+    /// Maps one shard and records its tensors; returns its index.
+    fn add_shard(&mut self, path: PathBuf) -> Result<usize> {
+        let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        // SAFETY: the map is read-only. Like every mmap-based loader we rely on the checkpoint not
+        // being modified while it is served; a truncation would fault, not corrupt memory silently.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                reason: describe_st_error(&e),
+            })?;
+        let base = 8 + header_len;
+        let shard = self.shards.len();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => Ok(DType::F32),
+                safetensors::Dtype::F16 => Ok(DType::F16),
+                safetensors::Dtype::BF16 => Ok(DType::BF16),
+                other => Err(format!("{other:?}")),
+            };
+            let (a, b) = info.data_offsets;
+            if let Some(prev) = self.tensors.get(&name) {
+                return Err(ModelError::Safetensors {
+                    path: path.clone(),
+                    reason: format!(
+                        "tensor {name:?} is also in {}",
+                        self.shards[prev.shard].path.display()
+                    ),
+                });
+            }
+            self.tensors.insert(
+                name,
+                Entry {
+                    shard,
+                    dtype,
+                    shape: info.shape.clone(),
+                    range: base + a..base + b,
+                },
+            );
+        }
+        self.shards.push(Shard {
+            path,
+            map: Arc::new(map),
+        });
+        Ok(shard)
+    }
+
+    /// The validated config.
+    #[must_use]
+    pub fn config(&self) -> &MixtralConfig {
+        &self.config
+    }
+
+    /// The folder this checkpoint was opened from.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes tensor `name`, checking it has exactly `shape` and a supported dtype.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.to_string(),
+                where_: self.describe_files(),
+            })?;
+        let shard = &self.shards[e.shard];
+        let dtype = e.dtype.clone().map_err(|dtype| ModelError::Dtype {
+            path: shard.path.clone(),
+            tensor: name.to_string(),
+            dtype,
+        })?;
+        if e.shape != shape {
+            return Err(ModelError::Shape {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                found: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(HostTensor::mapped(
+            shard.map.clone(),
+            e.range.clone(),
+            dtype,
+            e.shape.clone(),
+        ))
+    }
+
+    /// Bytes `name` occupies, if present (used to size progress bars before loading).
+    #[must_use]
+    pub fn tensor_bytes(&self, name: &str) -> Option<u64> {
+        self.tensors.get(name).map(|e| e.range.len() as u64)
+    }
+
+    /// The dtype most weight bytes are stored in (what `forward` reports and gen-model copies).
+    #[must_use]
+    pub fn dominant_dtype(&self) -> Option<DType> {
+        let mut by: HashMap<DType, usize> = HashMap::new();
+        for e in self.tensors.values() {
+            if let Ok(d) = e.dtype {
+                *by.entry(d).or_default() += e.range.len();
+            }
+        }
+        by.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
+    fn describe_files(&self) -> String {
+        let names: Vec<String> = self
+            .shards
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// Reads `{"weight_map": {tensor: file}}`.
+fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Index {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Index {
+            path: path.to_path_buf(),
+            reason: "missing object \"weight_map\"".into(),
+        })?;
+    map.iter()
+        .map(|(k, v)| {
+            v.as_str()
+                .map(|f| (k.clone(), f.to_string()))
+                .ok_or_else(|| ModelError::Index {
+                    path: path.to_path_buf(),
+                    reason: format!("weight_map[{k:?}] is not a file name"),
+                })
+        })
+        .collect()
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            "file length does not match its header (truncated or padded)".into()
+        }
+        E::HeaderTooSmall => "file too small for a header".into(),
+        E::InvalidHeaderLength => "header length points past the end of the file".into(),
+        E::InvalidHeaderDeserialization(err) => format!("header is not valid: {err}"),
+        other => format!("{other}"),
+    }
+}
