@@ -1,1 +1,65 @@
-fn main() {}
+//! `switchyard`: one binary, roles by subcommand. `main` parses, sets up logging and threads,
+//! and hands over to the subcommand's `run`; no logic lives here.
+
+mod forward;
+mod gen_model;
+mod generate;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Mixture-of-experts inference: a coordinator scattering routed tokens to expert workers"
+)]
+struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(generate::Args),
+    /// Run token ids through the model and print logits, expert choices and router weights as JSON.
+    Forward(forward::Args),
+    /// Write a random Mixtral checkpoint of any shape as a Hugging Face folder.
+    GenModel(gen_model::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: cannot set up {n} threads: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.cmd {
+        Cmd::Generate(a) => generate::run(a),
+        Cmd::Forward(a) => forward::run(a),
+        Cmd::GenModel(a) => gen_model::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -148,7 +148,7 @@ impl MixtralConfig {
         };
         let head_dim = match raw.head_dim {
             None => {
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(err(format!(
                         "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and head_dim is not given"
                     )));
@@ -157,10 +157,10 @@ impl MixtralConfig {
             }
             v => positive("head_dim", v)?,
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(err(format!("head_dim {head_dim} must be even for RoPE")));
         }
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(err(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             )));
@@ -246,6 +246,43 @@ impl MixtralConfig {
             bos_token_id,
             eos_token_ids,
         })
+    }
+
+    /// Adds the eos ids of `generation_config.json` in `dir` (when present) to the stop ids.
+    /// transformers stops on the union, so a chat model's end-of-turn id counts too.
+    pub fn merge_generation_config(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let ids = match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => vec![n.as_i64()],
+            Some(serde_json::Value::Array(a)) => a.iter().map(serde_json::Value::as_i64).collect(),
+            _ => vec![],
+        };
+        for id in ids {
+            match id {
+                Some(i) if (0..self.vocab_size as i64).contains(&i) => {
+                    if !self.eos_token_ids.contains(&(i as u32)) {
+                        self.eos_token_ids.push(i as u32);
+                    }
+                }
+                other => {
+                    return Err(ModelError::Config {
+                        path,
+                        reason: format!(
+                            "eos_token_id {other:?} is not a token id of this vocabulary"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Width of all query heads together.

@@ -52,6 +52,38 @@ pub enum Logits {
     Last,
 }
 
+/// What a step returns, reused across steps.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Which positions get logits.
+    pub which: Logits,
+    /// `[rows, vocab]` where rows follow `which`.
+    pub logits: Vec<f32>,
+    /// When `Some`, receives each layer's route plan (the verification interface reports them).
+    pub trace: Option<Vec<RoutePlan>>,
+}
+
+impl StepOutput {
+    /// Logits of `which` positions, no trace.
+    #[must_use]
+    pub fn new(which: Logits) -> Self {
+        Self {
+            which,
+            logits: Vec::new(),
+            trace: None,
+        }
+    }
+
+    /// Logits of `which` positions and every layer's route plan.
+    #[must_use]
+    pub fn traced(which: Logits) -> Self {
+        Self {
+            trace: Some(Vec::new()),
+            ..Self::new(which)
+        }
+    }
+}
+
 /// Per-step buffers, reused across steps; they grow to the largest step and stay there.
 pub struct StepScratch<B: Backend> {
     x: B::Buf,
@@ -209,16 +241,14 @@ impl<B: Backend> Mixtral<B> {
     /// Runs one step: appends every sequence's new tokens to its cache and computes logits.
     ///
     /// All cache blocks are reserved before any compute, so a full cache fails the step cleanly
-    /// with nothing half-written. `trace`, when given, receives each layer's route plan.
+    /// with nothing half-written.
     pub fn step(
         &self,
         seqs: &mut [SeqStep<'_>],
         kv: &mut KvCache<B>,
         experts: &dyn ExpertExecutor,
         scratch: &mut StepScratch<B>,
-        which: Logits,
-        mut trace: Option<&mut Vec<RoutePlan>>,
-        logits_out: &mut Vec<f32>,
+        out: &mut StepOutput,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let b = &self.backend;
@@ -362,7 +392,10 @@ impl<B: Backend> Mixtral<B> {
             experts.run(layer, &scratch.h_host, &scratch.plan, &mut scratch.moe_host)?;
             b.write(&mut scratch.o, &scratch.moe_host)?;
             b.add_assign(&mut scratch.x, &scratch.o, t * h)?;
-            if let Some(tr) = trace.as_deref_mut() {
+            if let Some(tr) = out.trace.as_mut() {
+                if l == 0 {
+                    tr.clear();
+                }
                 tr.push(scratch.plan.clone());
             }
         }
@@ -374,7 +407,7 @@ impl<B: Backend> Mixtral<B> {
         }
 
         // Final norm and LM head, on every row or only each sequence's last.
-        let rows = match which {
+        let rows = match out.which {
             Logits::All => t,
             Logits::Last => {
                 // Compact each sequence's last row to the front (rows ascend, so in place).
@@ -391,8 +424,8 @@ impl<B: Backend> Mixtral<B> {
         b.rms_norm(&scratch.x, rows, &self.norm, eps, &mut scratch.h)?;
         b.ensure_len(&mut scratch.logits, rows * cfg.vocab_size)?;
         b.linear(&scratch.h, rows, &self.lm_head, &mut scratch.logits)?;
-        logits_out.resize(rows * cfg.vocab_size, 0.0);
-        b.to_host(&scratch.logits, logits_out)?;
+        out.logits.resize(rows * cfg.vocab_size, 0.0);
+        b.to_host(&scratch.logits, &mut out.logits)?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use crate::{
     reference,
     weights::gen::{generate, GenSpec},
     Checkpoint, Cpu, DType, ExpertSet, KvCache, LocalExperts, Logits, Mixtral, ModelError,
-    NoProgress, RoutePlan, SeqKv, SeqStep, StepScratch,
+    NoProgress, RoutePlan, SeqKv, SeqStep, StepOutput, StepScratch,
 };
 use std::path::{Path, PathBuf};
 
@@ -45,23 +45,15 @@ impl Rig {
         let mut kv = self.cache(ids.len());
         let mut seq = SeqKv::default();
         let mut scratch = StepScratch::new(&Cpu).unwrap();
-        let (mut logits, mut trace) = (Vec::new(), Vec::new());
+        let mut out = StepOutput::traced(Logits::All);
         let mut steps = [SeqStep {
             tokens: ids,
             kv: &mut seq,
         }];
         self.model
-            .step(
-                &mut steps,
-                &mut kv,
-                &self.experts,
-                &mut scratch,
-                Logits::All,
-                Some(&mut trace),
-                &mut logits,
-            )
+            .step(&mut steps, &mut kv, &self.experts, &mut scratch, &mut out)
             .unwrap();
-        (logits, trace)
+        (out.logits, out.trace.unwrap())
     }
 
     /// Logits of every position computed token by token through the cache, with prefill chunks
@@ -71,24 +63,16 @@ impl Rig {
         let mut seq = SeqKv::default();
         let mut scratch = StepScratch::new(&Cpu).unwrap();
         let mut all = Vec::new();
-        let mut logits = Vec::new();
+        let mut out = StepOutput::new(Logits::All);
         for part in ids.chunks(chunk) {
             let mut steps = [SeqStep {
                 tokens: part,
                 kv: &mut seq,
             }];
             self.model
-                .step(
-                    &mut steps,
-                    &mut kv,
-                    &self.experts,
-                    &mut scratch,
-                    Logits::All,
-                    None,
-                    &mut logits,
-                )
+                .step(&mut steps, &mut kv, &self.experts, &mut scratch, &mut out)
                 .unwrap();
-            all.extend_from_slice(&logits);
+            all.extend_from_slice(&out.logits);
         }
         all
     }
@@ -99,7 +83,7 @@ impl Rig {
         let mut kv = self.cache(ids.len() + n);
         let mut seq = SeqKv::default();
         let mut scratch = StepScratch::new(&Cpu).unwrap();
-        let mut logits = Vec::new();
+        let mut step_out = StepOutput::new(Logits::Last);
         let mut out = Vec::new();
         let mut next: Vec<u32> = ids.to_vec();
         for _ in 0..n {
@@ -113,12 +97,10 @@ impl Rig {
                     &mut kv,
                     &self.experts,
                     &mut scratch,
-                    Logits::Last,
-                    None,
-                    &mut logits,
+                    &mut step_out,
                 )
                 .unwrap();
-            let t = crate::sampling::argmax(&logits);
+            let t = crate::sampling::argmax(&step_out.logits);
             out.push(t);
             if cfg.eos_token_ids.contains(&t) {
                 break;
@@ -283,7 +265,7 @@ fn check_against_oracle(spec: GenSpec, prompt_len: usize) {
         assert!(d < 1e-3, "{spec:?}: position {p} logits off by {d}");
     }
     let k = spec.experts_per_tok;
-    for l in 0..spec.layers {
+    for (l, plan) in trace.iter().enumerate() {
         for p in 0..prompt_len {
             // Skip positions where the oracle itself sees a near-tie in the top-k boundary.
             let mut pr = r.probs[l][p].clone();
@@ -293,8 +275,8 @@ fn check_against_oracle(spec: GenSpec, prompt_len: usize) {
                 continue;
             }
             let want: Vec<u16> = r.experts[l][p].iter().map(|&e| e as u16).collect();
-            assert_eq!(trace[l].row_experts(p), &want[..], "layer {l} position {p}");
-            let d = max_abs(trace[l].row_weights(p), r.weights[l][p].iter().copied());
+            assert_eq!(plan.row_experts(p), &want[..], "layer {l} position {p}");
+            let d = max_abs(plan.row_weights(p), r.weights[l][p].iter().copied());
             assert!(
                 d < 1e-4,
                 "layer {l} position {p}: router weights off by {d}"
@@ -398,7 +380,7 @@ fn batched_sequences_equal_single_runs() {
     let mut kv = rig.cache(16);
     let (mut sa, mut sb) = (SeqKv::default(), SeqKv::default());
     let mut scratch = StepScratch::new(&Cpu).unwrap();
-    let mut logits = Vec::new();
+    let mut out = StepOutput::new(Logits::Last);
     let mut steps = [
         SeqStep {
             tokens: &a,
@@ -410,19 +392,17 @@ fn batched_sequences_equal_single_runs() {
         },
     ];
     rig.model
-        .step(
-            &mut steps,
-            &mut kv,
-            &rig.experts,
-            &mut scratch,
-            Logits::Last,
-            None,
-            &mut logits,
-        )
+        .step(&mut steps, &mut kv, &rig.experts, &mut scratch, &mut out)
         .unwrap();
-    let d = max_abs(&logits[..vocab], la[4 * vocab..].iter().map(|&v| v as f64));
+    let d = max_abs(
+        &out.logits[..vocab],
+        la[4 * vocab..].iter().map(|&v| v as f64),
+    );
     assert!(d < 1e-4, "{d}");
-    let d = max_abs(&logits[vocab..], lb[2 * vocab..].iter().map(|&v| v as f64));
+    let d = max_abs(
+        &out.logits[vocab..],
+        lb[2 * vocab..].iter().map(|&v| v as f64),
+    );
     assert!(d < 1e-4, "{d}");
 }
 
@@ -433,51 +413,33 @@ fn step_rejects_bad_tokens_and_overlong_sequences_without_side_effects() {
     let free = kv.free_blocks();
     let mut seq = SeqKv::default();
     let mut scratch = StepScratch::new(&Cpu).unwrap();
-    let mut logits = Vec::new();
+    let mut out = StepOutput::new(Logits::Last);
     let bad = [1u32, 100_000];
     let mut steps = [SeqStep {
         tokens: &bad,
         kv: &mut seq,
     }];
-    let e = rig.model.step(
-        &mut steps,
-        &mut kv,
-        &rig.experts,
-        &mut scratch,
-        Logits::Last,
-        None,
-        &mut logits,
-    );
+    let e = rig
+        .model
+        .step(&mut steps, &mut kv, &rig.experts, &mut scratch, &mut out);
     assert!(matches!(e, Err(ModelError::Input(ref m)) if m.contains("100000")));
     let long = vec![1u32; 600];
     let mut steps = [SeqStep {
         tokens: &long,
         kv: &mut seq,
     }];
-    let e = rig.model.step(
-        &mut steps,
-        &mut kv,
-        &rig.experts,
-        &mut scratch,
-        Logits::Last,
-        None,
-        &mut logits,
-    );
+    let e = rig
+        .model
+        .step(&mut steps, &mut kv, &rig.experts, &mut scratch, &mut out);
     assert!(matches!(e, Err(ModelError::Input(ref m)) if m.contains("max_position_embeddings")));
     let full = vec![1u32; 40];
     let mut steps = [SeqStep {
         tokens: &full,
         kv: &mut seq,
     }];
-    let e = rig.model.step(
-        &mut steps,
-        &mut kv,
-        &rig.experts,
-        &mut scratch,
-        Logits::Last,
-        None,
-        &mut logits,
-    );
+    let e = rig
+        .model
+        .step(&mut steps, &mut kv, &rig.experts, &mut scratch, &mut out);
     assert!(matches!(e, Err(ModelError::KvCacheFull { .. })), "{e:?}");
     assert_eq!(kv.free_blocks(), free);
     assert_eq!(seq.len(), 0);

@@ -108,6 +108,15 @@ impl GenSpec {
         t
     }
 
+    /// Bytes of weights the checkpoint will hold.
+    #[must_use]
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensors()
+            .iter()
+            .map(|(_, s)| (s.iter().product::<usize>() * self.dtype.size()) as u64)
+            .sum()
+    }
+
     fn check(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(format!("gen-model: {m}")));
         if [
@@ -123,16 +132,16 @@ impl GenSpec {
         {
             return bad("every size must be positive".into());
         }
-        if self.head_dim.is_none() && self.hidden % self.heads != 0 {
+        if self.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return bad(format!(
                 "hidden {} is not divisible by heads {}; give --head-dim",
                 self.hidden, self.heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head_dim {} must be even", self.head_dim()));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "heads {} is not a multiple of kv-heads {}",
                 self.heads, self.kv_heads
@@ -219,10 +228,7 @@ pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) ->
     spec.check()?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let tensors = spec.tensors();
-    let total: u64 = tensors
-        .iter()
-        .map(|(_, s)| (s.iter().product::<usize>() * spec.dtype.size()) as u64)
-        .sum();
+    let total = spec.weight_bytes();
 
     // Contiguous shards of roughly equal size, in checkpoint order.
     let per_shard = total.div_ceil(spec.shards as u64).max(1);

@@ -73,7 +73,8 @@ impl Checkpoint {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "not a checkpoint folder"),
             ));
         }
-        let config = MixtralConfig::from_file(&dir.join("config.json"))?;
+        let mut config = MixtralConfig::from_file(&dir.join("config.json"))?;
+        config.merge_generation_config(&dir)?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
 

@@ -135,7 +135,7 @@ impl HostTensor {
         dtype: DType,
         shape: Vec<usize>,
     ) -> Self {
-        let aligned = (map.as_ptr() as usize + range.start) % dtype.size() == 0;
+        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(dtype.size());
         if aligned {
             Self {
                 dtype,

@@ -33,6 +33,15 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Taking the pointer through a method makes closures capture the whole `SendPtr` (which
+    /// is Send), not its raw-pointer field.
+    #[inline]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `r < rows`, `j < out`.
 ///
 /// `x` is `[rows, in]`, `w` is `[out, in]` row-major in any supported dtype, `y` is `[rows, out]`.
@@ -56,7 +65,6 @@ pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, 
     let yp = SendPtr(y.as_mut_ptr());
     let kern = dot::select();
     (0..out.div_ceil(DOT_BLOCK)).into_par_iter().for_each(|b| {
-        let yp = yp;
         let j0 = b * DOT_BLOCK;
         let j1 = (j0 + DOT_BLOCK).min(out);
         for j in j0..j1 {
@@ -69,7 +77,7 @@ pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, 
                 for (t, a) in acc.iter().take(n).enumerate() {
                     // SAFETY: element (r+t, j) belongs to this task alone (tasks own disjoint
                     // column ranges j0..j1) and lies inside `y` (rows*out <= y.len()).
-                    unsafe { *yp.0.add((r + t) * out + j) = *a };
+                    unsafe { *yp.get().add((r + t) * out + j) = *a };
                 }
                 r += n;
             }
@@ -86,7 +94,6 @@ thread_local! {
 pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
     let yp = SendPtr(y.as_mut_ptr());
     (0..out.div_ceil(GEMM_BLOCK)).into_par_iter().for_each(|b| {
-        let yp = yp;
         let j0 = b * GEMM_BLOCK;
         let j1 = (j0 + GEMM_BLOCK).min(out);
         let nb = j1 - j0;
@@ -99,7 +106,7 @@ pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize,
                     rows,
                     nb,
                     inp,
-                    yp.0.add(j0),
+                    yp.get().add(j0),
                     1,
                     out as isize,
                     false,

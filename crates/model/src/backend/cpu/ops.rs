@@ -109,7 +109,7 @@ mod tests {
         let ms = (1.0 + 4.0 + 9.0 + 0.25) / 4.0;
         let inv = 1.0 / (ms + 1e-5f32).sqrt();
         assert!((out[2] - 2.0 * 3.0 * inv).abs() < 1e-6);
-        assert!((out[7] - (-1.0 * 4.0 / (4.0f32 + 1e-5).sqrt())).abs() < 1e-6);
+        assert!((out[7] - (-4.0 / (4.0f32 + 1e-5).sqrt())).abs() < 1e-6);
     }
 
     #[test]

@@ -1,0 +1,28 @@
+//! `switchyard forward`: the verification interface. Prints exactly one JSON object.
+
+use anyhow::Context;
+use std::{io::Write, path::PathBuf};
+use switchyard_coordinator::Engine;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face checkpoint folder.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Also continue greedily for up to N tokens (stops after eos, which is included).
+    #[arg(long)]
+    greedy: Option<usize>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let engine = Engine::load_embedded(&a.model, &crate::progress::Bar::new("loading"))
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let report = engine.forward_report(&a.ids, a.greedy)?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &report).context("writing JSON")?;
+    writeln!(out).context("writing JSON")?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what building and testing switchyard needs on a fresh Debian machine, and nothing
+# that is already there. Safe to run again.
+#   - protoc (Debian's protobuf-compiler): tonic's and etcd-client's code generation run it at build time.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  echo "setup: installing ${need[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

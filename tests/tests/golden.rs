@@ -1,0 +1,275 @@
+//! `switchyard forward` against the Hugging Face goldens, every case of every fixture, through the
+//! real binary and its JSON.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+use serde_json::Value;
+use switchyard_tests::{fixtures, run, run_ok};
+
+fn ids_arg(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn max_abs(a: &Value, b: &Value) -> f64 {
+    a.as_array()
+        .unwrap()
+        .iter()
+        .zip(b.as_array().unwrap())
+        .map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn forward_matches_every_golden_case() {
+    for name in [
+        "tiny-mixtral",
+        "tiny-mixtral-bf16-sharded",
+        "tiny-mixtral-trained",
+    ] {
+        let dir = fixtures().join(name);
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let tol_l = golden["tolerance"]["logits_max_abs"].as_f64().unwrap();
+        let tol_w = golden["tolerance"]["router_weights_max_abs"]
+            .as_f64()
+            .unwrap();
+        let (mut worst_l, mut worst_w) = (0.0f64, 0.0f64);
+        for case in golden["cases"].as_array().unwrap() {
+            let cname = case["name"].as_str().unwrap();
+            let ids: Vec<u64> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            let n = case["greedy"]["max_new_tokens"]
+                .as_u64()
+                .unwrap()
+                .to_string();
+            let out = run_ok(&[
+                "forward",
+                "--model",
+                dir.to_str().unwrap(),
+                "--ids",
+                &ids_arg(&ids),
+                "--greedy",
+                &n,
+            ]);
+            assert_eq!(out.lines().count(), 1, "forward prints one JSON object");
+            let got: Value = serde_json::from_str(&out).unwrap();
+            let (gl, wl) = (
+                got["logits"].as_array().unwrap(),
+                case["logits"].as_array().unwrap(),
+            );
+            assert_eq!(gl.len(), wl.len(), "{name}/{cname}");
+            for (a, b) in gl.iter().zip(wl) {
+                worst_l = worst_l.max(max_abs(a, b));
+            }
+            assert_eq!(
+                got["experts"], case["experts"],
+                "{name}/{cname}: expert choices"
+            );
+            for (la, lb) in got["router_weights"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(case["router_weights"].as_array().unwrap())
+            {
+                for (a, b) in la.as_array().unwrap().iter().zip(lb.as_array().unwrap()) {
+                    worst_w = worst_w.max(max_abs(a, b));
+                }
+            }
+            assert_eq!(
+                got["greedy"], case["greedy"]["ids"],
+                "{name}/{cname}: greedy ids"
+            );
+        }
+        eprintln!("{name}: max |Δlogits| {worst_l:.2e}, max |Δrouter weight| {worst_w:.2e}");
+        assert!(
+            worst_l <= tol_l,
+            "{name}: logits off by {worst_l} > {tol_l}"
+        );
+        assert!(
+            worst_w <= tol_w,
+            "{name}: router weights off by {worst_w} > {tol_w}"
+        );
+    }
+}
+
+#[test]
+fn generate_streams_english_from_the_trained_fixture() {
+    let dir = fixtures().join("tiny-mixtral-trained");
+    let out = run_ok(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "If the file does not exist, the",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(out.contains("file"), "{out:?}");
+    let chat = run_ok(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "What does this module do?",
+        "--chat",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(!chat.trim().is_empty());
+}
+
+#[test]
+fn cli_errors_are_clear_and_not_panics() {
+    let dir = fixtures().join("tiny-mixtral");
+    let d = dir.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["forward", "--model", d, "--ids", "1,99999"],
+            "outside the vocabulary",
+        ),
+        (
+            vec!["forward", "--model", "/nonexistent/model", "--ids", "1"],
+            "/nonexistent/model",
+        ),
+        (
+            vec!["forward", "--model", d, "--ids", "1,x"],
+            "invalid value",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                d,
+                "--prompt",
+                "hi",
+                "--temperature",
+                "-1",
+            ],
+            "temperature",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                d,
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "100000",
+            ],
+            "context length",
+        ),
+        (
+            vec![
+                "gen-model",
+                "--out",
+                "/tmp/x",
+                "--hidden",
+                "30",
+                "--heads",
+                "4",
+            ],
+            "divisible",
+        ),
+    ] {
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let o = out.to_str().unwrap();
+    run_ok(&[
+        "gen-model",
+        "--out",
+        o,
+        "--hidden",
+        "48",
+        "--layers",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--experts",
+        "8",
+        "--intermediate",
+        "64",
+        "--vocab",
+        "300",
+        "--shards",
+        "3",
+        "--dtype",
+        "bf16",
+        "--sliding-window",
+        "4",
+        "--seed",
+        "5",
+    ]);
+    assert!(out.join("model.safetensors.index.json").exists());
+    assert!(out.join("model-00003-of-00003.safetensors").exists());
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sliding_window"], 4);
+    let json: Value = serde_json::from_str(&run_ok(&[
+        "forward",
+        "--model",
+        o,
+        "--ids",
+        "1,5,9,200,7,7,3",
+        "--greedy",
+        "3",
+    ]))
+    .unwrap();
+    assert_eq!(json["logits"].as_array().unwrap().len(), 7);
+    assert_eq!(json["logits"][0].as_array().unwrap().len(), 300);
+    assert_eq!(json["experts"].as_array().unwrap().len(), 2);
+    // Same seed, same weights: a second generation is byte-identical.
+    let again = tmp.path().join("m2");
+    run_ok(&[
+        "gen-model",
+        "--out",
+        again.to_str().unwrap(),
+        "--hidden",
+        "48",
+        "--layers",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--experts",
+        "8",
+        "--intermediate",
+        "64",
+        "--vocab",
+        "300",
+        "--shards",
+        "3",
+        "--dtype",
+        "bf16",
+        "--sliding-window",
+        "4",
+        "--seed",
+        "5",
+    ]);
+    for f in [
+        "model-00001-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap()
+        );
+    }
+}
