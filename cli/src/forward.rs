@@ -2,13 +2,14 @@
 
 use anyhow::Context;
 use std::{io::Write, path::PathBuf};
-use switchyard_coordinator::Engine;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face checkpoint folder.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
@@ -18,8 +19,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let engine = Engine::load_embedded(&a.model, &crate::progress::Bar::new("loading"))
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let loaded = a.cluster.load(&a.model)?;
+    let engine = &loaded.engine;
     let report = engine.forward_report(&a.ids, a.greedy)?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &report).context("writing JSON")?;

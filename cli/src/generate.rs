@@ -1,8 +1,7 @@
 //! `switchyard generate`: prompt in, text streamed to stdout.
 
-use anyhow::Context;
 use std::{io::Write, path::PathBuf};
-use switchyard_coordinator::{Engine, GenerateRequest};
+use switchyard_coordinator::GenerateRequest;
 use switchyard_model::{ChatMessage, SamplingParams};
 
 #[derive(clap::Args)]
@@ -11,6 +10,8 @@ pub struct Args {
     /// Hugging Face checkpoint folder.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -41,8 +42,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let engine = Engine::load_embedded(&a.model, &crate::progress::Bar::new("loading"))
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let loaded = a.cluster.load(&a.model)?;
+    let engine = &loaded.engine;
     let tok = engine.tokenizer();
     let prompt = if a.chat {
         let text = tok.apply_chat_template(
@@ -70,6 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             seed: a.seed,
         },
         stop_ids: vec![],
+        ignore_eos: false,
     };
     let mut out = std::io::stdout().lock();
     if a.echo {
@@ -102,5 +104,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     writeln!(out).ok();
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(tokens = n, tok_per_s = n as f64 / secs, "generation done");
+    loaded.log_dispatch_stats();
     Ok(())
 }

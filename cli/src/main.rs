@@ -1,10 +1,14 @@
 //! `switchyard`: one binary, roles by subcommand. `main` parses, sets up logging and threads,
 //! and hands over to the subcommand's `run`; no logic lives here.
 
+mod bench;
+mod cluster;
 mod forward;
 mod gen_model;
 mod generate;
 mod progress;
+mod signals;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +34,10 @@ enum Cmd {
     Forward(forward::Args),
     /// Write a random Mixtral checkpoint of any shape as a Hugging Face folder.
     GenModel(gen_model::Args),
+    /// Measure prefill and decode throughput (embedded, one sequence, median of runs).
+    Bench(bench::Args),
+    /// Host a subset of every layer's experts and serve expert batches over gRPC.
+    Worker(worker::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +62,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Generate(a) => generate::run(a),
         Cmd::Forward(a) => forward::run(a),
         Cmd::GenModel(a) => gen_model::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Worker(a) => worker::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

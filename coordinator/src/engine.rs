@@ -16,6 +16,8 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Dispatch(#[from] crate::dispatch::DispatchError),
 }
 
 /// What `switchyard forward` prints: HF-comparable logits of every position, each layer's
@@ -41,6 +43,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Extra stop ids beyond the model's eos ids.
     pub stop_ids: Vec<u32>,
+    /// Keep going past eos (benchmarks want fixed lengths).
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended.
@@ -80,6 +84,29 @@ impl Engine<Cpu> {
         let engine = Self::load_with(Cpu, &ck, experts, progress)?;
         progress.finish();
         Ok(engine)
+    }
+}
+
+impl Engine<Cpu> {
+    /// Cluster mode: dense weights here, experts on the workers of `placement`. Must be called
+    /// from inside the tokio runtime that will carry the expert calls; the engine's steps must
+    /// then run on a thread outside that runtime (they block on it).
+    pub async fn load_cluster(
+        dir: &Path,
+        placement: &switchyard_cluster::StaticPlacement,
+        dispatch: crate::dispatch::DispatchConfig,
+        progress: &dyn LoadProgress,
+    ) -> Result<(Self, Arc<crate::dispatch::RemoteExperts>), EngineError> {
+        let ck = Checkpoint::open(dir)?;
+        let fingerprint = ck.fingerprint();
+        let remote = Arc::new(
+            crate::dispatch::RemoteExperts::connect(placement, ck.config(), &fingerprint, dispatch)
+                .await?,
+        );
+        progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
+        let engine = Self::load_with(Cpu, &ck, remote.clone(), progress)?;
+        progress.finish();
+        Ok((engine, remote))
     }
 }
 
@@ -257,7 +284,8 @@ impl<B: Backend> Engine<B> {
             sampler.apply_penalties(&mut out.logits);
             let id = sampler.sample(&out.logits);
             sampling::log_softmax(&out.logits, &mut logprobs);
-            let stop = cfg.eos_token_ids.contains(&id) || req.stop_ids.contains(&id);
+            let stop =
+                (!req.ignore_eos && cfg.eos_token_ids.contains(&id)) || req.stop_ids.contains(&id);
             let finish = if stop {
                 Some(FinishReason::Stop)
             } else if i + 1 == req.max_tokens {
@@ -309,6 +337,7 @@ mod tests {
             max_tokens: 12,
             sampling: SamplingParams::default(),
             stop_ids: vec![],
+            ignore_eos: false,
         };
         let finish = e
             .generate(&req, |ev| {
@@ -341,6 +370,7 @@ mod tests {
                     ..Default::default()
                 },
                 stop_ids,
+                ignore_eos: false,
             };
             let mut ids = Vec::new();
             let f = e.generate(&req, |ev| {
@@ -376,6 +406,7 @@ mod tests {
             max_tokens: 0,
             sampling: SamplingParams::default(),
             stop_ids: vec![],
+            ignore_eos: false,
         };
         assert!(e.generate(&req, |_| true).is_err());
     }

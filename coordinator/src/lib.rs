@@ -5,6 +5,7 @@
 //! **API boundary:** the coordinator uses only what `switchyard_model` re-exports, and never
 //! depends on the worker crate.
 
+pub mod dispatch;
 pub mod engine;
 
 pub use engine::{

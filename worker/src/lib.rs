@@ -1,3 +1,117 @@
 //! switchyard's expert worker: hosts a subset of every layer's experts and answers expert batches
-//! from coordinators. The compute is `switchyard_model::LocalExperts`, the same code embedded mode
-//! runs, so a cluster reproduces embedded results bit for bit.
+//! from coordinators over gRPC. The compute is `switchyard_model::LocalExperts`, the same code
+//! embedded mode runs, so a cluster reproduces embedded results bit for bit (f32 wire).
+//!
+//! Lifecycle: load the hosted experts (only their bytes are touched) → bind → health SERVING →
+//! serve → on stop: health NOT_SERVING, refuse new batches, finish in-flight ones → exit.
+
+mod error;
+mod service;
+
+pub use error::WorkerError;
+pub use service::ExpertServer;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use switchyard_model::{Checkpoint, Cpu, Device, ExpertSet, LoadProgress, LocalExperts};
+use switchyard_wire::pb::expert_service_server::ExpertServiceServer;
+use tokio_util::sync::CancellationToken;
+
+/// A worker's validated settings.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub model: PathBuf,
+    /// `0-3,6`; `None` hosts every expert.
+    pub experts: Option<String>,
+    pub listen: SocketAddr,
+    pub device: Device,
+    /// Largest batch accepted in one call (rows); bounds memory per request.
+    pub max_batch_rows: usize,
+    /// Batches computing or waiting at once; more are refused with RESOURCE_EXHAUSTED so
+    /// coordinators can go elsewhere instead of queueing without bound.
+    pub max_queued_batches: usize,
+    /// Written with the bound address once serving (lets tests and scripts use port 0).
+    pub ready_file: Option<PathBuf>,
+    /// How long in-flight batches may take to finish after a stop.
+    pub shutdown_grace: Duration,
+}
+
+/// Loads the hosted experts (reporting progress) and returns the service, ready to serve.
+pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertServer, WorkerError> {
+    cfg.device.check_available()?;
+    let ck = Checkpoint::open(&cfg.model)?;
+    let n = ck.config().num_local_experts;
+    let hosted = match &cfg.experts {
+        Some(spec) => ExpertSet::parse(spec, n)?,
+        None => ExpertSet::all(n),
+    };
+    if hosted.is_empty() {
+        return Err(WorkerError::Config("the worker hosts no experts".into()));
+    }
+    progress.start(LocalExperts::<Cpu>::bytes_to_load(&ck, &hosted));
+    let experts = LocalExperts::load(&Cpu, &ck, &hosted, progress)?;
+    progress.finish();
+    tracing::info!(
+        experts = %hosted,
+        weight_bytes = experts.weight_bytes(),
+        device = %cfg.device,
+        "experts loaded"
+    );
+    Ok(ExpertServer::new(&ck, Arc::new(experts), cfg))
+}
+
+/// Serves `server` on `cfg.listen` until `stop` is cancelled, then drains.
+pub async fn serve(
+    server: ExpertServer,
+    cfg: &WorkerConfig,
+    stop: CancellationToken,
+) -> Result<(), WorkerError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| WorkerError::Bind(cfg.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Bind(cfg.listen, e))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ExpertServiceServer<ExpertServer>>()
+        .await;
+    let draining = server.drain_flag();
+    // Room for the largest batch in f32 plus framing.
+    let max_msg = 1024 + cfg.max_batch_rows * server.hidden_size() * 4 * 2;
+    let svc = ExpertServiceServer::new(server)
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, addr.to_string())
+            .map_err(|e| WorkerError::ReadyFile(path.clone(), e))?;
+    }
+    tracing::info!(%addr, "worker serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let grace = cfg.shutdown_grace;
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            tracing::info!("stopping: health NOT_SERVING, draining in-flight batches");
+            health
+                .set_not_serving::<ExpertServiceServer<ExpertServer>>()
+                .await;
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(health_svc)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(WorkerError::Serve)?,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight batches did not finish within the grace period");
+        }
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -47,6 +47,10 @@ pub enum ModelError {
     KvCacheFull { needed: usize, free: usize },
     #[error("expert ({layer}, {expert}) is not hosted here")]
     ExpertNotHosted { layer: usize, expert: usize },
+    /// The expert stage failed outside this process (a worker, the network). The source is the
+    /// executor's own error type; callers downcast it for codes and retry decisions.
+    #[error("expert dispatch failed: {0}")]
+    Dispatch(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
 }

@@ -862,3 +862,37 @@ fn text_cases_tokenize_like_hf() {
         }
     }
 }
+
+#[test]
+fn fingerprints_tell_checkpoints_apart() {
+    let a = Checkpoint::open(fixtures().join("tiny-mixtral")).unwrap();
+    let b = Checkpoint::open(fixtures().join("tiny-mixtral-bf16-sharded")).unwrap();
+    let a2 = Checkpoint::open(fixtures().join("tiny-mixtral")).unwrap();
+    assert_eq!(a.fingerprint(), a2.fingerprint());
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    let t1 = tempfile::tempdir().unwrap();
+    let t2 = tempfile::tempdir().unwrap();
+    generate(
+        &GenSpec {
+            seed: 1,
+            ..small_spec()
+        },
+        t1.path(),
+        &|_| {},
+    )
+    .unwrap();
+    generate(
+        &GenSpec {
+            seed: 2,
+            ..small_spec()
+        },
+        t2.path(),
+        &|_| {},
+    )
+    .unwrap();
+    let (f1, f2) = (
+        Checkpoint::open(t1.path()).unwrap().fingerprint(),
+        Checkpoint::open(t2.path()).unwrap().fingerprint(),
+    );
+    assert_ne!(f1, f2, "same shape, different weights");
+}

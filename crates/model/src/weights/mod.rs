@@ -241,6 +241,30 @@ impl Checkpoint {
         by.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
+    /// A digest that differs between checkpoints that compute differently: the config's shape,
+    /// and every tensor's name, dtype, shape and first and last 64 bytes. Coordinator and workers
+    /// compare it so that nobody mixes two models. Reads a few bytes per tensor, not the weights.
+    #[must_use]
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.config.shape_fingerprint().as_bytes());
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let e = &self.tensors[name];
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", e.dtype, e.shape).as_bytes());
+            let data = &self.shards[e.shard].map[e.range.clone()];
+            let n = data.len().min(64);
+            h.update(&data[..n]);
+            h.update(&data[data.len() - n..]);
+        }
+        let digest = h.finalize();
+        let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{}-{hex}", self.config.shape_fingerprint())
+    }
+
     fn describe_files(&self) -> String {
         let names: Vec<String> = self
             .shards

@@ -1,0 +1,207 @@
+//! The tonic `ExpertService`: decode and validate → run the experts off the async runtime →
+//! encode one partial sum per row.
+
+use crate::{WorkerConfig, WorkerError};
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+use switchyard_model::{Checkpoint, Cpu, ExpertExecutor, LayerId, LocalExperts, MixtralConfig};
+use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
+use tokio::sync::Semaphore;
+
+/// Counters behind the Load RPC.
+#[derive(Default)]
+struct Stats {
+    batches: AtomicU64,
+    rows: AtomicU64,
+    busy_micros: AtomicU64,
+    /// `[layer * experts + expert]` token-expert entries computed.
+    expert_tokens: Vec<AtomicU64>,
+}
+
+/// The expert service of one worker.
+pub struct ExpertServer {
+    experts: Arc<LocalExperts<Cpu>>,
+    cfg: MixtralConfig,
+    fingerprint: String,
+    info: pb::WorkerInfo,
+    max_rows: usize,
+    queue: Arc<Semaphore>,
+    max_queue: usize,
+    draining: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    started: Instant,
+}
+
+impl ExpertServer {
+    pub(crate) fn new(ck: &Checkpoint, experts: Arc<LocalExperts<Cpu>>, wc: &WorkerConfig) -> Self {
+        let cfg = ck.config().clone();
+        let fingerprint = ck.fingerprint();
+        let hosted: Vec<u32> = experts.hosted().iter().map(|e| e as u32).collect();
+        let info = pb::WorkerInfo {
+            protocol_version: PROTOCOL_VERSION,
+            model_fingerprint: fingerprint.clone(),
+            hidden_size: cfg.hidden_size as u32,
+            num_layers: cfg.num_hidden_layers as u32,
+            num_experts: cfg.num_local_experts as u32,
+            hosted: (0..cfg.num_hidden_layers as u32)
+                .map(|layer| pb::LayerExperts {
+                    layer,
+                    experts: hosted.clone(),
+                })
+                .collect(),
+            weight_dtype: ck
+                .dominant_dtype()
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+            device: wc.device.to_string(),
+            max_batch_rows: wc.max_batch_rows as u32,
+            weight_bytes: experts.weight_bytes() as u64,
+            worker_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let stats = Stats {
+            expert_tokens: (0..cfg.num_hidden_layers * cfg.num_local_experts)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            ..Stats::default()
+        };
+        Self {
+            experts,
+            cfg,
+            fingerprint,
+            info,
+            max_rows: wc.max_batch_rows,
+            queue: Arc::new(Semaphore::new(wc.max_queued_batches)),
+            max_queue: wc.max_queued_batches,
+            draining: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(stats),
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn drain_flag(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+
+    pub(crate) fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// What the Info RPC answers.
+    #[must_use]
+    pub fn info(&self) -> &pb::WorkerInfo {
+        &self.info
+    }
+
+    async fn forward_inner(&self, batch: pb::ExpertBatch) -> Result<pb::ExpertResult, WorkerError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(WorkerError::Draining);
+        }
+        let _permit = self
+            .queue
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Overloaded(self.max_queue))?;
+        let want = Expect {
+            fingerprint: &self.fingerprint,
+            hidden: self.cfg.hidden_size,
+            layers: self.cfg.num_hidden_layers,
+            experts: self.cfg.num_local_experts,
+            max_rows: self.max_rows,
+        };
+        let req = ExpertRequest::decode(&batch, &want)?;
+        drop(batch);
+        if let Some(&e) = req
+            .plan
+            .experts()
+            .iter()
+            .find(|&&e| !self.experts.hosted().contains(e as usize))
+        {
+            return Err(WorkerError::NotHosted {
+                layer: req.layer,
+                expert: e as usize,
+                hosted: self.experts.hosted().to_string(),
+            });
+        }
+        let layer = LayerId::new(req.layer, &self.cfg)?;
+        let experts = self.experts.clone();
+        let stats = self.stats.clone();
+        let n_experts = self.cfg.num_local_experts;
+        let h = self.cfg.hidden_size;
+        // The math runs on the blocking pool (and rayon inside it), never on the async workers.
+        let (out, micros, rows, dtype) = tokio::task::spawn_blocking(move || {
+            let _span =
+                tracing::debug_span!("worker.forward", layer = req.layer, rows = req.plan.rows())
+                    .entered();
+            let start = Instant::now();
+            let mut out = vec![0.0f32; req.plan.rows() * h];
+            experts.run(layer, &req.x, &req.plan, &mut out)?;
+            let micros = start.elapsed().as_micros() as u64;
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .rows
+                .fetch_add(req.plan.rows() as u64, Ordering::Relaxed);
+            stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
+            for &e in req.plan.experts() {
+                stats.expert_tokens[req.layer * n_experts + e as usize]
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, WorkerError>((out, micros, req.plan.rows(), req.reply_dtype))
+        })
+        .await
+        .map_err(|e| WorkerError::Compute(e.to_string()))??;
+        Ok(pb::ExpertResult {
+            rows: rows as u32,
+            hidden_size: h as u32,
+            dtype: dtype.to_pb(),
+            output: encode_rows(&out, dtype),
+            compute_micros: micros,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::expert_service_server::ExpertService for ExpertServer {
+    async fn forward(
+        &self,
+        request: tonic::Request<pb::ExpertBatch>,
+    ) -> Result<tonic::Response<pb::ExpertResult>, tonic::Status> {
+        match self.forward_inner(request.into_inner()).await {
+            Ok(r) => Ok(tonic::Response::new(r)),
+            Err(e) => {
+                tracing::warn!(code = e.code(), error = %e, "batch refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn info(
+        &self,
+        _: tonic::Request<pb::InfoRequest>,
+    ) -> Result<tonic::Response<pb::WorkerInfo>, tonic::Status> {
+        Ok(tonic::Response::new(self.info.clone()))
+    }
+
+    async fn load(
+        &self,
+        _: tonic::Request<pb::LoadRequest>,
+    ) -> Result<tonic::Response<pb::LoadReport>, tonic::Status> {
+        let s = &self.stats;
+        Ok(tonic::Response::new(pb::LoadReport {
+            in_flight_batches: (self.max_queue - self.queue.available_permits()) as u32,
+            batches_total: s.batches.load(Ordering::Relaxed),
+            rows_total: s.rows.load(Ordering::Relaxed),
+            expert_tokens: s
+                .expert_tokens
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect(),
+            busy_micros: s.busy_micros.load(Ordering::Relaxed),
+            uptime_micros: self.started.elapsed().as_micros() as u64,
+        }))
+    }
+}
