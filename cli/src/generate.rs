@@ -39,6 +39,9 @@ pub struct Args {
     /// Print the prompt before the generated text.
     #[arg(long)]
     echo: bool,
+    /// Keep generating past end-of-sequence tokens (for benchmarks and tests).
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -71,7 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             seed: a.seed,
         },
         stop_ids: vec![],
-        ignore_eos: false,
+        ignore_eos: a.ignore_eos,
     };
     let mut out = std::io::stdout().lock();
     if a.echo {

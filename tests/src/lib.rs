@@ -62,6 +62,80 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("stdout is UTF-8")
 }
 
+/// A `switchyard worker` on a free loopback port, killed when dropped.
+pub struct Worker {
+    pub proc: Proc,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Starts a worker hosting `experts` of `model` and waits (up to 60 s) until it serves.
+    pub fn start(model: &Path, experts: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ready = dir.path().join("ready");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let child = Command::new(bin())
+            .args(["worker", "--listen", "127.0.0.1:0", "--experts", experts])
+            .arg("--model")
+            .arg(model)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("SWITCHYARD_THREADS", "1")
+            .env("SWITCHYARD_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .expect("worker starts");
+        let proc = Proc(child);
+        let addr = wait_for_file(&ready, std::time::Duration::from_secs(60), || {
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        });
+        Self {
+            proc,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
+    /// Resident memory of the worker process in bytes (Linux).
+    #[must_use]
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.0.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+}
+
+/// Polls until `path` holds a non-empty line, then returns it; panics with `log()` on timeout.
+pub fn wait_for_file(
+    path: &Path,
+    timeout: std::time::Duration,
+    log: impl Fn() -> String,
+) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return s.trim().to_string();
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear in time; log:\n{}",
+            path.display(),
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A child process killed (and reaped) when dropped, so a failing test leaves nothing running.
 pub struct Proc(pub Child);
 

@@ -86,7 +86,9 @@ pub async fn serve(
             .map_err(|e| WorkerError::ReadyFile(path.clone(), e))?;
     }
     tracing::info!(%addr, "worker serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Expert batches are small request/response pairs: without TCP_NODELAY, Nagle and delayed
+    // ACKs add ~40 ms to every call.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let grace = cfg.shutdown_grace;
     let shutdown = {
         let stop = stop.clone();
