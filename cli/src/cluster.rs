@@ -24,13 +24,10 @@ pub struct ClusterArgs {
     pub rpc_timeout: Duration,
 }
 
-/// An engine and, in cluster mode, the runtime its expert calls run on. Field order matters:
-/// the engine (and its channels) drop before the runtime.
+/// An engine and, in cluster mode, its dispatcher (for statistics).
 pub struct Loaded {
     pub engine: Engine,
     pub remote: Option<std::sync::Arc<switchyard_coordinator::dispatch::RemoteExperts>>,
-    /// Kept alive for the expert calls; never used directly.
-    _runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Loaded {
@@ -79,33 +76,21 @@ impl ClusterArgs {
                 engine: Engine::load_embedded(model, &bar)
                     .with_context(|| format!("loading {}", model.display()))?,
                 remote: None,
-                _runtime: None,
             }),
             Some(p) => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("dispatch")
-                    .enable_all()
-                    .build()
-                    .context("starting the dispatch runtime")?;
-                let (engine, remote) = rt
-                    .block_on(Engine::load_cluster(
-                        model,
-                        &p,
-                        self.dispatch_config(),
-                        &bar,
-                    ))
-                    .with_context(|| {
-                        format!(
-                            "loading {} over {} workers",
-                            model.display(),
-                            p.workers.len()
-                        )
-                    })?;
+                let (engine, remote) =
+                    Engine::load_cluster(model, &p, self.dispatch_config(), &bar).with_context(
+                        || {
+                            format!(
+                                "loading {} over {} workers",
+                                model.display(),
+                                p.workers.len()
+                            )
+                        },
+                    )?;
                 Ok(Loaded {
                     engine,
                     remote: Some(remote),
-                    _runtime: Some(rt),
                 })
             }
         }

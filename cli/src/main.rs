@@ -2,6 +2,7 @@
 //! and hands over to the subcommand's `run`; no logic lives here.
 
 mod bench;
+mod bench_dispatch;
 mod cluster;
 mod forward;
 mod gen_model;
@@ -36,6 +37,8 @@ enum Cmd {
     GenModel(gen_model::Args),
     /// Measure prefill and decode throughput (embedded, one sequence, median of runs).
     Bench(bench::Args),
+    /// Measure one layer's scatter + gather over loopback workers it starts itself.
+    BenchDispatch(bench_dispatch::Args),
     /// Host a subset of every layer's experts and serve expert batches over gRPC.
     Worker(worker::Args),
 }
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Cmd::GenModel(a) => gen_model::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Worker(a) => worker::run(a),
+        Cmd::BenchDispatch(a) => bench_dispatch::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -48,15 +48,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     tracing::info!(?cfg, "worker starting");
     let server = switchyard_worker::load(&cfg, &crate::progress::Bar::new("loading experts"))
         .with_context(|| format!("loading {}", cfg.model.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("worker-io")
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let stop = CancellationToken::new();
-        tokio::spawn(crate::signals::cancel_on_signal(stop.clone()));
-        switchyard_worker::serve(server, &cfg, stop).await
+    let stop = CancellationToken::new();
+    switchyard_worker::serve_on_pool(server, &cfg, stop.clone(), |rt| {
+        rt.spawn(crate::signals::cancel_on_signal(stop));
     })?;
     Ok(())
 }

@@ -88,10 +88,9 @@ impl Engine<Cpu> {
 }
 
 impl Engine<Cpu> {
-    /// Cluster mode: dense weights here, experts on the workers of `placement`. Must be called
-    /// from inside the tokio runtime that will carry the expert calls; the engine's steps must
-    /// then run on a thread outside that runtime (they block on it).
-    pub async fn load_cluster(
+    /// Cluster mode: dense weights here, experts on the workers of `placement`. Blocks; call it
+    /// (and run the engine) outside any async runtime.
+    pub fn load_cluster(
         dir: &Path,
         placement: &switchyard_cluster::StaticPlacement,
         dispatch: crate::dispatch::DispatchConfig,
@@ -99,10 +98,12 @@ impl Engine<Cpu> {
     ) -> Result<(Self, Arc<crate::dispatch::RemoteExperts>), EngineError> {
         let ck = Checkpoint::open(dir)?;
         let fingerprint = ck.fingerprint();
-        let remote = Arc::new(
-            crate::dispatch::RemoteExperts::connect(placement, ck.config(), &fingerprint, dispatch)
-                .await?,
-        );
+        let remote = Arc::new(crate::dispatch::RemoteExperts::connect(
+            placement,
+            ck.config(),
+            &fingerprint,
+            dispatch,
+        )?);
         progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
         let engine = Self::load_with(Cpu, &ck, remote.clone(), progress)?;
         progress.finish();

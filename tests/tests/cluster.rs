@@ -309,19 +309,12 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
         lonely
     ))
     .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = DispatchConfig {
         rpc_timeout: Duration::from_secs(5),
         ..DispatchConfig::default()
     };
-    let (engine, _remote) = rt
-        .block_on(Engine::load_cluster(
-            &model,
-            &placement,
-            cfg,
-            &switchyard_model::NoProgress,
-        ))
-        .unwrap();
+    let (engine, _remote) =
+        Engine::load_cluster(&model, &placement, cfg, &switchyard_model::NoProgress).unwrap();
     let want = embedded.forward_report(&[1], Some(1)).unwrap();
     b.kill();
     // A prompt that needs the dead worker fails with a clear, coded error...

@@ -59,6 +59,26 @@ pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertSer
     Ok(ExpertServer::new(&ck, Arc::new(experts), cfg))
 }
 
+/// Runs a worker to completion on the current thread: a current-thread tokio runtime driven from
+/// one of rayon's pool threads, so that the thread that decodes a batch also computes it (no
+/// hand-offs on the latency-critical path). `on_runtime` runs first inside the runtime (signal
+/// handlers). Blocks until `stop` is cancelled and in-flight batches are done.
+pub fn serve_on_pool(
+    server: ExpertServer,
+    cfg: &WorkerConfig,
+    stop: CancellationToken,
+    on_runtime: impl FnOnce(&tokio::runtime::Handle) + Send,
+) -> Result<(), WorkerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WorkerError::Config(format!("cannot start the runtime: {e}")))?;
+    switchyard_model::backend::cpu::in_pool(|| {
+        on_runtime(rt.handle());
+        rt.block_on(serve(server, cfg, stop))
+    })
+}
+
 /// Serves `server` on `cfg.listen` until `stop` is cancelled, then drains.
 pub async fn serve(
     server: ExpertServer,

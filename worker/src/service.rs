@@ -132,8 +132,7 @@ impl ExpertServer {
         let stats = self.stats.clone();
         let n_experts = self.cfg.num_local_experts;
         let h = self.cfg.hidden_size;
-        // The math runs on the blocking pool (and rayon inside it), never on the async workers.
-        let (out, micros, rows, dtype) = tokio::task::spawn_blocking(move || {
+        let compute = move || {
             let _span =
                 tracing::debug_span!("worker.forward", layer = req.layer, rows = req.plan.rows())
                     .entered();
@@ -151,9 +150,23 @@ impl ExpertServer {
                     .fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, WorkerError>((out, micros, req.plan.rows(), req.reply_dtype))
-        })
-        .await
-        .map_err(|e| WorkerError::Compute(e.to_string()))??;
+        };
+        let (out, micros, rows, dtype) = if rayon::current_thread_index().is_some() {
+            // `switchyard worker` drives its I/O from a rayon thread (see `serve_on_pool`): the
+            // batch is computed where it was decoded, with no hand-off, and parallel ops fan out
+            // to the other pool threads. Batches are serialised by the experts' scratch anyway.
+            compute()?
+        } else {
+            // Otherwise the math goes to rayon's pool, never onto the async thread.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rayon::spawn(move || {
+                // The receiver is gone only if the call was cancelled; nobody needs the result.
+                let _ = tx.send(compute());
+            });
+            rx.await.map_err(|_| {
+                WorkerError::Compute("the expert task ended without a result".into())
+            })??
+        };
         Ok(pb::ExpertResult {
             rows: rows as u32,
             hidden_size: h as u32,

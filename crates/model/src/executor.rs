@@ -146,6 +146,18 @@ impl<B: Backend> LocalExperts<B> {
 
 impl<B: Backend> ExpertExecutor for LocalExperts<B> {
     fn run(&self, layer: LayerId, x: &[f32], plan: &RoutePlan, out: &mut [f32]) -> Result<()> {
+        crate::backend::cpu::in_pool(|| self.run_inner(layer, x, plan, out))
+    }
+}
+
+impl<B: Backend> LocalExperts<B> {
+    fn run_inner(
+        &self,
+        layer: LayerId,
+        x: &[f32],
+        plan: &RoutePlan,
+        out: &mut [f32],
+    ) -> Result<()> {
         let (h, inter) = (self.hidden, self.inter);
         let rows = plan.rows();
         if x.len() != rows * h || out.len() != rows * h {

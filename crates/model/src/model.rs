@@ -250,6 +250,17 @@ impl<B: Backend> Mixtral<B> {
         scratch: &mut StepScratch<B>,
         out: &mut StepOutput,
     ) -> Result<()> {
+        crate::backend::cpu::in_pool(|| self.step_inner(seqs, kv, experts, scratch, out))
+    }
+
+    fn step_inner(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        kv: &mut KvCache<B>,
+        experts: &dyn ExpertExecutor,
+        scratch: &mut StepScratch<B>,
+        out: &mut StepOutput,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let b = &self.backend;
         let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());

@@ -8,6 +8,19 @@ pub mod ops;
 use super::{AttnSeq, AttnShape, Backend};
 use crate::{weights::HostTensor, Result};
 
+/// Runs `f` on rayon's pool. Every parallel op called from outside the pool pays a cross-thread
+/// hand-off and wake-up (tens of µs); a step makes dozens of them, so callers enter the pool once
+/// per step and the ops inside run there directly. Inside the pool this is a plain call.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|s| s.spawn(|_| out = Some(f())));
+    // `scope` returns only after the spawned job ran, and the job always sets `out`.
+    out.expect("rayon scope ran the job")
+}
+
 /// The CPU backend. Stateless: every op runs on rayon's global pool.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;

@@ -1,0 +1,197 @@
+//! `switchyard bench-dispatch`: latency of one layer's scatter + gather over loopback workers,
+//! against the expert compute the workers report, for several batch sizes.
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+use switchyard_cluster::StaticPlacement;
+use switchyard_coordinator::dispatch::{DispatchConfig, RemoteExperts};
+use switchyard_model::{Checkpoint, ExpertExecutor, ExpertSet, LayerId, RoutePlan};
+use switchyard_wire::WireDType;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face checkpoint folder.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    /// Loopback workers to start, experts split evenly between them.
+    #[arg(long, default_value_t = 2)]
+    spawn: usize,
+    /// Compute threads of each spawned worker.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// Batch sizes (tokens) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+    tokens: Vec<usize>,
+    /// Measured layer calls per batch size (after 10 warm-up calls).
+    #[arg(long, default_value_t = 200)]
+    iters: usize,
+    #[arg(long, default_value = "f32")]
+    wire_dtype: WireDType,
+}
+
+/// Spawned workers, killed on drop.
+struct Children(Vec<Child>);
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.spawn >= 1 && a.iters >= 1,
+        "--spawn and --iters must be positive"
+    );
+    let ck =
+        Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let cfg = ck.config().clone();
+    let n = cfg.num_local_experts;
+    anyhow::ensure!(
+        a.spawn <= n,
+        "cannot split {n} experts over {} workers",
+        a.spawn
+    );
+    let tmp = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    let mut spec = Vec::new();
+    for w in 0..a.spawn {
+        let (lo, hi) = (w * n / a.spawn, (w + 1) * n / a.spawn - 1);
+        let ready = tmp.path().join(format!("w{w}"));
+        children.0.push(
+            Command::new(&exe)
+                .args([
+                    "worker",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--experts",
+                    &format!("{lo}-{hi}"),
+                ])
+                .arg("--model")
+                .arg(&a.model)
+                .arg("--ready-file")
+                .arg(&ready)
+                .env("SWITCHYARD_THREADS", a.worker_threads.to_string())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting a worker")?,
+        );
+        let start = Instant::now();
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&ready) {
+                if !s.trim().is_empty() {
+                    break s.trim().to_string();
+                }
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(300),
+                "worker {w} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        spec.push(format!("{addr}={lo}-{hi}"));
+    }
+    let placement = StaticPlacement::parse(&spec.join(","))?;
+    let dcfg = DispatchConfig {
+        wire_dtype: a.wire_dtype,
+        ..DispatchConfig::default()
+    };
+    let remote = RemoteExperts::connect(&placement, &cfg, &ck.fingerprint(), dcfg)?;
+    let local = switchyard_model::LocalExperts::load(
+        &switchyard_model::Cpu,
+        &ck,
+        &ExpertSet::all(n),
+        &switchyard_model::NoProgress,
+    )?;
+
+    let h = cfg.hidden_size;
+    let layer = LayerId::new(0, &cfg)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut results = Vec::new();
+    for &t in &a.tokens {
+        let x: Vec<f32> = (0..t * h)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect();
+        let logits: Vec<f32> = (0..t * n).map(|_| rng.random::<f32>() * 4.0).collect();
+        let mut plan = RoutePlan::new();
+        plan.route_into(&logits, t, n, cfg.num_experts_per_tok);
+        let mut out = vec![0.0f32; t * h];
+        let (mut total, mut over, mut comp, mut loc) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..a.iters + 10 {
+            let before: Vec<u64> = remote
+                .stats()
+                .workers
+                .iter()
+                .map(|w| w.compute_micros.load(Ordering::Relaxed))
+                .collect();
+            let s = Instant::now();
+            remote.run(layer, &x, &plan, &mut out)?;
+            let us = s.elapsed().as_secs_f64() * 1e6;
+            let max_compute = remote
+                .stats()
+                .workers
+                .iter()
+                .zip(&before)
+                .map(|(w, b)| w.compute_micros.load(Ordering::Relaxed) - b)
+                .max()
+                .unwrap_or(0) as f64;
+            let s = Instant::now();
+            local.run(layer, &x, &plan, &mut out)?;
+            let local_us = s.elapsed().as_secs_f64() * 1e6;
+            if i >= 10 {
+                total.push(us);
+                over.push(us - max_compute);
+                comp.push(max_compute);
+                loc.push(local_us);
+            }
+        }
+        let r = serde_json::json!({
+            "tokens": t,
+            "layer_p50_us": pct(&mut total, 0.5),
+            "layer_p99_us": pct(&mut total, 0.99),
+            "worker_compute_p50_us": pct(&mut comp, 0.5),
+            "overhead_p50_us": pct(&mut over, 0.5),
+            "overhead_p99_us": pct(&mut over, 0.99),
+            "in_process_compute_p50_us": pct(&mut loc, 0.5),
+        });
+        eprintln!(
+            "{t:>4} tokens: layer p50 {:>8.0} µs  p99 {:>8.0} µs | worker compute p50 {:>8.0} µs | overhead p50 {:>6.0} µs  p99 {:>6.0} µs",
+            r["layer_p50_us"].as_f64().unwrap_or(0.0),
+            r["layer_p99_us"].as_f64().unwrap_or(0.0),
+            r["worker_compute_p50_us"].as_f64().unwrap_or(0.0),
+            r["overhead_p50_us"].as_f64().unwrap_or(0.0),
+            r["overhead_p99_us"].as_f64().unwrap_or(0.0),
+        );
+        results.push(r);
+    }
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(
+        &mut stdout,
+        &serde_json::json!({
+            "model": a.model.display().to_string(),
+            "workers": a.spawn,
+            "worker_threads": a.worker_threads,
+            "wire_dtype": format!("{:?}", a.wire_dtype),
+            "iters": a.iters,
+            "results": results,
+        }),
+    )?;
+    writeln!(stdout)?;
+    Ok(())
+}
