@@ -13,3 +13,11 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The API tests drive the server with the official OpenAI Python client, in a venv of their own.
+PYENV=${SWITCHYARD_PYENV:-target/pyenv}
+if ! "$PYENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+  echo "setup: creating $PYENV with openai and pytest" >&2
+  python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install -q --disable-pip-version-check "openai>=1.40,<4" "pytest>=8,<10"
+fi

@@ -9,3 +9,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The cluster tests in tests/ run the real binary, which `cargo test` alone does not build.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
+# The OpenAI-compatible API, through the official client and raw HTTP, against real servers.
+"${SWITCHYARD_PYENV:-target/pyenv}/bin/python" -m pytest -q tests/python

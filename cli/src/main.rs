@@ -8,6 +8,7 @@ mod forward;
 mod gen_model;
 mod generate;
 mod progress;
+mod serve;
 mod signals;
 mod worker;
 
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the OpenAI-compatible API (embedded, or with --workers over expert workers).
+    Serve(serve::Args),
     /// Generate text from a prompt, streamed to stdout.
     Generate(generate::Args),
     /// Run token ids through the model and print logits, expert choices and router weights as JSON.
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
         }
     }
     let result = match cli.cmd {
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Generate(a) => generate::run(a),
         Cmd::Forward(a) => forward::run(a),
         Cmd::GenModel(a) => gen_model::run(a),

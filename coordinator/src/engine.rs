@@ -146,6 +146,11 @@ impl<B: Backend> Engine<B> {
         &self.tokenizer
     }
 
+    /// The dense model and the expert executor, for the scheduler's own step loop.
+    pub(crate) fn parts(&self) -> (&Mixtral<B>, &dyn ExpertExecutor) {
+        (&self.model, self.experts.as_ref())
+    }
+
     /// A cache big enough for one sequence of `positions`.
     fn cache_for(&self, positions: usize) -> Result<KvCache<B>, EngineError> {
         let bs = switchyard_model::DEFAULT_BLOCK_SIZE;

@@ -5,8 +5,13 @@
 //! **API boundary:** the coordinator uses only what `switchyard_model` re-exports, and never
 //! depends on the worker crate.
 
+pub mod api;
+pub mod counting;
 pub mod dispatch;
 pub mod engine;
+pub mod metrics;
+pub mod scheduler;
+pub mod serve;
 
 pub use engine::{
     Engine, EngineError, FinishReason, ForwardReport, GenerateEvent, GenerateRequest,

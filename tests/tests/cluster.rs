@@ -440,3 +440,24 @@ fn worker_rejects_malformed_batches_with_clear_statuses() {
         assert_eq!(load.batches_total, 2, "the two good batches");
     });
 }
+
+#[test]
+fn worker_drains_and_exits_cleanly_on_sigterm() {
+    let mut w = Worker::start(&fixtures().join("tiny-mixtral"), "0-7");
+    let pid = w.proc.0.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    // Bounded wait: the worker's grace period is 10 s; it should be far quicker when idle.
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = w.proc.0.try_wait().unwrap() {
+            assert!(st.success(), "worker exited with {st}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "worker did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -52,11 +52,10 @@ pub struct WorkerStats {
     pub compute_micros: AtomicU64,
 }
 
-/// Dispatch counters: per (layer, expert) routed tokens and per-worker calls.
+/// Dispatch counters per worker (per-expert routed tokens are counted by
+/// `crate::counting::Counting`, for every executor alike).
 #[derive(Debug)]
 pub struct DispatchStats {
-    /// `[layer * experts + expert]` token-expert entries routed.
-    pub expert_tokens: Vec<AtomicU64>,
     pub workers: Vec<WorkerStats>,
 }
 
@@ -95,6 +94,7 @@ pub struct RemoteExperts {
     workers: Vec<Worker>,
     fingerprint: String,
     hidden: usize,
+    layers: usize,
     experts: usize,
     cfg: DispatchConfig,
     stats: DispatchStats,
@@ -182,17 +182,16 @@ impl RemoteExperts {
                 .unwrap_or_default();
             tracing::info!(worker = %w.id, ?experts, device = %info.device, weight_bytes = info.weight_bytes, spec = ?spec.experts, "worker joined");
         }
-        let n = model.num_hidden_layers * model.num_local_experts;
         Ok(Self {
             rt,
             stats: DispatchStats {
-                expert_tokens: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 workers: workers.iter().map(|_| WorkerStats::default()).collect(),
             },
             table,
             workers,
             fingerprint: fingerprint.to_string(),
             hidden: model.hidden_size,
+            layers: model.num_hidden_layers,
             experts: model.num_local_experts,
             cfg,
         })
@@ -202,6 +201,21 @@ impl RemoteExperts {
     #[must_use]
     pub fn stats(&self) -> &DispatchStats {
         &self.stats
+    }
+
+    /// The first (layer, expert) with no worker outside failure back-off, if any (readiness).
+    #[must_use]
+    pub fn first_unreachable_expert(&self) -> Option<(usize, usize)> {
+        let now = Instant::now();
+        (0..self.layers)
+            .flat_map(|l| (0..self.experts).map(move |e| (l, e)))
+            .find(|&(l, e)| {
+                !self
+                    .table
+                    .hosts(l, e)
+                    .iter()
+                    .any(|&w| self.workers[w].is_up(now))
+            })
     }
 
     /// Worker ids in placement order.
@@ -361,10 +375,6 @@ impl RemoteExperts {
     ) -> Result<(), DispatchError> {
         let h = self.hidden;
         let all: Vec<usize> = (0..plan.rows()).collect();
-        for &e in plan.experts() {
-            self.stats.expert_tokens[layer * self.experts + e as usize]
-                .fetch_add(1, Ordering::Relaxed);
-        }
         let shares = self.split(layer, plan, &all, &[])?;
         let results = join_all(shares.iter().map(|s| self.call(layer, x, s))).await;
 

@@ -1,0 +1,88 @@
+//! `switchyard serve MODEL`: the OpenAI-compatible server.
+
+use anyhow::Context;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use switchyard_coordinator::{
+    scheduler::SchedulerConfig,
+    serve::{self, ServeConfig},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face checkpoint folder.
+    #[arg(env = "SWITCHYARD_MODEL")]
+    model: PathBuf,
+    #[arg(long, env = "SWITCHYARD_HOST", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    #[arg(long, env = "SWITCHYARD_PORT", default_value_t = 8000)]
+    port: u16,
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
+    /// Name clients pass as `model` (default: the checkpoint folder's name).
+    #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Tokens per engine step (decodes plus prompt chunks).
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences decoding at once.
+    #[arg(long, env = "SWITCHYARD_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Queued requests before answering 429.
+    #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = 256)]
+    max_waiting: usize,
+    /// KV-cache memory in MiB.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MIB", default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Largest `n` (choices per request).
+    #[arg(long, env = "SWITCHYARD_MAX_N", default_value_t = 8)]
+    max_n: usize,
+    /// How long in-flight requests may finish after SIGTERM.
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Write the bound address to this file once serving.
+    #[arg(long, env = "SWITCHYARD_READY_FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = ServeConfig {
+        model: a.model.clone(),
+        served_model_name: a.served_model_name,
+        listen: SocketAddr::new(a.host, a.port),
+        placement: a.cluster.placement()?,
+        dispatch: a.cluster.dispatch_config(),
+        scheduler: SchedulerConfig {
+            max_batch_tokens: a.max_batch_tokens.max(1),
+            max_running: a.max_running.max(1),
+            max_waiting: a.max_waiting.max(1),
+            kv_cache_bytes: a.kv_cache_mib << 20,
+            ..SchedulerConfig::default()
+        },
+        api_key: a.api_key,
+        max_body_bytes: a.max_body_bytes,
+        max_n: a.max_n.max(1),
+        shutdown_grace: a.shutdown_grace,
+        ready_file: a.ready_file,
+    };
+    tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = cfg.api_key.is_some(), "starting");
+    let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::signals::cancel_on_signal(stop.clone()));
+        serve::run(cfg, loaded, stop).await
+    })?;
+    Ok(())
+}

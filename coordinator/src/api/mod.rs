@@ -1,0 +1,190 @@
+//! The OpenAI-compatible HTTP API (axum): routes, authentication, body limits, and the
+//! translation between OpenAI's JSON and the scheduler's sequences.
+//!
+//! **Architecture invariant:** the only module that knows about HTTP and OpenAI's formats. Every
+//! failure leaves through `ApiError`.
+
+mod error;
+mod generate;
+mod text;
+mod types;
+
+pub use error::ApiError;
+pub use types::Limits;
+
+use crate::{dispatch::RemoteExperts, engine::Engine, scheduler::SchedulerHandle};
+use axum::{
+    extract::{Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use std::sync::Arc;
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub scheduler: SchedulerHandle,
+    /// The name clients use in `model` (and /v1/models lists).
+    pub model_name: String,
+    pub limits: Limits,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub remote: Option<Arc<RemoteExperts>>,
+    pub started: u64,
+    pub expert_counts: Arc<crate::counting::ExpertCounts>,
+}
+
+/// The router with every route.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/completions", post(generate::completions))
+        .route("/chat/completions", post(generate::chat))
+        .route("/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let tok = Router::new()
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .nest("/v1", v1)
+        .merge(tok)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                message: "no such route".into(),
+                param: None,
+                code: "SY:API:NoRoute",
+                retry_after: None,
+            }
+        })
+        .with_state(state)
+}
+
+async fn require_key(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| given == key);
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizeRequest {
+    prompt: String,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct DetokenizeRequest {
+    tokens: Vec<i64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+}
+
+/// vLLM's `/tokenize`: the ids of a text (with special tokens unless told otherwise).
+async fn tokenize(
+    State(s): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r: TokenizeRequest = parse_json(&body)?;
+    let ids = s
+        .engine
+        .tokenizer()
+        .encode(&r.prompt, r.add_special_tokens)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+    Ok(Json(
+        serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": s.limits.max_seq_len}),
+    ))
+}
+
+/// vLLM's `/detokenize`: the text of ids (special tokens skipped, as in completions).
+async fn detokenize(
+    State(s): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r: DetokenizeRequest = parse_json(&body)?;
+    let vocab = s.limits.vocab_size as i64;
+    let ids =
+        r.tokens
+            .iter()
+            .map(|&t| {
+                u32::try_from(t).ok().filter(|_| t < vocab).ok_or_else(|| {
+                    ApiError::invalid(format!("{t} is not a token id"), Some("tokens"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+    let text = s
+        .engine
+        .tokenizer()
+        .decode(&ids, true)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
+    Ok(Json(serde_json::json!({"prompt": text})))
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": s.started,
+            "owned_by": "switchyard",
+            "max_model_len": s.limits.max_seq_len,
+        }]
+    }))
+}
+
+/// Liveness: the process serves HTTP and its engine thread runs.
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    if s.scheduler.is_alive() {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::unavailable("the engine thread has stopped").into_response()
+    }
+}
+
+/// Readiness: the model is loaded (it is, or we would not be serving) and every expert of every
+/// layer has a worker that is not in failure back-off.
+async fn ready(State(s): State<Arc<AppState>>) -> Response {
+    if !s.scheduler.is_alive() {
+        return ApiError::unavailable("the engine thread has stopped").into_response();
+    }
+    if let Some(r) = &s.remote {
+        if let Some((layer, expert)) = r.first_unreachable_expert() {
+            return ApiError::unavailable(format!(
+                "no live worker hosts expert {expert} of layer {layer}"
+            ))
+            .into_response();
+        }
+    }
+    Json(serde_json::json!({"status": "ready", "model": s.model_name})).into_response()
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let mut text = s.metrics.render();
+    crate::metrics::append_cluster_metrics(&mut text, &s);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

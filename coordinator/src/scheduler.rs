@@ -1,0 +1,508 @@
+//! Continuous batching: one engine thread owns the paged KV cache and every running sequence,
+//! and each iteration runs one step over all of them: a decode token for each sequence that has
+//! finished its prompt, plus prompt chunks of sequences still prefilling, up to a token budget
+//! (so a long prompt never stalls the decodes). New requests join at the next iteration; when
+//! cache blocks run out, the youngest sequence is preempted and later recomputed.
+//!
+//! Requests arrive on a bounded channel (a full queue is the caller's 429) and answer on their
+//! own event channel; a closed event channel (the client went away) cancels the sequence and
+//! frees its blocks at the next iteration.
+
+use crate::engine::{Engine, FinishReason};
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+use switchyard_model::{
+    sampling, KvCache, Logits, ModelError, Sampler, SamplingParams, SeqKv, SeqStep, StepOutput,
+    StepScratch,
+};
+use tokio::sync::mpsc;
+
+/// Scheduler limits.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Tokens processed per step, decodes and prompt chunks together.
+    pub max_batch_tokens: usize,
+    /// Sequences decoding at once.
+    pub max_running: usize,
+    /// Requests queued before new ones are refused.
+    pub max_waiting: usize,
+    /// Bytes of KV cache (f32 keys and values, all layers).
+    pub kv_cache_bytes: usize,
+    pub block_size: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            kv_cache_bytes: 1 << 30,
+            block_size: switchyard_model::DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// One sequence to generate, already validated.
+#[derive(Debug)]
+pub struct SeqRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Also report this many most likely alternatives per token (0: only the chosen one).
+    pub top_logprobs: usize,
+    /// Which choice of its request this sequence is; events carry it.
+    pub index: usize,
+    /// Events of every choice of a request share one channel; dropping the receiver cancels all.
+    pub events: mpsc::UnboundedSender<(usize, SeqEvent)>,
+    /// Set to end this one sequence early (e.g. a stop string matched).
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What a sequence reports, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Clone, Debug)]
+pub enum SeqEvent {
+    Token {
+        id: u32,
+        logprob: f32,
+        /// (id, logprob), most likely first.
+        top: Vec<(u32, f32)>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(SeqFailure),
+}
+
+/// Why a sequence could not finish.
+#[derive(Clone, Debug)]
+pub enum SeqFailure {
+    /// Workers needed for its experts are unreachable.
+    Unavailable(String),
+    /// Anything else (a bug or a broken model); details are in the log.
+    Internal(String),
+}
+
+/// Live counts, read by /metrics and /health.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+}
+
+/// The submitting side of the scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<SeqRequest>,
+    pub stats: Arc<SchedulerStats>,
+    /// Longest sequence the cache can ever hold (prompt + generated).
+    pub max_seq_len: usize,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl SchedulerHandle {
+    /// Whether the engine thread is still running.
+    #[must_use]
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Queues a sequence, or refuses at once when the queue is full.
+    pub fn submit(&self, req: SeqRequest) -> Result<(), SubmitError> {
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })
+    }
+}
+
+struct Seq {
+    /// Prompt followed by generated tokens: after a preemption all of it is recomputed.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    ignore_eos: bool,
+    top_logprobs: usize,
+    kv: SeqKv,
+    index: usize,
+    events: mpsc::UnboundedSender<(usize, SeqEvent)>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+    fn cancelled(&self) -> bool {
+        self.events.is_closed() || self.cancel.load(Ordering::Relaxed)
+    }
+    fn send(&self, e: SeqEvent) -> bool {
+        self.events.send((self.index, e)).is_ok()
+    }
+}
+
+/// Starts the engine thread; it stops when every handle is dropped.
+pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandle, ModelError> {
+    let mcfg = engine.config().clone();
+    let block_bytes = KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, cfg.block_size);
+    let num_blocks = (cfg.kv_cache_bytes / block_bytes).max(1);
+    let max_seq_len = (num_blocks * cfg.block_size).min(mcfg.max_position_embeddings);
+    let (tx, rx) = mpsc::channel(cfg.max_waiting.max(1));
+    let stats = Arc::new(SchedulerStats::default());
+    stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
+    let kv = KvCache::new(
+        engine.parts().0.backend(),
+        &mcfg,
+        cfg.block_size,
+        num_blocks,
+    )?;
+    tracing::info!(
+        num_blocks,
+        block_size = cfg.block_size,
+        max_seq_len,
+        "KV cache allocated"
+    );
+    let scratch = StepScratch::new(engine.parts().0.backend())?;
+    let st = stats.clone();
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || Loop::new(engine, cfg, kv, scratch, st).run(rx))
+        .map_err(|e| ModelError::Input(format!("cannot start the engine thread: {e}")))?;
+    Ok(SchedulerHandle {
+        tx,
+        stats,
+        max_seq_len,
+    })
+}
+
+struct Loop {
+    engine: Arc<Engine>,
+    cfg: SchedulerConfig,
+    kv: KvCache<switchyard_model::Cpu>,
+    stats: Arc<SchedulerStats>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    scratch: StepScratch<switchyard_model::Cpu>,
+    out: StepOutput,
+    logprobs: Vec<f32>,
+}
+
+impl Loop {
+    fn new(
+        engine: Arc<Engine>,
+        cfg: SchedulerConfig,
+        kv: KvCache<switchyard_model::Cpu>,
+        scratch: StepScratch<switchyard_model::Cpu>,
+        stats: Arc<SchedulerStats>,
+    ) -> Self {
+        Self {
+            engine,
+            cfg,
+            kv,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            scratch,
+            out: StepOutput::new(Logits::Last),
+            logprobs: Vec::new(),
+        }
+    }
+
+    fn admit(&mut self, r: SeqRequest) {
+        metrics::counter!("switchyard_prompt_tokens_total").increment(r.prompt.len() as u64);
+        let sampler = Sampler::new(r.sampling, &r.prompt);
+        self.waiting.push_back(Seq {
+            prompt_len: r.prompt.len(),
+            tokens: r.prompt,
+            max_tokens: r.max_tokens,
+            sampler,
+            stop_ids: r.stop_ids,
+            ignore_eos: r.ignore_eos,
+            top_logprobs: r.top_logprobs,
+            kv: SeqKv::default(),
+            index: r.index,
+            events: r.events,
+            cancel: r.cancel,
+            arrived: Instant::now(),
+            first_token: None,
+            last_token: None,
+        });
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<SeqRequest>) {
+        loop {
+            // Block only when there is nothing to do.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.blocking_recv() {
+                    Some(r) => self.admit(r),
+                    None => break,
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                self.admit(r);
+            }
+            self.drop_cancelled();
+            self.iterate();
+            self.publish();
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn drop_cancelled(&mut self) {
+        let kv = &mut self.kv;
+        self.running.retain_mut(|s| {
+            if s.cancelled() {
+                kv.release(&mut s.kv);
+                metrics::counter!("switchyard_requests_cancelled_total").increment(1);
+                false
+            } else {
+                true
+            }
+        });
+        self.waiting.retain(|s| !s.cancelled());
+    }
+
+    fn publish(&self) {
+        let used = self.kv.num_blocks() - self.kv.free_blocks();
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
+        self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
+        metrics::gauge!("switchyard_num_requests_running").set(self.running.len() as f64);
+        metrics::gauge!("switchyard_num_requests_waiting").set(self.waiting.len() as f64);
+        metrics::gauge!("switchyard_kv_cache_usage_perc")
+            .set(used as f64 / self.kv.num_blocks() as f64);
+    }
+
+    /// Preempts the youngest running sequence (not `keep`): frees its blocks and queues it first
+    /// so it is recomputed (prompt and generated tokens) when room returns.
+    fn preempt_one(&mut self, keep: usize) -> bool {
+        let Some(idx) = (0..self.running.len()).rev().find(|&i| i != keep) else {
+            return false;
+        };
+        let mut s = self.running.remove(idx);
+        self.kv.release(&mut s.kv);
+        metrics::counter!("switchyard_preemptions_total").increment(1);
+        tracing::debug!(
+            tokens = s.tokens.len(),
+            "preempted a sequence for recompute"
+        );
+        self.waiting.push_front(s);
+        true
+    }
+
+    fn iterate(&mut self) {
+        // Admit waiting sequences while there is room for their first chunk.
+        while self.running.len() < self.cfg.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            let first = s.tokens.len().min(self.cfg.max_batch_tokens);
+            if self.kv.blocks_for(first) > self.kv.free_blocks() && !self.running.is_empty() {
+                break;
+            }
+            if let Some(s) = self.waiting.pop_front() {
+                self.running.push(s);
+            }
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        // Token budget: every decode first, then prompt chunks in arrival order.
+        let mut take = vec![0usize; self.running.len()];
+        let mut budget = self.cfg.max_batch_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            let pending = s.tokens.len() - s.kv.len();
+            if pending == 1 && budget > 0 {
+                take[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let pending = s.tokens.len() - s.kv.len();
+            if pending > 1 && budget > 0 {
+                take[i] = pending.min(budget);
+                budget -= take[i];
+            }
+        }
+        // Make the cache fit, preempting the youngest sequences if it does not.
+        loop {
+            let need: usize = self
+                .running
+                .iter()
+                .zip(&take)
+                .map(|(s, &n)| {
+                    self.kv
+                        .blocks_for(s.kv.len() + n)
+                        .saturating_sub(s.kv.blocks().len())
+                })
+                .sum();
+            if need <= self.kv.free_blocks() {
+                break;
+            }
+            let keep = 0;
+            if !self.preempt_one(keep) {
+                // A single sequence that outgrew the whole cache: end it.
+                let s = self.running.remove(0);
+                s.send(SeqEvent::Failed(SeqFailure::Internal(
+                    "the sequence no longer fits in the KV cache".into(),
+                )));
+                return;
+            }
+            take.truncate(self.running.len());
+        }
+
+        let mut steps: Vec<SeqStep<'_>> = Vec::new();
+        let mut in_step: Vec<usize> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if take[i] == 0 {
+                continue;
+            }
+            let start = s.kv.len();
+            steps.push(SeqStep {
+                tokens: &s.tokens[start..start + take[i]],
+                kv: &mut s.kv,
+            });
+            in_step.push(i);
+        }
+        let step_start = Instant::now();
+        let n_tokens: usize = take.iter().sum();
+        let (model, experts) = self.engine.parts();
+        let res = {
+            let _span = tracing::debug_span!("engine.step", seqs = steps.len(), tokens = n_tokens)
+                .entered();
+            model.step(
+                &mut steps,
+                &mut self.kv,
+                experts,
+                &mut self.scratch,
+                &mut self.out,
+            )
+        };
+        drop(steps);
+        metrics::histogram!("switchyard_step_duration_seconds")
+            .record(step_start.elapsed().as_secs_f64());
+        if let Err(e) = res {
+            let failure = match &e {
+                ModelError::Dispatch(_) => SeqFailure::Unavailable(e.to_string()),
+                _ => SeqFailure::Internal(e.to_string()),
+            };
+            tracing::error!(error = %e, "step failed; ending its sequences");
+            for &i in in_step.iter().rev() {
+                let mut s = self.running.remove(i);
+                self.kv.release(&mut s.kv);
+                s.send(SeqEvent::Failed(failure.clone()));
+            }
+            return;
+        }
+
+        // Sample for every sequence whose pending tokens are now all in the cache.
+        let vocab = self.engine.config().vocab_size;
+        let eos = self.engine.config().eos_token_ids.clone();
+        let mut finished = Vec::new();
+        for (row, &i) in in_step.iter().enumerate() {
+            let s = &mut self.running[i];
+            if s.kv.len() < s.tokens.len() {
+                continue; // a prompt chunk; more to come
+            }
+            let logits = &mut self.out.logits[row * vocab..(row + 1) * vocab];
+            s.sampler.apply_penalties(logits);
+            let id = s.sampler.sample(logits);
+            sampling::log_softmax(logits, &mut self.logprobs);
+            let top = if s.top_logprobs > 0 {
+                top_k(&self.logprobs, s.top_logprobs)
+            } else {
+                Vec::new()
+            };
+            let now = Instant::now();
+            match s.last_token {
+                None => metrics::histogram!("switchyard_time_to_first_token_seconds")
+                    .record((now - s.arrived).as_secs_f64()),
+                Some(t) => metrics::histogram!("switchyard_inter_token_latency_seconds")
+                    .record((now - t).as_secs_f64()),
+            }
+            s.first_token.get_or_insert(now);
+            s.last_token = Some(now);
+            s.tokens.push(id);
+            metrics::counter!("switchyard_generation_tokens_total").increment(1);
+            let sent = s.send(SeqEvent::Token {
+                id,
+                logprob: self.logprobs[id as usize],
+                top,
+            });
+            let stop = (!s.ignore_eos && eos.contains(&id)) || s.stop_ids.contains(&id);
+            let reason = if stop {
+                Some(FinishReason::Stop)
+            } else if s.generated() >= s.max_tokens || s.tokens.len() >= self.max_len() {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if !sent {
+                // The client went away between iterations.
+                metrics::counter!("switchyard_requests_cancelled_total").increment(1);
+                finished.push((i, None));
+            } else if let Some(r) = reason {
+                finished.push((i, Some(r)));
+            }
+        }
+        for (i, reason) in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.kv.release(&mut s.kv);
+            if let Some(reason) = reason {
+                metrics::histogram!("switchyard_e2e_request_latency_seconds")
+                    .record(s.arrived.elapsed().as_secs_f64());
+                s.send(SeqEvent::Finished {
+                    reason,
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.generated(),
+                });
+            }
+        }
+    }
+
+    fn max_len(&self) -> usize {
+        (self.kv.num_blocks() * self.kv.block_size())
+            .min(self.engine.config().max_position_embeddings)
+    }
+}
+
+/// The `k` largest log-probabilities, descending.
+fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k.saturating_sub(1), |a, b| b.1.total_cmp(&a.1));
+    idx.truncate(k);
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+    idx
+}

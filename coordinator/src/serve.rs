@@ -1,0 +1,160 @@
+//! `switchyard serve`: load the model (embedded or over workers), start the scheduler and serve
+//! the API until stopped, then drain.
+
+use crate::{
+    api::{self, AppState, Limits},
+    counting::{Counting, ExpertCounts},
+    dispatch::{DispatchConfig, RemoteExperts},
+    engine::{Engine, EngineError},
+    scheduler::{self, SchedulerConfig},
+};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use switchyard_cluster::StaticPlacement;
+use switchyard_model::{
+    Checkpoint, Cpu, ExpertExecutor, ExpertSet, LoadProgress, LocalExperts, Mixtral,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Settings of a serving coordinator.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    /// The name clients pass as `model` (default: the folder name).
+    pub served_model_name: Option<String>,
+    pub listen: SocketAddr,
+    pub placement: Option<StaticPlacement>,
+    pub dispatch: DispatchConfig,
+    pub scheduler: SchedulerConfig,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_n: usize,
+    /// How long in-flight requests may run after a stop before they are cancelled.
+    pub shutdown_grace: Duration,
+    /// Written with the bound address once serving.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Model(#[from] switchyard_model::ModelError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A loaded model, ready to serve.
+pub struct Loaded {
+    pub engine: Arc<Engine>,
+    pub remote: Option<Arc<RemoteExperts>>,
+    pub counts: Arc<ExpertCounts>,
+}
+
+/// Loads everything (blocking; call before entering the async runtime).
+pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, ServeError> {
+    let ck = Checkpoint::open(&cfg.model).map_err(EngineError::from)?;
+    let mc = ck.config();
+    let counts = Arc::new(ExpertCounts::new(
+        mc.num_hidden_layers,
+        mc.num_local_experts,
+    ));
+    let (inner, remote): (Arc<dyn ExpertExecutor>, _) = match &cfg.placement {
+        Some(p) => {
+            let r = Arc::new(
+                RemoteExperts::connect(p, mc, &ck.fingerprint(), cfg.dispatch.clone())
+                    .map_err(EngineError::from)?,
+            );
+            progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
+            (r.clone() as Arc<dyn ExpertExecutor>, Some(r))
+        }
+        None => {
+            let all = ExpertSet::all(mc.num_local_experts);
+            progress.start(
+                Mixtral::<Cpu>::bytes_to_load(&ck) + LocalExperts::<Cpu>::bytes_to_load(&ck, &all),
+            );
+            (
+                Arc::new(LocalExperts::load(&Cpu, &ck, &all, progress)?) as Arc<dyn ExpertExecutor>,
+                None,
+            )
+        }
+    };
+    let experts = Arc::new(Counting {
+        inner,
+        counts: counts.clone(),
+    });
+    let engine = Arc::new(Engine::load_with(Cpu, &ck, experts, progress)?);
+    progress.finish();
+    Ok(Loaded {
+        engine,
+        remote,
+        counts,
+    })
+}
+
+/// Serves until `stop`, then stops admitting, gives in-flight requests `shutdown_grace` to finish
+/// and returns.
+pub async fn run(
+    cfg: ServeConfig,
+    loaded: Loaded,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    let Loaded {
+        engine,
+        remote,
+        counts,
+    } = loaded;
+    let metrics = crate::metrics::install().map_err(ServeError::Metrics)?;
+    let sched = scheduler::start(engine.clone(), cfg.scheduler.clone())?;
+    let model_name = cfg.served_model_name.clone().unwrap_or_else(|| {
+        cfg.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let state = Arc::new(AppState {
+        limits: Limits {
+            max_n: cfg.max_n,
+            max_seq_len: sched.max_seq_len,
+            vocab_size: engine.config().vocab_size,
+        },
+        engine,
+        scheduler: sched,
+        model_name: model_name.clone(),
+        api_key: cfg.api_key.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        metrics,
+        remote,
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        expert_counts: counts,
+    });
+    let app =
+        api::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServeError::Bind(cfg.listen, e))?;
+    let addr = listener.local_addr()?;
+    if let Some(p) = &cfg.ready_file {
+        std::fs::write(p, addr.to_string())?;
+    }
+    tracing::info!(%addr, model = %model_name, "serving the OpenAI API");
+    let graceful = stop.clone();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { graceful.cancelled().await });
+    tokio::select! {
+        r = server => r?,
+        () = async { stop.cancelled().await; tokio::time::sleep(cfg.shutdown_grace).await } => {
+            tracing::warn!(grace = ?cfg.shutdown_grace, "in-flight requests did not finish in time; cancelling them");
+        }
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
