@@ -171,7 +171,7 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandl
     let mcfg = engine.config().clone();
     let block_bytes = KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, cfg.block_size);
     let num_blocks = (cfg.kv_cache_bytes / block_bytes).max(1);
-    let max_seq_len = (num_blocks * cfg.block_size).min(mcfg.max_position_embeddings);
+    let max_seq_len = max_seq_len(&mcfg, num_blocks, cfg.block_size);
     let (tx, rx) = mpsc::channel(cfg.max_waiting.max(1));
     let stats = Arc::new(SchedulerStats::default());
     stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
@@ -422,6 +422,13 @@ impl Loop {
             return;
         }
 
+        // Sliding-window models: blocks no future query can see go back to the pool.
+        if let Some(w) = self.engine.config().sliding_window {
+            for &i in &in_step {
+                self.kv.trim_window(&mut self.running[i].kv, w);
+            }
+        }
+
         // Sample for every sequence whose pending tokens are now all in the cache.
         let vocab = self.engine.config().vocab_size;
         let eos = self.engine.config().eos_token_ids.clone();
@@ -488,9 +495,26 @@ impl Loop {
     }
 
     fn max_len(&self) -> usize {
-        (self.kv.num_blocks() * self.kv.block_size())
-            .min(self.engine.config().max_position_embeddings)
+        max_seq_len(
+            self.engine.config(),
+            self.kv.num_blocks(),
+            self.kv.block_size(),
+        )
     }
+}
+
+/// Longest sequence the cache can hold: with a sliding window only the window's blocks (plus the
+/// partly filled ones at either end) are ever live, so the context is the model's own limit.
+fn max_seq_len(
+    cfg: &switchyard_model::MixtralConfig,
+    num_blocks: usize,
+    block_size: usize,
+) -> usize {
+    let by_cache = match cfg.sliding_window {
+        Some(w) if w.div_ceil(block_size) + 2 <= num_blocks => usize::MAX,
+        _ => num_blocks * block_size,
+    };
+    by_cache.min(cfg.max_position_embeddings)
 }
 
 /// The `k` largest log-probabilities, descending.
@@ -505,4 +529,85 @@ fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.truncate(k);
     idx.sort_by(|a, b| b.1.total_cmp(&a.1));
     idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::GenerateRequest;
+    use switchyard_model::{weights::gen, NoProgress};
+
+    #[test]
+    fn sliding_window_sequences_outgrow_the_cache_and_match_full_cache_generation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = gen::GenSpec {
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 64,
+            vocab: 300,
+            sliding_window: Some(8),
+            max_position_embeddings: 256,
+            dtype: switchyard_model::DType::F32,
+            ..gen::GenSpec::default()
+        };
+        gen::generate(&spec, tmp.path(), &|_| {}).unwrap();
+        let engine = Arc::new(Engine::load_embedded(tmp.path(), &NoProgress).unwrap());
+        let prompt: Vec<u32> = vec![1, 40, 41, 42, 43];
+        let mut want = Vec::new();
+        let req = GenerateRequest {
+            prompt: prompt.clone(),
+            max_tokens: 150,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            ignore_eos: true,
+        };
+        engine
+            .generate(&req, |e| {
+                want.push(e.id);
+                true
+            })
+            .unwrap();
+
+        // Room for 6 blocks of 16 positions: far less than the 155 positions generated.
+        let mcfg = engine.config().clone();
+        let cfg = SchedulerConfig {
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, 16),
+            ..SchedulerConfig::default()
+        };
+        let handle = start(engine, cfg).unwrap();
+        assert_eq!(handle.max_seq_len, 256);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        handle
+            .submit(SeqRequest {
+                prompt,
+                max_tokens: 150,
+                sampling: SamplingParams::default(),
+                stop_ids: vec![],
+                ignore_eos: true,
+                top_logprobs: 0,
+                index: 0,
+                events: tx,
+                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            })
+            .unwrap();
+        let mut got = Vec::new();
+        loop {
+            match rx.blocking_recv().unwrap().1 {
+                SeqEvent::Token { id, .. } => got.push(id),
+                SeqEvent::Finished {
+                    reason,
+                    completion_tokens,
+                    ..
+                } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    assert_eq!(completion_tokens, 150);
+                    break;
+                }
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(got, want);
+    }
 }

@@ -17,6 +17,9 @@ pub struct KvCache<B: Backend> {
     free: Vec<u32>,
 }
 
+/// A block-table entry whose block was freed because it fell outside the sliding window.
+pub const FREED: u32 = u32::MAX;
+
 /// One sequence's view of the cache: its block table and how many positions are filled.
 #[derive(Clone, Debug, Default)]
 pub struct SeqKv {
@@ -100,8 +103,27 @@ impl<B: Backend> KvCache<B> {
 
     /// Returns all of `seq`'s blocks to the free list.
     pub fn release(&mut self, seq: &mut SeqKv) {
-        self.free.append(&mut seq.blocks);
+        self.free
+            .extend(seq.blocks.drain(..).filter(|&b| b != FREED));
         seq.len = 0;
+    }
+
+    /// With a sliding window of `window` keys, frees the blocks no future query can see: the next
+    /// query sits at position `seq.len()` and attends to keys from `seq.len() + 1 - window` on.
+    /// Table entries stay (as [`FREED`]) so later positions keep their logical block index.
+    /// Returns the number of blocks freed.
+    pub fn trim_window(&mut self, seq: &mut SeqKv, window: usize) -> usize {
+        let first_visible = (seq.len + 1).saturating_sub(window);
+        let dead = first_visible / self.block_size;
+        let mut freed = 0;
+        for b in seq.blocks.iter_mut().take(dead) {
+            if *b != FREED {
+                self.free.push(*b);
+                *b = FREED;
+                freed += 1;
+            }
+        }
+        freed
     }
 
     /// Free blocks.
@@ -164,5 +186,20 @@ mod tests {
         assert_eq!(kv.free_blocks(), 3);
         kv.reserve(&mut b, 9).unwrap();
         assert_eq!(kv.free_blocks(), 0);
+    }
+
+    #[test]
+    fn trim_window_frees_only_blocks_no_query_can_see() {
+        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 8).unwrap();
+        let mut s = SeqKv::default();
+        kv.reserve(&mut s, 13).unwrap();
+        s.set_len(13);
+        // Next query at 13 sees keys 8..=13 with a window of 6: blocks 0 and 1 (positions 0..8) go.
+        assert_eq!(kv.trim_window(&mut s, 6), 2);
+        assert_eq!(s.blocks()[..2], [FREED, FREED]);
+        assert_eq!(kv.trim_window(&mut s, 6), 0, "idempotent");
+        assert_eq!(kv.free_blocks(), 8 - 4 + 2);
+        kv.release(&mut s);
+        assert_eq!(kv.free_blocks(), 8);
     }
 }

@@ -27,7 +27,7 @@ pub use config::MixtralConfig;
 pub use error::{ModelError, Result};
 pub use executor::{combine, ExpertExecutor, LocalExperts};
 pub use ids::{ExpertId, ExpertSet, LayerId};
-pub use kv_cache::{KvCache, SeqKv, DEFAULT_BLOCK_SIZE};
+pub use kv_cache::{KvCache, SeqKv, DEFAULT_BLOCK_SIZE, FREED};
 pub use model::{Logits, Mixtral, SeqStep, StepOutput, StepScratch};
 pub use moe::RoutePlan;
 pub use sampling::{Sampler, SamplingParams};

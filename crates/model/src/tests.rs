@@ -896,3 +896,47 @@ fn fingerprints_tell_checkpoints_apart() {
     );
     assert_ne!(f1, f2, "same shape, different weights");
 }
+
+#[test]
+fn sliding_window_decoding_with_freed_blocks_equals_full_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    generate(
+        &GenSpec {
+            sliding_window: Some(6),
+            ..small_spec()
+        },
+        tmp.path(),
+        &|_| {},
+    )
+    .unwrap();
+    let rig = Rig::open(tmp.path());
+    let ids: Vec<u32> = (0..30u32).map(|i| 5 + (i * 13) % 250).collect();
+    let (full, _) = rig.forward(&ids);
+    // Token by token through a cache that frees blocks outside the window after every step.
+    let mut kv = KvCache::new(&Cpu, rig.ck.config(), 4, 16).unwrap();
+    let mut seq = SeqKv::default();
+    let mut scratch = StepScratch::new(&Cpu).unwrap();
+    let mut out = StepOutput::new(Logits::All);
+    let mut freed = 0;
+    let vocab = small_spec().vocab;
+    for (p, t) in ids.iter().enumerate() {
+        let mut steps = [SeqStep {
+            tokens: std::slice::from_ref(t),
+            kv: &mut seq,
+        }];
+        rig.model
+            .step(&mut steps, &mut kv, &rig.experts, &mut scratch, &mut out)
+            .unwrap();
+        let d = max_abs(
+            &out.logits,
+            full[p * vocab..(p + 1) * vocab].iter().map(|&v| v as f64),
+        );
+        assert!(d < 1e-4, "position {p}: off by {d}");
+        freed += kv.trim_window(&mut seq, 6);
+    }
+    assert!(freed >= 5, "blocks outside the window were freed ({freed})");
+    assert!(
+        kv.num_blocks() - kv.free_blocks() <= 3,
+        "at most the window's blocks stay in use"
+    );
+}
