@@ -100,6 +100,8 @@ pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// Sequences preempted (freed and queued for recompute) since start.
+    pub preemptions: AtomicUsize,
 }
 
 /// The submitting side of the scheduler.
@@ -311,6 +313,7 @@ impl Loop {
         let mut s = self.running.remove(idx);
         self.kv.release(&mut s.kv);
         metrics::counter!("switchyard_preemptions_total").increment(1);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             tokens = s.tokens.len(),
             "preempted a sequence for recompute"
@@ -609,5 +612,81 @@ mod tests {
             }
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn preempted_sequences_are_recomputed_and_finish_with_the_same_output() {
+        let dir = std::env::var_os("SWITCHYARD_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+            });
+        let engine =
+            Arc::new(Engine::load_embedded(&dir.join("tiny-mixtral"), &NoProgress).unwrap());
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 10, 11], vec![1, 20, 21, 22], vec![1, 30]];
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut ids = Vec::new();
+                let req = GenerateRequest {
+                    prompt: p.clone(),
+                    max_tokens: 60,
+                    sampling: SamplingParams::default(),
+                    stop_ids: vec![],
+                    ignore_eos: true,
+                };
+                engine
+                    .generate(&req, |e| {
+                        ids.push(e.id);
+                        true
+                    })
+                    .unwrap();
+                ids
+            })
+            .collect();
+        // 6 blocks of 16 positions for three sequences of ~63 positions each.
+        let mcfg = engine.config().clone();
+        let cfg = SchedulerConfig {
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, 16),
+            ..SchedulerConfig::default()
+        };
+        let handle = start(engine, cfg).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for (index, p) in prompts.iter().enumerate() {
+            handle
+                .submit(SeqRequest {
+                    prompt: p.clone(),
+                    max_tokens: 60,
+                    sampling: SamplingParams::default(),
+                    stop_ids: vec![],
+                    ignore_eos: true,
+                    top_logprobs: 0,
+                    index,
+                    events: tx.clone(),
+                    cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                })
+                .unwrap();
+        }
+        drop(tx);
+        let mut got = vec![Vec::new(); 3];
+        let mut done = 0;
+        while done < 3 {
+            let (i, ev) = rx.blocking_recv().unwrap();
+            match ev {
+                SeqEvent::Token { id, .. } => got[i].push(id),
+                SeqEvent::Finished { .. } => done += 1,
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(got, want);
+        assert!(
+            handle.stats.preemptions.load(Ordering::Relaxed) > 0,
+            "the cache was too small not to preempt"
+        );
+        assert_eq!(
+            handle.stats.kv_blocks_used.load(Ordering::Relaxed),
+            0,
+            "every block returned"
+        );
     }
 }
