@@ -213,6 +213,22 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let max_len = state.limits.max_seq_len;
     for p in &prompts {
+        // A tokenizer may know more tokens than the model has rows for, or encode to nothing.
+        if p.is_empty() {
+            return Err(ApiError::invalid(
+                "the prompt encodes to no tokens",
+                Some("prompt"),
+            ));
+        }
+        if let Some(t) = p.iter().find(|&&t| t as usize >= state.limits.vocab_size) {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt contains token {t}, outside the model's vocabulary of {}",
+                    state.limits.vocab_size
+                ),
+                Some("prompt"),
+            ));
+        }
         let want = v.max_tokens.unwrap_or(1);
         if p.len() + want > max_len {
             return Err(ApiError::invalid(
