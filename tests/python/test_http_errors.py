@@ -167,7 +167,8 @@ def test_client_disconnect_cancels_the_sequence(make_server):
     sock.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if metric(s.addr, "switchyard_requests_cancelled_total") >= 1 and metric(s.addr, "switchyard_num_requests_running") == 0:
+        if (metric(s.addr, "switchyard_requests_cancelled_total") >= 1 and metric(s.addr, "switchyard_num_requests_running") == 0
+                and metric(s.addr, "switchyard_kv_cache_usage_perc") == 0):
             break
         time.sleep(0.1)
     assert metric(s.addr, "switchyard_requests_cancelled_total") >= 1
