@@ -683,6 +683,13 @@ mod tests {
             handle.stats.preemptions.load(Ordering::Relaxed) > 0,
             "the cache was too small not to preempt"
         );
+        // Stats are published at the end of the iteration that sent the last event.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while handle.stats.kv_blocks_used.load(Ordering::Relaxed) != 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(
             handle.stats.kv_blocks_used.load(Ordering::Relaxed),
             0,
