@@ -184,38 +184,38 @@ fn cli_errors_are_clear_and_not_panics() {
     }
 }
 
+/// One small sharded, windowed shape, written twice to check gen-model is deterministic.
+const GEN_ARGS: &[&str] = &[
+    "--hidden",
+    "48",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--experts",
+    "8",
+    "--intermediate",
+    "64",
+    "--vocab",
+    "300",
+    "--shards",
+    "3",
+    "--dtype",
+    "bf16",
+    "--sliding-window",
+    "4",
+    "--seed",
+    "5",
+];
+
 #[test]
 fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
     let o = out.to_str().unwrap();
-    run_ok(&[
-        "gen-model",
-        "--out",
-        o,
-        "--hidden",
-        "48",
-        "--layers",
-        "2",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--experts",
-        "8",
-        "--intermediate",
-        "64",
-        "--vocab",
-        "300",
-        "--shards",
-        "3",
-        "--dtype",
-        "bf16",
-        "--sliding-window",
-        "4",
-        "--seed",
-        "5",
-    ]);
+    run_ok(&[&["gen-model", "--out", o], GEN_ARGS].concat());
     assert!(out.join("model.safetensors.index.json").exists());
     assert!(out.join("model-00003-of-00003.safetensors").exists());
     let cfg: Value =
@@ -236,33 +236,7 @@ fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
     assert_eq!(json["experts"].as_array().unwrap().len(), 2);
     // Same seed, same weights: a second generation is byte-identical.
     let again = tmp.path().join("m2");
-    run_ok(&[
-        "gen-model",
-        "--out",
-        again.to_str().unwrap(),
-        "--hidden",
-        "48",
-        "--layers",
-        "2",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--experts",
-        "8",
-        "--intermediate",
-        "64",
-        "--vocab",
-        "300",
-        "--shards",
-        "3",
-        "--dtype",
-        "bf16",
-        "--sliding-window",
-        "4",
-        "--seed",
-        "5",
-    ]);
+    run_ok(&[&["gen-model", "--out", again.to_str().unwrap()], GEN_ARGS].concat());
     for f in [
         "model-00001-of-00003.safetensors",
         "model-00003-of-00003.safetensors",
