@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Installs what building and testing switchyard needs on a fresh Debian machine, and nothing
 # that is already there. Safe to run again.
-#   - protoc (Debian's protobuf-compiler): tonic's and etcd-client's code generation run it at build time.
+#   - protoc (Debian's protobuf-compiler) and protobuf's well-known .proto files (libprotobuf-dev):
+#     tonic's and etcd-client's code generation run it at build time.
+#   - etcd (Debian's etcd-server): the live-membership tests run a real one.
 set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# etcd-client's protos import protobuf's well-known types (descriptor.proto), from libprotobuf-dev.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || [ -n "${PROTOC_INCLUDE:-}" ] || need+=(libprotobuf-dev)
+# etcd (Debian's etcd-server): the membership tests start a real one on a loopback port.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

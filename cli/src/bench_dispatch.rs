@@ -7,7 +7,6 @@ use std::{
     io::Write,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 use switchyard_cluster::StaticPlacement;
@@ -134,21 +133,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let (mut total, mut over, mut comp, mut loc) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..a.iters + 10 {
-            let before: Vec<u64> = remote
-                .stats()
-                .workers
-                .iter()
-                .map(|w| w.compute_micros.load(Ordering::Relaxed))
-                .collect();
+            let before: Vec<u64> = remote.snapshot().iter().map(|w| w.compute_micros).collect();
             let s = Instant::now();
             remote.run(layer, &x, &plan, &mut out)?;
             let us = s.elapsed().as_secs_f64() * 1e6;
             let max_compute = remote
-                .stats()
-                .workers
+                .snapshot()
                 .iter()
                 .zip(&before)
-                .map(|(w, b)| w.compute_micros.load(Ordering::Relaxed) - b)
+                .map(|(w, b)| w.compute_micros - b)
                 .max()
                 .unwrap_or(0) as f64;
             let s = Instant::now();

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use std::{path::Path, path::PathBuf, time::Duration};
-use switchyard_cluster::StaticPlacement;
+use switchyard_cluster::{RegistryConfig, StaticPlacement};
 use switchyard_coordinator::{dispatch::DispatchConfig, Engine};
 use switchyard_wire::WireDType;
 
@@ -11,39 +11,71 @@ pub struct ClusterArgs {
     /// Expert workers as host:port=experts, comma-separated (e.g.
     /// 127.0.0.1:7001=0-3,127.0.0.1:7002=4-7). Without it or --placement, every expert runs in
     /// this process (embedded mode).
-    #[arg(long, env = "SWITCHYARD_WORKERS", conflicts_with = "placement")]
+    #[arg(long, env = "SWITCHYARD_WORKERS", conflicts_with_all = ["placement", "etcd"])]
     pub workers: Option<String>,
     /// A placement file: {"workers": [{"addr": "host:port", "experts": "0-3"}, ...]}.
-    #[arg(long, env = "SWITCHYARD_PLACEMENT")]
+    #[arg(long, env = "SWITCHYARD_PLACEMENT", conflicts_with = "etcd")]
     pub placement: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Activation dtype on the wire: f32 (bit-exact with embedded mode) or bf16 (half the bytes).
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32")]
     pub wire_dtype: WireDType,
     /// Deadline of one expert batch call.
     #[arg(long, env = "SWITCHYARD_RPC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub rpc_timeout: Duration,
+    /// How long a request whose expert has no live worker waits for one to (re)appear before
+    /// it fails (503 from the API).
+    #[arg(long, env = "SWITCHYARD_EXPERT_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub expert_wait: Duration,
+}
+
+/// etcd membership, shared by workers, coordinators and `cluster status`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RegistryArgs {
+    /// etcd endpoints, comma-separated (host:port or URL). Workers register there; coordinators
+    /// watch it instead of taking --workers.
+    #[arg(long, env = "SWITCHYARD_ETCD")]
+    pub etcd: Option<String>,
+    /// Cluster name: the key prefix /switchyard/NAME/ in etcd.
+    #[arg(long, env = "SWITCHYARD_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// A member's record disappears this long after it stops renewing it (crash, partition).
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+}
+
+impl RegistryArgs {
+    pub fn config(&self) -> anyhow::Result<Option<RegistryConfig>> {
+        self.etcd
+            .as_deref()
+            .map(|e| RegistryConfig::new(e, &self.cluster, self.lease_ttl))
+            .transpose()
+            .map_err(Into::into)
+    }
 }
 
 /// An engine and, in cluster mode, its dispatcher (for statistics).
 pub struct Loaded {
     pub engine: Engine,
     pub remote: Option<std::sync::Arc<switchyard_coordinator::dispatch::RemoteExperts>>,
+    /// The registry watcher, in etcd mode (runs while this lives).
+    pub _membership: Option<switchyard_coordinator::membership::Membership>,
 }
 
 impl Loaded {
     /// Logs per-worker dispatch counters (cluster mode only).
     pub fn log_dispatch_stats(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         let Some(remote) = &self.remote else { return };
-        for (id, st) in remote.workers().iter().zip(&remote.stats().workers) {
-            let calls = st.calls.load(Relaxed).max(1);
+        for st in remote.snapshot() {
+            let calls = st.calls.max(1);
             tracing::info!(
-                worker = %id,
-                calls = st.calls.load(Relaxed),
-                failures = st.failures.load(Relaxed),
-                rows = st.rows.load(Relaxed),
-                mean_latency_us = st.latency_micros.load(Relaxed) / calls,
-                mean_compute_us = st.compute_micros.load(Relaxed) / calls,
+                worker = %st.id,
+                calls = st.calls,
+                failures = st.failures,
+                rows = st.rows,
+                mean_latency_us = st.latency_micros / calls,
+                mean_compute_us = st.compute_micros / calls,
                 "dispatch"
             );
         }
@@ -60,10 +92,25 @@ impl ClusterArgs {
         })
     }
 
+    /// Live membership settings, with `--etcd`.
+    pub fn membership(
+        &self,
+        planner: Option<switchyard_coordinator::membership::PlannerConfig>,
+    ) -> anyhow::Result<Option<switchyard_coordinator::membership::MembershipConfig>> {
+        Ok(self.registry.config()?.map(|registry| {
+            switchyard_coordinator::membership::MembershipConfig {
+                registry,
+                name: coordinator_name(),
+                planner,
+            }
+        }))
+    }
+
     pub fn dispatch_config(&self) -> DispatchConfig {
         DispatchConfig {
             wire_dtype: self.wire_dtype,
             rpc_timeout: self.rpc_timeout,
+            expert_wait: self.expert_wait,
             ..DispatchConfig::default()
         }
     }
@@ -71,11 +118,27 @@ impl ClusterArgs {
     /// Loads `model` embedded or against the placement's workers.
     pub fn load(&self, model: &Path) -> anyhow::Result<Loaded> {
         let bar = crate::progress::Bar::new("loading");
+        if let Some(m) = self.membership(None)? {
+            let (engine, remote, membership) = Engine::load_registry(
+                model,
+                m,
+                self.dispatch_config(),
+                Duration::from_secs(60),
+                &bar,
+            )
+            .with_context(|| format!("loading {} over the etcd cluster", model.display()))?;
+            return Ok(Loaded {
+                engine,
+                remote: Some(remote),
+                _membership: Some(membership),
+            });
+        }
         match self.placement()? {
             None => Ok(Loaded {
                 engine: Engine::load_embedded(model, &bar)
                     .with_context(|| format!("loading {}", model.display()))?,
                 remote: None,
+                _membership: None,
             }),
             Some(p) => {
                 let (engine, remote) =
@@ -91,8 +154,20 @@ impl ClusterArgs {
                 Ok(Loaded {
                     engine,
                     remote: Some(remote),
+                    _membership: None,
                 })
             }
         }
     }
+}
+
+/// This process's name in the registry: host name and process id.
+fn coordinator_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "coordinator".into());
+    format!("{host}-{}", std::process::id())
 }

@@ -48,6 +48,10 @@ pub struct Args {
     /// byte-level tokenizer).
     #[arg(long)]
     tokenizer_from: Option<PathBuf>,
+    /// Experts every token prefers in every layer, e.g. 0,1: a skewed load for testing the
+    /// planner's rebalancing.
+    #[arg(long, value_delimiter = ',')]
+    hot_experts: Vec<usize>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -69,6 +73,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         shards: a.shards,
         seed: a.seed,
         tokenizer_from: a.tokenizer_from,
+        hot_experts: a.hot_experts,
     };
     let bar = crate::progress::Bar::new("writing");
     bar.start(spec.weight_bytes());

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_dispatch;
 mod cluster;
+mod cluster_status;
 mod forward;
 mod gen_model;
 mod generate;
@@ -44,6 +45,9 @@ enum Cmd {
     BenchDispatch(bench_dispatch::Args),
     /// Host a subset of every layer's experts and serve expert batches over gRPC.
     Worker(worker::Args),
+    /// Inspect a cluster registered in etcd.
+    #[command(subcommand)]
+    Cluster(cluster_status::Cmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Worker(a) => worker::run(a),
         Cmd::BenchDispatch(a) => bench_dispatch::run(a),
+        Cmd::Cluster(c) => cluster_status::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

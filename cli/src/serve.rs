@@ -3,6 +3,7 @@
 use anyhow::Context;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use switchyard_coordinator::{
+    membership::PlannerConfig,
     scheduler::SchedulerConfig,
     serve::{self, ServeConfig},
 };
@@ -49,6 +50,18 @@ pub struct Args {
     /// Write the bound address to this file once serving.
     #[arg(long, env = "SWITCHYARD_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// With --etcd: do not campaign to run the placement planner.
+    #[arg(long, env = "SWITCHYARD_NO_PLANNER")]
+    no_planner: bool,
+    /// Planner: replicas of every expert across managed workers.
+    #[arg(long, env = "SWITCHYARD_REPLICATION", default_value_t = 1)]
+    replication: usize,
+    /// Planner: extra replicas handed to the most loaded experts.
+    #[arg(long, env = "SWITCHYARD_HOT_REPLICAS", default_value_t = 2)]
+    hot_replicas: usize,
+    /// Planner: how often the measured load is reconsidered.
+    #[arg(long, env = "SWITCHYARD_REBALANCE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    rebalance_interval: Duration,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -57,6 +70,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         served_model_name: a.served_model_name,
         listen: SocketAddr::new(a.host, a.port),
         placement: a.cluster.placement()?,
+        membership: a
+            .cluster
+            .membership((!a.no_planner).then(|| PlannerConfig {
+                replication: a.replication.max(1),
+                hot_replicas: a.hot_replicas,
+                interval: a.rebalance_interval.max(Duration::from_secs(1)),
+                ..PlannerConfig::default()
+            }))?,
         dispatch: a.cluster.dispatch_config(),
         scheduler: SchedulerConfig {
             max_batch_tokens: a.max_batch_tokens.max(1),

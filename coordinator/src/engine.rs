@@ -111,6 +111,44 @@ impl Engine<Cpu> {
     }
 }
 
+impl Engine<Cpu> {
+    /// Cluster mode with live membership: dense weights here, experts on whichever workers are
+    /// registered in etcd. Waits up to `wait` for every expert to have a host (requests that
+    /// need a missing one wait for it anyway, up to the dispatcher's `expert_wait`).
+    pub fn load_registry(
+        dir: &Path,
+        membership: crate::membership::MembershipConfig,
+        dispatch: crate::dispatch::DispatchConfig,
+        wait: std::time::Duration,
+        progress: &dyn LoadProgress,
+    ) -> Result<
+        (
+            Self,
+            Arc<crate::dispatch::RemoteExperts>,
+            crate::membership::Membership,
+        ),
+        EngineError,
+    > {
+        let ck = Checkpoint::open(dir)?;
+        let remote = Arc::new(crate::dispatch::RemoteExperts::empty(
+            ck.config(),
+            &ck.fingerprint(),
+            dispatch,
+        )?);
+        let m = crate::membership::Membership::start(membership, remote.clone(), None).map_err(
+            |e| EngineError::Invalid(format!("cannot start the membership thread: {e}")),
+        )?;
+        progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
+        let engine = Self::load_with(Cpu, &ck, remote.clone(), progress)?;
+        progress.finish();
+        if !remote.wait_for_coverage(wait) {
+            let (l, e) = remote.first_unreachable_expert().unwrap_or((0, 0));
+            tracing::warn!(layer = l, expert = e, waited = ?wait, "not every expert has a registered host yet");
+        }
+        Ok((engine, remote, m))
+    }
+}
+
 impl<B: Backend> Engine<B> {
     /// Loads the dense weights and tokenizer from `ck` and uses `experts` for the MoE blocks.
     pub fn load_with(

@@ -9,6 +9,7 @@ pub mod api;
 pub mod counting;
 pub mod dispatch;
 pub mod engine;
+pub mod membership;
 pub mod metrics;
 pub mod scheduler;
 pub mod serve;

@@ -54,27 +54,39 @@ pub fn append_cluster_metrics(text: &mut String, s: &AppState) {
             text,
             "# TYPE switchyard_worker_dispatch_latency_seconds summary"
         );
-        for (id, w) in r.workers().iter().zip(&r.stats().workers) {
+        let workers = r.snapshot();
+        for w in &workers {
+            let id = &w.id;
             let _ = writeln!(
                 text,
                 "switchyard_worker_dispatch_latency_seconds_sum{{worker=\"{id}\"}} {}",
-                w.latency_micros.load(Relaxed) as f64 / 1e6
+                w.latency_micros as f64 / 1e6
             );
             let _ = writeln!(
                 text,
                 "switchyard_worker_dispatch_latency_seconds_count{{worker=\"{id}\"}} {}",
-                w.calls.load(Relaxed)
+                w.calls
             );
         }
         let _ = writeln!(
             text,
             "# TYPE switchyard_worker_dispatch_failures_total counter"
         );
-        for (id, w) in r.workers().iter().zip(&r.stats().workers) {
+        for w in &workers {
             let _ = writeln!(
                 text,
-                "switchyard_worker_dispatch_failures_total{{worker=\"{id}\"}} {}",
-                w.failures.load(Relaxed)
+                "switchyard_worker_dispatch_failures_total{{worker=\"{}\"}} {}",
+                w.id, w.failures
+            );
+        }
+        let _ = writeln!(text, "# HELP switchyard_worker_up Whether the worker is in routing (1) or in failure back-off (0).");
+        let _ = writeln!(text, "# TYPE switchyard_worker_up gauge");
+        for w in &workers {
+            let _ = writeln!(
+                text,
+                "switchyard_worker_up{{worker=\"{}\"}} {}",
+                w.id,
+                u8::from(w.up)
             );
         }
     }

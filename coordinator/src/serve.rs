@@ -6,6 +6,7 @@ use crate::{
     counting::{Counting, ExpertCounts},
     dispatch::{DispatchConfig, RemoteExperts},
     engine::{Engine, EngineError},
+    membership::{Membership, MembershipConfig},
     scheduler::{self, SchedulerConfig},
 };
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -23,6 +24,8 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     pub listen: SocketAddr,
     pub placement: Option<StaticPlacement>,
+    /// Live membership from etcd (instead of `placement`).
+    pub membership: Option<MembershipConfig>,
     pub dispatch: DispatchConfig,
     pub scheduler: SchedulerConfig,
     pub api_key: Option<String>,
@@ -54,6 +57,8 @@ pub struct Loaded {
     pub engine: Arc<Engine>,
     pub remote: Option<Arc<RemoteExperts>>,
     pub counts: Arc<ExpertCounts>,
+    /// The registry watcher (and planner), running while this lives.
+    pub membership: Option<Membership>,
 }
 
 /// Loads everything (blocking; call before entering the async runtime).
@@ -64,8 +69,25 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
         mc.num_hidden_layers,
         mc.num_local_experts,
     ));
-    let (inner, remote): (Arc<dyn ExpertExecutor>, _) = match &cfg.placement {
-        Some(p) => {
+    let mut membership = None;
+    let (inner, remote): (Arc<dyn ExpertExecutor>, _) = match (&cfg.placement, &cfg.membership) {
+        (_, Some(m)) => {
+            let r = Arc::new(
+                RemoteExperts::empty(mc, &ck.fingerprint(), cfg.dispatch.clone())
+                    .map_err(EngineError::from)?,
+            );
+            let started = Membership::start(m.clone(), r.clone(), Some(counts.clone()))?;
+            // Serving starts either way; /ready says when every expert has a host.
+            if started.wait_synced(std::time::Duration::from_secs(5)) {
+                r.wait_for_coverage(std::time::Duration::from_secs(5));
+            } else {
+                tracing::warn!("etcd has not answered yet; serving, and waiting for workers");
+            }
+            membership = Some(started);
+            progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
+            (r.clone() as Arc<dyn ExpertExecutor>, Some(r))
+        }
+        (Some(p), None) => {
             let r = Arc::new(
                 RemoteExperts::connect(p, mc, &ck.fingerprint(), cfg.dispatch.clone())
                     .map_err(EngineError::from)?,
@@ -73,7 +95,7 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
             progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
             (r.clone() as Arc<dyn ExpertExecutor>, Some(r))
         }
-        None => {
+        (None, None) => {
             let all = ExpertSet::all(mc.num_local_experts);
             progress.start(
                 Mixtral::<Cpu>::bytes_to_load(&ck) + LocalExperts::<Cpu>::bytes_to_load(&ck, &all),
@@ -94,6 +116,7 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
         engine,
         remote,
         counts,
+        membership,
     })
 }
 
@@ -108,6 +131,7 @@ pub async fn run(
         engine,
         remote,
         counts,
+        membership: _membership,
     } = loaded;
     let metrics = crate::metrics::install().map_err(ServeError::Metrics)?;
     let sched = scheduler::start(engine.clone(), cfg.scheduler.clone())?;

@@ -178,7 +178,7 @@ def test_client_disconnect_cancels_the_sequence(make_server):
 
 def test_lost_workers_answer_503(make_server, make_worker):
     a, b = make_worker("0-3"), make_worker("4-7")
-    s = make_server("--workers", f"{a.addr}=0-3,{b.addr}=4-7", "--rpc-timeout", "5s")
+    s = make_server("--workers", f"{a.addr}=0-3,{b.addr}=4-7", "--rpc-timeout", "5s", "--expert-wait", "1s")
     body = {"model": M, "prompt": "Return the number of items", "max_tokens": 5}
     assert request(s.addr, "POST", CMPL, body)[0] == 200
     assert request(s.addr, "GET", "/ready")[0] == 200

@@ -72,17 +72,23 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker hosting `experts` of `model` and waits (up to 60 s) until it serves.
     pub fn start(model: &Path, experts: &str) -> Self {
+        Self::start_with(model, &["--experts", experts])
+    }
+
+    /// Starts a worker of `model` with extra arguments and waits (up to 60 s) until it serves.
+    pub fn start_with(model: &Path, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ready = dir.path().join("ready");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
         let child = Command::new(bin())
-            .args(["worker", "--listen", "127.0.0.1:0", "--experts", experts])
+            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(args)
             .arg("--model")
             .arg(model)
             .arg("--ready-file")
             .arg(&ready)
             .env("SWITCHYARD_THREADS", "1")
-            .env("SWITCHYARD_LOG", "warn")
+            .env("SWITCHYARD_LOG", "info")
             .stderr(log)
             .spawn()
             .expect("worker starts");
@@ -95,6 +101,12 @@ impl Worker {
             addr,
             _dir: dir,
         }
+    }
+
+    /// The worker's log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("log")).unwrap_or_default()
     }
 
     /// SIGKILL, as a crash would.
@@ -144,4 +156,215 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A free loopback port (bound, then released: a small race other tests do not hit).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A real single-member etcd (Debian's `etcd-server`, installed by `scripts/setup.sh`) on free
+/// loopback ports with its data in a temp dir; killed when dropped.
+pub struct Etcd {
+    proc: Option<Proc>,
+    pub endpoint: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut e = Self {
+            proc: None,
+            endpoint: String::new(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+        };
+        e.endpoint = format!("127.0.0.1:{}", e.client_port);
+        e.restart();
+        e
+    }
+
+    /// (Re)starts etcd on the same ports and data, and waits until it answers.
+    pub fn restart(&mut self) {
+        let bin = std::env::var_os("SWITCHYARD_ETCD_BIN").unwrap_or_else(|| "etcd".into());
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log"))
+            .expect("log file");
+        let child = Command::new(&bin)
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--name", "default"])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin:?} ({e}): run scripts/setup.sh, which installs etcd-server"
+                )
+            });
+        self.proc = Some(Proc(child));
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(mut r) = ureq::get(&format!("{client}/health")).call() {
+                if r.body_mut()
+                    .read_to_string()
+                    .unwrap_or_default()
+                    .contains("true")
+                {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "etcd did not become healthy: {}",
+                std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL (an outage).
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+}
+
+/// A `switchyard serve` on a free loopback port, killed when dropped.
+pub struct Server {
+    pub proc: Proc,
+    /// `127.0.0.1:port`
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Serves `model` with extra arguments and waits (up to 60 s) until it listens.
+    pub fn start(model: &Path, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ready = dir.path().join("ready");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg(model)
+            .args(["--port", "0", "--ready-file"])
+            .arg(&ready)
+            .args(args)
+            .env("SWITCHYARD_THREADS", "2")
+            .env(
+                "SWITCHYARD_LOG",
+                std::env::var("SWITCHYARD_TEST_SERVER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(log)
+            .spawn()
+            .expect("server starts");
+        let proc = Proc(child);
+        let addr = wait_for_file(&ready, std::time::Duration::from_secs(60), || {
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        });
+        Self { proc, addr, dir }
+    }
+
+    /// The server's log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// GET `path`: (status, body).
+    #[must_use]
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut r = agent()
+            .get(&format!("http://{}{path}", self.addr))
+            .call()
+            .expect("GET answers");
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// POST a JSON body to `path`: (status, body).
+    #[must_use]
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
+        let mut r = agent()
+            .post(&format!("http://{}{path}", self.addr))
+            .send_json(body)
+            .expect("POST answers");
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// A streamed completion: (status, concatenated text, whether `[DONE]` arrived, error
+    /// events). `on_first` runs once the first token arrives.
+    #[must_use]
+    pub fn stream(
+        &self,
+        body: &serde_json::Value,
+        on_first: impl FnOnce(),
+    ) -> (u16, String, bool, Vec<String>) {
+        use std::io::BufRead;
+        let mut body = body.clone();
+        body["stream"] = serde_json::Value::Bool(true);
+        let r = agent()
+            .post(&format!("http://{}/v1/completions", self.addr))
+            .send_json(&body)
+            .expect("POST answers");
+        let status = r.status().as_u16();
+        let reader = std::io::BufReader::new(r.into_body().into_reader());
+        let (mut text, mut done, mut errors) = (String::new(), false, Vec::new());
+        let mut on_first = Some(on_first);
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            if v.get("error").is_some() {
+                errors.push(v["error"].to_string());
+                continue;
+            }
+            if let Some(t) = v["choices"][0]["text"].as_str() {
+                text.push_str(t);
+                if let Some(f) = on_first.take() {
+                    f();
+                }
+            }
+        }
+        (status, text, done, errors)
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(120)))
+        .build()
+        .into()
 }

@@ -213,6 +213,8 @@ fn generate_and_kill(
             spec,
             "--rpc-timeout",
             "5s",
+            "--expert-wait",
+            "1s",
         ])
         .env("SWITCHYARD_THREADS", "1")
         .env("SWITCHYARD_LOG", "warn")
@@ -259,7 +261,7 @@ fn killing_a_replicated_worker_mid_run_changes_nothing() {
     let (ok, out, err) = generate_and_kill(&model, &spec, &mut b, "300");
     assert!(ok, "{err}");
     assert!(
-        err.contains("retrying on replicas"),
+        err.contains("sending it to other hosts"),
         "the kill should have hit a batch in flight or the next one: {err}"
     );
     assert_eq!(out, want, "output with a failure equals output without");
@@ -311,6 +313,7 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
     .unwrap();
     let cfg = DispatchConfig {
         rpc_timeout: Duration::from_secs(5),
+        expert_wait: Duration::from_secs(1),
         ..DispatchConfig::default()
     };
     let (engine, _remote) =

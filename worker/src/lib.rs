@@ -6,9 +6,11 @@
 //! serve → on stop: health NOT_SERVING, refuse new batches, finish in-flight ones → exit.
 
 mod error;
+mod membership;
 mod service;
 
 pub use error::WorkerError;
+pub use membership::Membership;
 pub use service::ExpertServer;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -33,6 +35,8 @@ pub struct WorkerConfig {
     pub ready_file: Option<PathBuf>,
     /// How long in-flight batches may take to finish after a stop.
     pub shutdown_grace: Duration,
+    /// Registers in etcd (and, without `experts`, follows the planner's assignment).
+    pub membership: Option<Membership>,
 }
 
 /// Loads the hosted experts (reporting progress) and returns the service, ready to serve.
@@ -40,11 +44,14 @@ pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertSer
     cfg.device.check_available()?;
     let ck = Checkpoint::open(&cfg.model)?;
     let n = ck.config().num_local_experts;
+    let managed = cfg.membership.as_ref().is_some_and(|m| m.managed);
     let hosted = match &cfg.experts {
         Some(spec) => ExpertSet::parse(spec, n)?,
+        // A managed worker starts empty and loads what the planner assigns it.
+        None if managed => ExpertSet::from_indices(n, []),
         None => ExpertSet::all(n),
     };
-    if hosted.is_empty() {
+    if hosted.is_empty() && !managed {
         return Err(WorkerError::Config("the worker hosts no experts".into()));
     }
     progress.start(LocalExperts::<Cpu>::bytes_to_load(&ck, &hosted));
@@ -59,12 +66,27 @@ pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertSer
     Ok(ExpertServer::new(&ck, Arc::new(experts), cfg))
 }
 
+/// Bytes of memory available for expert weights by default: 90 % of what the kernel reports
+/// as available now (Linux), or unlimited where it cannot tell.
+#[must_use]
+pub fn default_memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb * 1024 / 10 * 9)
+}
+
 /// Runs a worker to completion on the current thread: a current-thread tokio runtime driven from
 /// one of rayon's pool threads, so that the thread that decodes a batch also computes it (no
 /// hand-offs on the latency-critical path). `on_runtime` runs first inside the runtime (signal
 /// handlers). Blocks until `stop` is cancelled and in-flight batches are done.
 pub fn serve_on_pool(
-    server: ExpertServer,
+    server: Arc<ExpertServer>,
     cfg: &WorkerConfig,
     stop: CancellationToken,
     on_runtime: impl FnOnce(&tokio::runtime::Handle) + Send,
@@ -81,7 +103,7 @@ pub fn serve_on_pool(
 
 /// Serves `server` on `cfg.listen` until `stop` is cancelled, then drains.
 pub async fn serve(
-    server: ExpertServer,
+    server: Arc<ExpertServer>,
     cfg: &WorkerConfig,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -98,7 +120,22 @@ pub async fn serve(
     let draining = server.drain_flag();
     // Room for the largest batch in f32 plus framing.
     let max_msg = 1024 + cfg.max_batch_rows * server.hidden_size() * 4 * 2;
-    let svc = ExpertServiceServer::new(server)
+    if let Some(m) = &cfg.membership {
+        // Registration goes away with `stop`: the lease is revoked before the drain, so
+        // coordinators stop routing here at once.
+        let mut m = m.clone();
+        if m.advertise.is_empty() {
+            m.advertise = addr.to_string();
+        }
+        tokio::spawn(membership::run(
+            server.clone(),
+            m,
+            cfg.model.clone(),
+            cfg.device.to_string(),
+            stop.clone(),
+        ));
+    }
+    let svc = ExpertServiceServer::from_arc(server)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     if let Some(path) = &cfg.ready_file {

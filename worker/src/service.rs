@@ -5,7 +5,7 @@ use crate::{WorkerConfig, WorkerError};
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, PoisonError, RwLock,
     },
     time::Instant,
 };
@@ -13,22 +13,24 @@ use switchyard_model::{Checkpoint, Cpu, ExpertExecutor, LayerId, LocalExperts, M
 use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 
-/// Counters behind the Load RPC.
+/// Counters behind the Load RPC and the registry record.
 #[derive(Default)]
-struct Stats {
-    batches: AtomicU64,
-    rows: AtomicU64,
-    busy_micros: AtomicU64,
+pub(crate) struct Stats {
+    pub(crate) batches: AtomicU64,
+    pub(crate) rows: AtomicU64,
+    pub(crate) busy_micros: AtomicU64,
     /// `[layer * experts + expert]` token-expert entries computed.
     expert_tokens: Vec<AtomicU64>,
 }
 
-/// The expert service of one worker.
+/// The expert service of one worker. Shared (`Arc`) between the gRPC service and, with a
+/// registry, the membership agent that swaps the hosted experts when the planner says so.
 pub struct ExpertServer {
-    experts: Arc<LocalExperts<Cpu>>,
+    /// Replaced whole on a placement change; a batch keeps the set it started with.
+    experts: RwLock<Arc<LocalExperts<Cpu>>>,
     cfg: MixtralConfig,
     fingerprint: String,
-    info: pb::WorkerInfo,
+    info: RwLock<pb::WorkerInfo>,
     max_rows: usize,
     queue: Arc<Semaphore>,
     max_queue: usize,
@@ -41,19 +43,13 @@ impl ExpertServer {
     pub(crate) fn new(ck: &Checkpoint, experts: Arc<LocalExperts<Cpu>>, wc: &WorkerConfig) -> Self {
         let cfg = ck.config().clone();
         let fingerprint = ck.fingerprint();
-        let hosted: Vec<u32> = experts.hosted().iter().map(|e| e as u32).collect();
         let info = pb::WorkerInfo {
             protocol_version: PROTOCOL_VERSION,
             model_fingerprint: fingerprint.clone(),
             hidden_size: cfg.hidden_size as u32,
             num_layers: cfg.num_hidden_layers as u32,
             num_experts: cfg.num_local_experts as u32,
-            hosted: (0..cfg.num_hidden_layers as u32)
-                .map(|layer| pb::LayerExperts {
-                    layer,
-                    experts: hosted.clone(),
-                })
-                .collect(),
+            hosted: hosted_per_layer(&experts, cfg.num_hidden_layers),
             weight_dtype: ck
                 .dominant_dtype()
                 .map(|d| d.to_string())
@@ -70,10 +66,10 @@ impl ExpertServer {
             ..Stats::default()
         };
         Self {
-            experts,
+            experts: RwLock::new(experts),
             cfg,
             fingerprint,
-            info,
+            info: RwLock::new(info),
             max_rows: wc.max_batch_rows,
             queue: Arc::new(Semaphore::new(wc.max_queued_batches)),
             max_queue: wc.max_queued_batches,
@@ -93,8 +89,42 @@ impl ExpertServer {
 
     /// What the Info RPC answers.
     #[must_use]
-    pub fn info(&self) -> &pb::WorkerInfo {
-        &self.info
+    pub fn info(&self) -> pb::WorkerInfo {
+        self.info
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The experts served now.
+    #[must_use]
+    pub fn experts(&self) -> Arc<LocalExperts<Cpu>> {
+        self.experts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `experts` from the next batch on (batches in flight finish with the old set).
+    pub fn set_experts(&self, experts: Arc<LocalExperts<Cpu>>) {
+        {
+            let mut info = self.info.write().unwrap_or_else(PoisonError::into_inner);
+            info.hosted = hosted_per_layer(&experts, self.cfg.num_hidden_layers);
+            info.weight_bytes = experts.weight_bytes() as u64;
+        }
+        *self.experts.write().unwrap_or_else(PoisonError::into_inner) = experts;
+    }
+
+    pub(crate) fn config(&self) -> &MixtralConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     async fn forward_inner(&self, batch: pb::ExpertBatch) -> Result<pb::ExpertResult, WorkerError> {
@@ -115,20 +145,20 @@ impl ExpertServer {
         };
         let req = ExpertRequest::decode(&batch, &want)?;
         drop(batch);
+        let experts = self.experts();
         if let Some(&e) = req
             .plan
             .experts()
             .iter()
-            .find(|&&e| !self.experts.hosted().contains(e as usize))
+            .find(|&&e| !experts.hosted().contains(e as usize))
         {
             return Err(WorkerError::NotHosted {
                 layer: req.layer,
                 expert: e as usize,
-                hosted: self.experts.hosted().to_string(),
+                hosted: experts.hosted().to_string(),
             });
         }
         let layer = LayerId::new(req.layer, &self.cfg)?;
-        let experts = self.experts.clone();
         let stats = self.stats.clone();
         let n_experts = self.cfg.num_local_experts;
         let h = self.cfg.hidden_size;
@@ -177,6 +207,16 @@ impl ExpertServer {
     }
 }
 
+fn hosted_per_layer(experts: &LocalExperts<Cpu>, layers: usize) -> Vec<pb::LayerExperts> {
+    let hosted: Vec<u32> = experts.hosted().iter().map(|e| e as u32).collect();
+    (0..layers as u32)
+        .map(|layer| pb::LayerExperts {
+            layer,
+            experts: hosted.clone(),
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl pb::expert_service_server::ExpertService for ExpertServer {
     async fn forward(
@@ -196,7 +236,7 @@ impl pb::expert_service_server::ExpertService for ExpertServer {
         &self,
         _: tonic::Request<pb::InfoRequest>,
     ) -> Result<tonic::Response<pb::WorkerInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.info.clone()))
+        Ok(tonic::Response::new(self.info()))
     }
 
     async fn load(

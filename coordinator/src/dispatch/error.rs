@@ -15,6 +15,8 @@ pub enum DispatchError {
         code: String,
         message: String,
     },
+    #[error("worker {worker} no longer hosts the expert: {message}")]
+    NotHosted { worker: WorkerId, message: String },
     #[error("worker {worker} sent a malformed reply: {reason}")]
     BadReply { worker: WorkerId, reason: String },
     #[error("no live worker hosts expert {expert} of layer {layer}{}", cause.as_ref().map(|c| format!(" (last failure: {c})")).unwrap_or_default())]
@@ -37,6 +39,7 @@ impl DispatchError {
             Self::WorkerUnavailable { .. } => "SY:DISPATCH:WorkerUnavailable",
             Self::Deadline { .. } => "SY:DISPATCH:Deadline",
             Self::Refused { .. } => "SY:DISPATCH:Refused",
+            Self::NotHosted { .. } => "SY:DISPATCH:NotHosted",
             Self::BadReply { .. } => "SY:DISPATCH:BadReply",
             Self::NoReplica { .. } => "SY:DISPATCH:NoReplica",
             Self::Connect { .. } => "SY:DISPATCH:Connect",
@@ -47,7 +50,10 @@ impl DispatchError {
     /// Whether another worker hosting the same experts may succeed.
     #[must_use]
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::WorkerUnavailable { .. } | Self::Deadline { .. })
+        matches!(
+            self,
+            Self::WorkerUnavailable { .. } | Self::Deadline { .. } | Self::NotHosted { .. }
+        )
     }
 
     /// Classifies a failed call to `worker`.
@@ -68,6 +74,12 @@ impl DispatchError {
             | Code::Unknown
             | Code::Cancelled
             | Code::Aborted => Self::WorkerUnavailable {
+                worker: worker.clone(),
+                message: s.message().to_string(),
+            },
+            // The worker's registry record changed (its planner assignment moved an expert)
+            // after this coordinator chose it: another host has it.
+            Code::NotFound => Self::NotHosted {
                 worker: worker.clone(),
                 message: s.message().to_string(),
             },

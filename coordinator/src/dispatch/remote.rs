@@ -3,13 +3,14 @@
 use super::DispatchError;
 use futures::future::join_all;
 use std::{
+    collections::BTreeMap,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Mutex,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
-use switchyard_cluster::{PlacementTable, StaticPlacement, WorkerId};
+use switchyard_cluster::{PlacementTable, StaticPlacement, WorkerId, WorkerRecord, WorkerSpec};
 use switchyard_model::{ExpertExecutor, LayerId, MixtralConfig, ModelError, RoutePlan};
 use switchyard_wire::{
     decode_rows, encode_batch, pb, pb::expert_service_client::ExpertServiceClient, WireDType,
@@ -27,6 +28,9 @@ pub struct DispatchConfig {
     pub connect_timeout: Duration,
     /// How long a worker whose call failed stays out of routing before it is tried again.
     pub failure_backoff: Duration,
+    /// How long a layer whose expert has no live host waits for one (a replacement worker
+    /// registering, a failed one coming back) before its sequences fail.
+    pub expert_wait: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -36,32 +40,43 @@ impl Default for DispatchConfig {
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             failure_backoff: Duration::from_secs(2),
+            expert_wait: Duration::from_secs(30),
         }
     }
 }
 
 /// Per-worker counters.
 #[derive(Default, Debug)]
-pub struct WorkerStats {
-    pub calls: AtomicU64,
-    pub failures: AtomicU64,
-    pub rows: AtomicU64,
+struct WorkerStats {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    rows: AtomicU64,
     /// Sum of call latencies (send to reply decoded).
-    pub latency_micros: AtomicU64,
+    latency_micros: AtomicU64,
     /// Sum of the compute time the worker reported.
-    pub compute_micros: AtomicU64,
+    compute_micros: AtomicU64,
 }
 
-/// Dispatch counters per worker (per-expert routed tokens are counted by
+/// One worker's counters as read now (per-expert routed tokens are counted by
 /// `crate::counting::Counting`, for every executor alike).
-#[derive(Debug)]
-pub struct DispatchStats {
-    pub workers: Vec<WorkerStats>,
+#[derive(Clone, Debug)]
+pub struct WorkerSnapshot {
+    pub id: WorkerId,
+    pub calls: u64,
+    pub failures: u64,
+    pub rows: u64,
+    pub latency_micros: u64,
+    pub compute_micros: u64,
+    /// Not in failure back-off.
+    pub up: bool,
 }
 
 struct Worker {
     id: WorkerId,
+    /// Registry instance (empty for static placements): a restarted worker is a new member.
+    instance: String,
     client: ExpertServiceClient<Channel>,
+    stats: WorkerStats,
     /// Tokens sent and not yet answered: the load measure for choosing among replicas.
     inflight: AtomicUsize,
     /// Out of routing until this instant (after a failure).
@@ -69,6 +84,16 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(addr: &str, instance: String, client: ExpertServiceClient<Channel>) -> Self {
+        Self {
+            id: WorkerId::new(addr),
+            instance,
+            client,
+            stats: WorkerStats::default(),
+            inflight: AtomicUsize::new(0),
+            down_until: Mutex::new(None),
+        }
+    }
     fn is_up(&self, now: Instant) -> bool {
         let g = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         g.is_none_or(|t| now >= t)
@@ -81,6 +106,13 @@ impl Worker {
     }
 }
 
+/// The workers and who hosts what, replaced whole when membership changes; a layer works on
+/// one snapshot from start to end.
+struct Topology {
+    table: PlacementTable,
+    workers: Vec<Arc<Worker>>,
+}
+
 /// Experts on remote workers.
 ///
 /// It owns a current-thread tokio runtime and drives it from the calling (engine) thread in
@@ -88,16 +120,21 @@ impl Worker {
 /// hand-off to I/O threads (each hand-off costs a wake-up, tens of µs, twice per call). Between
 /// calls nothing polls the connections; an idle connection the worker drops is re-dialled on
 /// the next call.
+///
+/// Membership is either fixed at `connect` (a static placement) or live: the registry watcher
+/// calls [`apply_members`](Self::apply_members) on every change, and the next layer uses the
+/// new table.
 pub struct RemoteExperts {
     rt: tokio::runtime::Runtime,
-    table: PlacementTable,
-    workers: Vec<Worker>,
+    topo: RwLock<Arc<Topology>>,
+    /// Bumped on every membership change; layers waiting for a host watch it.
+    generation: tokio::sync::watch::Sender<u64>,
+    model: MixtralConfig,
     fingerprint: String,
     hidden: usize,
     layers: usize,
     experts: usize,
     cfg: DispatchConfig,
-    stats: DispatchStats,
 }
 
 /// One worker's share of a layer.
@@ -106,6 +143,31 @@ struct Share {
     /// Global row index of each row sent.
     rows: Vec<usize>,
     plan: RoutePlan,
+}
+
+fn endpoint(addr: &str, cfg: &DispatchConfig) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+fn dispatch_runtime() -> Result<tokio::runtime::Runtime, DispatchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DispatchError::Connect {
+            worker: WorkerId::new("-"),
+            message: format!("cannot start the dispatch runtime: {e}"),
+        })
+}
+
+fn client(channel: Channel) -> ExpertServiceClient<Channel> {
+    ExpertServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
 }
 
 impl RemoteExperts {
@@ -117,13 +179,7 @@ impl RemoteExperts {
         fingerprint: &str,
         cfg: DispatchConfig,
     ) -> Result<Self, DispatchError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| DispatchError::Connect {
-                worker: WorkerId::new("-"),
-                message: format!("cannot start the dispatch runtime: {e}"),
-            })?;
+        let rt = dispatch_runtime()?;
         let infos = rt
             .block_on(join_all(placement.workers.iter().map(|spec| {
                 let cfg = cfg.clone();
@@ -133,21 +189,12 @@ impl RemoteExperts {
                         worker: id.clone(),
                         message,
                     };
-                    let ep = Endpoint::from_shared(format!("http://{}", spec.addr))
+                    let channel = endpoint(&spec.addr, &cfg)
                         .map_err(|e| connect_err(e.to_string()))?
-                        .connect_timeout(cfg.connect_timeout)
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(10))
-                        .keep_alive_timeout(Duration::from_secs(5))
-                        .keep_alive_while_idle(true);
-                    let channel = ep
                         .connect()
                         .await
                         .map_err(|e| connect_err(error_chain(&e)))?;
-                    let max_msg = usize::MAX;
-                    let mut client = ExpertServiceClient::new(channel)
-                        .max_decoding_message_size(max_msg)
-                        .max_encoding_message_size(max_msg);
+                    let mut client = client(channel);
                     let mut req = tonic::Request::new(pb::InfoRequest {});
                     req.set_timeout(cfg.connect_timeout);
                     let info = client
@@ -165,14 +212,9 @@ impl RemoteExperts {
             .map(|(s, i, _)| (s.clone(), i.clone()))
             .collect();
         let table = PlacementTable::build(model, fingerprint, &pairs)?;
-        let workers: Vec<Worker> = infos
+        let workers: Vec<Arc<Worker>> = infos
             .into_iter()
-            .map(|(spec, _, client)| Worker {
-                id: WorkerId::new(&spec.addr),
-                client,
-                inflight: AtomicUsize::new(0),
-                down_until: Mutex::new(None),
-            })
+            .map(|(spec, _, client)| Arc::new(Worker::new(&spec.addr, String::new(), client)))
             .collect();
         for (w, (spec, info)) in workers.iter().zip(&pairs) {
             let experts: Vec<u32> = info
@@ -182,79 +224,240 @@ impl RemoteExperts {
                 .unwrap_or_default();
             tracing::info!(worker = %w.id, ?experts, device = %info.device, weight_bytes = info.weight_bytes, spec = ?spec.experts, "worker joined");
         }
-        Ok(Self {
+        Ok(Self::with_topology(
             rt,
-            stats: DispatchStats {
-                workers: workers.iter().map(|_| WorkerStats::default()).collect(),
+            Topology { table, workers },
+            model,
+            fingerprint,
+            cfg,
+        ))
+    }
+
+    /// A dispatcher with no workers yet, for live membership: the registry watcher fills it in
+    /// with [`apply_members`](Self::apply_members); until then layers wait for hosts.
+    pub fn empty(
+        model: &MixtralConfig,
+        fingerprint: &str,
+        cfg: DispatchConfig,
+    ) -> Result<Self, DispatchError> {
+        let rt = dispatch_runtime()?;
+        let table = PlacementTable::partial(model, fingerprint, &[])?;
+        Ok(Self::with_topology(
+            rt,
+            Topology {
+                table,
+                workers: Vec::new(),
             },
-            table,
-            workers,
+            model,
+            fingerprint,
+            cfg,
+        ))
+    }
+
+    fn with_topology(
+        rt: tokio::runtime::Runtime,
+        topo: Topology,
+        model: &MixtralConfig,
+        fingerprint: &str,
+        cfg: DispatchConfig,
+    ) -> Self {
+        Self {
+            rt,
+            topo: RwLock::new(Arc::new(topo)),
+            generation: tokio::sync::watch::Sender::new(0),
+            model: model.clone(),
             fingerprint: fingerprint.to_string(),
             hidden: model.hidden_size,
             layers: model.num_hidden_layers,
             experts: model.num_local_experts,
             cfg,
-        })
+        }
     }
 
-    /// Counters since start.
+    fn topology(&self) -> Arc<Topology> {
+        self.topo
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the membership with `members` (the registry's live workers, by address).
+    /// Workers already known with the same instance keep their connection, counters and
+    /// back-off; records of another model or protocol are skipped with a warning. Returns the
+    /// (layer, expert) pairs left without a host.
+    pub fn apply_members(&self, members: &BTreeMap<String, WorkerRecord>) -> Vec<(usize, usize)> {
+        let old = self.topology();
+        let mut pairs = Vec::new();
+        let mut workers = Vec::new();
+        for (addr, rec) in members {
+            let info = switchyard_wire::pb::WorkerInfo {
+                protocol_version: rec.protocol_version,
+                model_fingerprint: rec.model_fingerprint.clone(),
+                hosted: rec
+                    .hosted
+                    .iter()
+                    .enumerate()
+                    .map(|(l, e)| switchyard_wire::pb::LayerExperts {
+                        layer: l as u32,
+                        experts: e.clone(),
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let spec = WorkerSpec {
+                addr: addr.clone(),
+                experts: None,
+            };
+            let one = [(spec, info)];
+            if let Err(e) = PlacementTable::partial(&self.model, &self.fingerprint, &one) {
+                tracing::warn!(worker = %addr, error = %e, "ignoring a registered worker");
+                continue;
+            }
+            let known = old
+                .workers
+                .iter()
+                .find(|w| w.id.as_str() == addr && w.instance == rec.instance);
+            let worker = match known {
+                Some(w) => w.clone(),
+                None => {
+                    let _rt = self.rt.enter();
+                    match endpoint(addr, &self.cfg) {
+                        Ok(ep) => {
+                            tracing::info!(worker = %addr, experts = ?rec.experts_everywhere(), device = %rec.device, "worker joined");
+                            Arc::new(Worker::new(
+                                addr,
+                                rec.instance.clone(),
+                                client(ep.connect_lazy()),
+                            ))
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = %addr, error = %e, "ignoring a worker with a bad address");
+                            continue;
+                        }
+                    }
+                }
+            };
+            workers.push(worker);
+            pairs.extend(one);
+        }
+        for w in &old.workers {
+            if !workers.iter().any(|n| Arc::ptr_eq(n, w)) {
+                tracing::info!(worker = %w.id, "worker left");
+            }
+        }
+        let table = match PlacementTable::partial(&self.model, &self.fingerprint, &pairs) {
+            Ok(t) => t,
+            Err(e) => {
+                // Each record passed alone, so this cannot happen; keep the old table if it does.
+                tracing::error!(error = %e, "membership rejected; keeping the previous placement");
+                return old.table.uncovered();
+            }
+        };
+        let missing = table.uncovered();
+        *self
+            .topo
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(Topology { table, workers });
+        self.generation.send_modify(|g| *g += 1);
+        missing
+    }
+
+    /// Every worker's counters since it joined.
     #[must_use]
-    pub fn stats(&self) -> &DispatchStats {
-        &self.stats
+    pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
+        let now = Instant::now();
+        self.topology()
+            .workers
+            .iter()
+            .map(|w| WorkerSnapshot {
+                id: w.id.clone(),
+                calls: w.stats.calls.load(Ordering::Relaxed),
+                failures: w.stats.failures.load(Ordering::Relaxed),
+                rows: w.stats.rows.load(Ordering::Relaxed),
+                latency_micros: w.stats.latency_micros.load(Ordering::Relaxed),
+                compute_micros: w.stats.compute_micros.load(Ordering::Relaxed),
+                up: w.is_up(now),
+            })
+            .collect()
     }
 
     /// The first (layer, expert) with no worker outside failure back-off, if any (readiness).
     #[must_use]
     pub fn first_unreachable_expert(&self) -> Option<(usize, usize)> {
         let now = Instant::now();
+        let topo = self.topology();
         (0..self.layers)
             .flat_map(|l| (0..self.experts).map(move |e| (l, e)))
             .find(|&(l, e)| {
-                !self
+                !topo
                     .table
                     .hosts(l, e)
                     .iter()
-                    .any(|&w| self.workers[w].is_up(now))
+                    .any(|&w| topo.workers[w].is_up(now))
             })
+    }
+
+    /// Experts per layer of the model served.
+    #[must_use]
+    pub fn num_experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Waits until every expert of every layer has a live host, or `timeout`. Blocking.
+    pub fn wait_for_coverage(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.first_unreachable_expert().is_none() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Worker ids in placement order.
     #[must_use]
     pub fn workers(&self) -> Vec<WorkerId> {
-        self.workers.iter().map(|w| w.id.clone()).collect()
+        self.topology()
+            .workers
+            .iter()
+            .map(|w| w.id.clone())
+            .collect()
     }
 
     /// Picks a worker for every expert used in `plan` (least tokens in flight plus tokens
-    /// already given to it in this layer; lowest index on ties), skipping `exclude` and workers
-    /// in back-off, and splits the plan into per-worker shares.
+    /// already given to it in this layer; lowest index on ties), skipping workers in back-off,
+    /// and splits the plan into per-worker shares. Row `i` of `plan` is global row `global[i]`.
     fn split(
         &self,
+        topo: &Topology,
         layer: usize,
         plan: &RoutePlan,
-        rows: &[usize],
-        exclude: &[usize],
+        global: &[usize],
     ) -> Result<Vec<Share>, DispatchError> {
         let now = Instant::now();
         let mut count = vec![0usize; self.experts];
-        for &r in rows {
-            for &e in plan.row_experts(r) {
-                count[e as usize] += 1;
-            }
+        for &e in plan.experts() {
+            count[e as usize] += 1;
         }
-        let mut assigned = vec![0usize; self.workers.len()];
+        let mut assigned = vec![0usize; topo.workers.len()];
         let mut choice = vec![usize::MAX; self.experts];
         for (e, &c) in count.iter().enumerate() {
             if c == 0 {
                 continue;
             }
-            let hosts = self.table.hosts(layer, e);
-            let best = hosts
+            let best = topo
+                .table
+                .hosts(layer, e)
                 .iter()
                 .copied()
-                .filter(|w| !exclude.contains(w) && self.workers[*w].is_up(now))
+                .filter(|&w| topo.workers[w].is_up(now))
                 .min_by_key(|&w| {
                     (
-                        self.workers[w].inflight.load(Ordering::Relaxed) + assigned[w],
+                        topo.workers[w].inflight.load(Ordering::Relaxed) + assigned[w],
                         w,
                     )
                 })
@@ -267,8 +470,8 @@ impl RemoteExperts {
             assigned[best] += c;
         }
         let mut shares: Vec<Share> = Vec::new();
-        let mut slot = vec![usize::MAX; self.workers.len()];
-        for &r in rows {
+        let mut slot = vec![usize::MAX; topo.workers.len()];
+        for (r, &g) in global.iter().enumerate().take(plan.rows()) {
             let exps = plan.row_experts(r);
             let ws = plan.row_weights(r);
             // Visit this row's workers in the order of their first slot.
@@ -286,7 +489,7 @@ impl RemoteExperts {
                     });
                 }
                 let s = &mut shares[slot[w]];
-                s.rows.push(r);
+                s.rows.push(g);
                 s.plan.push_row(
                     exps.iter()
                         .zip(ws)
@@ -302,11 +505,11 @@ impl RemoteExperts {
     /// Sends one share and returns its decoded partial sums `[rows, hidden]`.
     async fn call(
         &self,
+        w: &Worker,
         layer: usize,
         x: &[f32],
         share: &Share,
     ) -> Result<Vec<f32>, DispatchError> {
-        let w = &self.workers[share.worker];
         let h = self.hidden;
         let mut xs = Vec::with_capacity(share.rows.len() * h);
         for &r in &share.rows {
@@ -326,7 +529,7 @@ impl RemoteExperts {
         req.set_timeout(self.cfg.rpc_timeout);
         let span = tracing::debug_span!("dispatch", layer, worker = %w.id, rows = n);
         let _e = span.enter();
-        let st = &self.stats.workers[share.worker];
+        let st = &w.stats;
         w.inflight.fetch_add(n, Ordering::Relaxed);
         let start = Instant::now();
         let res = w.client.clone().forward(req).await;
@@ -366,6 +569,14 @@ impl RemoteExperts {
         Ok(out)
     }
 
+    /// Scatters one layer, gathers the partial sums into `out`.
+    ///
+    /// A share whose worker fails retryably (gone, overloaded, draining, past its deadline, no
+    /// longer hosting an expert) is sent again, to other hosts of its experts; the failed
+    /// worker stays out of routing for the back-off. When an expert has no live host, the
+    /// layer waits for the membership to change (a worker registering or coming back), up to
+    /// `expert_wait`. Only the experts of the failed share are recomputed: the attention state
+    /// of the step is untouched on this side.
     async fn run_async(
         &self,
         layer: usize,
@@ -374,61 +585,73 @@ impl RemoteExperts {
         out: &mut [f32],
     ) -> Result<(), DispatchError> {
         let h = self.hidden;
-        let all: Vec<usize> = (0..plan.rows()).collect();
-        let shares = self.split(layer, plan, &all, &[])?;
-        let results = join_all(shares.iter().map(|s| self.call(layer, x, s))).await;
-
-        // Retry each retryable failure once, on replicas of that share's experts.
+        let started = Instant::now();
+        let mut generation = self.generation.subscribe();
         let mut partials: Vec<(Vec<usize>, Vec<f32>)> = Vec::new();
-        let mut failed: Vec<usize> = Vec::new();
-        let mut retry: Vec<(&Share, DispatchError)> = Vec::new();
-        for (s, r) in shares.iter().zip(results) {
-            match r {
-                Ok(p) => partials.push((s.rows.clone(), p)),
-                Err(e) if e.retryable() => {
-                    tracing::warn!(layer, worker = %self.workers[s.worker].id, error = %e, "expert batch failed; retrying on replicas");
-                    self.workers[s.worker].mark_down(self.cfg.failure_backoff);
-                    failed.push(s.worker);
-                    retry.push((s, e));
+        // Work left: a plan over some global rows. First the whole layer.
+        let mut pending = std::borrow::Cow::Borrowed(plan);
+        let mut global: Vec<usize> = (0..plan.rows()).collect();
+        let mut last_failure: Option<String> = None;
+        while pending.rows() > 0 {
+            let topo = self.topology();
+            generation.borrow_and_update();
+            let shares = match self.split(&topo, layer, &pending, &global) {
+                Ok(s) => s,
+                Err(DispatchError::NoReplica { expert, .. }) => {
+                    let waited = started.elapsed();
+                    if waited >= self.cfg.expert_wait {
+                        return Err(DispatchError::NoReplica {
+                            layer,
+                            expert,
+                            cause: Some(match &last_failure {
+                                Some(c) => format!("{c}; waited {waited:.1?} for a host"),
+                                None => format!("waited {waited:.1?} for a host"),
+                            }),
+                        });
+                    }
+                    if waited.is_zero() || last_failure.is_none() {
+                        tracing::warn!(layer, expert, wait = ?self.cfg.expert_wait, "no live host for an expert; waiting for one");
+                    }
+                    last_failure.get_or_insert_with(|| "no live host".into());
+                    // Wake on a membership change, or poll for back-offs running out.
+                    let nap = Duration::from_millis(100).min(self.cfg.expert_wait - waited);
+                    let _ = tokio::time::timeout(nap, generation.changed()).await;
+                    continue;
                 }
                 Err(e) => return Err(e),
+            };
+            let results = join_all(
+                shares
+                    .iter()
+                    .map(|s| self.call(&topo.workers[s.worker], layer, x, s)),
+            )
+            .await;
+            let mut next = RoutePlan::new();
+            let mut next_global = Vec::new();
+            for (s, r) in shares.into_iter().zip(results) {
+                match r {
+                    Ok(p) => partials.push((s.rows, p)),
+                    Err(e) if e.retryable() => {
+                        let w = &topo.workers[s.worker];
+                        tracing::warn!(layer, worker = %w.id, error = %e, "expert batch failed; sending it to other hosts");
+                        w.mark_down(self.cfg.failure_backoff);
+                        last_failure = Some(e.to_string());
+                        for (i, &g) in s.rows.iter().enumerate() {
+                            next.push_row(
+                                s.plan
+                                    .row_experts(i)
+                                    .iter()
+                                    .copied()
+                                    .zip(s.plan.row_weights(i).iter().copied()),
+                            );
+                            next_global.push(g);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        for (s, cause) in retry {
-            // The failed share's entries, as a plan over the original rows.
-            let mut sub = RoutePlan::new();
-            let mut rows = Vec::with_capacity(s.rows.len());
-            for i in 0..s.rows.len() {
-                sub.push_row(
-                    s.plan
-                        .row_experts(i)
-                        .iter()
-                        .copied()
-                        .zip(s.plan.row_weights(i).iter().copied()),
-                );
-                rows.push(i);
-            }
-            let again = self
-                .split(layer, &sub, &rows, &failed)
-                .map_err(|e| match e {
-                    DispatchError::NoReplica { layer, expert, .. } => DispatchError::NoReplica {
-                        layer,
-                        expert,
-                        cause: Some(cause.to_string()),
-                    },
-                    other => other,
-                })?;
-            // `again` indexes rows of `sub`; map them back to global rows. `x` rows are global.
-            let global: Vec<usize> = s.rows.clone();
-            let xs: Vec<f32> = global
-                .iter()
-                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
-                .collect();
-            let res = join_all(again.iter().map(|a| self.call(layer, &xs, a))).await;
-            for (a, r) in again.iter().zip(res) {
-                let p = r?;
-                partials.push((a.rows.iter().map(|&i| global[i]).collect(), p));
-            }
+            pending = std::borrow::Cow::Owned(next);
+            global = next_global;
         }
 
         // Gather: zero, then add partials in a fixed order. For top-2 routing each row receives at

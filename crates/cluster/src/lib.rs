@@ -1,12 +1,19 @@
 //! Membership and placement: which workers exist and which experts of which layer each hosts.
 //!
-//! Today placement is static (`--workers` or a placement file); the table is built from what
-//! each worker itself reports (its `WorkerInfo`), so a placement that claims an expert the
-//! worker does not hold is caught at startup, not mid-request.
+//! Two sources of membership: a static placement (`--workers` or a placement file), checked
+//! against what each worker itself reports (its `WorkerInfo`), so a placement that claims an
+//! expert the worker does not hold is caught at startup; or the etcd [`registry`], where workers
+//! register under a lease and coordinators watch. The [`planner`] decides which managed worker
+//! should host what.
 
 mod placement;
+pub mod planner;
+pub mod record;
+pub mod registry;
 
 pub use placement::{PlacementTable, StaticPlacement, WorkerId, WorkerSpec};
+pub use record::{Keys, LoadRecord, PlanRecord, WorkerLoad, WorkerRecord};
+pub use registry::{Registry, RegistryConfig};
 
 /// Errors about cluster membership and placement.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +27,8 @@ pub enum ClusterError {
     },
     #[error("worker {worker}: {reason}")]
     Worker { worker: WorkerId, reason: String },
+    #[error("etcd ({endpoints}): {message}")]
+    Etcd { endpoints: String, message: String },
     #[error("no worker hosts {missing} (every expert of every layer needs at least one)")]
     Uncovered { missing: String },
 }

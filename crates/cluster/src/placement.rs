@@ -125,6 +125,31 @@ impl PlacementTable {
         fingerprint: &str,
         workers: &[(WorkerSpec, pb::WorkerInfo)],
     ) -> Result<Self, ClusterError> {
+        let t = Self::partial(cfg, fingerprint, workers)?;
+        let missing = t.uncovered();
+        if missing.is_empty() {
+            return Ok(t);
+        }
+        let mut shown: Vec<String> = missing
+            .iter()
+            .take(6)
+            .map(|(l, e)| format!("layer {l} expert {e}"))
+            .collect();
+        if missing.len() > 6 {
+            shown.push(format!("and {} more", missing.len() - 6));
+        }
+        Err(ClusterError::Uncovered {
+            missing: shown.join(", "),
+        })
+    }
+
+    /// Like [`build`](Self::build) but allows experts without a host (live membership: a table
+    /// is used while workers come and go; requests needing a missing expert wait for one).
+    pub fn partial(
+        cfg: &MixtralConfig,
+        fingerprint: &str,
+        workers: &[(WorkerSpec, pb::WorkerInfo)],
+    ) -> Result<Self, ClusterError> {
         let (layers, experts) = (cfg.num_hidden_layers, cfg.num_local_experts);
         let mut hosts = vec![Vec::new(); layers * experts];
         let mut ids = Vec::new();
@@ -175,28 +200,22 @@ impl PlacementTable {
             }
             ids.push(id);
         }
-        let missing: Vec<String> = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.is_empty())
-            .map(|(k, _)| format!("layer {} expert {}", k / experts, k % experts))
-            .collect();
-        if !missing.is_empty() {
-            let shown: Vec<_> = missing.iter().take(6).cloned().collect();
-            let more = missing.len().saturating_sub(6);
-            return Err(ClusterError::Uncovered {
-                missing: if more > 0 {
-                    format!("{} and {more} more", shown.join(", "))
-                } else {
-                    shown.join(", ")
-                },
-            });
-        }
         Ok(Self {
             workers: ids,
             experts,
             hosts,
         })
+    }
+
+    /// The (layer, expert) pairs no worker hosts.
+    #[must_use]
+    pub fn uncovered(&self) -> Vec<(usize, usize)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_empty())
+            .map(|(k, _)| (k / self.experts, k % self.experts))
+            .collect()
     }
 
     /// Workers hosting `(layer, expert)`, ascending index.

@@ -76,6 +76,18 @@ impl ExpertSet {
         }
     }
 
+    /// The set of `experts` (indices `>= n` are ignored) for a model with `n` experts per layer.
+    #[must_use]
+    pub fn from_indices(n: usize, experts: impl IntoIterator<Item = usize>) -> Self {
+        let mut hosted = vec![false; n];
+        for e in experts {
+            if let Some(h) = hosted.get_mut(e) {
+                *h = true;
+            }
+        }
+        Self { hosted }
+    }
+
     /// Parses `"0-3,6"` for a model with `n` experts per layer.
     pub fn parse(spec: &str, n: usize) -> Result<Self> {
         let mut hosted = vec![false; n];

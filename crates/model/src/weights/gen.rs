@@ -41,6 +41,10 @@ pub struct GenSpec {
     pub seed: u64,
     /// Copy tokenizer files from this folder instead of writing the built-in byte-level one.
     pub tokenizer_from: Option<PathBuf>,
+    /// Experts every token prefers, in every layer (skewed load, as real models have): every
+    /// embedding gets a large constant in dimension 0, which survives RMSNorm and the residual
+    /// stream, and these experts' router rows weight that dimension.
+    pub hot_experts: Vec<usize>,
 }
 
 impl Default for GenSpec {
@@ -63,6 +67,7 @@ impl Default for GenSpec {
             shards: 1,
             seed: 0,
             tokenizer_from: None,
+            hot_experts: Vec::new(),
         }
     }
 }
@@ -74,6 +79,25 @@ const SPECIALS: [&str; 5] = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"];
 const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
 
 impl GenSpec {
+    /// Applies `hot_experts` to tensor `name`.
+    fn skew(&self, name: &str, values: &mut [f32]) {
+        if self.hot_experts.is_empty() {
+            return;
+        }
+        let h = self.hidden;
+        if name == names::EMBED {
+            for row in values.chunks_mut(h) {
+                row[0] = 8.0;
+            }
+        } else if (0..self.layers).any(|l| names::router(l) == name) {
+            for &e in &self.hot_experts {
+                if let Some(w) = values.get_mut(e * h) {
+                    *w = 1.0;
+                }
+            }
+        }
+    }
+
     fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
     }
@@ -118,6 +142,12 @@ impl GenSpec {
     }
 
     fn check(&self) -> Result<()> {
+        if let Some(&e) = self.hot_experts.iter().find(|&&e| e >= self.experts) {
+            return Err(ModelError::Input(format!(
+                "hot expert {e} out of range (the model has {})",
+                self.experts
+            )));
+        }
         let bad = |m: String| Err(ModelError::Input(format!("gen-model: {m}")));
         if [
             self.hidden,
@@ -251,7 +281,9 @@ pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) ->
         let data: Vec<(String, Vec<usize>, Vec<u8>)> = group
             .iter()
             .map(|(name, shape)| {
-                let bytes = encode(&tensor_values(spec.seed, name, shape), spec.dtype);
+                let mut values = tensor_values(spec.seed, name, shape);
+                spec.skew(name, &mut values);
+                let bytes = encode(&values, spec.dtype);
                 on_tensor(bytes.len() as u64);
                 (name.clone(), shape.clone(), bytes)
             })

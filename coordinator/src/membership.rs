@@ -1,0 +1,395 @@
+//! The coordinator's side of the etcd registry: watch the live workers and hand every change
+//! to the dispatcher; publish this coordinator's routed-token counters; and, when elected,
+//! run the placement planner.
+//!
+//! All of it runs on a thread of its own with its own runtime, off the request path: an etcd
+//! outage only freezes the membership at its last known state (the dispatcher keeps routing,
+//! and still drops workers whose calls fail), and every loop reconnects by itself.
+
+use crate::{counting::ExpertCounts, dispatch::RemoteExperts};
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+use switchyard_cluster::{
+    planner::{self, PlanInput, PlanWorker},
+    record::unix_ms,
+    registry, LoadRecord, PlanRecord, Registry, RegistryConfig,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The planner's settings.
+#[derive(Clone, Debug)]
+pub struct PlannerConfig {
+    /// Replicas of every expert.
+    pub replication: usize,
+    /// Extra replicas given to the hottest experts.
+    pub hot_replicas: usize,
+    /// How often the plan is reconsidered.
+    pub interval: Duration,
+    /// A new plan for the same workers is written only if it lowers the heaviest worker's load
+    /// by at least this fraction (no churn on noise).
+    pub min_gain: f64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            replication: 1,
+            hot_replicas: 2,
+            interval: Duration::from_secs(10),
+            min_gain: 0.15,
+        }
+    }
+}
+
+/// How this coordinator takes part in the registry.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    pub registry: RegistryConfig,
+    /// This coordinator's name (its load record's key and its election value).
+    pub name: String,
+    /// Campaign for the planner role (only coordinators that serve requests and so count load).
+    pub planner: Option<PlannerConfig>,
+}
+
+/// The running membership thread; stops when dropped.
+pub struct Membership {
+    stop: CancellationToken,
+    synced: watch::Receiver<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Membership {
+    /// Stops the loops and gives them a moment to revoke this coordinator's leases, so another
+    /// coordinator takes the planner role at once instead of after the lease TTL.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Membership {
+    /// Starts watching (and, with `counts`, publishing load and planning). Returns at once.
+    pub fn start(
+        cfg: MembershipConfig,
+        remote: Arc<RemoteExperts>,
+        counts: Option<Arc<ExpertCounts>>,
+    ) -> std::io::Result<Self> {
+        let stop = CancellationToken::new();
+        let (synced_tx, synced) = watch::channel(false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let token = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("membership".into())
+            .spawn(move || {
+                rt.block_on(run(cfg, remote, counts, synced_tx, token));
+                // Let the spawned loops see the cancellation and revoke their leases.
+                rt.block_on(tokio::time::sleep(Duration::from_millis(300)));
+            })?;
+        Ok(Self {
+            stop,
+            synced,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until the first membership snapshot has been applied, or `timeout`.
+    pub fn wait_synced(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if *self.synced.borrow() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+async fn run(
+    cfg: MembershipConfig,
+    remote: Arc<RemoteExperts>,
+    counts: Option<Arc<ExpertCounts>>,
+    synced: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let keys = cfg.registry.keys().clone();
+    let (members_tx, mut members_rx) = watch::channel(None);
+    tokio::spawn(registry::watch_prefix(
+        cfg.registry.clone(),
+        keys.workers(),
+        members_tx,
+        stop.clone(),
+    ));
+    if let Some(counts) = counts {
+        let (load_tx, load_rx) = watch::channel(Vec::new());
+        let publish = {
+            let name = cfg.name.clone();
+            let stop = stop.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let rec = LoadRecord {
+                        coordinator: name.clone(),
+                        experts: counts.experts,
+                        expert_tokens: counts
+                            .counts
+                            .iter()
+                            .map(|c| c.load(Ordering::Relaxed))
+                            .collect(),
+                        unix_ms: unix_ms(),
+                    };
+                    if let Ok(v) = serde_json::to_vec(&rec) {
+                        load_tx.send_replace(v);
+                    }
+                }
+            }
+        };
+        tokio::spawn(publish);
+        tokio::spawn(registry::keep_alive(
+            cfg.registry.clone(),
+            keys.load(&cfg.name),
+            load_rx,
+            stop.clone(),
+        ));
+        if let Some(pc) = cfg.planner.clone() {
+            let experts = remote.num_experts();
+            let name = cfg.name.clone();
+            tokio::spawn(registry::lead(
+                cfg.registry.clone(),
+                cfg.name.clone(),
+                stop.clone(),
+                move |reg, lost| plan_loop(reg, pc.clone(), experts, name.clone(), lost),
+            ));
+        }
+    }
+    // Records are re-put every few seconds with fresh load figures; only changes of who hosts
+    // what rebuild the routing table.
+    let mut applied: Option<Vec<switchyard_cluster::WorkerRecord>> = None;
+    let mut last_missing = usize::MAX;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = members_rx.changed() => if r.is_err() { return },
+        }
+        let members = members_rx
+            .borrow_and_update()
+            .as_ref()
+            .map(registry::parse_workers);
+        let Some(members) = members else { continue };
+        let shape: Vec<_> = members
+            .values()
+            .map(|r| switchyard_cluster::WorkerRecord {
+                load: switchyard_cluster::WorkerLoad::default(),
+                ..r.clone()
+            })
+            .collect();
+        if applied.as_ref() == Some(&shape) {
+            continue;
+        }
+        let missing = remote.apply_members(&members);
+        if missing.len() != last_missing && !missing.is_empty() {
+            tracing::warn!(
+                workers = members.len(),
+                uncovered = missing.len(),
+                "some (layer, expert) pairs have no registered host"
+            );
+        }
+        last_missing = missing.len();
+        applied = Some(shape);
+        synced.send_replace(true);
+    }
+}
+
+/// Per-expert token rates from successive load records, smoothed.
+struct LoadTracker {
+    last: BTreeMap<String, (u64, Vec<u64>)>,
+    smoothed: Option<Vec<f64>>,
+}
+
+impl LoadTracker {
+    fn update(&mut self, records: &[LoadRecord], experts: usize) -> Option<Vec<f64>> {
+        let mut rate = vec![0.0f64; experts];
+        let mut measured = false;
+        for r in records {
+            let now = r.per_expert();
+            if now.len() != experts {
+                continue;
+            }
+            if let Some((t0, before)) = self.last.get(&r.coordinator) {
+                let dt = r.unix_ms.saturating_sub(*t0) as f64 / 1e3;
+                if dt > 0.0 {
+                    for (i, (&a, &b)) in now.iter().zip(before).enumerate() {
+                        // A restarted coordinator's counters start again from zero.
+                        rate[i] += a.saturating_sub(b) as f64 / dt;
+                    }
+                    measured = true;
+                }
+            }
+            self.last.insert(r.coordinator.clone(), (r.unix_ms, now));
+        }
+        if !measured {
+            return self.smoothed.clone();
+        }
+        let s = match self.smoothed.take() {
+            Some(prev) => prev
+                .iter()
+                .zip(&rate)
+                .map(|(p, r)| 0.5 * p + 0.5 * r)
+                .collect(),
+            None => rate,
+        };
+        self.smoothed = Some(s.clone());
+        Some(s)
+    }
+}
+
+/// The elected planner: every `interval`, recompute the assignment of the managed workers and
+/// write it if the workers changed or it balances the measured load clearly better.
+async fn plan_loop(
+    mut reg: Registry,
+    pc: PlannerConfig,
+    experts: usize,
+    name: String,
+    lost: CancellationToken,
+) {
+    let mut tracker = LoadTracker {
+        last: BTreeMap::new(),
+        smoothed: None,
+    };
+    let mut tick = tokio::time::interval(pc.interval.min(Duration::from_secs(1)));
+    let mut last_round = Instant::now() - pc.interval;
+    loop {
+        tokio::select! {
+            () = lost.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Membership changes are handled within a second; load changes every `interval`.
+        let members = match reg.workers().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "planner cannot read the workers");
+                continue;
+            }
+        };
+        let current = match reg.plan().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "planner cannot read the plan");
+                continue;
+            }
+        };
+        let managed: Vec<PlanWorker> = members
+            .values()
+            .filter(|r| r.managed)
+            .map(|r| PlanWorker {
+                addr: r.addr.clone(),
+                capacity: r.capacity(experts),
+                current: r.experts_everywhere(),
+            })
+            .collect();
+        let fixed: Vec<Vec<u32>> = members
+            .values()
+            .filter(|r| !r.managed)
+            .map(switchyard_cluster::WorkerRecord::experts_everywhere)
+            .collect();
+        let same_workers = current.as_ref().is_some_and(|(p, _)| {
+            p.assign.len() == managed.len()
+                && managed.iter().all(|w| p.assign.contains_key(&w.addr))
+        });
+        let load_round = last_round.elapsed() >= pc.interval;
+        let load = if load_round {
+            last_round = Instant::now();
+            match reg.loads().await {
+                Ok(l) => tracker.update(&l, experts),
+                Err(e) => {
+                    tracing::warn!(error = %e, "planner cannot read the load");
+                    tracker.smoothed.clone()
+                }
+            }
+        } else {
+            tracker.smoothed.clone()
+        };
+        // Idle clusters carry no signal worth moving weights for.
+        let load = load.filter(|l| l.iter().sum::<f64>() >= 1.0);
+        tracing::debug!(?load, load_round, same_workers, "planning round");
+        let plan = planner::plan(&PlanInput {
+            experts,
+            replication: pc.replication,
+            hot_replicas: pc.hot_replicas,
+            workers: &managed,
+            fixed: &fixed,
+            load: load.as_deref(),
+        });
+        let (generation, rev, reason) = match &current {
+            None => (1, 0, "first plan".to_string()),
+            Some((p, rev)) if !same_workers => {
+                (p.generation + 1, *rev, "the managed workers changed".into())
+            }
+            Some((p, rev)) if uncovered(experts, &p.assign, &fixed) > plan.uncovered.len() => (
+                p.generation + 1,
+                *rev,
+                "experts lost their fixed host".into(),
+            ),
+            Some((p, rev)) => {
+                let Some(l) = load.as_ref().filter(|_| load_round) else {
+                    continue;
+                };
+                if p.assign == plan.assign {
+                    continue;
+                }
+                let before = planner::max_worker_load(experts, &p.assign, &fixed, l);
+                let after = planner::max_worker_load(experts, &plan.assign, &fixed, l);
+                if after > (1.0 - pc.min_gain) * before {
+                    tracing::debug!(before, after, "the better plan does not gain enough");
+                    continue;
+                }
+                (
+                    p.generation + 1,
+                    *rev,
+                    format!("rebalance: heaviest worker {before:.0} → {after:.0} tokens/s"),
+                )
+            }
+        };
+        let record = PlanRecord {
+            generation,
+            assign: plan.assign.clone(),
+            expert_load: load.clone().unwrap_or_default(),
+            replication: pc.replication,
+            written_by: name.clone(),
+            reason: reason.clone(),
+        };
+        match reg.put_plan_if(&record, rev).await {
+            Ok(true) => {
+                tracing::info!(generation, %reason, assign = ?record.assign, uncovered = ?plan.uncovered, "plan written");
+            }
+            Ok(false) => tracing::info!("the plan changed under the planner; recomputing"),
+            Err(e) => tracing::warn!(error = %e, "planner cannot write the plan"),
+        }
+    }
+}
+
+/// Experts that neither `assign` nor `fixed` hosts.
+fn uncovered(experts: usize, assign: &BTreeMap<String, Vec<u32>>, fixed: &[Vec<u32>]) -> usize {
+    let mut hosted = vec![false; experts];
+    for &e in assign.values().chain(fixed).flatten() {
+        if let Some(h) = hosted.get_mut(e as usize) {
+            *h = true;
+        }
+    }
+    hosted.iter().filter(|h| !**h).count()
+}

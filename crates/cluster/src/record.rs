@@ -1,0 +1,221 @@
+//! What the registry stores, as JSON under `/switchyard/<cluster>/`:
+//!
+//! | key | value | lifetime |
+//! |---|---|---|
+//! | `workers/<addr>` | [`WorkerRecord`] | the worker's lease |
+//! | `assignment` | [`PlanRecord`], the planner's desired assignment | permanent |
+//! | `load/<coordinator>` | [`LoadRecord`], routed-token counters | the coordinator's lease |
+//! | `election/…` | etcd election keys of the planner | the candidate's lease |
+//!
+//! JSON rather than protobuf so that `etcdctl get --prefix /switchyard/` is readable by an
+//! operator; every field added later must have a default so older peers can read newer records.
+
+use std::collections::BTreeMap;
+
+/// Keys of one cluster.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// Keys of cluster `name` (letters, digits, `-`, `_`, `.`).
+    pub fn new(name: &str) -> Result<Self, crate::ClusterError> {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(crate::ClusterError::Spec(format!(
+                "cluster name {name:?} must be non-empty letters, digits, '-', '_' or '.'"
+            )));
+        }
+        Ok(Self {
+            root: format!("/switchyard/{name}/"),
+        })
+    }
+    #[must_use]
+    pub fn workers(&self) -> String {
+        format!("{}workers/", self.root)
+    }
+    #[must_use]
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}workers/{id}", self.root)
+    }
+    #[must_use]
+    pub fn plan(&self) -> String {
+        format!("{}assignment", self.root)
+    }
+    #[must_use]
+    pub fn loads(&self) -> String {
+        format!("{}load/", self.root)
+    }
+    #[must_use]
+    pub fn load(&self, coordinator: &str) -> String {
+        format!("{}load/{coordinator}", self.root)
+    }
+    #[must_use]
+    pub fn election(&self) -> String {
+        format!("{}election", self.root)
+    }
+}
+
+/// A live worker, as it registers itself.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerRecord {
+    /// The address coordinators dial; also the worker's key.
+    pub addr: String,
+    /// Differs between two processes that used the same address, so a restarted worker is a
+    /// new member (fresh connection, no inherited failure back-off).
+    pub instance: String,
+    /// `hosted[layer]`: the experts served for that layer, ascending.
+    pub hosted: Vec<Vec<u32>>,
+    /// Takes its experts from the planner's [`PlanRecord`] (started without `--experts`).
+    #[serde(default)]
+    pub managed: bool,
+    pub device: String,
+    /// Bytes of expert weights this worker may hold (the planner's capacity).
+    #[serde(default)]
+    pub memory_budget_bytes: u64,
+    /// Bytes of one expert in every layer (so capacity = budget / this).
+    #[serde(default)]
+    pub bytes_per_expert: u64,
+    /// Bytes of expert weights held now.
+    #[serde(default)]
+    pub weight_bytes: u64,
+    pub model_fingerprint: String,
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub worker_version: String,
+    #[serde(default)]
+    pub load: WorkerLoad,
+}
+
+impl WorkerRecord {
+    /// The experts hosted in every layer (the intersection over layers).
+    #[must_use]
+    pub fn experts_everywhere(&self) -> Vec<u32> {
+        let mut it = self.hosted.iter();
+        let Some(first) = it.next() else {
+            return Vec::new();
+        };
+        let mut out = first.clone();
+        for l in it {
+            out.retain(|e| l.contains(e));
+        }
+        out
+    }
+
+    /// How many experts (all layers each) fit in the memory budget.
+    #[must_use]
+    pub fn capacity(&self, experts: usize) -> usize {
+        if self.bytes_per_expert == 0 {
+            return experts;
+        }
+        ((self.memory_budget_bytes / self.bytes_per_expert) as usize).min(experts)
+    }
+}
+
+/// A worker's counters, refreshed every few seconds in its record.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerLoad {
+    pub batches_total: u64,
+    pub rows_total: u64,
+    pub busy_micros: u64,
+    /// Rows per second over the last refresh interval.
+    #[serde(default)]
+    pub rows_per_sec: f64,
+    /// Fraction of the last interval spent computing.
+    #[serde(default)]
+    pub busy_fraction: f64,
+}
+
+/// The planner's desired assignment: worker address → experts it should host in every layer.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlanRecord {
+    /// Increases with every plan written.
+    pub generation: u64,
+    pub assign: BTreeMap<String, Vec<u32>>,
+    /// The per-expert load (routed tokens per second, all layers) the plan was made for.
+    #[serde(default)]
+    pub expert_load: Vec<f64>,
+    #[serde(default)]
+    pub replication: usize,
+    /// Who wrote it and why.
+    #[serde(default)]
+    pub written_by: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A coordinator's routed-token counters, `[layer * experts + expert]`, since it started.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoadRecord {
+    pub coordinator: String,
+    pub experts: usize,
+    pub expert_tokens: Vec<u64>,
+    /// Milliseconds since the Unix epoch when the counters were read.
+    pub unix_ms: u64,
+}
+
+impl LoadRecord {
+    /// Tokens per expert index, summed over layers.
+    #[must_use]
+    pub fn per_expert(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.experts];
+        if self.experts == 0 {
+            return out;
+        }
+        for (i, &c) in self.expert_tokens.iter().enumerate() {
+            out[i % self.experts] += c;
+        }
+        out
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_scoped_and_names_checked() {
+        let k = Keys::new("prod-1").unwrap();
+        assert_eq!(
+            k.worker("10.0.0.1:7001"),
+            "/switchyard/prod-1/workers/10.0.0.1:7001"
+        );
+        assert!(k.worker("a").starts_with(&k.workers()));
+        assert!(Keys::new("").is_err());
+        assert!(Keys::new("a/b").is_err());
+    }
+
+    #[test]
+    fn old_records_without_new_fields_still_parse() {
+        let r: WorkerRecord = serde_json::from_str(
+            r#"{"addr":"h:1","instance":"x","hosted":[[0,1],[0,1,2]],"device":"cpu",
+                "model_fingerprint":"fp","protocol_version":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.experts_everywhere(), vec![0, 1]);
+        assert_eq!(r.capacity(8), 8);
+    }
+
+    #[test]
+    fn load_sums_over_layers() {
+        let l = LoadRecord {
+            experts: 2,
+            expert_tokens: vec![1, 2, 3, 4],
+            ..LoadRecord::default()
+        };
+        assert_eq!(l.per_expert(), vec![4, 6]);
+    }
+}
