@@ -4,6 +4,7 @@
 #   - protoc (Debian's protobuf-compiler) and protobuf's well-known .proto files (libprotobuf-dev):
 #     tonic's and etcd-client's code generation run it at build time.
 #   - etcd (Debian's etcd-server): the live-membership tests run a real one.
+#   - kubectl (Debian's kubernetes-client) and openssl: the deploy and mutual-TLS tests.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,10 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || [ -n "${PROTOC_INCLUDE:-}" ] || need+=(libprotobuf-dev)
 # etcd (Debian's etcd-server): the membership tests start a real one on a loopback port.
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# kubectl (Debian's kubernetes-client): the deploy tests render the kustomize overlays with it.
+command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+# openssl: deploy/tls/make-dev-ca.sh, used by the mutual-TLS test.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -20,10 +25,12 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# The API tests drive the server with the official OpenAI Python client, in a venv of their own.
+# The API tests drive the server with the official OpenAI Python client; the deploy tests parse
+# the rendered manifests and validate them offline (kubernetes-validate ships the schemas).
 PYENV=${SWITCHYARD_PYENV:-target/pyenv}
-if ! "$PYENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
-  echo "setup: creating $PYENV with openai and pytest" >&2
-  python3 -m venv "$PYENV"
-  "$PYENV/bin/pip" install -q --disable-pip-version-check "openai>=1.40,<4" "pytest>=8,<10"
+if ! "$PYENV/bin/python" -c 'import openai, pytest, yaml, kubernetes_validate' >/dev/null 2>&1; then
+  echo "setup: creating $PYENV with openai, pytest, pyyaml and kubernetes-validate" >&2
+  [ -x "$PYENV/bin/pip" ] || python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install -q --disable-pip-version-check "openai>=1.40,<4" "pytest>=8,<10" \
+    "pyyaml>=6,<7" "kubernetes-validate>=1.30,<2"
 fi

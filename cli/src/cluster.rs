@@ -28,6 +28,22 @@ pub struct ClusterArgs {
     /// it fails (503 from the API).
     #[arg(long, env = "SWITCHYARD_EXPERT_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub expert_wait: Duration,
+    /// Dial workers over TLS, trusting this CA (PEM).
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// Name every worker certificate carries (workers are dialled by address).
+    #[arg(
+        long,
+        env = "SWITCHYARD_WORKER_TLS_DOMAIN",
+        default_value = "switchyard-worker"
+    )]
+    pub worker_tls_domain: String,
+    /// This coordinator's certificate for workers that require one (mutual TLS; PEM).
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_CERT", requires_all = ["worker_tls_key", "worker_tls_ca"])]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// Private key of --worker-tls-cert (PEM).
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_KEY", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
 }
 
 /// etcd membership, shared by workers, coordinators and `cluster status`.
@@ -106,13 +122,28 @@ impl ClusterArgs {
         }))
     }
 
-    pub fn dispatch_config(&self) -> DispatchConfig {
-        DispatchConfig {
+    pub fn dispatch_config(&self) -> anyhow::Result<DispatchConfig> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()))
+        };
+        let tls = match &self.worker_tls_ca {
+            None => None,
+            Some(ca) => Some(switchyard_coordinator::dispatch::ClientTls {
+                ca_pem: read(ca)?,
+                domain: self.worker_tls_domain.clone(),
+                identity: match (&self.worker_tls_cert, &self.worker_tls_key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                },
+            }),
+        };
+        Ok(DispatchConfig {
+            tls,
             wire_dtype: self.wire_dtype,
             rpc_timeout: self.rpc_timeout,
             expert_wait: self.expert_wait,
             ..DispatchConfig::default()
-        }
+        })
     }
 
     /// Loads `model` embedded or against the placement's workers.
@@ -122,7 +153,7 @@ impl ClusterArgs {
             let (engine, remote, membership) = Engine::load_registry(
                 model,
                 m,
-                self.dispatch_config(),
+                self.dispatch_config()?,
                 Duration::from_secs(60),
                 &bar,
             )
@@ -142,7 +173,7 @@ impl ClusterArgs {
             }),
             Some(p) => {
                 let (engine, remote) =
-                    Engine::load_cluster(model, &p, self.dispatch_config(), &bar).with_context(
+                    Engine::load_cluster(model, &p, self.dispatch_config()?, &bar).with_context(
                         || {
                             format!(
                                 "loading {} over {} workers",

@@ -25,6 +25,9 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
+    /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.
+    #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "warn")]
+    log: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -55,7 +58,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();

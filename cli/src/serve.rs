@@ -50,6 +50,9 @@ pub struct Args {
     /// Write the bound address to this file once serving.
     #[arg(long, env = "SWITCHYARD_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Device for the dense layers: cpu (cuda:N needs a build with CUDA).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    device: switchyard_model::Device,
     /// With --etcd: do not campaign to run the placement planner.
     #[arg(long, env = "SWITCHYARD_NO_PLANNER")]
     no_planner: bool,
@@ -65,6 +68,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.device.check_available()?;
     let cfg = ServeConfig {
         model: a.model.clone(),
         served_model_name: a.served_model_name,
@@ -78,7 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 interval: a.rebalance_interval.max(Duration::from_secs(1)),
                 ..PlannerConfig::default()
             }))?,
-        dispatch: a.cluster.dispatch_config(),
+        dispatch: a.cluster.dispatch_config()?,
         scheduler: SchedulerConfig {
             max_batch_tokens: a.max_batch_tokens.max(1),
             max_running: a.max_running.max(1),

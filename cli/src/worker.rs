@@ -42,6 +42,15 @@ pub struct Args {
     /// Memory for expert weights the planner may fill, e.g. 8GiB (default: 90% of available).
     #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET", value_parser = parse_bytes, requires = "etcd")]
     memory_budget: Option<u64>,
+    /// Serve gRPC over TLS with this certificate (PEM; needs --tls-key).
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept only coordinators presenting a certificate signed by this CA (mutual TLS).
+    #[arg(long, env = "SWITCHYARD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// `123`, `512MiB`, `8GiB`, `2GB`.
@@ -100,6 +109,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ready_file: a.ready_file,
         shutdown_grace: a.shutdown_grace,
         membership,
+        tls: match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(switchyard_worker::TlsFiles {
+                cert,
+                key,
+                client_ca: a.tls_client_ca,
+            }),
+            _ => None,
+        },
     };
     tracing::info!(?cfg, "worker starting");
     let server = switchyard_worker::load(&cfg, &crate::progress::Bar::new("loading experts"))

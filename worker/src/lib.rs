@@ -37,6 +37,33 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Registers in etcd (and, without `experts`, follows the planner's assignment).
     pub membership: Option<Membership>,
+    /// Serve over TLS; with a client CA, only coordinators with a certificate it signed (mTLS).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a worker's TLS identity.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, WorkerError> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| WorkerError::Config(format!("TLS file {}: {e}", p.display())))
+        };
+        let mut c = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(c)
+    }
 }
 
 /// Loads the hosted experts (reporting progress) and returns the service, ready to serve.
@@ -158,7 +185,14 @@ pub async fn serve(
             draining.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder
+            .tls_config(tls.server_config()?)
+            .map_err(|e| WorkerError::Config(format!("TLS: {e}")))?;
+        tracing::info!(mtls = tls.client_ca.is_some(), "serving over TLS");
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health_svc)

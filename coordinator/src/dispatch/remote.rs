@@ -31,6 +31,19 @@ pub struct DispatchConfig {
     /// How long a layer whose expert has no live host waits for one (a replacement worker
     /// registering, a failed one coming back) before its sequences fail.
     pub expert_wait: Duration,
+    /// Talk to workers over TLS (mutual, with `identity`).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS towards workers: the CA that signed their certificates, the name their certificates carry
+/// (workers are dialled by IP, so one shared name is checked instead), and this coordinator's
+/// own certificate for workers that require one.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    pub domain: String,
+    /// (certificate, key), PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Default for DispatchConfig {
@@ -41,6 +54,7 @@ impl Default for DispatchConfig {
             connect_timeout: Duration::from_secs(5),
             failure_backoff: Duration::from_secs(2),
             expert_wait: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -146,7 +160,19 @@ struct Share {
 }
 
 fn endpoint(addr: &str, cfg: &DispatchConfig) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(t) = &cfg.tls {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut c = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&t.ca_pem))
+            .domain_name(t.domain.clone());
+        if let Some((cert, key)) = &t.identity {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        ep = ep.tls_config(c)?;
+    }
+    Ok(ep
         .connect_timeout(cfg.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -200,7 +226,21 @@ impl RemoteExperts {
                     let info = client
                         .info(req)
                         .await
-                        .map_err(|s| connect_err(format!("Info failed: {}", s.message())))?
+                        .map_err(|s| {
+                            let mut m = status_text(&s);
+                            if cfg.tls.is_none() && m.contains("frame with invalid size") {
+                                m.push_str(" (a worker serving TLS? see --worker-tls-ca)");
+                            }
+                            if cfg.tls.as_ref().is_some_and(|t| t.identity.is_none())
+                                && (m.contains("connection closed")
+                                    || m.contains("CertificateRequired"))
+                            {
+                                m.push_str(
+                                    " (a worker requiring a client certificate? see --worker-tls-cert)",
+                                );
+                            }
+                            connect_err(format!("Info failed: {m}"))
+                        })?
                         .into_inner();
                     Ok::<_, DispatchError>((spec.clone(), info, client))
                 }
@@ -671,10 +711,17 @@ impl RemoteExperts {
     }
 }
 
+/// A status's message and the chain of its source (transport and TLS errors hide there).
+fn status_text(s: &tonic::Status) -> String {
+    with_sources(s.message().to_string(), std::error::Error::source(s))
+}
+
 /// `outer: inner: innermost`, the way transport errors are worth reading.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
+    with_sources(e.to_string(), e.source())
+}
+
+fn with_sources(mut s: String, mut cur: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(c) = cur {
         let m = c.to_string();
         if !s.contains(&m) {

@@ -1,0 +1,131 @@
+//! Mutual TLS between coordinator and workers, with certificates from `deploy/tls/make-dev-ca.sh`:
+//! the cluster works with the right certificates, and every wrong one is refused.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use switchyard_tests::{fixtures, run, Worker};
+
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tls/make-dev-ca.sh");
+    let st = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .arg(name)
+        .status()
+        .unwrap();
+    assert!(st.success(), "make-dev-ca.sh failed");
+    out
+}
+
+fn p(dir: &Path, f: &str) -> String {
+    dir.join(f).to_str().unwrap().to_string()
+}
+
+fn tls_worker(model: &Path, ca: &Path, server: &Path) -> Worker {
+    Worker::start_with(
+        model,
+        &[
+            "--experts",
+            "0-7",
+            "--tls-cert",
+            &p(server, "worker.crt"),
+            "--tls-key",
+            &p(server, "worker.key"),
+            "--tls-client-ca",
+            &p(ca, "ca.crt"),
+        ],
+    )
+}
+
+fn forward(model: &Path, extra: &[String]) -> std::process::Output {
+    let mut args: Vec<String> = [
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,415,2936,338",
+        "--greedy",
+        "4",
+        "--expert-wait",
+        "0s",
+        "--rpc-timeout",
+        "5s",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend_from_slice(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&refs)
+}
+
+#[test]
+fn mutual_tls_works_with_the_dev_ca_and_refuses_wrong_certificates() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let tmp = tempfile::tempdir().unwrap();
+    let good = make_ca(tmp.path(), "good");
+    let rogue = make_ca(tmp.path(), "rogue");
+    let w = tls_worker(&model, &good, &good);
+    let spec = format!("{}=0-7", w.addr);
+    let client = |ca: &Path, id: Option<&Path>| {
+        let mut v = vec![
+            "--workers".to_string(),
+            spec.clone(),
+            "--worker-tls-ca".into(),
+            p(ca, "ca.crt"),
+        ];
+        if let Some(id) = id {
+            v.extend([
+                "--worker-tls-cert".into(),
+                p(id, "coordinator.crt"),
+                "--worker-tls-key".into(),
+                p(id, "coordinator.key"),
+            ]);
+        }
+        v
+    };
+
+    let embedded = forward(&model, &[]);
+    assert!(embedded.status.success());
+    let embedded = String::from_utf8(embedded.stdout).unwrap();
+    let ok = forward(&model, &client(&good, Some(&good)));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8(ok.stdout).unwrap(), embedded);
+
+    // A coordinator without a certificate, with one from another CA, or without TLS at all.
+    for (what, args) in [
+        ("no client certificate", client(&good, None)),
+        (
+            "a client certificate from another CA",
+            client(&good, Some(&rogue)),
+        ),
+        ("plaintext", vec!["--workers".to_string(), spec.clone()]),
+    ] {
+        let out = forward(&model, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the worker accepted it");
+        assert!(err.contains(&w.addr), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+
+    // A worker whose certificate the coordinator's CA did not sign is refused.
+    let impostor = tls_worker(&model, &good, &rogue);
+    let out = forward(
+        &model,
+        &[
+            vec!["--workers".to_string(), format!("{}=0-7", impostor.addr)],
+            client(&good, Some(&good))[2..].to_vec(),
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a worker with a rogue certificate was used"
+    );
+    assert!(err.contains(&impostor.addr), "{err}");
+}
