@@ -4,9 +4,9 @@
 Three measurements, each on a fresh etcd:
   join       two workers (0-3, 4-7) under streaming load; a third (0-7) is spawned: seconds from
              spawning its process to its first routed batch (coordinator metrics, polled every 20 ms).
-  failover   three workers (0-7, 0-3, 4-7) under streaming load; the one hosting everything is
-             killed with SIGKILL: the longest pause between tokens of any stream around the kill,
-             against the median inter-token latency, and whether every stream completed.
+  failover   three workers (0-7, 0-3, 4-7) under 16 decoding streams; the one hosting everything
+             is killed with SIGKILL: the longest pause between tokens of any stream across the
+             kill, against the median inter-token latency, and whether every stream completed.
   rebalance  a `gen-model --hot-experts 0,1` checkpoint on two managed workers (memory for five
              experts each): aggregate tok/s under the first plan (blocks: both hot experts on one
              worker), then after the planner has replicated the hot experts.
@@ -46,10 +46,10 @@ class Procs:
 
     def start(self, args, threads=1, ready=True):
         self.n += 1
-        log = self.tmp / f"p{self.n}.log"
-        r = self.tmp / f"p{self.n}.ready"
+        log = self.tmp / f"p{id(self)}-{self.n}.log"
+        r = self.tmp / f"p{id(self)}-{self.n}.ready"
         extra = ["--ready-file", str(r)] if ready else []
-        env = dict(os.environ, SWITCHYARD_THREADS=str(threads), SWITCHYARD_LOG="info")
+        env = dict(os.environ, SWITCHYARD_THREADS=str(threads), SWITCHYARD_LOG=os.environ.get("BENCH_LOG", "info"))
         p = subprocess.Popen([*args, *extra], stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
         self.procs.append(p)
         if not ready:
@@ -103,6 +103,11 @@ def wait_ready(addr, limit=120):
 def metric(addr, name, worker):
     m = re.search(rf'^{name}{{worker="{re.escape(worker)}"}} (\S+)$', get(addr, "/metrics")[1], re.M)
     return float(m.group(1)) if m else None
+
+
+def total(addr, name):
+    m = re.search(rf"^{name} (\S+)$", get(addr, "/metrics")[1], re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def stream(addr, model, prompt, max_tokens, out):
@@ -188,7 +193,10 @@ def bench_failover(tmp, model):
         results = []
         th = threading.Thread(target=lambda: results.append(load(s, model.name, 16, 200, seconds=1)))
         th.start()
-        time.sleep(2)
+        # Kill in steady decode: every stream past its prompt (a prefill step is long and would
+        # be mistaken for the failover's pause).
+        while total(s, "switchyard_generation_tokens_total") < 16 * 4:
+            time.sleep(0.05)
         t_kill = time.perf_counter()
         victim.send_signal(signal.SIGKILL)
         th.join()
@@ -262,10 +270,12 @@ def main():
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--interval", default="5s")
+    ap.add_argument("--keep", type=pathlib.Path, help="write processes' logs here instead of a temp dir")
     a = ap.parse_args()
     res = {}
     with tempfile.TemporaryDirectory() as d:
-        tmp = pathlib.Path(d)
+        tmp = a.keep or pathlib.Path(d)
+        tmp.mkdir(parents=True, exist_ok=True)
         for what in a.only.split(","):
             if what == "join":
                 res["join"] = bench_join(tmp, a.model)
