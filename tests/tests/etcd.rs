@@ -418,3 +418,45 @@ fn the_planner_assigns_managed_workers_and_replicates_hot_experts() {
     );
     assert_eq!(s.post("/v1/completions", &req(9)).0, 200);
 }
+
+#[test]
+fn two_coordinators_elect_one_planner_and_hand_over_when_it_dies() {
+    let etcd = Etcd::start();
+    let _w = worker(&etcd, "elect", &["--experts", "0-7"]);
+    let mut first = server(&etcd, "elect", &[]);
+    let second = server(&etcd, "elect", &[]);
+    let leader = || -> String {
+        let v: Value = serde_json::from_str(&run_ok(&[
+            "cluster",
+            "status",
+            "--etcd",
+            &etcd.endpoint,
+            "--cluster",
+            "elect",
+            "--json",
+        ]))
+        .unwrap();
+        v["planner"].as_str().unwrap_or("").to_string()
+    };
+    let pid = |s: &Server| s.proc.0.id().to_string();
+    wait_until(
+        Duration::from_secs(20),
+        || leader().ends_with(&format!("-{}", pid(&first))),
+        || first.log(),
+    );
+    // Both serve; only one plans.
+    assert_eq!(first.post("/v1/completions", &body(0, 4)).0, 200);
+    assert_eq!(second.post("/v1/completions", &body(1, 4)).0, 200);
+    assert!(second.log().contains("registered") && !second.log().contains("elected planner"));
+    // The planner crashes: the other coordinator takes over once its lease expires.
+    let _ = first.proc.0.kill();
+    let _ = first.proc.0.wait();
+    let second_pid = pid(&second);
+    wait_until(
+        Duration::from_secs(20),
+        || leader().ends_with(&format!("-{second_pid}")),
+        || second.log(),
+    );
+    assert!(second.log().contains("elected planner"));
+    assert_eq!(second.post("/v1/completions", &body(2, 4)).0, 200);
+}
