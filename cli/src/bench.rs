@@ -1,5 +1,8 @@
-//! `switchyard bench`: prefill and decode throughput of one sequence in embedded mode, median of
-//! several runs, printed as JSON. (Batched, cluster and plotted runs come with the performance work.)
+//! `switchyard bench`: prefill and decode throughput of one sequence (embedded or over
+//! `--workers`), median of several runs, printed as JSON, with the machine's measured read
+//! bandwidth and how close decode comes to the bound it sets (decode reads every dense weight,
+//! one embedding row and the routed experts' weights once per token). Batched and plotted runs
+//! come with the rest of the performance work.
 
 use anyhow::Context;
 use std::io::Write;
@@ -71,6 +74,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             decode.push((n - 1) as f64 / (end - first).as_secs_f64());
         }
     }
+    let bytes = decode_bytes_per_token(&a.model)?;
+    let bandwidth = read_bandwidth();
+    let bound = bandwidth / bytes as f64;
+    let decode_median = if decode.is_empty() {
+        f64::NAN
+    } else {
+        median(decode.clone())
+    };
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
         "threads": rayon::current_num_threads(),
@@ -78,7 +89,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
         "prefill_tok_s_median": median(prefill.clone()),
-        "decode_tok_s_median": if decode.is_empty() { f64::NAN } else { median(decode.clone()) },
+        "decode_tok_s_median": decode_median,
+        "decode_bytes_per_token": bytes,
+        "memory_read_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_bound_tok_s": bound,
+        "decode_pct_of_bandwidth_bound": 100.0 * decode_median / bound,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
     });
@@ -86,4 +101,44 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, &result)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Weight bytes one decoded token reads: every dense tensor once (the LM head included), one
+/// embedding row instead of the table (unless tied: then the LM head reads it all), and
+/// `experts_per_tok` experts in every layer.
+fn decode_bytes_per_token(model: &std::path::Path) -> anyhow::Result<u64> {
+    use switchyard_model::{weights::names, Checkpoint, Cpu, ExpertSet, LocalExperts, Mixtral};
+    let ck = Checkpoint::open(model)?;
+    let cfg = ck.config();
+    let mut dense = Mixtral::<Cpu>::bytes_to_load(&ck);
+    if !cfg.tie_word_embeddings {
+        let table = ck.tensor_bytes(names::EMBED).unwrap_or(0);
+        dense = dense - table + table / cfg.vocab_size.max(1) as u64;
+    }
+    // Every expert of a layer has the same size; expert 0 in every layer stands for any.
+    let per_expert = LocalExperts::<Cpu>::bytes_to_load(
+        &ck,
+        &ExpertSet::from_indices(cfg.num_local_experts, [0]),
+    );
+    Ok(dense + cfg.num_experts_per_tok as u64 * per_expert)
+}
+
+/// Bytes per second the compute threads read from memory: best of five parallel passes summing
+/// a 1 GiB buffer (far beyond any cache), after a pass that faults its pages in.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / secs);
+    }
+    best
 }

@@ -247,3 +247,39 @@ fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
         );
     }
 }
+
+#[test]
+fn bench_counts_the_bytes_a_decoded_token_reads() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let out = run_ok(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    // Independently, from config.json (f32 weights, untied head): per layer q, k, v, o, two
+    // norms and the router; the final norm, the LM head, one embedding row; top-k experts.
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    let (h, heads, kv, layers) = (
+        n("hidden_size"),
+        n("num_attention_heads"),
+        n("num_key_value_heads"),
+        n("num_hidden_layers"),
+    );
+    let hd = h / heads;
+    let per_layer = 2 * h * heads * hd + 2 * h * kv * hd + 2 * h + n("num_local_experts") * h;
+    let experts = n("num_experts_per_tok") * layers * 3 * h * n("intermediate_size");
+    let floats = layers * per_layer + h + n("vocab_size") * h + h + experts;
+    assert_eq!(v["decode_bytes_per_token"].as_u64().unwrap(), 4 * floats);
+    assert!(v["memory_read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
+    let pct = v["decode_pct_of_bandwidth_bound"].as_f64().unwrap();
+    assert!(pct > 0.0 && pct.is_finite(), "{v}");
+}
