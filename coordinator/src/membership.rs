@@ -393,3 +393,67 @@ fn uncovered(experts: usize, assign: &BTreeMap<String, Vec<u32>>, fixed: &[Vec<u
     }
     hosted.iter().filter(|h| !**h).count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(coordinator: &str, unix_ms: u64, tokens: Vec<u64>) -> LoadRecord {
+        LoadRecord {
+            coordinator: coordinator.into(),
+            experts: 2,
+            expert_tokens: tokens,
+            unix_ms,
+        }
+    }
+
+    #[test]
+    fn load_rates_sum_coordinators_smooth_and_survive_restarts() {
+        let mut t = LoadTracker {
+            last: BTreeMap::new(),
+            smoothed: None,
+        };
+        // First sight of a coordinator: no rate yet.
+        assert_eq!(t.update(&[rec("a", 1000, vec![0, 0, 0, 0])], 2), None);
+        // One second later: layer counts summed per expert, 10 + 30 and 20 + 40 tokens/s.
+        let r = t
+            .update(&[rec("a", 2000, vec![10, 20, 30, 40])], 2)
+            .unwrap();
+        assert_eq!(r, vec![40.0, 60.0]);
+        // A second coordinator joins (no rate from it yet); the first goes on; smoothing halves.
+        let r = t
+            .update(
+                &[
+                    rec("a", 3000, vec![10, 20, 30, 40]),
+                    rec("b", 3000, vec![5, 5, 5, 5]),
+                ],
+                2,
+            )
+            .unwrap();
+        assert_eq!(r, vec![20.0, 30.0]);
+        // "a" restarted (counters back near zero): no negative rate.
+        let r = t
+            .update(
+                &[
+                    rec("a", 4000, vec![1, 1, 1, 1]),
+                    rec("b", 4000, vec![5, 5, 5, 5]),
+                ],
+                2,
+            )
+            .unwrap();
+        assert!(r.iter().all(|&x| x >= 0.0), "{r:?}");
+        // Records of another model shape are ignored.
+        assert_eq!(
+            t.update(&[rec("c", 5000, vec![1; 6])], 3),
+            t.smoothed.clone()
+        );
+    }
+
+    #[test]
+    fn uncovered_counts_experts_without_any_host() {
+        let mut assign = BTreeMap::new();
+        assign.insert("w".to_string(), vec![0, 1]);
+        assert_eq!(uncovered(4, &assign, &[vec![3]]), 1);
+        assert_eq!(uncovered(4, &BTreeMap::new(), &[]), 4);
+    }
+}

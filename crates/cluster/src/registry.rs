@@ -458,3 +458,47 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_normalises_endpoints_and_checks_names_and_ttl() {
+        let c = RegistryConfig::new(
+            "10.0.0.1:2379, http://e2:2379",
+            "prod",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, vec!["http://10.0.0.1:2379", "http://e2:2379"]);
+        assert_eq!(c.keys().plan(), "/switchyard/prod/assignment");
+        assert!(RegistryConfig::new("", "prod", Duration::from_secs(5)).is_err());
+        assert!(RegistryConfig::new("e:1", "a/b", Duration::from_secs(5)).is_err());
+        assert!(RegistryConfig::new("e:1", "prod", Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn unreadable_worker_records_are_skipped() {
+        let good = WorkerRecord {
+            addr: "h:1".into(),
+            instance: "i".into(),
+            hosted: vec![vec![0, 1]],
+            managed: false,
+            device: "cpu".into(),
+            memory_budget_bytes: 0,
+            bytes_per_expert: 0,
+            weight_bytes: 0,
+            model_fingerprint: "fp".into(),
+            protocol_version: 1,
+            worker_version: String::new(),
+            load: crate::WorkerLoad::default(),
+        };
+        let mut raw = BTreeMap::new();
+        raw.insert("h:1".to_string(), serde_json::to_vec(&good).unwrap());
+        raw.insert("h:2".to_string(), b"{not json".to_vec());
+        let parsed = parse_workers(&raw);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed["h:1"], good);
+    }
+}
