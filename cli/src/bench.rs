@@ -1,8 +1,9 @@
 //! `switchyard bench`: prefill and decode throughput of one sequence (embedded or over
 //! `--workers`), median of several runs, printed as JSON, with the machine's measured read
 //! bandwidth and how close decode comes to the bound it sets (decode reads every dense weight,
-//! one embedding row and the routed experts' weights once per token). Batched and plotted runs
-//! come with the rest of the performance work.
+//! one embedding row and the routed experts' weights once per token). `--concurrency 1,8,32`
+//! adds runs of that many sequences through the continuous-batching scheduler. Plots come with
+//! the rest of the performance work.
 
 use anyhow::Context;
 use std::io::Write;
@@ -26,6 +27,13 @@ pub struct Args {
     /// Measured runs (the median is reported); one unmeasured warm-up run comes first.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also run this many sequences at once through the continuous-batching scheduler, e.g.
+    /// 1,8,32: aggregate generated tok/s, time to first token and inter-token latency.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Prompt tokens of each sequence in the concurrency runs.
+    #[arg(long, default_value_t = 32)]
+    batch_prompt_tokens: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -39,7 +47,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "runs, prompt and decode tokens must be positive"
     );
     let loaded = a.cluster.load(&a.model)?;
-    let engine = &loaded.engine;
+    let engine = std::sync::Arc::new(loaded.engine);
+    let engine = &engine;
     let vocab = engine.config().vocab_size as u32;
     // Deterministic token ids spread over the vocabulary (skipping the low special ids).
     let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
@@ -74,6 +83,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             decode.push((n - 1) as f64 / (end - first).as_secs_f64());
         }
     }
+    let batched = a
+        .concurrency
+        .iter()
+        .map(|&n| concurrent(engine, n, &a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let bytes = decode_bytes_per_token(&a.model)?;
     let bandwidth = read_bandwidth();
     let bound = bandwidth / bytes as f64;
@@ -96,6 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "decode_pct_of_bandwidth_bound": 100.0 * decode_median / bound,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
+        "concurrency": batched,
     });
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &result)?;
@@ -141,4 +156,92 @@ fn read_bandwidth() -> f64 {
         best = best.max((words * 8) as f64 / secs);
     }
     best
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `n` sequences submitted together to a scheduler of their own, `runs` times after a warm-up:
+/// the median aggregate tok/s (generated tokens over wall time, prefill included) and the
+/// latency percentiles of the median run.
+fn concurrent(
+    engine: &std::sync::Arc<switchyard_coordinator::Engine>,
+    n: usize,
+    a: &Args,
+) -> anyhow::Result<serde_json::Value> {
+    use switchyard_coordinator::scheduler::{self, SchedulerConfig, SeqEvent, SeqRequest};
+    anyhow::ensure!(n >= 1, "concurrency must be positive");
+    let sched = scheduler::start(
+        engine.clone(),
+        SchedulerConfig {
+            max_running: n.max(1),
+            max_waiting: n.max(1),
+            ..SchedulerConfig::default()
+        },
+    )?;
+    let vocab = engine.config().vocab_size as u32;
+    let mut runs = Vec::new();
+    for run in 0..=a.runs {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let start = Instant::now();
+        for i in 0..n {
+            let prompt = (0..a.batch_prompt_tokens as u32)
+                .map(|t| 5 + (t * 7919 + i as u32 * 104_729) % (vocab - 5))
+                .collect();
+            sched
+                .submit(SeqRequest {
+                    prompt,
+                    max_tokens: a.decode_tokens,
+                    sampling: SamplingParams::default(),
+                    stop_ids: vec![],
+                    ignore_eos: true,
+                    top_logprobs: 0,
+                    index: i,
+                    events: tx.clone(),
+                    cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                })
+                .map_err(|e| anyhow::anyhow!("submitting sequence {i}: {e}"))?;
+        }
+        drop(tx);
+        let mut last = vec![None::<Instant>; n];
+        let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+        while let Some((i, ev)) = rx.blocking_recv() {
+            match ev {
+                SeqEvent::Token { .. } => {
+                    let now = Instant::now();
+                    match last[i] {
+                        None => ttft.push((now - start).as_secs_f64() * 1e3),
+                        Some(t) => itl.push((now - t).as_secs_f64() * 1e3),
+                    }
+                    last[i] = Some(now);
+                    tokens += 1;
+                }
+                SeqEvent::Finished { .. } => {}
+                SeqEvent::Failed(f) => anyhow::bail!("sequence {i} failed: {f:?}"),
+            }
+        }
+        let wall = start.elapsed().as_secs_f64();
+        if run > 0 {
+            runs.push((tokens as f64 / wall, ttft, itl));
+        }
+    }
+    runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let tok_s: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let (median, mut ttft, mut itl) = runs.swap_remove(runs.len() / 2);
+    Ok(serde_json::json!({
+        "sequences": n,
+        "prompt_tokens": a.batch_prompt_tokens,
+        "decode_tokens": a.decode_tokens,
+        "tok_s_median": median,
+        "tok_s": tok_s,
+        "ttft_ms_p50": pct(&mut ttft, 0.5),
+        "ttft_ms_p99": pct(&mut ttft, 0.99),
+        "itl_ms_p50": pct(&mut itl, 0.5),
+        "itl_ms_p99": pct(&mut itl, 0.99),
+    }))
 }

@@ -249,7 +249,7 @@ fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
 }
 
 #[test]
-fn bench_counts_the_bytes_a_decoded_token_reads() {
+fn bench_counts_the_bytes_a_decoded_token_reads_and_runs_concurrent_sequences() {
     let model = fixtures().join("tiny-mixtral-trained");
     let out = run_ok(&[
         "bench",
@@ -261,6 +261,8 @@ fn bench_counts_the_bytes_a_decoded_token_reads() {
         "8",
         "--decode-tokens",
         "4",
+        "--concurrency",
+        "1,3",
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     // Independently, from config.json (f32 weights, untied head): per layer q, k, v, o, two
@@ -282,4 +284,12 @@ fn bench_counts_the_bytes_a_decoded_token_reads() {
     assert!(v["memory_read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
     let pct = v["decode_pct_of_bandwidth_bound"].as_f64().unwrap();
     assert!(pct > 0.0 && pct.is_finite(), "{v}");
+    // The scheduler runs: every sequence delivered its tokens.
+    let runs = v["concurrency"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (r, n) in runs.iter().zip([1, 3]) {
+        assert_eq!(r["sequences"], n);
+        assert!(r["tok_s_median"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["itl_ms_p50"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }
