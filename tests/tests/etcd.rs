@@ -41,7 +41,8 @@ fn worker(etcd: &Etcd, cluster: &str, extra: &[&str]) -> Worker {
     worker_of(&model(), etcd, cluster, extra)
 }
 
-fn worker_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Worker {
+/// `--etcd E --cluster C --lease-ttl 2s`, then `extra`.
+fn registry_args<'a>(etcd: &'a Etcd, cluster: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--etcd",
         &etcd.endpoint,
@@ -51,7 +52,11 @@ fn worker_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Worker
         "2s",
     ];
     args.extend_from_slice(extra);
-    Worker::start_with(model, &args)
+    args
+}
+
+fn worker_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Worker {
+    Worker::start_with(model, &registry_args(etcd, cluster, extra))
 }
 
 fn server(etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server {
@@ -59,16 +64,7 @@ fn server(etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server {
 }
 
 fn server_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server {
-    let mut args = vec![
-        "--etcd",
-        &etcd.endpoint,
-        "--cluster",
-        cluster,
-        "--lease-ttl",
-        "2s",
-        "--rpc-timeout",
-        "5s",
-    ];
+    let mut args = registry_args(etcd, cluster, &["--rpc-timeout", "5s"]);
     args.extend_from_slice(extra);
     let s = Server::start(model, &args);
     wait_until(

@@ -134,6 +134,15 @@ pub async fn serve(
     cfg: &WorkerConfig,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
+    // TLS files are checked before binding, registering or writing the ready file: a worker
+    // with a bad certificate must never look available.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder
+            .tls_config(tls.server_config()?)
+            .map_err(|e| WorkerError::Config(format!("TLS: {e}")))?;
+        tracing::info!(mtls = tls.client_ca.is_some(), "serving over TLS");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| WorkerError::Bind(cfg.listen, e))?;
@@ -185,13 +194,6 @@ pub async fn serve(
             draining.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &cfg.tls {
-        builder = builder
-            .tls_config(tls.server_config()?)
-            .map_err(|e| WorkerError::Config(format!("TLS: {e}")))?;
-        tracing::info!(mtls = tls.client_ca.is_some(), "serving over TLS");
-    }
     let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

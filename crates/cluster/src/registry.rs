@@ -82,23 +82,25 @@ pub struct Registry {
     keys: Keys,
 }
 
-/// Back-off between reconnect attempts: 200 ms doubling to 3 s.
+/// Back-off between reconnect attempts: 200 ms doubling to 3 s while etcd stays unreachable,
+/// back to 200 ms once a session got somewhere (connected and did its first piece of work).
 struct Backoff(Duration);
 
 impl Backoff {
     fn new() -> Self {
         Self(Duration::from_millis(200))
     }
-    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+    /// Waits before the next attempt; false if `stop` came first.
+    async fn wait(&mut self, progressed: bool, stop: &CancellationToken) -> bool {
+        if progressed {
+            self.0 = Duration::from_millis(200);
+        }
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(3));
         tokio::select! {
             () = tokio::time::sleep(d) => true,
             () = stop.cancelled() => false,
         }
-    }
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(200);
     }
 }
 
@@ -263,6 +265,7 @@ pub async fn keep_alive(
     let mut backoff = Backoff::new();
     let renew = cfg.lease_ttl / 3;
     loop {
+        let mut registered = false;
         let session = async {
             let mut reg = Registry::connect(&cfg).await?;
             let (lease, mut keeper, mut acks) = reg.lease().await?;
@@ -277,6 +280,7 @@ pub async fn keep_alive(
             };
             let v = value.borrow_and_update().clone();
             put(&mut reg, v).await.map_err(|e| cfg.err(e))?;
+            registered = true;
             tracing::info!(%key, lease, "registered");
             let mut tick = tokio::time::interval(renew);
             loop {
@@ -309,11 +313,9 @@ pub async fn keep_alive(
                 tracing::warn!(%key, error = %e, "registration lost; retrying");
             }
         }
-        if !backoff.wait(&stop).await {
+        if !backoff.wait(registered, &stop).await {
             return;
         }
-        // A session that got as far as registering earns a quick retry next time.
-        backoff.reset();
     }
 }
 
@@ -328,10 +330,12 @@ pub async fn watch_prefix(
 ) {
     let mut backoff = Backoff::new();
     loop {
+        let mut synced = false;
         let session = async {
             let mut reg = Registry::connect(&cfg).await?;
             let (mut map, rev) = reg.get_prefix(&prefix).await?;
             out.send_replace(Some(map.clone()));
+            synced = true;
             let mut stream = reg
                 .client
                 .watch(
@@ -386,7 +390,7 @@ pub async fn watch_prefix(
                 tracing::warn!(%prefix, error = %e, "registry watch lost; keeping the last known state and retrying")
             }
         }
-        if !backoff.wait(&stop).await {
+        if !backoff.wait(synced, &stop).await {
             return;
         }
     }
@@ -402,9 +406,11 @@ where
 {
     let mut backoff = Backoff::new();
     loop {
+        let mut granted = false;
         let session = async {
             let mut reg = Registry::connect(&cfg).await?;
             let (lease, mut keeper, mut acks) = reg.lease().await?;
+            granted = true;
             let lost = CancellationToken::new();
             let keep = async {
                 let mut tick = tokio::time::interval(cfg.lease_ttl / 3);
@@ -453,7 +459,7 @@ where
         if let Err(e) = r {
             tracing::warn!(error = %e, "planner election interrupted; campaigning again");
         }
-        if !backoff.wait(&stop).await {
+        if !backoff.wait(granted, &stop).await {
             return;
         }
     }
