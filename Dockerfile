@@ -3,13 +3,14 @@
 #   docker build -t switchyard:dev .
 #   docker build --build-arg VARIANT=cuda -t switchyard:dev-cuda .
 #
-# VARIANT=cuda builds with `--features cuda` on NVIDIA's CUDA runtime image (cudarc loads the
-# driver libraries at run time, so the build stage needs no toolkit). The build runs the same
+# VARIANT=cuda builds with `--features cuda` on NVIDIA's CUDA runtime image, which carries cuBLAS,
+# NVRTC and NCCL (cudarc loads them and the driver at run time, so the build stage needs no
+# toolkit). The build runs the same
 # `cargo build --release --locked -p switchyard` as scripts/test.sh's release checks.
 ARG VARIANT=cpu
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG CPU_BASE=debian:bookworm-slim
-ARG CUDA_BASE=nvidia/cuda:12.4.1-base-ubuntu22.04
+ARG CUDA_BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
 
 FROM ${RUST_IMAGE} AS build
 ARG VARIANT

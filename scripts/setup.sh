@@ -5,6 +5,7 @@
 #     tonic's and etcd-client's code generation run it at build time.
 #   - etcd (Debian's etcd-server): the live-membership tests run a real one.
 #   - kubectl (Debian's kubernetes-client) and openssl: the deploy and mutual-TLS tests.
+#   - g++: the host-side test of the CUDA kernels' source.
 set -euo pipefail
 
 need=()
@@ -17,6 +18,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
 # openssl: deploy/tls/make-dev-ca.sh, used by the mutual-TLS test.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# g++: the CUDA kernels' source is also compiled and run as host C++ by the model crate's tests
+# (the checks that need no GPU).
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -18,6 +18,10 @@ pub struct ClusterArgs {
     pub placement: Option<PathBuf>,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    /// Device for the dense layers (and, embedded, the experts): cpu or cuda:N (a build with
+    /// `--features cuda`).
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    pub device: switchyard_model::Device,
     /// Activation dtype on the wire: f32 (bit-exact with embedded mode) or bf16 (half the bytes).
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32")]
     pub wire_dtype: WireDType,
@@ -155,6 +159,7 @@ impl ClusterArgs {
                 m,
                 self.dispatch_config()?,
                 Duration::from_secs(60),
+                self.device,
                 &bar,
             )
             .with_context(|| format!("loading {} over the etcd cluster", model.display()))?;
@@ -166,22 +171,21 @@ impl ClusterArgs {
         }
         match self.placement()? {
             None => Ok(Loaded {
-                engine: Engine::load_embedded(model, &bar)
+                engine: Engine::load_embedded_on(model, self.device, &bar)
                     .with_context(|| format!("loading {}", model.display()))?,
                 remote: None,
                 _membership: None,
             }),
             Some(p) => {
                 let (engine, remote) =
-                    Engine::load_cluster(model, &p, self.dispatch_config()?, &bar).with_context(
-                        || {
+                    Engine::load_cluster(model, &p, self.dispatch_config()?, self.device, &bar)
+                        .with_context(|| {
                             format!(
                                 "loading {} over {} workers",
                                 model.display(),
                                 p.workers.len()
                             )
-                        },
-                    )?;
+                        })?;
                 Ok(Loaded {
                     engine,
                     remote: Some(remote),

@@ -50,9 +50,6 @@ pub struct Args {
     /// Write the bound address to this file once serving.
     #[arg(long, env = "SWITCHYARD_READY_FILE")]
     ready_file: Option<PathBuf>,
-    /// Device for the dense layers: cpu (cuda:N needs a build with CUDA).
-    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
-    device: switchyard_model::Device,
     /// With --etcd: do not campaign to run the placement planner.
     #[arg(long, env = "SWITCHYARD_NO_PLANNER")]
     no_planner: bool,
@@ -68,7 +65,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.device.check_available()?;
+    a.cluster.device.check_available()?;
     let cfg = ServeConfig {
         model: a.model.clone(),
         served_model_name: a.served_model_name,
@@ -95,6 +92,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
+        device: a.cluster.device,
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = cfg.api_key.is_some(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

@@ -4,9 +4,9 @@
 
 use std::{path::Path, sync::Arc};
 use switchyard_model::{
-    sampling, Backend, Checkpoint, Cpu, ExpertExecutor, ExpertSet, KvCache, LoadProgress,
-    LocalExperts, Logits, Mixtral, MixtralConfig, ModelError, Sampler, SamplingParams, SeqKv,
-    SeqStep, StepOutput, StepScratch, Tokenizer,
+    sampling, AnyBackend, Backend, Checkpoint, Cpu, Device, ExpertExecutor, ExpertSet, KvCache,
+    LoadProgress, LocalExperts, Logits, Mixtral, MixtralConfig, ModelError, Sampler,
+    SamplingParams, SeqKv, SeqStep, StepOutput, StepScratch, Tokenizer,
 };
 
 /// Errors of the engine.
@@ -66,36 +66,48 @@ pub struct GenerateEvent {
 }
 
 /// A model ready to run on backend `B` with its experts wherever `experts` puts them.
-pub struct Engine<B: Backend = Cpu> {
+pub struct Engine<B: Backend = AnyBackend> {
     model: Mixtral<B>,
     experts: Arc<dyn ExpertExecutor>,
     tokenizer: Tokenizer,
 }
 
-impl Engine<Cpu> {
-    /// Embedded mode: dense weights and every expert in this process, on the CPU.
+impl Engine<AnyBackend> {
+    /// Embedded mode on the CPU: dense weights and every expert in this process.
     pub fn load_embedded(dir: &Path, progress: &dyn LoadProgress) -> Result<Self, EngineError> {
+        Self::load_embedded_on(dir, Device::Cpu, progress)
+    }
+
+    /// Embedded mode: dense weights and every expert in this process, on `device`.
+    pub fn load_embedded_on(
+        dir: &Path,
+        device: Device,
+        progress: &dyn LoadProgress,
+    ) -> Result<Self, EngineError> {
+        let backend = AnyBackend::new(device)?;
         let ck = Checkpoint::open(dir)?;
         let all = ExpertSet::all(ck.config().num_local_experts);
         progress.start(
             Mixtral::<Cpu>::bytes_to_load(&ck) + LocalExperts::<Cpu>::bytes_to_load(&ck, &all),
         );
-        let experts = Arc::new(LocalExperts::load(&Cpu, &ck, &all, progress)?);
-        let engine = Self::load_with(Cpu, &ck, experts, progress)?;
+        let experts = Arc::new(LocalExperts::load(&backend, &ck, &all, progress)?);
+        let engine = Self::load_with(backend, &ck, experts, progress)?;
         progress.finish();
         Ok(engine)
     }
 }
 
-impl Engine<Cpu> {
+impl Engine<AnyBackend> {
     /// Cluster mode: dense weights here, experts on the workers of `placement`. Blocks; call it
     /// (and run the engine) outside any async runtime.
     pub fn load_cluster(
         dir: &Path,
         placement: &switchyard_cluster::StaticPlacement,
         dispatch: crate::dispatch::DispatchConfig,
+        device: Device,
         progress: &dyn LoadProgress,
     ) -> Result<(Self, Arc<crate::dispatch::RemoteExperts>), EngineError> {
+        let backend = AnyBackend::new(device)?;
         let ck = Checkpoint::open(dir)?;
         let fingerprint = ck.fingerprint();
         let remote = Arc::new(crate::dispatch::RemoteExperts::connect(
@@ -105,13 +117,13 @@ impl Engine<Cpu> {
             dispatch,
         )?);
         progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
-        let engine = Self::load_with(Cpu, &ck, remote.clone(), progress)?;
+        let engine = Self::load_with(backend, &ck, remote.clone(), progress)?;
         progress.finish();
         Ok((engine, remote))
     }
 }
 
-impl Engine<Cpu> {
+impl Engine<AnyBackend> {
     /// Cluster mode with live membership: dense weights here, experts on whichever workers are
     /// registered in etcd. Waits up to `wait` for every expert to have a host (requests that
     /// need a missing one wait for it anyway, up to the dispatcher's `expert_wait`).
@@ -120,6 +132,7 @@ impl Engine<Cpu> {
         membership: crate::membership::MembershipConfig,
         dispatch: crate::dispatch::DispatchConfig,
         wait: std::time::Duration,
+        device: Device,
         progress: &dyn LoadProgress,
     ) -> Result<
         (
@@ -129,6 +142,7 @@ impl Engine<Cpu> {
         ),
         EngineError,
     > {
+        let backend = AnyBackend::new(device)?;
         let ck = Checkpoint::open(dir)?;
         let remote = Arc::new(crate::dispatch::RemoteExperts::empty(
             ck.config(),
@@ -139,7 +153,7 @@ impl Engine<Cpu> {
             |e| EngineError::Invalid(format!("cannot start the membership thread: {e}")),
         )?;
         progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
-        let engine = Self::load_with(Cpu, &ck, remote.clone(), progress)?;
+        let engine = Self::load_with(backend, &ck, remote.clone(), progress)?;
         progress.finish();
         if !remote.wait_for_coverage(wait) {
             let (l, e) = remote.first_unreachable_expert().unwrap_or((0, 0));

@@ -171,7 +171,7 @@ impl Seq {
 /// Starts the engine thread; it stops when every handle is dropped.
 pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandle, ModelError> {
     let mcfg = engine.config().clone();
-    let block_bytes = KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, cfg.block_size);
+    let block_bytes = KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, cfg.block_size);
     let num_blocks = (cfg.kv_cache_bytes / block_bytes).max(1);
     let max_seq_len = max_seq_len(&mcfg, num_blocks, cfg.block_size);
     let (tx, rx) = mpsc::channel(cfg.max_waiting.max(1));
@@ -205,11 +205,11 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandl
 struct Loop {
     engine: Arc<Engine>,
     cfg: SchedulerConfig,
-    kv: KvCache<switchyard_model::Cpu>,
+    kv: KvCache<switchyard_model::AnyBackend>,
     stats: Arc<SchedulerStats>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    scratch: StepScratch<switchyard_model::Cpu>,
+    scratch: StepScratch<switchyard_model::AnyBackend>,
     out: StepOutput,
     logprobs: Vec<f32>,
 }
@@ -218,8 +218,8 @@ impl Loop {
     fn new(
         engine: Arc<Engine>,
         cfg: SchedulerConfig,
-        kv: KvCache<switchyard_model::Cpu>,
-        scratch: StepScratch<switchyard_model::Cpu>,
+        kv: KvCache<switchyard_model::AnyBackend>,
+        scratch: StepScratch<switchyard_model::AnyBackend>,
         stats: Arc<SchedulerStats>,
     ) -> Self {
         Self {
@@ -576,7 +576,7 @@ mod tests {
         // Room for 6 blocks of 16 positions: far less than the 155 positions generated.
         let mcfg = engine.config().clone();
         let cfg = SchedulerConfig {
-            kv_cache_bytes: 6 * KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, 16),
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
             ..SchedulerConfig::default()
         };
         let handle = start(engine, cfg).unwrap();
@@ -647,7 +647,7 @@ mod tests {
         // 6 blocks of 16 positions for three sequences of ~63 positions each.
         let mcfg = engine.config().clone();
         let cfg = SchedulerConfig {
-            kv_cache_bytes: 6 * KvCache::<switchyard_model::Cpu>::block_bytes(&mcfg, 16),
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
             ..SchedulerConfig::default()
         };
         let handle = start(engine, cfg).unwrap();

@@ -12,7 +12,7 @@ use crate::{
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use switchyard_cluster::StaticPlacement;
 use switchyard_model::{
-    Checkpoint, Cpu, ExpertExecutor, ExpertSet, LoadProgress, LocalExperts, Mixtral,
+    AnyBackend, Checkpoint, Cpu, ExpertExecutor, ExpertSet, LoadProgress, LocalExperts, Mixtral,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Written with the bound address once serving.
     pub ready_file: Option<PathBuf>,
+    /// Where the dense layers (and, embedded, the experts) run.
+    pub device: switchyard_model::Device,
 }
 
 /// Errors starting or running the server.
@@ -63,6 +65,7 @@ pub struct Loaded {
 
 /// Loads everything (blocking; call before entering the async runtime).
 pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, ServeError> {
+    let backend = AnyBackend::new(cfg.device).map_err(EngineError::from)?;
     let ck = Checkpoint::open(&cfg.model).map_err(EngineError::from)?;
     let mc = ck.config();
     let counts = Arc::new(ExpertCounts::new(
@@ -101,7 +104,8 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
                 Mixtral::<Cpu>::bytes_to_load(&ck) + LocalExperts::<Cpu>::bytes_to_load(&ck, &all),
             );
             (
-                Arc::new(LocalExperts::load(&Cpu, &ck, &all, progress)?) as Arc<dyn ExpertExecutor>,
+                Arc::new(LocalExperts::load(&backend, &ck, &all, progress)?)
+                    as Arc<dyn ExpertExecutor>,
                 None,
             )
         }
@@ -110,7 +114,7 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
         inner,
         counts: counts.clone(),
     });
-    let engine = Arc::new(Engine::load_with(Cpu, &ck, experts, progress)?);
+    let engine = Arc::new(Engine::load_with(backend, &ck, experts, progress)?);
     progress.finish();
     Ok(Loaded {
         engine,

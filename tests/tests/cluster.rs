@@ -316,8 +316,14 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
         expert_wait: Duration::from_secs(1),
         ..DispatchConfig::default()
     };
-    let (engine, _remote) =
-        Engine::load_cluster(&model, &placement, cfg, &switchyard_model::NoProgress).unwrap();
+    let (engine, _remote) = Engine::load_cluster(
+        &model,
+        &placement,
+        cfg,
+        switchyard_model::Device::Cpu,
+        &switchyard_model::NoProgress,
+    )
+    .unwrap();
     let want = embedded.forward_report(&[1], Some(1)).unwrap();
     b.kill();
     // A prompt that needs the dead worker fails with a clear, coded error...

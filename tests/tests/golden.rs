@@ -139,6 +139,15 @@ fn cli_errors_are_clear_and_not_panics() {
             vec!["forward", "--model", d, "--ids", "1,x"],
             "invalid value",
         ),
+        // No driver, no CUDA build or no such device: each says so before loading anything.
+        (
+            vec!["forward", "--model", d, "--ids", "1", "--device", "cuda:99"],
+            "\"cuda:99\" is not available",
+        ),
+        (
+            vec!["worker", "--model", d, "--device", "cuda:99"],
+            "\"cuda:99\" is not available",
+        ),
         (
             vec![
                 "generate",

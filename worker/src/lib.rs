@@ -14,7 +14,9 @@ pub use membership::Membership;
 pub use service::ExpertServer;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-use switchyard_model::{Checkpoint, Cpu, Device, ExpertSet, LoadProgress, LocalExperts};
+use switchyard_model::{
+    AnyBackend, Checkpoint, Cpu, Device, ExpertSet, LoadProgress, LocalExperts,
+};
 use switchyard_wire::pb::expert_service_server::ExpertServiceServer;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +70,6 @@ impl TlsFiles {
 
 /// Loads the hosted experts (reporting progress) and returns the service, ready to serve.
 pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertServer, WorkerError> {
-    cfg.device.check_available()?;
     let ck = Checkpoint::open(&cfg.model)?;
     let n = ck.config().num_local_experts;
     let managed = cfg.membership.as_ref().is_some_and(|m| m.managed);
@@ -81,8 +82,9 @@ pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertSer
     if hosted.is_empty() && !managed {
         return Err(WorkerError::Config("the worker hosts no experts".into()));
     }
+    let backend = AnyBackend::new(cfg.device)?;
     progress.start(LocalExperts::<Cpu>::bytes_to_load(&ck, &hosted));
-    let experts = LocalExperts::load(&Cpu, &ck, &hosted, progress)?;
+    let experts = LocalExperts::load(&backend, &ck, &hosted, progress)?;
     progress.finish();
     tracing::info!(
         experts = %hosted,
@@ -90,7 +92,7 @@ pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertSer
         device = %cfg.device,
         "experts loaded"
     );
-    Ok(ExpertServer::new(&ck, Arc::new(experts), cfg))
+    Ok(ExpertServer::new(&ck, backend, Arc::new(experts), cfg))
 }
 
 /// Bytes of memory available for expert weights by default: 90 % of what the kernel reports

@@ -116,8 +116,9 @@ impl Agent {
         let n = self.server.config().num_local_experts;
         let set = ExpertSet::from_indices(n, want.iter().map(|&e| e as usize));
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let backend = self.server.backend().clone();
         std::thread::spawn(move || {
-            let _ = tx.send(LocalExperts::load(&Cpu, &ck, &set, &NoProgress));
+            let _ = tx.send(LocalExperts::load(&backend, &ck, &set, &NoProgress));
         });
         match rx.await {
             Ok(Ok(experts)) => {

@@ -9,7 +9,9 @@ use std::{
     },
     time::Instant,
 };
-use switchyard_model::{Checkpoint, Cpu, ExpertExecutor, LayerId, LocalExperts, MixtralConfig};
+use switchyard_model::{
+    AnyBackend, Checkpoint, ExpertExecutor, LayerId, LocalExperts, MixtralConfig,
+};
 use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 
@@ -27,7 +29,9 @@ pub(crate) struct Stats {
 /// registry, the membership agent that swaps the hosted experts when the planner says so.
 pub struct ExpertServer {
     /// Replaced whole on a placement change; a batch keeps the set it started with.
-    experts: RwLock<Arc<LocalExperts<Cpu>>>,
+    experts: RwLock<Arc<LocalExperts<AnyBackend>>>,
+    /// The device experts are loaded onto (also when the planner assigns new ones).
+    backend: AnyBackend,
     cfg: MixtralConfig,
     fingerprint: String,
     info: RwLock<pb::WorkerInfo>,
@@ -40,7 +44,12 @@ pub struct ExpertServer {
 }
 
 impl ExpertServer {
-    pub(crate) fn new(ck: &Checkpoint, experts: Arc<LocalExperts<Cpu>>, wc: &WorkerConfig) -> Self {
+    pub(crate) fn new(
+        ck: &Checkpoint,
+        backend: AnyBackend,
+        experts: Arc<LocalExperts<AnyBackend>>,
+        wc: &WorkerConfig,
+    ) -> Self {
         let cfg = ck.config().clone();
         let fingerprint = ck.fingerprint();
         let info = pb::WorkerInfo {
@@ -67,6 +76,7 @@ impl ExpertServer {
         };
         Self {
             experts: RwLock::new(experts),
+            backend,
             cfg,
             fingerprint,
             info: RwLock::new(info),
@@ -98,7 +108,7 @@ impl ExpertServer {
 
     /// The experts served now.
     #[must_use]
-    pub fn experts(&self) -> Arc<LocalExperts<Cpu>> {
+    pub fn experts(&self) -> Arc<LocalExperts<AnyBackend>> {
         self.experts
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -106,13 +116,17 @@ impl ExpertServer {
     }
 
     /// Serves `experts` from the next batch on (batches in flight finish with the old set).
-    pub fn set_experts(&self, experts: Arc<LocalExperts<Cpu>>) {
+    pub fn set_experts(&self, experts: Arc<LocalExperts<AnyBackend>>) {
         {
             let mut info = self.info.write().unwrap_or_else(PoisonError::into_inner);
             info.hosted = hosted_per_layer(&experts, self.cfg.num_hidden_layers);
             info.weight_bytes = experts.weight_bytes() as u64;
         }
         *self.experts.write().unwrap_or_else(PoisonError::into_inner) = experts;
+    }
+
+    pub(crate) fn backend(&self) -> &AnyBackend {
+        &self.backend
     }
 
     pub(crate) fn config(&self) -> &MixtralConfig {
@@ -207,7 +221,7 @@ impl ExpertServer {
     }
 }
 
-fn hosted_per_layer(experts: &LocalExperts<Cpu>, layers: usize) -> Vec<pb::LayerExperts> {
+fn hosted_per_layer(experts: &LocalExperts<AnyBackend>, layers: usize) -> Vec<pb::LayerExperts> {
     let hosted: Vec<u32> = experts.hosted().iter().map(|e| e as u32).collect();
     (0..layers as u32)
         .map(|layer| pb::LayerExperts {

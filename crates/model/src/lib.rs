@@ -22,7 +22,7 @@ mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{cpu::Cpu, Backend, Device};
+pub use backend::{any::AnyBackend, cpu::Cpu, Backend, Device};
 pub use config::MixtralConfig;
 pub use error::{ModelError, Result};
 pub use executor::{combine, ExpertExecutor, LocalExperts};

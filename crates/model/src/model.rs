@@ -100,7 +100,6 @@ pub struct StepScratch<B: Backend> {
     last_rows: Vec<u32>,
     h_host: Vec<f32>,
     moe_host: Vec<f32>,
-    router_host: Vec<f32>,
     plan: RoutePlan,
 }
 
@@ -122,7 +121,6 @@ impl<B: Backend> StepScratch<B> {
             last_rows: Vec::new(),
             h_host: Vec::new(),
             moe_host: Vec::new(),
-            router_host: Vec::new(),
             plan: RoutePlan::new(),
         })
     }
@@ -318,7 +316,6 @@ impl<B: Backend> Mixtral<B> {
         }
         scratch.h_host.resize(t * h, 0.0);
         scratch.moe_host.resize(t * h, 0.0);
-        scratch.router_host.resize(t * ne, 0.0);
 
         let shape = AttnShape {
             heads: cfg.num_attention_heads,
@@ -394,10 +391,13 @@ impl<B: Backend> Mixtral<B> {
             // MoE block: route on the host (the router output is tiny), run experts, add.
             b.rms_norm(&scratch.x, t, &lw.post_norm, eps, &mut scratch.h)?;
             b.linear(&scratch.h, t, &lw.router, &mut scratch.router)?;
-            b.to_host(&scratch.router, &mut scratch.router_host)?;
-            scratch
-                .plan
-                .route_into(&scratch.router_host, t, ne, cfg.num_experts_per_tok);
+            b.route(
+                &scratch.router,
+                t,
+                ne,
+                cfg.num_experts_per_tok,
+                &mut scratch.plan,
+            )?;
             b.to_host(&scratch.h, &mut scratch.h_host)?;
             let layer = LayerId::new(l, cfg)?;
             experts.run(layer, &scratch.h_host, &scratch.plan, &mut scratch.moe_host)?;

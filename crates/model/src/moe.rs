@@ -57,6 +57,19 @@ impl RoutePlan {
         }
     }
 
+    /// Refills the plan from `k` (expert, weight) pairs per row, already in slot order (a
+    /// device router's output).
+    pub fn fill_topk(&mut self, experts: &[u32], weights: &[f32], rows: usize, k: usize) {
+        self.clear();
+        for r in 0..rows {
+            for i in r * k..(r + 1) * k {
+                self.experts.push(experts[i] as u16);
+                self.weights.push(weights[i]);
+            }
+            self.offsets.push(self.experts.len() as u32);
+        }
+    }
+
     /// Builds a plan from parts received from outside, validating every index.
     pub fn from_parts(
         offsets: Vec<u32>,

@@ -5,9 +5,11 @@
 //! Ops work on prefixes of buffers (`rows` × width), so callers size scratch buffers once for the
 //! largest step and reuse them: nothing in the step loop allocates.
 
+pub mod any;
 pub mod cpu;
+pub mod cuda;
 
-use crate::{weights::HostTensor, ModelError, Result};
+use crate::{weights::HostTensor, Result};
 
 /// A compute device. Activations are `Buf`s of f32; weights are `Weight`s in their stored dtype.
 ///
@@ -88,6 +90,16 @@ pub trait Backend: Send + Sync + 'static {
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
     /// `x[..len] += y`.
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+    /// Routes `rows` tokens from their router logits `[rows, n_experts]`: softmax, top-`k`,
+    /// renormalised (Mixtral), into `plan` on the host, where the expert scatter needs it.
+    fn route(
+        &self,
+        logits: &Self::Buf,
+        rows: usize,
+        n_experts: usize,
+        k: usize,
+        plan: &mut crate::moe::RoutePlan,
+    ) -> Result<()>;
 }
 
 /// One sequence's share of an attention call.
@@ -150,9 +162,12 @@ impl Device {
     pub fn check_available(self) -> Result<()> {
         match self {
             Self::Cpu => Ok(()),
-            Self::Cuda(_) => Err(ModelError::Device(
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => cuda::probe(n),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(crate::ModelError::Device(
                 self.to_string(),
-                "this build has no CUDA backend".into(),
+                "this build has no CUDA backend (build with --features cuda)".into(),
             )),
         }
     }

@@ -156,4 +156,16 @@ impl Backend for Cpu {
         ops::add_assign(&mut x[..len], &y[..len]);
         Ok(())
     }
+
+    fn route(
+        &self,
+        logits: &Vec<f32>,
+        rows: usize,
+        n_experts: usize,
+        k: usize,
+        plan: &mut crate::moe::RoutePlan,
+    ) -> Result<()> {
+        plan.route_into(&logits[..rows * n_experts], rows, n_experts, k);
+        Ok(())
+    }
 }

@@ -1,0 +1,274 @@
+//! The backend chosen at run time from `--device`. The servers hold one concrete model type
+//! whatever the device; each op is one `match` away from the real backend, which costs nothing
+//! next to the op itself. Without the `cuda` feature the enums have one variant and every match
+//! is irrefutable.
+
+use super::{cpu::Cpu, AttnSeq, AttnShape, Backend, Device};
+use crate::{moe::RoutePlan, weights::HostTensor, Result};
+
+#[cfg(feature = "cuda")]
+use super::cuda::{Cuda, CudaWeight};
+
+/// A backend picked at run time.
+#[derive(Clone)]
+pub enum AnyBackend {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(Cuda),
+}
+
+/// Activations on the device of an [`AnyBackend`].
+pub enum AnyBuf {
+    Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<f32>),
+}
+
+/// A weight on the device of an [`AnyBackend`].
+pub enum AnyWeight {
+    Cpu(HostTensor),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaWeight),
+}
+
+impl AnyBackend {
+    /// Opens `device` (checking that this build and machine can drive it).
+    pub fn new(device: Device) -> Result<Self> {
+        device.check_available()?;
+        match device {
+            Device::Cpu => Ok(Self::Cpu(Cpu)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Self::Cuda(Cuda::new(n)?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("check_available refuses CUDA without the feature"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn mismatch() -> crate::ModelError {
+    crate::ModelError::Input("a buffer or weight lives on another device than the op".into())
+}
+
+// Accessors that fail (with the feature) when a value belongs to the other device.
+macro_rules! accessors {
+    ($ty:ident, $cpu:ty, $cuda:ty) => {
+        impl $ty {
+            #[allow(clippy::unnecessary_wraps, unreachable_patterns)]
+            fn cpu(&self) -> Result<&$cpu> {
+                match self {
+                    Self::Cpu(v) => Ok(v),
+                    #[cfg(feature = "cuda")]
+                    _ => Err(mismatch()),
+                }
+            }
+            #[allow(clippy::unnecessary_wraps, unreachable_patterns, dead_code)]
+            fn cpu_mut(&mut self) -> Result<&mut $cpu> {
+                match self {
+                    Self::Cpu(v) => Ok(v),
+                    #[cfg(feature = "cuda")]
+                    _ => Err(mismatch()),
+                }
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda(&self) -> Result<&$cuda> {
+                match self {
+                    Self::Cuda(v) => Ok(v),
+                    _ => Err(mismatch()),
+                }
+            }
+            #[cfg(feature = "cuda")]
+            #[allow(dead_code)]
+            fn cuda_mut(&mut self) -> Result<&mut $cuda> {
+                match self {
+                    Self::Cuda(v) => Ok(v),
+                    _ => Err(mismatch()),
+                }
+            }
+        }
+    };
+}
+accessors!(AnyBuf, Vec<f32>, cudarc::driver::CudaSlice<f32>);
+accessors!(AnyWeight, HostTensor, CudaWeight);
+
+/// `on!(self, b => expr)`: runs `expr` with `b` bound to the concrete backend; inside, `cpu` /
+/// `cuda` name the accessor of that device.
+macro_rules! on {
+    ($self:expr, |$b:ident, $acc:ident, $acc_mut:ident| $body:expr) => {
+        match $self {
+            AnyBackend::Cpu($b) => {
+                #[allow(unused_macros)]
+                macro_rules! $acc {
+                    ($v:expr) => {
+                        $v.cpu()?
+                    };
+                }
+                #[allow(unused_macros)]
+                macro_rules! $acc_mut {
+                    ($v:expr) => {
+                        $v.cpu_mut()?
+                    };
+                }
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda($b) => {
+                #[allow(unused_macros)]
+                macro_rules! $acc {
+                    ($v:expr) => {
+                        $v.cuda()?
+                    };
+                }
+                #[allow(unused_macros)]
+                macro_rules! $acc_mut {
+                    ($v:expr) => {
+                        $v.cuda_mut()?
+                    };
+                }
+                $body
+            }
+        }
+    };
+}
+
+impl Backend for AnyBackend {
+    type Buf = AnyBuf;
+    type Weight = AnyWeight;
+
+    fn describe(&self) -> String {
+        on!(self, |b, r, m| b.describe())
+    }
+
+    fn upload(&self, t: HostTensor) -> Result<AnyWeight> {
+        match self {
+            Self::Cpu(b) => b.upload(t).map(AnyWeight::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => b.upload(t).map(AnyWeight::Cuda),
+        }
+    }
+
+    fn alloc(&self, len: usize) -> Result<AnyBuf> {
+        match self {
+            Self::Cpu(b) => b.alloc(len).map(AnyBuf::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => b.alloc(len).map(AnyBuf::Cuda),
+        }
+    }
+
+    fn ensure_len(&self, buf: &mut AnyBuf, len: usize) -> Result<()> {
+        on!(self, |b, r, m| b.ensure_len(m!(buf), len))
+    }
+
+    fn write(&self, dst: &mut AnyBuf, src: &[f32]) -> Result<()> {
+        on!(self, |b, r, m| b.write(m!(dst), src))
+    }
+
+    fn to_host(&self, src: &AnyBuf, dst: &mut [f32]) -> Result<()> {
+        on!(self, |b, r, m| b.to_host(r!(src), dst))
+    }
+
+    fn embedding(&self, table: &AnyWeight, ids: &[u32], out: &mut AnyBuf) -> Result<()> {
+        on!(self, |b, r, m| b.embedding(r!(table), ids, m!(out)))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &AnyBuf,
+        rows: usize,
+        w: &AnyWeight,
+        eps: f32,
+        out: &mut AnyBuf,
+    ) -> Result<()> {
+        on!(self, |b, r, m| b.rms_norm(r!(x), rows, r!(w), eps, m!(out)))
+    }
+
+    fn linear(&self, x: &AnyBuf, rows: usize, w: &AnyWeight, out: &mut AnyBuf) -> Result<()> {
+        on!(self, |b, r, m| b.linear(r!(x), rows, r!(w), m!(out)))
+    }
+
+    fn rope(
+        &self,
+        x: &mut AnyBuf,
+        width: usize,
+        head_dim: usize,
+        positions: &[u32],
+        cos: &AnyWeight,
+        sin: &AnyWeight,
+    ) -> Result<()> {
+        on!(self, |b, r, m| b.rope(
+            m!(x),
+            width,
+            head_dim,
+            positions,
+            r!(cos),
+            r!(sin)
+        ))
+    }
+
+    fn kv_write(
+        &self,
+        cache: &mut AnyBuf,
+        src: &AnyBuf,
+        src_row0: usize,
+        rows: usize,
+        kv_dim: usize,
+        pos0: usize,
+        blocks: &[u32],
+        block_size: usize,
+    ) -> Result<()> {
+        on!(self, |b, r, m| b.kv_write(
+            m!(cache),
+            r!(src),
+            src_row0,
+            rows,
+            kv_dim,
+            pos0,
+            blocks,
+            block_size
+        ))
+    }
+
+    fn attention(
+        &self,
+        q: &AnyBuf,
+        k_cache: &AnyBuf,
+        v_cache: &AnyBuf,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut AnyBuf,
+    ) -> Result<()> {
+        on!(self, |b, r, m| b.attention(
+            r!(q),
+            r!(k_cache),
+            r!(v_cache),
+            seqs,
+            shape,
+            m!(out)
+        ))
+    }
+
+    fn silu_mul(&self, gate: &mut AnyBuf, up: &AnyBuf, len: usize) -> Result<()> {
+        on!(self, |b, r, m| b.silu_mul(m!(gate), r!(up), len))
+    }
+
+    fn add_assign(&self, x: &mut AnyBuf, y: &AnyBuf, len: usize) -> Result<()> {
+        on!(self, |b, r, m| b.add_assign(m!(x), r!(y), len))
+    }
+
+    fn route(
+        &self,
+        logits: &AnyBuf,
+        rows: usize,
+        n_experts: usize,
+        k: usize,
+        plan: &mut RoutePlan,
+    ) -> Result<()> {
+        on!(self, |b, r, m| b.route(
+            r!(logits),
+            rows,
+            n_experts,
+            k,
+            plan
+        ))
+    }
+}
