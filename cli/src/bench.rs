@@ -1,9 +1,10 @@
-//! `switchyard bench`: prefill and decode throughput of one sequence (embedded or over
-//! `--workers`), median of several runs, printed as JSON, with the machine's measured read
-//! bandwidth and how close decode comes to the bound it sets (decode reads every dense weight,
-//! one embedding row and the routed experts' weights once per token). `--concurrency 1,8,32`
-//! adds runs of that many sequences through the continuous-batching scheduler. Plots come with
-//! the rest of the performance work.
+//! `switchyard bench`: prefill and decode throughput of one sequence, median of several runs,
+//! with the machine's measured read bandwidth and how close decode comes to the bound it sets
+//! (decode reads every dense weight, one embedding row and the routed experts' weights once per
+//! token), the per-layer time split of decode, and with `--concurrency 1,8,32` runs of that many
+//! sequences through the continuous-batching scheduler. It measures embedded mode, and with
+//! `--local-workers N` also a cluster of N loopback workers it starts itself, in the same run.
+//! Results go to stdout and `--out` as JSON, with a PNG plot.
 
 use anyhow::Context;
 use std::io::Write;
@@ -34,6 +35,16 @@ pub struct Args {
     /// Prompt tokens of each sequence in the concurrency runs.
     #[arg(long, default_value_t = 32)]
     batch_prompt_tokens: usize,
+    /// Also measure a cluster of this many worker processes on loopback, started by the bench
+    /// (experts split evenly), after embedded mode.
+    #[arg(long, default_value_t = 0)]
+    local_workers: usize,
+    /// Write bench.json and bench.png into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// TrueType font for the plot's text (default: DejaVu Sans from the system).
+    #[arg(long)]
+    font: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -46,15 +57,127 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.runs >= 1 && a.prompt_tokens >= 1 && a.decode_tokens >= 2,
         "runs, prompt and decode tokens must be positive"
     );
+    anyhow::ensure!(
+        a.cluster.workers.is_none() || a.local_workers == 0,
+        "--local-workers starts its own workers; leave out --workers"
+    );
+    let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
+    let modes = 1 + usize::from(a.local_workers > 0);
+    let bar = progress_bar((per_mode * modes) as u64);
+    let mut results = Vec::new();
+    bar.set_message(
+        if a.cluster.workers.is_some() || a.cluster.registry.etcd.is_some() {
+            "cluster"
+        } else {
+            "embedded"
+        },
+    );
     let loaded = a.cluster.load(&a.model)?;
+    let name = if loaded.remote.is_some() {
+        "cluster"
+    } else {
+        "embedded"
+    };
+    results.push(measure(name, loaded, &a, &bar)?);
+    if a.local_workers > 0 {
+        let ck = switchyard_model::Checkpoint::open(&a.model)?;
+        let workers =
+            LocalWorkers::start(&a.model, a.local_workers, ck.config().num_local_experts)?;
+        let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
+        cluster.workers = Some(workers.spec.clone());
+        let name = format!("cluster ({} workers)", a.local_workers);
+        bar.set_message(name.clone());
+        let loaded = cluster.load(&a.model)?;
+        results.push(measure(&name, loaded, &a, &bar)?);
+        drop(workers);
+    }
+    bar.finish_and_clear();
+
+    let bytes = decode_bytes_per_token(&a.model)?;
+    let bandwidth = read_bandwidth();
+    let bound = bandwidth / bytes as f64;
+    let embedded_decode = results[0].decode_median;
+    let mut modes_json = Vec::new();
+    for r in &results {
+        let mut j = r.json.clone();
+        j["decode_pct_of_bandwidth_bound"] = serde_json::json!(100.0 * r.decode_median / bound);
+        j["decode_vs_first_mode"] = serde_json::json!(r.decode_median / embedded_decode);
+        modes_json.push(j);
+    }
+    let result = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "runs": a.runs,
+        "prompt_tokens": a.prompt_tokens,
+        "decode_tokens": a.decode_tokens,
+        "decode_bytes_per_token": bytes,
+        "memory_read_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_bound_tok_s": bound,
+        "prefill_tok_s_median": results[0].json["prefill_tok_s_median"],
+        "decode_tok_s_median": embedded_decode,
+        "decode_pct_of_bandwidth_bound": 100.0 * embedded_decode / bound,
+        "modes": modes_json,
+    });
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &result)?;
+    writeln!(out)?;
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = dir.join("bench.json");
+        std::fs::write(&json, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        let title = format!(
+            "switchyard bench: {} ({} threads, {:.0} GB/s read)",
+            a.model.file_name().unwrap_or_default().to_string_lossy(),
+            rayon::current_num_threads(),
+            bandwidth / 1e9
+        );
+        let figures: Vec<_> = results.into_iter().map(|r| r.figures).collect();
+        crate::plot::write(&dir.join("bench.png"), &title, &figures, a.font.as_deref())?;
+    }
+    Ok(())
+}
+
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::hidden();
+    pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    pb.set_length(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "bench {msg} [{bar:30}] {pos}/{len} runs ({elapsed})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+/// One mode's measurements: JSON for the report, figures for the plot.
+struct ModeResult {
+    decode_median: f64,
+    json: serde_json::Value,
+    figures: crate::plot::ModeFigures,
+}
+
+/// Batch-1 prefill and decode, the decode's per-layer time split and the concurrency runs of
+/// one loaded engine.
+fn measure(
+    name: &str,
+    loaded: crate::cluster::Loaded,
+    a: &Args,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ModeResult> {
+    use switchyard_model::profile;
+    let remote = loaded.remote.clone();
     let engine = std::sync::Arc::new(loaded.engine);
     let engine = &engine;
-    let vocab = engine.config().vocab_size as u32;
+    let cfg = engine.config().clone();
+    let vocab = cfg.vocab_size as u32;
     // Deterministic token ids spread over the vocabulary (skipping the low special ids).
     let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
         .map(|i| 5 + (i * 7919) % (vocab - 5))
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let (mut phase_s, mut decoded) = ([0.0f64; 4], 0usize);
+    let (mut compute_us, mut calls_us) = (0u64, 0u64);
     for run in 0..=a.runs {
         let req = GenerateRequest {
             prompt: prompt.clone(),
@@ -63,6 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             stop_ids: vec![],
             ignore_eos: true,
         };
+        let before = remote.as_ref().map(|r| r.snapshot());
         let start = Instant::now();
         let mut first = None;
         let mut n = 0usize;
@@ -70,52 +194,169 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             n += 1;
             if first.is_none() {
                 first = Some(Instant::now());
+                // Time only the decode steps.
+                profile::reset();
+                profile::enable(run > 0);
             }
             true
         })?;
         let end = Instant::now();
+        profile::enable(false);
+        bar.inc(1);
         let first = first.context("no token generated")?;
         if run == 0 {
             continue;
+        }
+        let s = profile::seconds();
+        for (acc, v) in phase_s.iter_mut().zip(s) {
+            *acc += v;
+        }
+        decoded += n - 1;
+        if let (Some(r), Some(b)) = (&remote, before) {
+            for (w1, w0) in r.snapshot().iter().zip(&b) {
+                compute_us += w1.compute_micros - w0.compute_micros;
+                calls_us += w1.latency_micros - w0.latency_micros;
+            }
         }
         prefill.push(a.prompt_tokens as f64 / (first - start).as_secs_f64());
         if n > 1 {
             decode.push((n - 1) as f64 / (end - first).as_secs_f64());
         }
     }
+    // ms per layer per decoded token; over a cluster the expert stage splits into the workers'
+    // reported compute and the rest of the calls' time (network, queueing, codec). Shares of
+    // one layer run in parallel, so both are scaled to the stage's wall time.
+    let per = 1e3 / (decoded.max(1) * cfg.num_hidden_layers) as f64;
+    let mut split: Vec<(String, f64)> = Vec::new();
+    for (i, (_, label)) in profile::PHASES.iter().enumerate() {
+        let ms = phase_s[i] * per;
+        if *label == "experts" && calls_us > 0 {
+            let compute = ms * compute_us as f64 / calls_us as f64;
+            split.push(("dispatch".into(), ms - compute));
+            split.push(("expert".into(), compute));
+        } else if *label == "experts" {
+            split.push(("expert".into(), ms));
+        } else {
+            split.push(((*label).into(), ms));
+        }
+    }
     let batched = a
         .concurrency
         .iter()
-        .map(|&n| concurrent(engine, n, &a))
+        .map(|&n| concurrent(engine, n, a, bar))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let bytes = decode_bytes_per_token(&a.model)?;
-    let bandwidth = read_bandwidth();
-    let bound = bandwidth / bytes as f64;
     let decode_median = if decode.is_empty() {
         f64::NAN
     } else {
         median(decode.clone())
     };
-    let result = serde_json::json!({
-        "model": a.model.display().to_string(),
-        "threads": rayon::current_num_threads(),
-        "runs": a.runs,
-        "prompt_tokens": a.prompt_tokens,
-        "decode_tokens": a.decode_tokens,
+    let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+    let figures = crate::plot::ModeFigures {
+        name: name.to_string(),
+        throughput: std::iter::once((1, decode_median))
+            .filter(|_| !a.concurrency.contains(&1))
+            .chain(batched.iter().map(|j| {
+                (
+                    j["sequences"].as_u64().unwrap_or(0) as usize,
+                    num(j, "tok_s_median"),
+                )
+            }))
+            .collect(),
+        split: split.clone(),
+        latency: batched
+            .iter()
+            .map(|j| {
+                (
+                    j["sequences"].as_u64().unwrap_or(0) as usize,
+                    num(j, "ttft_ms_p50"),
+                    num(j, "ttft_ms_p99"),
+                    num(j, "itl_ms_p50"),
+                    num(j, "itl_ms_p99"),
+                )
+            })
+            .collect(),
+    };
+    let json = serde_json::json!({
+        "mode": name,
         "prefill_tok_s_median": median(prefill.clone()),
         "decode_tok_s_median": decode_median,
-        "decode_bytes_per_token": bytes,
-        "memory_read_bandwidth_gb_s": bandwidth / 1e9,
-        "bandwidth_bound_tok_s": bound,
-        "decode_pct_of_bandwidth_bound": 100.0 * decode_median / bound,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
+        "decode_ms_per_layer": split.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
         "concurrency": batched,
     });
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, &result)?;
-    writeln!(out)?;
-    Ok(())
+    Ok(ModeResult {
+        decode_median,
+        json,
+        figures,
+    })
+}
+
+/// Worker processes on loopback, each with an even share of the experts; stopped on drop.
+struct LocalWorkers {
+    children: Vec<std::process::Child>,
+    spec: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalWorkers {
+    fn start(model: &std::path::Path, n: usize, experts: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(n <= experts, "{n} workers for {experts} experts");
+        let exe = std::env::current_exe().context("finding the switchyard binary")?;
+        let dir = tempfile::tempdir()?;
+        let mut me = Self {
+            children: Vec::new(),
+            spec: String::new(),
+            _dir: dir,
+        };
+        let mut parts = Vec::new();
+        for i in 0..n {
+            let (lo, hi) = (i * experts / n, (i + 1) * experts / n - 1);
+            let ready = me._dir.path().join(format!("worker-{i}.addr"));
+            let child = std::process::Command::new(&exe)
+                .arg("--threads")
+                .arg(rayon::current_num_threads().to_string())
+                .args(["worker", "--listen", "127.0.0.1:0", "--experts"])
+                .arg(format!("{lo}-{hi}"))
+                .arg("--model")
+                .arg(model)
+                .arg("--ready-file")
+                .arg(&ready)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting a worker")?;
+            me.children.push(child);
+            let deadline = Instant::now() + std::time::Duration::from_secs(120);
+            let addr = loop {
+                if let Ok(s) = std::fs::read_to_string(&ready) {
+                    if !s.is_empty() {
+                        break s;
+                    }
+                }
+                if let Some(st) = me.children[i].try_wait()? {
+                    anyhow::bail!("worker {i} exited while loading: {st}");
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "worker {i} not ready after 120 s"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            parts.push(format!("{}={lo}-{hi}", addr.trim()));
+        }
+        me.spec = parts.join(",");
+        Ok(me)
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Weight bytes one decoded token reads: every dense tensor once (the LM head included), one
@@ -173,6 +414,7 @@ fn concurrent(
     engine: &std::sync::Arc<switchyard_coordinator::Engine>,
     n: usize,
     a: &Args,
+    bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<serde_json::Value> {
     use switchyard_coordinator::scheduler::{self, SchedulerConfig, SeqEvent, SeqRequest};
     anyhow::ensure!(n >= 1, "concurrency must be positive");
@@ -226,6 +468,7 @@ fn concurrent(
             }
         }
         let wall = start.elapsed().as_secs_f64();
+        bar.inc(1);
         if run > 0 {
             runs.push((tokens as f64 / wall, ttft, itl));
         }

@@ -8,6 +8,7 @@ mod cluster_status;
 mod forward;
 mod gen_model;
 mod generate;
+mod plot;
 mod progress;
 mod serve;
 mod signals;

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod kv_cache;
 pub mod model;
 pub mod moe;
+pub mod profile;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -8,6 +8,7 @@ use crate::{
     ids::LayerId,
     kv_cache::{KvCache, SeqKv},
     moe::RoutePlan,
+    profile::Phase,
     weights::{names, Checkpoint, HostTensor, LoadProgress},
     ModelError, Result,
 };
@@ -340,6 +341,7 @@ impl<B: Backend> Mixtral<B> {
         }
         for (l, lw) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", layer = l, tokens = t).entered();
+            let mut clock = crate::profile::Clock::start();
             // Attention block.
             b.rms_norm(&scratch.x, t, &lw.input_norm, eps, &mut scratch.h)?;
             b.linear(&scratch.h, t, &lw.q, &mut scratch.q)?;
@@ -387,6 +389,7 @@ impl<B: Backend> Mixtral<B> {
             b.attention(&scratch.q, kc, vc, &attn_seqs, &shape, &mut scratch.attn)?;
             b.linear(&scratch.attn, t, &lw.o, &mut scratch.o)?;
             b.add_assign(&mut scratch.x, &scratch.o, t * h)?;
+            clock.mark(Phase::Attention);
 
             // MoE block: route on the host (the router output is tiny), run experts, add.
             b.rms_norm(&scratch.x, t, &lw.post_norm, eps, &mut scratch.h)?;
@@ -399,10 +402,13 @@ impl<B: Backend> Mixtral<B> {
                 &mut scratch.plan,
             )?;
             b.to_host(&scratch.h, &mut scratch.h_host)?;
+            clock.mark(Phase::Router);
             let layer = LayerId::new(l, cfg)?;
             experts.run(layer, &scratch.h_host, &scratch.plan, &mut scratch.moe_host)?;
+            clock.mark(Phase::Experts);
             b.write(&mut scratch.o, &scratch.moe_host)?;
             b.add_assign(&mut scratch.x, &scratch.o, t * h)?;
+            clock.mark(Phase::Combine);
             if let Some(tr) = out.trace.as_mut() {
                 if l == 0 {
                     tr.clear();
