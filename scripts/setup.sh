@@ -5,7 +5,7 @@
 #     tonic's and etcd-client's code generation run it at build time.
 #   - etcd (Debian's etcd-server): the live-membership tests run a real one.
 #   - kubectl (Debian's kubernetes-client) and openssl: the deploy and mutual-TLS tests.
-#   - g++: the host-side test of the CUDA kernels' source.
+#   - g++: the host-side test of the CUDA kernels' source; fonts-dejavu-core: bench's plot.
 set -euo pipefail
 
 need=()
@@ -21,6 +21,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # g++: the CUDA kernels' source is also compiled and run as host C++ by the model crate's tests
 # (the checks that need no GPU).
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+# A TrueType font (DejaVu Sans) for the text of `switchyard bench`'s PNG plot.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

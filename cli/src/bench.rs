@@ -428,8 +428,12 @@ fn concurrent(
     )?;
     let vocab = engine.config().vocab_size as u32;
     let mut runs = Vec::new();
+    let mut phase_s = [0.0f64; 4];
+    let mut wall_s = 0.0;
     for run in 0..=a.runs {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        switchyard_model::profile::reset();
+        switchyard_model::profile::enable(run > 0);
         let start = Instant::now();
         for i in 0..n {
             let prompt = (0..a.batch_prompt_tokens as u32)
@@ -468,8 +472,13 @@ fn concurrent(
             }
         }
         let wall = start.elapsed().as_secs_f64();
+        switchyard_model::profile::enable(false);
         bar.inc(1);
         if run > 0 {
+            wall_s += wall;
+            for (acc, v) in phase_s.iter_mut().zip(switchyard_model::profile::seconds()) {
+                *acc += v;
+            }
             runs.push((tokens as f64 / wall, ttft, itl));
         }
     }
@@ -486,5 +495,12 @@ fn concurrent(
         "ttft_ms_p99": pct(&mut ttft, 0.99),
         "itl_ms_p50": pct(&mut itl, 0.5),
         "itl_ms_p99": pct(&mut itl, 0.99),
+        // Share of the wall time each phase of the layer loop took (the rest: sampling,
+        // scheduling, embedding and LM head).
+        "wall_share": switchyard_model::profile::PHASES
+            .iter()
+            .zip(phase_s)
+            .map(|((_, name), s)| ((*name).to_string(), serde_json::json!(s / wall_s)))
+            .collect::<serde_json::Map<_, _>>(),
     }))
 }

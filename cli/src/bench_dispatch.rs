@@ -31,7 +31,8 @@ pub struct Args {
     /// Measured layer calls per batch size (after 10 warm-up calls).
     #[arg(long, default_value_t = 200)]
     iters: usize,
-    #[arg(long, default_value = "f32")]
+    /// Activation dtype on the wire (as `serve --wire-dtype`).
+    #[arg(long, default_value = "bf16")]
     wire_dtype: WireDType,
 }
 

@@ -22,8 +22,9 @@ pub struct ClusterArgs {
     /// `--features cuda`).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     pub device: switchyard_model::Device,
-    /// Activation dtype on the wire: f32 (bit-exact with embedded mode) or bf16 (half the bytes).
-    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32")]
+    /// Activation dtype on the wire: bf16 (half the bytes; greedy choices as in embedded mode
+    /// except near ties) or f32 (bit-exact with embedded mode).
+    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "bf16")]
     pub wire_dtype: WireDType,
     /// Deadline of one expert batch call.
     #[arg(long, env = "SWITCHYARD_RPC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

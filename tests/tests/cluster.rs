@@ -116,7 +116,7 @@ fn cluster_forward_equals_embedded_bit_for_bit_for_every_placement() {
         for sets in PLACEMENTS {
             let (_workers, spec) = cluster(model, sets);
             for (ids, want) in cases.iter().zip(&embedded) {
-                let got = forward(model, ids, &["--workers", &spec]);
+                let got = forward(model, ids, &["--workers", &spec, "--wire-dtype", "f32"]);
                 assert!(
                     got == *want,
                     "{} placement {sets:?} ids {ids}: cluster differs from embedded",
@@ -211,6 +211,9 @@ fn generate_and_kill(
             "--ignore-eos",
             "--workers",
             spec,
+            // Compared bit for bit with embedded mode.
+            "--wire-dtype",
+            "f32",
             "--rpc-timeout",
             "5s",
             "--expert-wait",
@@ -314,6 +317,8 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
     let cfg = DispatchConfig {
         rpc_timeout: Duration::from_secs(5),
         expert_wait: Duration::from_secs(1),
+        // Compared bit for bit with embedded mode.
+        wire_dtype: switchyard_wire::WireDType::F32,
         ..DispatchConfig::default()
     };
     let (engine, _remote) = Engine::load_cluster(

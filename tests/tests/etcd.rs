@@ -64,7 +64,13 @@ fn server(etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server {
 }
 
 fn server_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server {
-    let mut args = registry_args(etcd, cluster, &["--rpc-timeout", "5s"]);
+    // f32 on the wire: outputs are compared across failovers, which may split a token's two
+    // experts differently over workers; only f32 partial sums add up to the same bits.
+    let mut args = registry_args(
+        etcd,
+        cluster,
+        &["--rpc-timeout", "5s", "--wire-dtype", "f32"],
+    );
     args.extend_from_slice(extra);
     let s = Server::start(model, &args);
     wait_until(

@@ -258,8 +258,9 @@ fn gen_model_writes_a_sharded_checkpoint_that_forward_loads() {
 }
 
 #[test]
-fn bench_counts_the_bytes_a_decoded_token_reads_and_runs_concurrent_sequences() {
+fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
     let model = fixtures().join("tiny-mixtral-trained");
+    let plots = tempfile::tempdir().unwrap();
     let out = run_ok(&[
         "bench",
         "--model",
@@ -272,6 +273,10 @@ fn bench_counts_the_bytes_a_decoded_token_reads_and_runs_concurrent_sequences() 
         "4",
         "--concurrency",
         "1,3",
+        "--local-workers",
+        "2",
+        "--out",
+        plots.path().to_str().unwrap(),
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     // Independently, from config.json (f32 weights, untied head): per layer q, k, v, o, two
@@ -293,12 +298,34 @@ fn bench_counts_the_bytes_a_decoded_token_reads_and_runs_concurrent_sequences() 
     assert!(v["memory_read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
     let pct = v["decode_pct_of_bandwidth_bound"].as_f64().unwrap();
     assert!(pct > 0.0 && pct.is_finite(), "{v}");
-    // The scheduler runs: every sequence delivered its tokens.
-    let runs = v["concurrency"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
-    for (r, n) in runs.iter().zip([1, 3]) {
-        assert_eq!(r["sequences"], n);
-        assert!(r["tok_s_median"].as_f64().unwrap() > 0.0, "{r}");
-        assert!(r["itl_ms_p50"].as_f64().unwrap() > 0.0, "{r}");
+    // Embedded, then the two-worker cluster the bench started itself.
+    let modes = v["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "{v}");
+    assert_eq!(modes[1]["mode"], "cluster (2 workers)");
+    for (m, phases) in modes.iter().zip([
+        &["attention", "router", "expert", "combine"][..],
+        &["attention", "router", "dispatch", "expert", "combine"][..],
+    ]) {
+        assert!(m["decode_tok_s_median"].as_f64().unwrap() > 0.0, "{m}");
+        let split = m["decode_ms_per_layer"].as_object().unwrap();
+        let keys: Vec<&str> = split.keys().map(String::as_str).collect();
+        for p in phases {
+            assert!(keys.contains(p), "{p} missing from {keys:?}");
+        }
+        assert!(split["expert"].as_f64().unwrap() > 0.0, "{m}");
+        // The scheduler runs: every sequence delivered its tokens.
+        let runs = m["concurrency"].as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        for (r, n) in runs.iter().zip([1, 3]) {
+            assert_eq!(r["sequences"], n);
+            assert!(r["tok_s_median"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["itl_ms_p50"].as_f64().unwrap() > 0.0, "{r}");
+        }
     }
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(plots.path().join("bench.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved, v);
+    let png = std::fs::read(plots.path().join("bench.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
 }

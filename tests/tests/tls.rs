@@ -51,6 +51,9 @@ fn forward(model: &Path, extra: &[String]) -> std::process::Output {
         "0s",
         "--rpc-timeout",
         "5s",
+        // Compared bit for bit with embedded mode.
+        "--wire-dtype",
+        "f32",
     ]
     .map(String::from)
     .to_vec();
