@@ -54,6 +54,16 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// Labels the log2 concurrency axis with the sequence counts at whole powers of two.
+fn pow2_label(x: &f64) -> String {
+    let r = x.round();
+    if (x - r).abs() < 1e-6 && r >= 0.0 {
+        format!("{}", 1u64 << (r as u32).min(62))
+    } else {
+        String::new()
+    }
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
@@ -78,28 +88,37 @@ pub fn write(
         .max()
         .unwrap_or(1)
         .max(2);
+    // Concurrency is drawn on a log2 axis: x = log2(sequences).
+    let x_max = (max_n as f64).log2() + 0.15;
     let max_tok = modes
         .iter()
         .flat_map(|m| m.throughput.iter().map(|p| p.1))
         .fold(1.0f64, f64::max);
     let mut c = ChartBuilder::on(&panels[0])
-        .caption("aggregate decode tok/s", ("sans-serif", 16))
+        .caption(
+            "aggregate tok/s (generated tokens / wall)",
+            ("sans-serif", 16),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(50)
-        .build_cartesian_2d(
-            (1.0f64..max_n as f64 * 1.1).log_scale(),
-            0.0..max_tok * 1.15,
-        )
+        .build_cartesian_2d(-0.15..x_max, 0.0..max_tok * 1.15)
         .map_err(err)?;
     c.configure_mesh()
         .x_desc("concurrent sequences")
+        .x_labels(x_max.ceil() as usize + 1)
+        .x_label_formatter(&pow2_label)
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("tok/s")
         .draw()
         .map_err(err)?;
     for (i, m) in modes.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = m.throughput.iter().map(|&(n, t)| (n as f64, t)).collect();
+        let pts: Vec<(f64, f64)> = m
+            .throughput
+            .iter()
+            .map(|&(n, t)| ((n as f64).log2(), t))
+            .collect();
         c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?
             .label(m.name.clone())
@@ -194,13 +213,13 @@ pub fn write(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(50)
-        .build_cartesian_2d(
-            (1.0f64..max_n as f64 * 1.1).log_scale(),
-            (0.1f64..max_lat * 2.0).log_scale(),
-        )
+        .build_cartesian_2d(-0.15..x_max, (0.1f64..max_lat * 2.0).log_scale())
         .map_err(err)?;
     c.configure_mesh()
         .x_desc("concurrent sequences")
+        .x_labels(x_max.ceil() as usize + 1)
+        .x_label_formatter(&pow2_label)
+        .y_label_formatter(&|v| format!("{v}"))
         .y_desc("ms")
         .draw()
         .map_err(err)?;
@@ -216,7 +235,7 @@ pub fn write(
             let pts: Vec<(f64, f64)> = m
                 .latency
                 .iter()
-                .map(|l| (l.0 as f64, [l.1, l.2, l.3, l.4][col - 1]))
+                .map(|l| ((l.0 as f64).log2(), [l.1, l.2, l.3, l.4][col - 1]))
                 .filter(|p| p.1.is_finite() && p.1 > 0.0)
                 .collect();
             c.draw_series(LineSeries::new(pts, style))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# switchyard against llama.cpp on the same checkpoint, same machine, same thread count, in one
+# sitting: ROUNDS interleaved rounds of `switchyard bench` (embedded, batch 1) and the peers'
+# llama-bench (pp128, tg64), then the medians and their ratios.
+#
+#   bash scripts/bench-vs-llamacpp.sh HF_DIR [THREADS=2] [ROUNDS=3]
+#
+# HF_DIR must be a checkpoint llama.cpp's converter accepts (../shared/peers/make_checkpoint.py
+# writes one). Needs ../shared/peers/setup.sh run once, and `cargo build --release`.
+set -euo pipefail
+DIR=$(cd "${1:?usage: bench-vs-llamacpp.sh HF_DIR [THREADS] [ROUNDS]}" && pwd)
+T=${2:-2}
+ROUNDS=${3:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PEERS_SCRIPTS=${PEERS_SCRIPTS:-$ROOT/../shared/peers}
+BIN=$ROOT/target/release/switchyard
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r/$ROUNDS" >&2
+  "$BIN" --threads "$T" bench --model "$DIR" --runs 3 >"$OUT/sy-$r.json" 2>/dev/null
+  bash "$PEERS_SCRIPTS/llamacpp.sh" "$DIR" "$T" >"$OUT/lc-$r.txt" 2>&1
+done
+python3 - "$OUT" "$ROUNDS" "$T" <<'EOF'
+import json, re, statistics, sys
+out, rounds, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sy_pp, sy_tg, lc_pp, lc_tg, pct = [], [], [], [], []
+for r in range(1, rounds + 1):
+    s = json.load(open(f"{out}/sy-{r}.json"))
+    sy_pp.append(s["prefill_tok_s_median"]); sy_tg.append(s["decode_tok_s_median"])
+    pct.append(s["decode_pct_of_bandwidth_bound"])
+    text = open(f"{out}/lc-{r}.txt").read()
+    for test, acc in (("pp128", lc_pp), ("tg64", lc_tg)):
+        m = re.search(rf"\|\s*{test}\s*\|\s*([\d.]+)", text)
+        if not m:
+            sys.exit(f"no {test} figure in llama-bench's output:\n{text[-2000:]}")
+        acc.append(float(m.group(1)))
+med = statistics.median
+print(f"threads {threads}, {rounds} interleaved rounds, medians")
+print(f"decode  switchyard {med(sy_tg):7.1f} tok/s  llama.cpp tg64  {med(lc_tg):7.1f}  ratio {med(sy_tg) / med(lc_tg):.2f}x")
+print(f"prefill switchyard {med(sy_pp):7.1f} tok/s  llama.cpp pp128 {med(lc_pp):7.1f}  ratio {med(sy_pp) / med(lc_pp):.2f}x")
+print(f"switchyard decode at {med(pct):.0f}% of the measured bandwidth bound")
+print("per round (switchyard tg / llama.cpp tg):", ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(sy_tg, lc_tg)))
+EOF
