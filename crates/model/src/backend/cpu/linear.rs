@@ -21,6 +21,12 @@ use std::cell::RefCell;
 /// and a 32-sequence step took 1.6× longer (hidden 1024, 2 threads).
 pub const DOT_MAX_ROWS: usize = 32;
 
+/// From this many token rows the dot path takes weight rows in pairs. Below it a step is bound
+/// by reading the weights and pairing did not help (A/B at 8 sequences, hidden 1024, 2 threads:
+/// ITL 75-83 ms single rows, 95-97 ms paired); at 32 sequences pairing took ITL p50 from
+/// 216-268 ms to 200-226 ms.
+const PAIR_MIN_ROWS: usize = 4;
+
 /// Weight rows widened per gemm call: 64 rows × in ≤ 14336 f32 stays within L2.
 const GEMM_BLOCK: usize = 64;
 
@@ -66,10 +72,38 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
 pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
     let yp = SendPtr(y.as_mut_ptr());
     let kern = dot::select();
+    let pair = dot::select_pair();
     (0..out.div_ceil(DOT_BLOCK)).into_par_iter().for_each(|b| {
         let j0 = b * DOT_BLOCK;
         let j1 = (j0 + DOT_BLOCK).min(out);
-        for j in j0..j1 {
+        let mut j = j0;
+        // Enough tokens to be compute-bound: two weight rows at a time, so every x vector
+        // loaded serves both (x is re-read once per pair of output rows, not once per row).
+        // Which rows pair up depends only on the shape, so results stay deterministic.
+        if let Some(pair) = pair.filter(|_| rows >= PAIR_MIN_ROWS) {
+            while j + 1 < j1 {
+                let (w0, w1) = (
+                    w.slice(j * inp..(j + 1) * inp),
+                    w.slice((j + 1) * inp..(j + 2) * inp),
+                );
+                let mut r = 0;
+                while r < rows {
+                    let n = (rows - r).min(4);
+                    let mut acc = [[0f32; 4]; 2];
+                    pair(w0, w1, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
+                    for (d, row_acc) in acc.iter().enumerate() {
+                        for (t, a) in row_acc.iter().take(n).enumerate() {
+                            // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own
+                            // disjoint column ranges j0..j1, and j+1 < j1) and lies inside `y`.
+                            unsafe { *yp.get().add((r + t) * out + j + d) = *a };
+                        }
+                    }
+                    r += n;
+                }
+                j += 2;
+            }
+        }
+        for j in j..j1 {
             let row = w.slice(j * inp..(j + 1) * inp);
             let mut r = 0;
             while r < rows {
@@ -146,6 +180,23 @@ mod dot {
     /// `acc[t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`.
     pub type Kernel = fn(Elems<'_>, &[f32], usize, usize, &mut [f32; 4]);
 
+    /// `acc[d][t] = row_d · x[t]` for two weight rows and `t < n ≤ 4`.
+    pub type PairKernel = fn(Elems<'_>, Elems<'_>, &[f32], usize, usize, &mut [[f32; 4]; 2]);
+
+    /// The two-row kernel where the CPU has one (the scalar fallback goes row by row).
+    pub fn select_pair() -> Option<PairKernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return Some(super::x86::pair_dots);
+            }
+        }
+        None
+    }
+
     pub fn select() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
@@ -185,6 +236,86 @@ mod x86 {
                 Elems::F32(w) => dots_f32(w.as_ptr(), x.as_ptr(), n, inp, acc),
             }
         }
+    }
+
+    /// Two weight rows against up to four tokens; the caller checked avx2+fma+f16c and that
+    /// both rows have the same dtype and length `inp`.
+    pub fn pair_dots(
+        w0: Elems<'_>,
+        w1: Elems<'_>,
+        x: &[f32],
+        n: usize,
+        inp: usize,
+        acc: &mut [[f32; 4]; 2],
+    ) {
+        debug_assert!(x.len() >= n * inp && w0.len() == inp && w1.len() == inp);
+        debug_assert!((1..=4).contains(&n));
+        macro_rules! go {
+            ($f:ident, $a:expr, $b:expr) => {
+                // SAFETY: `select_pair` only returns this kernel when the CPU has avx2, fma and
+                // f16c; the pointers cover `inp` elements of each row and `n * inp` of x.
+                unsafe {
+                    match n {
+                        1 => $f::<1>($a, $b, x.as_ptr(), inp, acc),
+                        2 => $f::<2>($a, $b, x.as_ptr(), inp, acc),
+                        3 => $f::<3>($a, $b, x.as_ptr(), inp, acc),
+                        _ => $f::<4>($a, $b, x.as_ptr(), inp, acc),
+                    }
+                }
+            };
+        }
+        match (w0, w1) {
+            (Elems::BF16(a), Elems::BF16(b)) => {
+                go!(pair_bf16, a.as_ptr().cast(), b.as_ptr().cast())
+            }
+            (Elems::F16(a), Elems::F16(b)) => go!(pair_f16, a.as_ptr().cast(), b.as_ptr().cast()),
+            (Elems::F32(a), Elems::F32(b)) => go!(pair_f32, a.as_ptr(), b.as_ptr()),
+            _ => unreachable!("rows of one weight share its dtype"),
+        }
+    }
+
+    /// Two rows × N tokens, one 8-wide chain per (row, token): N is a constant so the
+    /// accumulators stay in registers.
+    macro_rules! pair_kernel {
+        ($name:ident, $wty:ty, $load:ident, $scalar:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const N: usize>(
+                w0: *const $wty,
+                w1: *const $wty,
+                x: *const f32,
+                inp: usize,
+                acc: &mut [[f32; 4]; 2],
+            ) {
+                let main = inp / 8 * 8;
+                // SAFETY (whole body): k + 8 <= main <= inp keeps every vector load inside both
+                // rows and inside each token's slice of x.
+                unsafe {
+                    let mut a0 = [_mm256_setzero_ps(); N];
+                    let mut a1 = [_mm256_setzero_ps(); N];
+                    let mut k = 0;
+                    while k < main {
+                        let v0 = $load(w0, k);
+                        let v1 = $load(w1, k);
+                        for t in 0..N {
+                            let xv = _mm256_loadu_ps(x.add(t * inp + k));
+                            a0[t] = _mm256_fmadd_ps(v0, xv, a0[t]);
+                            a1[t] = _mm256_fmadd_ps(v1, xv, a1[t]);
+                        }
+                        k += 8;
+                    }
+                    for t in 0..N {
+                        let (mut s0, mut s1) = (hsum(a0[t]), hsum(a1[t]));
+                        for k in main..inp {
+                            let xv = *x.add(t * inp + k);
+                            s0 += $scalar(w0, k) * xv;
+                            s1 += $scalar(w1, k) * xv;
+                        }
+                        acc[0][t] = s0;
+                        acc[1][t] = s1;
+                    }
+                }
+            }
+        };
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -318,6 +449,9 @@ mod x86 {
         unsafe { *w.add(k) }
     }
 
+    pair_kernel!(pair_bf16, u16, load_bf16, scalar_bf16);
+    pair_kernel!(pair_f16, u16, load_f16, scalar_f16);
+    pair_kernel!(pair_f32, f32, load_f32, scalar_f32);
     dot_kernel!(dots_bf16, u16, load_bf16, scalar_bf16);
     dot_kernel!(dots_f16, u16, load_f16, scalar_f16);
     dot_kernel!(dots_f32, f32, load_f32, scalar_f32);
@@ -394,6 +528,8 @@ mod tests {
             (4, 128, 70),
             (7, 48, 17),
             (9, 64, 130),
+            (20, 72, 31),
+            (32, 36, 9),
             (40, 96, 65),
         ] {
             check(rows, inp, out);
