@@ -57,27 +57,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.runs >= 1 && a.prompt_tokens >= 1 && a.decode_tokens >= 2,
         "runs, prompt and decode tokens must be positive"
     );
+    let own_cluster = a.cluster.workers.is_some()
+        || a.cluster.placement.is_some()
+        || a.cluster.registry.etcd.is_some();
     anyhow::ensure!(
-        a.cluster.workers.is_none() || a.local_workers == 0,
-        "--local-workers starts its own workers; leave out --workers"
+        !own_cluster || a.local_workers == 0,
+        "--local-workers starts its own workers; leave out --workers, --placement and --etcd"
     );
     let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
     let modes = 1 + usize::from(a.local_workers > 0);
     let bar = progress_bar((per_mode * modes) as u64);
     let mut results = Vec::new();
-    bar.set_message(
-        if a.cluster.workers.is_some() || a.cluster.registry.etcd.is_some() {
-            "cluster"
-        } else {
-            "embedded"
-        },
-    );
+    let name = if own_cluster { "cluster" } else { "embedded" };
+    bar.set_message(name);
     let loaded = a.cluster.load(&a.model)?;
-    let name = if loaded.remote.is_some() {
-        "cluster"
-    } else {
-        "embedded"
-    };
     results.push(measure(name, loaded, &a, &bar)?);
     if a.local_workers > 0 {
         let ck = switchyard_model::Checkpoint::open(&a.model)?;
@@ -296,7 +289,7 @@ fn measure(
 struct LocalWorkers {
     children: Vec<std::process::Child>,
     spec: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl LocalWorkers {
@@ -307,12 +300,12 @@ impl LocalWorkers {
         let mut me = Self {
             children: Vec::new(),
             spec: String::new(),
-            _dir: dir,
+            dir,
         };
         let mut parts = Vec::new();
         for i in 0..n {
             let (lo, hi) = (i * experts / n, (i + 1) * experts / n - 1);
-            let ready = me._dir.path().join(format!("worker-{i}.addr"));
+            let ready = me.dir.path().join(format!("worker-{i}.addr"));
             let child = std::process::Command::new(&exe)
                 .arg("--threads")
                 .arg(rayon::current_num_threads().to_string())

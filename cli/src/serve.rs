@@ -65,7 +65,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    a.cluster.device.check_available()?;
     let cfg = ServeConfig {
         model: a.model.clone(),
         served_model_name: a.served_model_name,

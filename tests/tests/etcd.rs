@@ -81,6 +81,20 @@ fn server_of(model: &Path, etcd: &Etcd, cluster: &str, extra: &[&str]) -> Server
     s
 }
 
+/// `switchyard cluster status --json` of `cluster`.
+fn cluster_status(etcd: &Etcd, cluster: &str) -> Value {
+    let out = run_ok(&[
+        "cluster",
+        "status",
+        "--etcd",
+        &etcd.endpoint,
+        "--cluster",
+        cluster,
+        "--json",
+    ]);
+    serde_json::from_str(&out).unwrap()
+}
+
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool, log: impl Fn() -> String) {
     let start = Instant::now();
     while !ok() {
@@ -181,16 +195,7 @@ fn a_new_worker_gets_traffic_without_a_restart() {
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    let status = run_ok(&[
-        "cluster",
-        "status",
-        "--etcd",
-        &etcd.endpoint,
-        "--cluster",
-        "join",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_str(&status).unwrap();
+    let v = cluster_status(&etcd, "join");
     assert_eq!(v["workers"].as_array().unwrap().len(), 3);
     assert!(v["replicas"]
         .as_array()
@@ -282,16 +287,7 @@ fn an_etcd_restart_under_load_fails_no_request() {
     wait_until(
         Duration::from_secs(30),
         || {
-            let v: Value = serde_json::from_str(&run_ok(&[
-                "cluster",
-                "status",
-                "--etcd",
-                &etcd.endpoint,
-                "--cluster",
-                "outage",
-                "--json",
-            ]))
-            .unwrap();
+            let v = cluster_status(&etcd, "outage");
             v["workers"].as_array().unwrap().len() == 3
         },
         || s.log(),
@@ -344,18 +340,7 @@ fn the_planner_assigns_managed_workers_and_replicates_hot_experts() {
         "plan",
         &["--rebalance-interval", "2s", "--hot-replicas", "2"],
     );
-    let status = || -> Value {
-        serde_json::from_str(&run_ok(&[
-            "cluster",
-            "status",
-            "--etcd",
-            &etcd.endpoint,
-            "--cluster",
-            "plan",
-            "--json",
-        ]))
-        .unwrap()
-    };
+    let status = || cluster_status(&etcd, "plan");
     // Before any load: blocks, as a static placement would be.
     let first = status();
     let hosted: Vec<Value> = first["workers"]
@@ -428,16 +413,7 @@ fn two_coordinators_elect_one_planner_and_hand_over_when_it_dies() {
     let mut first = server(&etcd, "elect", &[]);
     let second = server(&etcd, "elect", &[]);
     let leader = || -> String {
-        let v: Value = serde_json::from_str(&run_ok(&[
-            "cluster",
-            "status",
-            "--etcd",
-            &etcd.endpoint,
-            "--cluster",
-            "elect",
-            "--json",
-        ]))
-        .unwrap();
+        let v = cluster_status(&etcd, "elect");
         v["planner"].as_str().unwrap_or("").to_string()
     };
     let pid = |s: &Server| s.proc.0.id().to_string();

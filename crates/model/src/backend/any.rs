@@ -34,13 +34,13 @@ pub enum AnyWeight {
 impl AnyBackend {
     /// Opens `device` (checking that this build and machine can drive it).
     pub fn new(device: Device) -> Result<Self> {
-        device.check_available()?;
         match device {
             Device::Cpu => Ok(Self::Cpu(Cpu)),
+            // `Cuda::new` probes the libraries and the device before creating a context.
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => Ok(Self::Cuda(Cuda::new(n)?)),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable!("check_available refuses CUDA without the feature"),
+            Device::Cuda(_) => Err(super::no_cuda_build(device)),
         }
     }
 }
@@ -62,6 +62,7 @@ macro_rules! accessors {
                     _ => Err(mismatch()),
                 }
             }
+            // Weights are never borrowed mutably: the `_mut` accessors serve buffers only.
             #[allow(clippy::unnecessary_wraps, unreachable_patterns, dead_code)]
             fn cpu_mut(&mut self) -> Result<&mut $cpu> {
                 match self {

@@ -157,18 +157,11 @@ impl std::fmt::Display for Device {
     }
 }
 
-impl Device {
-    /// Fails with a clear error for devices this build cannot drive.
-    pub fn check_available(self) -> Result<()> {
-        match self {
-            Self::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Self::Cuda(n) => cuda::probe(n),
-            #[cfg(not(feature = "cuda"))]
-            Self::Cuda(_) => Err(crate::ModelError::Device(
-                self.to_string(),
-                "this build has no CUDA backend (build with --features cuda)".into(),
-            )),
-        }
-    }
+/// The error for a CUDA device in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn no_cuda_build(device: Device) -> crate::ModelError {
+    crate::ModelError::Device(
+        device.to_string(),
+        "this build has no CUDA backend (build with --features cuda)".into(),
+    )
 }

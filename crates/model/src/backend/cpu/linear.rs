@@ -82,15 +82,12 @@ pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, 
         // Which rows pair up depends only on the shape, so results stay deterministic.
         if let Some(pair) = pair.filter(|_| rows >= PAIR_MIN_ROWS) {
             while j + 1 < j1 {
-                let (w0, w1) = (
-                    w.slice(j * inp..(j + 1) * inp),
-                    w.slice((j + 1) * inp..(j + 2) * inp),
-                );
+                let pair_rows = w.slice(j * inp..(j + 2) * inp);
                 let mut r = 0;
                 while r < rows {
                     let n = (rows - r).min(4);
                     let mut acc = [[0f32; 4]; 2];
-                    pair(w0, w1, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
+                    pair(pair_rows, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
                     for (d, row_acc) in acc.iter().enumerate() {
                         for (t, a) in row_acc.iter().take(n).enumerate() {
                             // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own
@@ -180,8 +177,9 @@ mod dot {
     /// `acc[t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`.
     pub type Kernel = fn(Elems<'_>, &[f32], usize, usize, &mut [f32; 4]);
 
-    /// `acc[d][t] = row_d · x[t]` for two weight rows and `t < n ≤ 4`.
-    pub type PairKernel = fn(Elems<'_>, Elems<'_>, &[f32], usize, usize, &mut [[f32; 4]; 2]);
+    /// `acc[d][t] = row_d · x[t]` for two adjacent weight rows (`2 * inp` elements) and
+    /// `t < n ≤ 4`.
+    pub type PairKernel = fn(Elems<'_>, &[f32], usize, usize, &mut [[f32; 4]; 2]);
 
     /// The two-row kernel where the CPU has one (the scalar fallback goes row by row).
     pub fn select_pair() -> Option<PairKernel> {
@@ -238,39 +236,31 @@ mod x86 {
         }
     }
 
-    /// Two weight rows against up to four tokens; the caller checked avx2+fma+f16c and that
-    /// both rows have the same dtype and length `inp`.
-    pub fn pair_dots(
-        w0: Elems<'_>,
-        w1: Elems<'_>,
-        x: &[f32],
-        n: usize,
-        inp: usize,
-        acc: &mut [[f32; 4]; 2],
-    ) {
-        debug_assert!(x.len() >= n * inp && w0.len() == inp && w1.len() == inp);
+    /// Two adjacent weight rows (`2 * inp` elements) against up to four tokens; the caller
+    /// checked avx2+fma+f16c.
+    pub fn pair_dots(rows: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [[f32; 4]; 2]) {
+        debug_assert!(x.len() >= n * inp && rows.len() == 2 * inp);
         debug_assert!((1..=4).contains(&n));
         macro_rules! go {
-            ($f:ident, $a:expr, $b:expr) => {
+            ($f:ident, $w:expr) => {{
+                let w = $w;
                 // SAFETY: `select_pair` only returns this kernel when the CPU has avx2, fma and
-                // f16c; the pointers cover `inp` elements of each row and `n * inp` of x.
+                // f16c; `w` covers two rows of `inp` elements and x covers `n * inp`.
                 unsafe {
+                    let (w0, w1) = (w, w.add(inp));
                     match n {
-                        1 => $f::<1>($a, $b, x.as_ptr(), inp, acc),
-                        2 => $f::<2>($a, $b, x.as_ptr(), inp, acc),
-                        3 => $f::<3>($a, $b, x.as_ptr(), inp, acc),
-                        _ => $f::<4>($a, $b, x.as_ptr(), inp, acc),
+                        1 => $f::<1>(w0, w1, x.as_ptr(), inp, acc),
+                        2 => $f::<2>(w0, w1, x.as_ptr(), inp, acc),
+                        3 => $f::<3>(w0, w1, x.as_ptr(), inp, acc),
+                        _ => $f::<4>(w0, w1, x.as_ptr(), inp, acc),
                     }
                 }
-            };
+            }};
         }
-        match (w0, w1) {
-            (Elems::BF16(a), Elems::BF16(b)) => {
-                go!(pair_bf16, a.as_ptr().cast(), b.as_ptr().cast())
-            }
-            (Elems::F16(a), Elems::F16(b)) => go!(pair_f16, a.as_ptr().cast(), b.as_ptr().cast()),
-            (Elems::F32(a), Elems::F32(b)) => go!(pair_f32, a.as_ptr(), b.as_ptr()),
-            _ => unreachable!("rows of one weight share its dtype"),
+        match rows {
+            Elems::BF16(w) => go!(pair_bf16, w.as_ptr().cast::<u16>()),
+            Elems::F16(w) => go!(pair_f16, w.as_ptr().cast::<u16>()),
+            Elems::F32(w) => go!(pair_f32, w.as_ptr()),
         }
     }
 

@@ -11,8 +11,8 @@ use crate::{
 use cudarc::{
     cublas::{sys as blas_sys, CudaBlas},
     driver::{
-        CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-        PushKernelArg,
+        CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs,
+        LaunchConfig, PushKernelArg,
     },
 };
 use std::{
@@ -80,23 +80,81 @@ impl CudaWeight {
             Self::F32 { shape, .. } | Self::Bf16 { shape, .. } | Self::F16 { shape, .. } => shape,
         }
     }
-    /// The kernel-name suffix of this dtype.
-    fn suffix(&self) -> &'static str {
+    /// The one of `[f32, bf16, f16]` kernel names that matches this weight's dtype.
+    fn by_dtype(&self, names: [&'static str; 3]) -> &'static str {
         match self {
-            Self::F32 { .. } => "f32",
-            Self::Bf16 { .. } => "bf16",
-            Self::F16 { .. } => "f16",
+            Self::F32 { .. } => names[0],
+            Self::Bf16 { .. } => names[1],
+            Self::F16 { .. } => names[2],
         }
+    }
+
+    /// Passes the weight's data as the next kernel argument.
+    fn push_data<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Self::F32 { data, .. } => b.arg(data),
+            Self::Bf16 { data, .. } | Self::F16 { data, .. } => b.arg(data),
+        };
     }
 }
 
-/// Scratch reused across calls: the GEMM input cast to the weight dtype, and the small tables
-/// each call uploads (token ids, positions, block tables).
+/// Device and host buffers reused across calls, so the step loop allocates nothing once they
+/// have grown to its largest step: the GEMM input cast to the weight dtype, the small index
+/// tables each op uploads (token ids, positions, block tables) and the router's output.
+///
+/// Every op runs on the one stream, so refilling a buffer is ordered after the kernels that
+/// read its previous contents.
 struct Scratch {
     half_x: CudaSlice<u16>,
     rows: AttnRows,
-    router_ids: Vec<u32>,
-    router_weights: Vec<f32>,
+    tables: [CudaSlice<u32>; 3],
+    topk_ids: CudaSlice<u32>,
+    topk_weights: CudaSlice<f32>,
+    host_ids: Vec<u32>,
+    host_weights: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(stream: &Arc<CudaStream>) -> std::result::Result<Self, cudarc::driver::DriverError> {
+        Ok(Self {
+            half_x: stream.alloc_zeros(1)?,
+            rows: AttnRows::default(),
+            tables: [
+                stream.alloc_zeros(1)?,
+                stream.alloc_zeros(1)?,
+                stream.alloc_zeros(1)?,
+            ],
+            topk_ids: stream.alloc_zeros(1)?,
+            topk_weights: stream.alloc_zeros(1)?,
+            host_ids: Vec::new(),
+            host_weights: Vec::new(),
+        })
+    }
+}
+
+/// Makes `buf` hold at least `len` elements (contents are lost when it grows).
+fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<T>,
+    len: usize,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    if buf.len() < len {
+        *buf = stream.alloc_zeros(len)?;
+    }
+    Ok(())
+}
+
+/// Copies `v` into the start of `buf`, growing it first if needed.
+fn stage(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<u32>,
+    v: &[u32],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    grow(stream, buf, v.len())?;
+    if !v.is_empty() {
+        stream.memcpy_htod(v, &mut buf.slice_mut(..v.len()))?;
+    }
+    Ok(())
 }
 
 struct Inner {
@@ -132,7 +190,7 @@ impl Cuda {
             functions.insert(k, f);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err(ordinal, e))?;
-        let half_x = stream.alloc_zeros(1).map_err(|e| dev_err(ordinal, e))?;
+        let scratch = Scratch::new(&stream).map_err(|e| dev_err(ordinal, e))?;
         tracing::info!(ordinal, %name, "CUDA device ready");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -141,12 +199,7 @@ impl Cuda {
                 stream,
                 blas,
                 functions,
-                scratch: Mutex::new(Scratch {
-                    half_x,
-                    rows: AttnRows::default(),
-                    router_ids: Vec::new(),
-                    router_weights: Vec::new(),
-                }),
+                scratch: Mutex::new(scratch),
             }),
         })
     }
@@ -169,12 +222,6 @@ impl Cuda {
     fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
         // The scratch holds no invariants across calls; a panic elsewhere leaves it usable.
         self.inner.scratch.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
-        // An empty upload is still a valid (one-element) buffer for the kernel argument.
-        let src: &[u32] = if v.is_empty() { &[0] } else { v };
-        self.stream().clone_htod(src).map_err(|e| self.err(e))
     }
 
     fn config(l: Launch) -> LaunchConfig {
@@ -224,9 +271,7 @@ impl Cuda {
             }
             CudaWeight::Bf16 { data, .. } | CudaWeight::F16 { data, .. } => {
                 let n = rows * n_in;
-                if scratch.half_x.len() < n {
-                    scratch.half_x = stream.alloc_zeros(n).map_err(|e| self.err(e))?;
-                }
+                grow(&stream, &mut scratch.half_x, n).map_err(|e| self.err(e))?;
                 let (kernel, dtype) = if matches!(w, CudaWeight::Bf16 { .. }) {
                     ("cast_f32_bf16", blas_sys::cudaDataType::CUDA_R_16BF)
                 } else {
@@ -287,47 +332,6 @@ impl Cuda {
         // SAFETY: both buffers hold ≥ len.
         unsafe { b.launch(Self::config(kernels::elementwise(len))) }.map_err(|e| self.err(e))?;
         Ok(())
-    }
-
-    /// Routes `rows` tokens on the device: softmax over experts, top-`k`, renormalised. Writes
-    /// `k` expert ids and weights per row to the host.
-    pub fn route_topk(
-        &self,
-        logits: &CudaSlice<f32>,
-        rows: usize,
-        n_experts: usize,
-        k: usize,
-        ids: &mut Vec<u32>,
-        weights: &mut Vec<f32>,
-    ) -> Result<()> {
-        let l = kernels::router(rows, n_experts, k)?;
-        self.check_len("router logits", logits.len(), rows * n_experts)?;
-        let stream = self.stream();
-        let mut d_ids = stream
-            .alloc_zeros::<u32>((rows * k).max(1))
-            .map_err(|e| self.err(e))?;
-        let mut d_w = stream
-            .alloc_zeros::<f32>((rows * k).max(1))
-            .map_err(|e| self.err(e))?;
-        let (r, ne, kk) = (rows as i32, n_experts as i32, k as i32);
-        let mut b = stream.launch_builder(self.function("router_topk")?);
-        b.arg(logits)
-            .arg(&mut d_ids)
-            .arg(&mut d_w)
-            .arg(&r)
-            .arg(&ne)
-            .arg(&kk);
-        // SAFETY: one thread per row reads n_experts logits and writes k ids and weights.
-        unsafe { b.launch(Self::config(l)) }.map_err(|e| self.err(e))?;
-        ids.resize(rows * k, 0);
-        weights.resize(rows * k, 0.0);
-        stream
-            .memcpy_dtoh(&d_ids.slice(..rows * k), ids.as_mut_slice())
-            .map_err(|e| self.err(e))?;
-        stream
-            .memcpy_dtoh(&d_w.slice(..rows * k), weights.as_mut_slice())
-            .map_err(|e| self.err(e))?;
-        stream.synchronize().map_err(|e| self.err(e))
     }
 }
 
@@ -405,16 +409,15 @@ impl Backend for Cuda {
             )));
         }
         self.check_len("embedding", out.len(), ids.len() * width)?;
-        let d_ids = self.upload_u32(ids)?;
-        let (rows, w) = (ids.len() as i32, width as i32);
-        let name = format!("embedding_{}", table.suffix());
         let s = self.stream();
-        let mut b = s.launch_builder(self.function(&name)?);
-        match table {
-            CudaWeight::F32 { data, .. } => b.arg(data),
-            CudaWeight::Bf16 { data, .. } | CudaWeight::F16 { data, .. } => b.arg(data),
-        };
-        b.arg(&d_ids).arg(out).arg(&rows).arg(&w);
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        stage(s, &mut sc.tables[0], ids).map_err(|e| self.err(e))?;
+        let (rows, w) = (ids.len() as i32, width as i32);
+        let name = table.by_dtype(["embedding_f32", "embedding_bf16", "embedding_f16"]);
+        let mut b = s.launch_builder(self.function(name)?);
+        table.push_data(&mut b);
+        b.arg(&sc.tables[0]).arg(out).arg(&rows).arg(&w);
         // SAFETY: ids were checked against the table; out holds rows × width.
         unsafe { b.launch(Self::config(kernels::elementwise(ids.len() * width))) }
             .map_err(|e| self.err(e))?;
@@ -435,15 +438,12 @@ impl Backend for Cuda {
         if rows == 0 {
             return Ok(());
         }
-        let name = format!("rms_norm_{}", w.suffix());
+        let name = w.by_dtype(["rms_norm_f32", "rms_norm_bf16", "rms_norm_f16"]);
         let wi = width as i32;
         let s = self.stream();
-        let mut b = s.launch_builder(self.function(&name)?);
+        let mut b = s.launch_builder(self.function(name)?);
         b.arg(x);
-        match w {
-            CudaWeight::F32 { data, .. } => b.arg(data),
-            CudaWeight::Bf16 { data, .. } | CudaWeight::F16 { data, .. } => b.arg(data),
-        };
+        w.push_data(&mut b);
         b.arg(out).arg(&wi).arg(&eps);
         // SAFETY: one block per row of `width`, all within the checked lengths.
         unsafe { b.launch(Self::config(kernels::per_row(rows, width))) }
@@ -485,11 +485,19 @@ impl Backend for Cuda {
         if rows == 0 {
             return Ok(());
         }
-        let d_pos = self.upload_u32(positions)?;
-        let (r, w, hd) = (rows as i32, width as i32, head_dim as i32);
         let s = self.stream();
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        stage(s, &mut sc.tables[0], positions).map_err(|e| self.err(e))?;
+        let (r, w, hd) = (rows as i32, width as i32, head_dim as i32);
         let mut b = s.launch_builder(self.function("rope")?);
-        b.arg(x).arg(c).arg(sn).arg(&d_pos).arg(&r).arg(&w).arg(&hd);
+        b.arg(x)
+            .arg(c)
+            .arg(sn)
+            .arg(&sc.tables[0])
+            .arg(&r)
+            .arg(&w)
+            .arg(&hd);
         // SAFETY: positions were checked against the tables; x holds rows × width.
         unsafe { b.launch(Self::config(kernels::elementwise(rows * width / 2))) }
             .map_err(|e| self.err(e))?;
@@ -527,14 +535,16 @@ impl Backend for Cuda {
             ));
         }
         self.check_len("kv_write source", src.len(), (src_row0 + rows) * kv_dim)?;
-        let d_blocks = self.upload_u32(blocks)?;
+        let s = self.stream();
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        stage(s, &mut sc.tables[0], blocks).map_err(|e| self.err(e))?;
         let view = src.slice(src_row0 * kv_dim..(src_row0 + rows) * kv_dim);
         let (r, kd, p0, bs) = (rows as i32, kv_dim as i32, pos0 as i32, block_size as i32);
-        let s = self.stream();
         let mut b = s.launch_builder(self.function("kv_write")?);
         b.arg(cache)
             .arg(&view)
-            .arg(&d_blocks)
+            .arg(&sc.tables[0])
             .arg(&r)
             .arg(&kd)
             .arg(&p0)
@@ -569,15 +579,18 @@ impl Backend for Cuda {
                 ));
             }
         }
-        let (pos, blk, tab) = {
-            let mut sc = self.scratch();
-            sc.rows.fill(seqs)?;
-            (
-                self.upload_u32(&sc.rows.row_pos)?,
-                self.upload_u32(&sc.rows.row_blocks)?,
-                self.upload_u32(&sc.rows.blocks)?,
-            )
-        };
+        let s = self.stream();
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        sc.rows.fill(seqs)?;
+        let [pos, blk, tab] = &mut sc.tables;
+        for (buf, v) in [
+            (&mut *pos, &sc.rows.row_pos),
+            (&mut *blk, &sc.rows.row_blocks),
+            (&mut *tab, &sc.rows.blocks),
+        ] {
+            stage(s, buf, v).map_err(|e| self.err(e))?;
+        }
         let (h, kvh, hd, bs) = (
             shape.heads as i32,
             shape.kv_heads as i32,
@@ -586,15 +599,14 @@ impl Backend for Cuda {
         );
         let window = shape.window.map_or(0, |w| w as i32);
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let s = self.stream();
         let mut b = s.launch_builder(self.function("attention")?);
         b.arg(q)
             .arg(k_cache)
             .arg(v_cache)
             .arg(out)
-            .arg(&pos)
-            .arg(&blk)
-            .arg(&tab)
+            .arg(&*pos)
+            .arg(&*blk)
+            .arg(&*tab)
             .arg(&h)
             .arg(&kvh)
             .arg(&hd)
@@ -622,20 +634,39 @@ impl Backend for Cuda {
         k: usize,
         plan: &mut crate::moe::RoutePlan,
     ) -> Result<()> {
-        let (mut ids, mut w) = {
-            let mut sc = self.scratch();
-            (
-                std::mem::take(&mut sc.router_ids),
-                std::mem::take(&mut sc.router_weights),
-            )
-        };
-        let r = self.route_topk(logits, rows, n_experts, k, &mut ids, &mut w);
-        if r.is_ok() {
-            plan.fill_topk(&ids, &w, rows, k);
+        // Softmax, top-k and renormalisation on the device; k ids and weights per row come back
+        // to the host, where the expert scatter needs the plan.
+        let l = kernels::router(rows, n_experts, k)?;
+        self.check_len("router logits", logits.len(), rows * n_experts)?;
+        let n = rows * k;
+        let stream = self.stream();
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        grow(stream, &mut sc.topk_ids, n).map_err(|e| self.err(e))?;
+        grow(stream, &mut sc.topk_weights, n).map_err(|e| self.err(e))?;
+        let (r, ne, kk) = (rows as i32, n_experts as i32, k as i32);
+        let mut b = stream.launch_builder(self.function("router_topk")?);
+        b.arg(logits)
+            .arg(&mut sc.topk_ids)
+            .arg(&mut sc.topk_weights)
+            .arg(&r)
+            .arg(&ne)
+            .arg(&kk);
+        // SAFETY: one thread per row reads n_experts logits and writes k ids and weights, within
+        // the buffers grown to rows × k.
+        unsafe { b.launch(Self::config(l)) }.map_err(|e| self.err(e))?;
+        sc.host_ids.resize(n, 0);
+        sc.host_weights.resize(n, 0.0);
+        if n > 0 {
+            stream
+                .memcpy_dtoh(&sc.topk_ids.slice(..n), sc.host_ids.as_mut_slice())
+                .map_err(|e| self.err(e))?;
+            stream
+                .memcpy_dtoh(&sc.topk_weights.slice(..n), sc.host_weights.as_mut_slice())
+                .map_err(|e| self.err(e))?;
         }
-        let mut sc = self.scratch();
-        sc.router_ids = ids;
-        sc.router_weights = w;
-        r
+        stream.synchronize().map_err(|e| self.err(e))?;
+        plan.fill_topk(&sc.host_ids, &sc.host_weights, rows, k);
+        Ok(())
     }
 }
