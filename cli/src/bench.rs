@@ -39,6 +39,9 @@ pub struct Args {
     /// (experts split evenly), after embedded mode.
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
+    /// Measure every cluster twice, with dual-batch overlap on and off (see --overlap).
+    #[arg(long)]
+    compare_overlap: bool,
     /// Write bench.json and bench.png into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -64,25 +67,57 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !own_cluster || a.local_workers == 0,
         "--local-workers starts its own workers; leave out --workers, --placement and --etcd"
     );
+    let overlaps = if a.compare_overlap {
+        vec![true, false]
+    } else {
+        vec![a.cluster.overlap]
+    };
     let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
-    let modes = 1 + usize::from(a.local_workers > 0);
+    let modes = if own_cluster {
+        overlaps.len()
+    } else {
+        1 + if a.local_workers > 0 {
+            overlaps.len()
+        } else {
+            0
+        }
+    };
     let bar = progress_bar((per_mode * modes) as u64);
     let mut results = Vec::new();
-    let name = if own_cluster { "cluster" } else { "embedded" };
-    bar.set_message(name);
-    let loaded = a.cluster.load(&a.model)?;
-    results.push(measure(name, loaded, &a, &bar)?);
-    if a.local_workers > 0 {
-        let ck = switchyard_model::Checkpoint::open(&a.model)?;
-        let workers =
-            LocalWorkers::start(&a.model, a.local_workers, ck.config().num_local_experts)?;
-        let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
-        cluster.workers = Some(workers.spec.clone());
-        let name = format!("cluster ({} workers)", a.local_workers);
-        bar.set_message(name.clone());
-        let loaded = cluster.load(&a.model)?;
-        results.push(measure(&name, loaded, &a, &bar)?);
-        drop(workers);
+    // Measures the cluster of `base`'s workers once per overlap setting.
+    let mut clusters = |base: &crate::cluster::ClusterArgs, label: &str| -> anyhow::Result<()> {
+        for &overlap in &overlaps {
+            let mut cluster = base.clone();
+            cluster.overlap = overlap;
+            let name = if overlaps.len() == 1 {
+                label.to_string()
+            } else if overlap {
+                format!("{label}, overlap on")
+            } else {
+                format!("{label}, overlap off")
+            };
+            bar.set_message(name.clone());
+            let loaded = cluster.load(&a.model)?;
+            results.push(measure(&name, loaded, &a, &bar)?);
+        }
+        Ok(())
+    };
+    if own_cluster {
+        clusters(&a.cluster, "cluster")?;
+    } else {
+        bar.set_message("embedded");
+        let loaded = a.cluster.load(&a.model)?;
+        let embedded = measure("embedded", loaded, &a, &bar)?;
+        if a.local_workers > 0 {
+            let ck = switchyard_model::Checkpoint::open(&a.model)?;
+            let workers =
+                LocalWorkers::start(&a.model, a.local_workers, ck.config().num_local_experts)?;
+            let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
+            cluster.workers = Some(workers.spec.clone());
+            clusters(&cluster, &format!("cluster ({} workers)", a.local_workers))?;
+            drop(workers);
+        }
+        results.insert(0, embedded);
     }
     bar.finish_and_clear();
 

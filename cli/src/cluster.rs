@@ -3,7 +3,10 @@
 use anyhow::Context;
 use std::{path::Path, path::PathBuf, time::Duration};
 use switchyard_cluster::{RegistryConfig, StaticPlacement};
-use switchyard_coordinator::{dispatch::DispatchConfig, Engine};
+use switchyard_coordinator::{
+    dispatch::{DispatchConfig, RpcMode},
+    Engine,
+};
 use switchyard_wire::WireDType;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -26,6 +29,15 @@ pub struct ClusterArgs {
     /// except near ties) or f32 (bit-exact with embedded mode).
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "bf16")]
     pub wire_dtype: WireDType,
+    /// Dual-batch overlap: split steps of several sequences into two micro-batches and compute
+    /// one's attention while the other's experts are on the workers (on, off). Worth it when
+    /// workers are far away and the coordinator has cores to itself.
+    #[arg(long, env = "SWITCHYARD_OVERLAP", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub overlap: bool,
+    /// How batches travel to each worker: stream (one long-lived gRPC stream per worker) or
+    /// unary (one call per batch).
+    #[arg(long, env = "SWITCHYARD_DISPATCH_RPC", default_value = "stream")]
+    pub dispatch_rpc: RpcMode,
     /// Deadline of one expert batch call.
     #[arg(long, env = "SWITCHYARD_RPC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub rpc_timeout: Duration,
@@ -49,6 +61,14 @@ pub struct ClusterArgs {
     /// Private key of --worker-tls-cert (PEM).
     #[arg(long, env = "SWITCHYARD_WORKER_TLS_KEY", requires = "worker_tls_cert")]
     pub worker_tls_key: Option<PathBuf>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        o => Err(format!("expected on or off, got {o:?}")),
+    }
 }
 
 /// etcd membership, shared by workers, coordinators and `cluster status`.
@@ -147,6 +167,8 @@ impl ClusterArgs {
             wire_dtype: self.wire_dtype,
             rpc_timeout: self.rpc_timeout,
             expert_wait: self.expert_wait,
+            overlap: self.overlap,
+            rpc: self.dispatch_rpc,
             ..DispatchConfig::default()
         })
     }

@@ -5,7 +5,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
     Arc,
 };
-use switchyard_model::{ExpertExecutor, LayerId, RoutePlan};
+use switchyard_model::{ExpertExecutor, ExpertJob, LayerId, PendingExperts, RoutePlan};
 
 /// Routed token-expert entries, `[layer * experts + expert]`.
 #[derive(Debug)]
@@ -38,12 +38,31 @@ impl ExpertExecutor for Counting {
         plan: &RoutePlan,
         out: &mut [f32],
     ) -> switchyard_model::Result<()> {
+        self.count(layer, plan);
+        self.inner.run(layer, x, plan, out)
+    }
+
+    fn overlaps(&self) -> bool {
+        self.inner.overlaps()
+    }
+
+    fn submit(
+        &self,
+        layer: LayerId,
+        job: ExpertJob,
+    ) -> switchyard_model::Result<Box<dyn PendingExperts>> {
+        self.count(layer, &job.plan);
+        self.inner.submit(layer, job)
+    }
+}
+
+impl Counting {
+    fn count(&self, layer: LayerId, plan: &RoutePlan) {
         let base = layer.index() * self.counts.experts;
         for &e in plan.experts() {
             if let Some(c) = self.counts.counts.get(base + e as usize) {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.inner.run(layer, x, plan, out)
     }
 }

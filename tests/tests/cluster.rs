@@ -116,12 +116,25 @@ fn cluster_forward_equals_embedded_bit_for_bit_for_every_placement() {
         for sets in PLACEMENTS {
             let (_workers, spec) = cluster(model, sets);
             for (ids, want) in cases.iter().zip(&embedded) {
-                let got = forward(model, ids, &["--workers", &spec, "--wire-dtype", "f32"]);
-                assert!(
-                    got == *want,
-                    "{} placement {sets:?} ids {ids}: cluster differs from embedded",
-                    model.display()
-                );
+                for rpc in ["stream", "unary"] {
+                    let got = forward(
+                        model,
+                        ids,
+                        &[
+                            "--workers",
+                            &spec,
+                            "--wire-dtype",
+                            "f32",
+                            "--dispatch-rpc",
+                            rpc,
+                        ],
+                    );
+                    assert!(
+                        got == *want,
+                        "{} placement {sets:?} ids {ids} ({rpc}): cluster differs from embedded",
+                        model.display()
+                    );
+                }
             }
         }
     }
@@ -440,18 +453,58 @@ fn worker_rejects_malformed_batches_with_clear_statuses() {
                 "SY:WIRE:TooLarge",
             ),
         ];
-        for (what, edit, code, sy) in cases {
+        let mut stream_batches = Vec::new();
+        let mut stream_want = Vec::new();
+        for (what, edit, code, sy) in &cases {
             let mut b = good.clone();
             edit(&mut b);
+            stream_batches.push(Some(b.clone()));
+            stream_want.push((*what, *code, *sy));
             let s = c.forward(b).await.unwrap_err();
-            assert_eq!(s.code(), code, "{what}: {s:?}");
-            assert_eq!(status_code_of(&s), Some(sy), "{what}");
+            assert_eq!(s.code(), *code, "{what}: {s:?}");
+            assert_eq!(status_code_of(&s), Some(*sy), "{what}");
             assert!(!s.message().is_empty(), "{what}");
         }
         // Still healthy and answering afterwards.
-        assert!(c.forward(good).await.is_ok());
+        assert!(c.forward(good.clone()).await.is_ok());
+
+        // The same refusals on one ForwardStream, which stays open through them: every reply
+        // carries its batch's id and what Forward answered, and a good batch still works last.
+        stream_batches.push(None);
+        stream_want.push(("no batch", tonic::Code::InvalidArgument, "SY:WIRE:Missing"));
+        stream_batches.push(Some(good));
+        let n = stream_batches.len() as u64;
+        let msgs: Vec<pb::StreamBatch> = stream_batches
+            .into_iter()
+            .enumerate()
+            .map(|(i, batch)| pb::StreamBatch {
+                id: 100 + i as u64,
+                batch,
+            })
+            .collect();
+        let mut replies = c
+            .forward_stream(futures::stream::iter(msgs))
+            .await
+            .unwrap()
+            .into_inner();
+        for (i, (what, code, sy)) in stream_want.iter().enumerate() {
+            let r = replies.message().await.unwrap().unwrap();
+            assert_eq!(r.id, 100 + i as u64, "{what}");
+            assert!(r.result.is_none(), "{what}");
+            assert_eq!(r.status, *code as i32, "{what}: {}", r.message);
+            assert_eq!(r.error_code, *sy, "{what}");
+            assert!(!r.message.is_empty(), "{what}");
+        }
+        let last = replies.message().await.unwrap().unwrap();
+        assert_eq!((last.id, last.status), (100 + n - 1, 0));
+        assert_eq!(last.result.unwrap().output.len(), 64 * 4);
+        assert!(
+            replies.message().await.unwrap().is_none(),
+            "stream ends with the requests"
+        );
+
         let load = c.load(pb::LoadRequest {}).await.unwrap().into_inner();
-        assert_eq!(load.batches_total, 2, "the two good batches");
+        assert_eq!(load.batches_total, 3, "the three good batches");
     });
 }
 
@@ -473,5 +526,89 @@ fn worker_drains_and_exits_cleanly_on_sigterm() {
             "worker did not exit after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn overlapped_micro_batches_over_workers_equal_embedded_mode() {
+    use switchyard_cluster::StaticPlacement;
+    use switchyard_coordinator::dispatch::{DispatchConfig, RemoteExperts, RpcMode};
+    use switchyard_model::{
+        Checkpoint, Cpu, ExpertExecutor, ExpertSet, KvCache, LocalExperts, Logits, Mixtral,
+        NoProgress, SeqKv, SeqStep, StepOutput, StepScratch,
+    };
+    let model = fixtures().join("tiny-mixtral-trained");
+    let ck = Checkpoint::open(&model).unwrap();
+    let cfg = ck.config().clone();
+    let dense = Mixtral::load(Cpu, &ck, &NoProgress).unwrap();
+    let local = LocalExperts::load(
+        &Cpu,
+        &ck,
+        &ExpertSet::all(cfg.num_local_experts),
+        &NoProgress,
+    )
+    .unwrap();
+    let (_workers, spec) = cluster(&model, &["0-3", "4-7"]);
+    let prompts: [&[u32]; 3] = [&[1, 415, 2936, 906], &[1, 22, 7], &[1, 5, 6, 7, 8, 9, 10]];
+    // Three sequences: a prefill step, then two decode steps, all logits traced.
+    let run = |experts: &dyn ExpertExecutor| {
+        let mut kv = KvCache::new(&Cpu, &cfg, 16, 8).unwrap();
+        let mut seqs = [SeqKv::default(), SeqKv::default(), SeqKv::default()];
+        let mut scratch = StepScratch::new(&Cpu).unwrap();
+        let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut results = Vec::new();
+        for which in [Logits::All, Logits::Last, Logits::Last] {
+            let mut out = StepOutput::traced(which);
+            let mut steps: Vec<SeqStep<'_>> = next
+                .iter()
+                .zip(seqs.iter_mut())
+                .map(|(t, kv)| SeqStep { tokens: t, kv })
+                .collect();
+            dense
+                .step(&mut steps, &mut kv, experts, &mut scratch, &mut out)
+                .unwrap();
+            let v = cfg.vocab_size;
+            let rows = out.logits.len() / v;
+            next = (rows - 3..rows)
+                .map(|r| {
+                    vec![switchyard_model::sampling::argmax(
+                        &out.logits[r * v..(r + 1) * v],
+                    )]
+                })
+                .collect();
+            results.push((out.logits, out.trace.unwrap()));
+        }
+        results
+    };
+    let embedded = run(&local);
+    for rpc in [RpcMode::Stream, RpcMode::Unary] {
+        let dcfg = DispatchConfig {
+            wire_dtype: switchyard_wire::WireDType::F32,
+            overlap: true,
+            rpc,
+            ..DispatchConfig::default()
+        };
+        let remote = RemoteExperts::connect(
+            &StaticPlacement::parse(&spec).unwrap(),
+            &cfg,
+            &ck.fingerprint(),
+            dcfg,
+        )
+        .unwrap();
+        assert!(remote.overlaps());
+        let got = run(&remote);
+        // Two micro-batches may take other kernel paths than one batch: equal to rounding.
+        for ((le, te), (lg, tg)) in embedded.iter().zip(&got) {
+            assert_eq!(le.len(), lg.len());
+            for (pe, pg) in te.iter().zip(tg) {
+                assert_eq!(pe.experts(), pg.experts(), "{rpc:?}: routing differs");
+            }
+            let d = le
+                .iter()
+                .zip(lg)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "{rpc:?}: logits differ by {d}");
+        }
     }
 }

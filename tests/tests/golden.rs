@@ -275,6 +275,7 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
         "1,3",
         "--local-workers",
         "2",
+        "--compare-overlap",
         "--out",
         plots.path().to_str().unwrap(),
     ]);
@@ -298,13 +299,17 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
     assert!(v["memory_read_bandwidth_gb_s"].as_f64().unwrap() > 0.1);
     let pct = v["decode_pct_of_bandwidth_bound"].as_f64().unwrap();
     assert!(pct > 0.0 && pct.is_finite(), "{v}");
-    // Embedded, then the two-worker cluster the bench started itself.
+    // Embedded, then the two-worker cluster the bench started itself, with dual-batch overlap
+    // on (three sequences split into two micro-batches) and off.
     let modes = v["modes"].as_array().unwrap();
-    assert_eq!(modes.len(), 2, "{v}");
-    assert_eq!(modes[1]["mode"], "cluster (2 workers)");
+    assert_eq!(modes.len(), 3, "{v}");
+    assert_eq!(modes[1]["mode"], "cluster (2 workers), overlap on");
+    assert_eq!(modes[2]["mode"], "cluster (2 workers), overlap off");
+    let cluster_phases = &["attention", "router", "dispatch", "expert", "combine"][..];
     for (m, phases) in modes.iter().zip([
         &["attention", "router", "expert", "combine"][..],
-        &["attention", "router", "dispatch", "expert", "combine"][..],
+        cluster_phases,
+        cluster_phases,
     ]) {
         assert!(m["decode_tok_s_median"].as_f64().unwrap() > 0.0, "{m}");
         let split = m["decode_ms_per_layer"].as_object().unwrap();

@@ -11,7 +11,7 @@ mod service;
 
 pub use error::WorkerError;
 pub use membership::Membership;
-pub use service::ExpertServer;
+pub use service::{ExpertServer, ExpertService};
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use switchyard_model::{
@@ -153,7 +153,7 @@ pub async fn serve(
         .map_err(|e| WorkerError::Bind(cfg.listen, e))?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health
-        .set_serving::<ExpertServiceServer<ExpertServer>>()
+        .set_serving::<ExpertServiceServer<ExpertService>>()
         .await;
     let draining = server.drain_flag();
     // Room for the largest batch in f32 plus framing.
@@ -173,9 +173,12 @@ pub async fn serve(
             stop.clone(),
         ));
     }
-    let svc = ExpertServiceServer::from_arc(server)
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
+    let svc = ExpertServiceServer::new(ExpertService {
+        server,
+        stop: stop.clone(),
+    })
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, addr.to_string())
             .map_err(|e| WorkerError::ReadyFile(path.clone(), e))?;
@@ -191,7 +194,7 @@ pub async fn serve(
             stop.cancelled().await;
             tracing::info!("stopping: health NOT_SERVING, draining in-flight batches");
             health
-                .set_not_serving::<ExpertServiceServer<ExpertServer>>()
+                .set_not_serving::<ExpertServiceServer<ExpertService>>()
                 .await;
             draining.store(true, std::sync::atomic::Ordering::SeqCst);
         }

@@ -221,6 +221,21 @@ impl ExpertServer {
     }
 }
 
+/// The error reply of a stream batch: what Forward would have answered, as fields.
+fn refused(id: u64, e: WorkerError) -> pb::StreamReply {
+    tracing::warn!(code = e.code(), error = %e, "batch refused");
+    let s = tonic::Status::from(e);
+    pb::StreamReply {
+        id,
+        result: None,
+        status: s.code() as i32,
+        message: s.message().to_string(),
+        error_code: switchyard_wire::status_code_of(&s)
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
 fn hosted_per_layer(experts: &LocalExperts<AnyBackend>, layers: usize) -> Vec<pb::LayerExperts> {
     let hosted: Vec<u32> = experts.hosted().iter().map(|e| e as u32).collect();
     (0..layers as u32)
@@ -231,13 +246,24 @@ fn hosted_per_layer(experts: &LocalExperts<AnyBackend>, layers: usize) -> Vec<pb
         .collect()
 }
 
+/// The gRPC face of an [`ExpertServer`]. It holds the server by `Arc` because a ForwardStream
+/// outlives the call that opens it, and the stop token so that streams end when the worker
+/// drains (a stream left open would hold the graceful shutdown to its grace period).
+pub struct ExpertService {
+    pub server: Arc<ExpertServer>,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+type ReplyStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StreamReply, tonic::Status>> + Send>>;
+
 #[tonic::async_trait]
-impl pb::expert_service_server::ExpertService for ExpertServer {
+impl pb::expert_service_server::ExpertService for ExpertService {
     async fn forward(
         &self,
         request: tonic::Request<pb::ExpertBatch>,
     ) -> Result<tonic::Response<pb::ExpertResult>, tonic::Status> {
-        match self.forward_inner(request.into_inner()).await {
+        match self.server.forward_inner(request.into_inner()).await {
             Ok(r) => Ok(tonic::Response::new(r)),
             Err(e) => {
                 tracing::warn!(code = e.code(), error = %e, "batch refused");
@@ -246,20 +272,58 @@ impl pb::expert_service_server::ExpertService for ExpertServer {
         }
     }
 
+    type ForwardStreamStream = ReplyStream;
+
+    async fn forward_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::StreamBatch>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        use futures::StreamExt;
+        let server = self.server.clone();
+        let stop = self.stop.clone();
+        // One batch at a time, in arrival order; a batch that is refused gets an error reply
+        // and the stream goes on. A broken request stream ends the replies with its status.
+        let replies = request
+            .into_inner()
+            .then(move |m| {
+                let server = server.clone();
+                async move {
+                    let m = m?;
+                    let Some(batch) = m.batch else {
+                        return Ok(refused(
+                            m.id,
+                            WorkerError::Wire(switchyard_wire::WireError::Missing("batch")),
+                        ));
+                    };
+                    Ok(match server.forward_inner(batch).await {
+                        Ok(r) => pb::StreamReply {
+                            id: m.id,
+                            result: Some(r),
+                            ..Default::default()
+                        },
+                        Err(e) => refused(m.id, e),
+                    })
+                }
+            })
+            .take_until(async move { stop.cancelled().await });
+        Ok(tonic::Response::new(Box::pin(replies)))
+    }
+
     async fn info(
         &self,
         _: tonic::Request<pb::InfoRequest>,
     ) -> Result<tonic::Response<pb::WorkerInfo>, tonic::Status> {
-        Ok(tonic::Response::new(self.info()))
+        Ok(tonic::Response::new(self.server.info()))
     }
 
     async fn load(
         &self,
         _: tonic::Request<pb::LoadRequest>,
     ) -> Result<tonic::Response<pb::LoadReport>, tonic::Status> {
-        let s = &self.stats;
+        let server = &self.server;
+        let s = &server.stats;
         Ok(tonic::Response::new(pb::LoadReport {
-            in_flight_batches: (self.max_queue - self.queue.available_permits()) as u32,
+            in_flight_batches: (server.max_queue - server.queue.available_permits()) as u32,
             batches_total: s.batches.load(Ordering::Relaxed),
             rows_total: s.rows.load(Ordering::Relaxed),
             expert_tokens: s
@@ -268,7 +332,7 @@ impl pb::expert_service_server::ExpertService for ExpertServer {
                 .map(|a| a.load(Ordering::Relaxed))
                 .collect(),
             busy_micros: s.busy_micros.load(Ordering::Relaxed),
-            uptime_micros: self.started.elapsed().as_micros() as u64,
+            uptime_micros: server.started.elapsed().as_micros() as u64,
         }))
     }
 }

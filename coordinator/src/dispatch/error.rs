@@ -29,6 +29,10 @@ pub enum DispatchError {
     Connect { worker: WorkerId, message: String },
     #[error(transparent)]
     Placement(#[from] ClusterError),
+    /// A batch sent off in the background ended without a result (its task panicked or the
+    /// dispatch runtime shut down).
+    #[error("expert batch for layer {layer} was lost: {message}")]
+    Lost { layer: usize, message: String },
 }
 
 impl DispatchError {
@@ -44,6 +48,7 @@ impl DispatchError {
             Self::NoReplica { .. } => "SY:DISPATCH:NoReplica",
             Self::Connect { .. } => "SY:DISPATCH:Connect",
             Self::Placement(_) => "SY:DISPATCH:Placement",
+            Self::Lost { .. } => "SY:DISPATCH:Lost",
         }
     }
 

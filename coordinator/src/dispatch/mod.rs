@@ -10,4 +10,4 @@ mod error;
 mod remote;
 
 pub use error::DispatchError;
-pub use remote::{ClientTls, DispatchConfig, RemoteExperts, WorkerSnapshot};
+pub use remote::{ClientTls, DispatchConfig, RemoteExperts, RpcMode, WorkerSnapshot};

@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 use switchyard_cluster::{PlacementTable, StaticPlacement, WorkerId, WorkerRecord, WorkerSpec};
-use switchyard_model::{ExpertExecutor, LayerId, MixtralConfig, ModelError, RoutePlan};
+use switchyard_model::{
+    ExpertExecutor, ExpertJob, Finished, LayerId, MixtralConfig, ModelError, PendingExperts,
+    RoutePlan,
+};
 use switchyard_wire::{
     decode_rows, encode_batch, pb, pb::expert_service_client::ExpertServiceClient, WireDType,
 };
@@ -33,6 +36,36 @@ pub struct DispatchConfig {
     pub expert_wait: Duration,
     /// Talk to workers over TLS (mutual, with `identity`).
     pub tls: Option<ClientTls>,
+    /// Split steps of several sequences into two micro-batches and compute one's attention
+    /// while the other's experts are away (dual-batch overlap). It pays where the network
+    /// wait is long next to attention and the coordinator has cores of its own: each
+    /// micro-batch reads the experts' weights again, and batches then run on a dispatch thread
+    /// instead of the engine thread, a thread hand-off per layer even for steps of one
+    /// sequence. Off by default: on a 2-core machine shared with the workers it cost 5–20 %.
+    pub overlap: bool,
+    /// How batches travel to a worker.
+    pub rpc: RpcMode,
+}
+
+/// How expert batches travel to a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RpcMode {
+    /// One unary Forward call per batch: an HTTP/2 stream with headers and a deadline each.
+    Unary,
+    /// One long-lived ForwardStream per worker that every batch goes down; workers that do not
+    /// know it get unary calls.
+    Stream,
+}
+
+impl std::str::FromStr for RpcMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unary" => Ok(Self::Unary),
+            "stream" => Ok(Self::Stream),
+            o => Err(format!("unknown RPC mode {o:?} (unary or stream)")),
+        }
+    }
 }
 
 /// TLS towards workers: the CA that signed their certificates, the name their certificates carry
@@ -55,6 +88,8 @@ impl Default for DispatchConfig {
             failure_backoff: Duration::from_secs(2),
             expert_wait: Duration::from_secs(30),
             tls: None,
+            overlap: false,
+            rpc: RpcMode::Stream,
         }
     }
 }
@@ -95,6 +130,123 @@ struct Worker {
     inflight: AtomicUsize,
     /// Out of routing until this instant (after a failure).
     down_until: Mutex<Option<Instant>>,
+    /// The ForwardStream batches go down in [`RpcMode::Stream`], opened on first use and again
+    /// after it breaks.
+    stream: tokio::sync::Mutex<Option<Arc<BatchStream>>>,
+    /// The worker answered ForwardStream with UNIMPLEMENTED (an older build): unary calls only.
+    unary_only: std::sync::atomic::AtomicBool,
+}
+
+type Reply = Result<pb::ExpertResult, tonic::Status>;
+
+/// Replies awaited on a stream, by batch id; once the stream has ended, why.
+#[derive(Default)]
+struct Waiting {
+    replies: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Reply>>,
+    ended: Option<tonic::Status>,
+}
+
+/// One worker's ForwardStream: batches go out on `tx`, and a reader task hands each reply to
+/// the call waiting for its id.
+struct BatchStream {
+    tx: futures::channel::mpsc::UnboundedSender<pb::StreamBatch>,
+    next_id: AtomicU64,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+impl BatchStream {
+    /// Opens the stream; must run inside the dispatch runtime (the reader task is spawned there).
+    async fn open(client: &ExpertServiceClient<Channel>) -> Result<Self, tonic::Status> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut replies = client.clone().forward_stream(rx).await?.into_inner();
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let w = waiting.clone();
+        tokio::spawn(async move {
+            let ended = loop {
+                match replies.message().await {
+                    Ok(Some(r)) => {
+                        let mut g = w.lock().unwrap_or_else(|p| p.into_inner());
+                        // A reply nobody waits for belongs to a call that timed out.
+                        if let Some(tx) = g.replies.remove(&r.id) {
+                            let _ = tx.send(reply_result(r));
+                        }
+                    }
+                    Ok(None) => {
+                        break tonic::Status::unavailable("the worker closed the batch stream")
+                    }
+                    Err(s) => break s,
+                }
+            };
+            let mut g = w.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, tx) in g.replies.drain() {
+                let _ = tx.send(Err(ended.clone()));
+            }
+            g.ended = Some(ended);
+        });
+        Ok(Self {
+            tx,
+            next_id: AtomicU64::new(0),
+            waiting,
+        })
+    }
+
+    fn is_open(&self) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ended
+            .is_none()
+    }
+
+    /// Sends `batch` and waits up to `timeout` for its reply.
+    async fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> Reply {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = {
+            let mut g = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = &g.ended {
+                return Err(s.clone());
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            g.replies.insert(id, tx);
+            let msg = pb::StreamBatch {
+                id,
+                batch: Some(batch),
+            };
+            if self.tx.unbounded_send(msg).is_err() {
+                g.replies.remove(&id);
+                return Err(tonic::Status::unavailable("the batch stream is closed"));
+            }
+            rx
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(tonic::Status::unavailable("the batch stream ended")),
+            Err(_) => {
+                self.waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replies
+                    .remove(&id);
+                Err(tonic::Status::deadline_exceeded(
+                    "no reply on the batch stream",
+                ))
+            }
+        }
+    }
+}
+
+/// A stream reply as the unary call would have answered it.
+fn reply_result(r: pb::StreamReply) -> Reply {
+    if r.status == 0 {
+        return r
+            .result
+            .ok_or_else(|| tonic::Status::internal("stream reply without a result"));
+    }
+    let mut s = tonic::Status::new(tonic::Code::from_i32(r.status), r.message);
+    if let Ok(v) = r.error_code.parse() {
+        s.metadata_mut().insert(switchyard_wire::ERROR_CODE_KEY, v);
+    }
+    Err(s)
 }
 
 impl Worker {
@@ -106,6 +258,8 @@ impl Worker {
             stats: WorkerStats::default(),
             inflight: AtomicUsize::new(0),
             down_until: Mutex::new(None),
+            stream: tokio::sync::Mutex::new(None),
+            unary_only: std::sync::atomic::AtomicBool::new(false),
         }
     }
     fn is_up(&self, now: Instant) -> bool {
@@ -140,6 +294,13 @@ struct Topology {
 /// new table.
 pub struct RemoteExperts {
     rt: tokio::runtime::Runtime,
+    inner: Arc<Dispatcher>,
+}
+
+/// The state a layer's scatter/gather works on, shared with batches running in the background.
+struct Dispatcher {
+    /// Where channels to new workers are made (their connection tasks run on it).
+    rt: tokio::runtime::Handle,
     topo: RwLock<Arc<Topology>>,
     /// Bumped on every membership change; layers waiting for a host watch it.
     generation: tokio::sync::watch::Sender<u64>,
@@ -180,14 +341,20 @@ fn endpoint(addr: &str, cfg: &DispatchConfig) -> Result<Endpoint, tonic::transpo
         .keep_alive_while_idle(true))
 }
 
-fn dispatch_runtime() -> Result<tokio::runtime::Runtime, DispatchError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DispatchError::Connect {
-            worker: WorkerId::new("-"),
-            message: format!("cannot start the dispatch runtime: {e}"),
-        })
+/// Without overlap, a current-thread runtime that the engine thread drives itself; with it, one
+/// I/O thread that keeps batches moving while the engine thread computes.
+fn dispatch_runtime(overlap: bool) -> Result<tokio::runtime::Runtime, DispatchError> {
+    let mut b = if overlap {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(1).thread_name("dispatch");
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().map_err(|e| DispatchError::Connect {
+        worker: WorkerId::new("-"),
+        message: format!("cannot start the dispatch runtime: {e}"),
+    })
 }
 
 fn client(channel: Channel) -> ExpertServiceClient<Channel> {
@@ -205,7 +372,7 @@ impl RemoteExperts {
         fingerprint: &str,
         cfg: DispatchConfig,
     ) -> Result<Self, DispatchError> {
-        let rt = dispatch_runtime()?;
+        let rt = dispatch_runtime(cfg.overlap)?;
         let infos = rt
             .block_on(join_all(placement.workers.iter().map(|spec| {
                 let cfg = cfg.clone();
@@ -280,7 +447,7 @@ impl RemoteExperts {
         fingerprint: &str,
         cfg: DispatchConfig,
     ) -> Result<Self, DispatchError> {
-        let rt = dispatch_runtime()?;
+        let rt = dispatch_runtime(cfg.overlap)?;
         let table = PlacementTable::partial(model, fingerprint, &[])?;
         Ok(Self::with_topology(
             rt,
@@ -301,8 +468,8 @@ impl RemoteExperts {
         fingerprint: &str,
         cfg: DispatchConfig,
     ) -> Self {
-        Self {
-            rt,
+        let inner = Arc::new(Dispatcher {
+            rt: rt.handle().clone(),
             topo: RwLock::new(Arc::new(topo)),
             generation: tokio::sync::watch::Sender::new(0),
             model: model.clone(),
@@ -311,14 +478,8 @@ impl RemoteExperts {
             layers: model.num_hidden_layers,
             experts: model.num_local_experts,
             cfg,
-        }
-    }
-
-    fn topology(&self) -> Arc<Topology> {
-        self.topo
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        });
+        Self { rt, inner }
     }
 
     /// Replaces the membership with `members` (the registry's live workers, by address).
@@ -326,6 +487,62 @@ impl RemoteExperts {
     /// back-off; records of another model or protocol are skipped with a warning. Returns the
     /// (layer, expert) pairs left without a host.
     pub fn apply_members(&self, members: &BTreeMap<String, WorkerRecord>) -> Vec<(usize, usize)> {
+        self.inner.apply_members(members)
+    }
+
+    /// Every worker's counters since it joined.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
+        self.inner.snapshot()
+    }
+
+    /// The first (layer, expert) with no worker outside failure back-off, if any (readiness).
+    #[must_use]
+    pub fn first_unreachable_expert(&self) -> Option<(usize, usize)> {
+        self.inner.first_unreachable_expert()
+    }
+
+    /// Experts per layer of the model served.
+    #[must_use]
+    pub fn num_experts(&self) -> usize {
+        self.inner.experts
+    }
+
+    /// Waits until every expert of every layer has a live host, or `timeout`. Blocking.
+    pub fn wait_for_coverage(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.first_unreachable_expert().is_none() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Worker ids in placement order.
+    #[must_use]
+    pub fn workers(&self) -> Vec<WorkerId> {
+        self.inner
+            .topology()
+            .workers
+            .iter()
+            .map(|w| w.id.clone())
+            .collect()
+    }
+}
+
+impl Dispatcher {
+    fn topology(&self) -> Arc<Topology> {
+        self.topo
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn apply_members(&self, members: &BTreeMap<String, WorkerRecord>) -> Vec<(usize, usize)> {
         let old = self.topology();
         let mut pairs = Vec::new();
         let mut workers = Vec::new();
@@ -403,9 +620,7 @@ impl RemoteExperts {
         missing
     }
 
-    /// Every worker's counters since it joined.
-    #[must_use]
-    pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
+    fn snapshot(&self) -> Vec<WorkerSnapshot> {
         let now = Instant::now();
         self.topology()
             .workers
@@ -422,9 +637,7 @@ impl RemoteExperts {
             .collect()
     }
 
-    /// The first (layer, expert) with no worker outside failure back-off, if any (readiness).
-    #[must_use]
-    pub fn first_unreachable_expert(&self) -> Option<(usize, usize)> {
+    fn first_unreachable_expert(&self) -> Option<(usize, usize)> {
         let now = Instant::now();
         let topo = self.topology();
         (0..self.layers)
@@ -436,36 +649,6 @@ impl RemoteExperts {
                     .iter()
                     .any(|&w| topo.workers[w].is_up(now))
             })
-    }
-
-    /// Experts per layer of the model served.
-    #[must_use]
-    pub fn num_experts(&self) -> usize {
-        self.experts
-    }
-
-    /// Waits until every expert of every layer has a live host, or `timeout`. Blocking.
-    pub fn wait_for_coverage(&self, timeout: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            if self.first_unreachable_expert().is_none() {
-                return true;
-            }
-            if start.elapsed() >= timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Worker ids in placement order.
-    #[must_use]
-    pub fn workers(&self) -> Vec<WorkerId> {
-        self.topology()
-            .workers
-            .iter()
-            .map(|w| w.id.clone())
-            .collect()
     }
 
     /// Picks a worker for every expert used in `plan` (least tokens in flight plus tokens
@@ -542,6 +725,38 @@ impl RemoteExperts {
         Ok(shares)
     }
 
+    /// The worker's batch stream, opened if need be; `None` for unary calls.
+    async fn stream(&self, w: &Worker) -> Result<Option<Arc<BatchStream>>, tonic::Status> {
+        if self.cfg.rpc == RpcMode::Unary || w.unary_only.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut g = w.stream.lock().await;
+        if let Some(s) = g.as_ref().filter(|s| s.is_open()) {
+            return Ok(Some(s.clone()));
+        }
+        *g = None;
+        let opened = tokio::time::timeout(self.cfg.connect_timeout, BatchStream::open(&w.client))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::unavailable(
+                    "opening the batch stream timed out",
+                ))
+            });
+        match opened {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *g = Some(s.clone());
+                Ok(Some(s))
+            }
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!(worker = %w.id, "worker has no batch stream; using unary calls");
+                w.unary_only.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(s) => Err(s),
+        }
+    }
+
     /// Sends one share and returns its decoded partial sums `[rows, hidden]`.
     async fn call(
         &self,
@@ -572,11 +787,24 @@ impl RemoteExperts {
         let st = &w.stats;
         w.inflight.fetch_add(n, Ordering::Relaxed);
         let start = Instant::now();
-        let res = w.client.clone().forward(req).await;
+        let res = match self.stream(w).await {
+            Ok(Some(stream)) => {
+                let r = stream.call(req.into_inner(), self.cfg.rpc_timeout).await;
+                if r.as_ref()
+                    .is_err_and(|s| s.code() == tonic::Code::DeadlineExceeded)
+                {
+                    // The stream may be stuck behind the lost reply; the next batch opens anew.
+                    *w.stream.lock().await = None;
+                }
+                r
+            }
+            Ok(None) => w.client.clone().forward(req).await.map(|r| r.into_inner()),
+            Err(s) => Err(s),
+        };
         w.inflight.fetch_sub(n, Ordering::Relaxed);
         st.calls.fetch_add(1, Ordering::Relaxed);
         let reply = match res {
-            Ok(r) => r.into_inner(),
+            Ok(r) => r,
             Err(s) => {
                 st.failures.fetch_add(1, Ordering::Relaxed);
                 return Err(DispatchError::from_status(&w.id, &s, self.cfg.rpc_timeout));
@@ -733,7 +961,55 @@ fn with_sources(mut s: String, mut cur: Option<&(dyn std::error::Error + 'static
     s
 }
 
+/// A layer's batch running on the dispatch runtime.
+struct InFlight {
+    rt: tokio::runtime::Handle,
+    layer: usize,
+    task: tokio::task::JoinHandle<Result<ExpertJob, DispatchError>>,
+}
+
+impl PendingExperts for InFlight {
+    fn wait(self: Box<Self>) -> switchyard_model::Result<ExpertJob> {
+        let layer = self.layer;
+        let r = match self.rt.block_on(self.task) {
+            Ok(r) => r,
+            Err(e) => Err(DispatchError::Lost {
+                layer,
+                message: e.to_string(),
+            }),
+        };
+        r.map_err(|e| ModelError::Dispatch(Box::new(e)))
+    }
+}
+
 impl ExpertExecutor for RemoteExperts {
+    fn overlaps(&self) -> bool {
+        self.inner.cfg.overlap
+    }
+
+    fn submit(
+        &self,
+        layer: LayerId,
+        mut job: ExpertJob,
+    ) -> switchyard_model::Result<Box<dyn PendingExperts>> {
+        if !self.inner.cfg.overlap {
+            self.run(layer, &job.x, &job.plan, &mut job.out)?;
+            return Ok(Box::new(Finished(job)));
+        }
+        let inner = self.inner.clone();
+        let layer = layer.index();
+        let task = self.rt.spawn(async move {
+            let ExpertJob { x, plan, mut out } = job;
+            inner.run_async(layer, &x, &plan, &mut out).await?;
+            Ok(ExpertJob { x, plan, out })
+        });
+        Ok(Box::new(InFlight {
+            rt: self.rt.handle().clone(),
+            layer,
+            task,
+        }))
+    }
+
     fn run(
         &self,
         layer: LayerId,
@@ -744,7 +1020,7 @@ impl ExpertExecutor for RemoteExperts {
         let started = Instant::now();
         let r = self
             .rt
-            .block_on(self.run_async(layer.index(), x, plan, out));
+            .block_on(self.inner.run_async(layer.index(), x, plan, out));
         tracing::trace!(
             layer = layer.index(),
             rows = plan.rows(),

@@ -19,6 +19,46 @@ pub trait ExpertExecutor: Send + Sync {
     /// The combine is a fixed-order sum of `w · y` terms starting from zero, never fused with
     /// the residual, so that partial sums computed elsewhere add up to the same bits.
     fn run(&self, layer: LayerId, x: &[f32], plan: &RoutePlan, out: &mut [f32]) -> Result<()>;
+
+    /// Whether [`submit`](Self::submit) returns while the batch is still being worked on
+    /// elsewhere. Only then does the layer loop split a step into two micro-batches and run one's
+    /// attention while the other's experts are away; with experts on this machine's own cores
+    /// the split would only add a second, smaller batch per layer.
+    fn overlaps(&self) -> bool {
+        false
+    }
+
+    /// Starts `job` and returns a handle to wait on. The default runs it to completion first.
+    fn submit(&self, layer: LayerId, mut job: ExpertJob) -> Result<Box<dyn PendingExperts>> {
+        self.run(layer, &job.x, &job.plan, &mut job.out)?;
+        Ok(Box::new(Finished(job)))
+    }
+}
+
+/// An expert batch that owns its buffers, so that it can be worked on in the background and its
+/// buffers come back for the next layer.
+#[derive(Debug, Default)]
+pub struct ExpertJob {
+    /// `[plan.rows(), hidden]` normalised hidden states.
+    pub x: Vec<f32>,
+    pub plan: RoutePlan,
+    /// `[plan.rows(), hidden]`, written by the executor.
+    pub out: Vec<f32>,
+}
+
+/// A submitted [`ExpertJob`].
+pub trait PendingExperts: Send {
+    /// Blocks until the batch is done and hands the job back with `out` written.
+    fn wait(self: Box<Self>) -> Result<ExpertJob>;
+}
+
+/// A job that was run to completion when submitted.
+pub struct Finished(pub ExpertJob);
+
+impl PendingExperts for Finished {
+    fn wait(self: Box<Self>) -> Result<ExpertJob> {
+        Ok(self.0)
+    }
 }
 
 /// One expert's SwiGLU FFN: `w2 · (silu(w1 · x) ⊙ (w3 · x))`.

@@ -26,7 +26,7 @@ mod tests;
 pub use backend::{any::AnyBackend, cpu::Cpu, Backend, Device};
 pub use config::MixtralConfig;
 pub use error::{ModelError, Result};
-pub use executor::{combine, ExpertExecutor, LocalExperts};
+pub use executor::{combine, ExpertExecutor, ExpertJob, Finished, LocalExperts, PendingExperts};
 pub use ids::{ExpertId, ExpertSet, LayerId};
 pub use kv_cache::{KvCache, SeqKv, DEFAULT_BLOCK_SIZE, FREED};
 pub use model::{Logits, Mixtral, SeqStep, StepOutput, StepScratch};

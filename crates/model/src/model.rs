@@ -4,7 +4,7 @@
 use crate::{
     backend::{AttnSeq, AttnShape, Backend},
     config::MixtralConfig,
-    executor::ExpertExecutor,
+    executor::{ExpertExecutor, ExpertJob, PendingExperts},
     ids::LayerId,
     kv_cache::{KvCache, SeqKv},
     moe::RoutePlan,
@@ -85,8 +85,10 @@ impl StepOutput {
     }
 }
 
-/// Per-step buffers, reused across steps; they grow to the largest step and stay there.
-pub struct StepScratch<B: Backend> {
+/// One micro-batch's buffers: a run of whole sequences of the step, carried through every layer
+/// together. A step has one lane, or two when the expert stage can overlap (see
+/// [`ExpertExecutor::overlaps`]).
+struct Lane<B: Backend> {
     x: B::Buf,
     h: B::Buf,
     q: B::Buf,
@@ -95,18 +97,20 @@ pub struct StepScratch<B: Backend> {
     attn: B::Buf,
     o: B::Buf,
     router: B::Buf,
-    logits: B::Buf,
     ids: Vec<u32>,
     positions: Vec<u32>,
+    /// Each sequence's last row, lane-relative.
     last_rows: Vec<u32>,
-    h_host: Vec<f32>,
-    moe_host: Vec<f32>,
-    plan: RoutePlan,
+    /// Token rows of this lane in the current step.
+    rows: usize,
+    /// The expert batch's buffers while they are here (between layers).
+    job: Option<ExpertJob>,
+    /// The expert batch while it is away.
+    pending: Option<Box<dyn PendingExperts>>,
 }
 
-impl<B: Backend> StepScratch<B> {
-    /// Empty buffers; the first step sizes them.
-    pub fn new(backend: &B) -> Result<Self> {
+impl<B: Backend> Lane<B> {
+    fn new(backend: &B) -> Result<Self> {
         Ok(Self {
             x: backend.alloc(0)?,
             h: backend.alloc(0)?,
@@ -116,15 +120,47 @@ impl<B: Backend> StepScratch<B> {
             attn: backend.alloc(0)?,
             o: backend.alloc(0)?,
             router: backend.alloc(0)?,
-            logits: backend.alloc(0)?,
             ids: Vec::new(),
             positions: Vec::new(),
             last_rows: Vec::new(),
-            h_host: Vec::new(),
-            moe_host: Vec::new(),
-            plan: RoutePlan::new(),
+            rows: 0,
+            job: Some(ExpertJob::default()),
+            pending: None,
         })
     }
+}
+
+/// Per-step buffers, reused across steps; they grow to the largest step and stay there.
+pub struct StepScratch<B: Backend> {
+    lanes: [Lane<B>; 2],
+    logits: B::Buf,
+    host: Vec<f32>,
+}
+
+impl<B: Backend> StepScratch<B> {
+    /// Empty buffers; the first step sizes them.
+    pub fn new(backend: &B) -> Result<Self> {
+        Ok(Self {
+            lanes: [Lane::new(backend)?, Lane::new(backend)?],
+            logits: backend.alloc(0)?,
+            host: Vec::new(),
+        })
+    }
+}
+
+/// Where to split `seqs` into two lanes of about equal tokens, each non-empty.
+fn split_point(seqs: &[SeqStep<'_>]) -> usize {
+    let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let mut acc = 0;
+    let mut best = (usize::MAX, 1);
+    for (i, s) in seqs.iter().enumerate().take(seqs.len() - 1) {
+        acc += s.tokens.len();
+        let diff = acc.abs_diff(total - acc);
+        if diff < best.0 {
+            best = (diff, i + 1);
+        }
+    }
+    best.1
 }
 
 /// Tensors a dense load reads, for progress bars.
@@ -291,32 +327,63 @@ impl<B: Backend> Mixtral<B> {
             kv.reserve(s.kv, end)?;
         }
 
-        let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        scratch.positions.clear();
-        scratch.last_rows.clear();
-        scratch.ids.clear();
-        for s in seqs.iter() {
-            let p0 = s.kv.len();
-            scratch
-                .positions
-                .extend((0..s.tokens.len()).map(|i| (p0 + i) as u32));
-            scratch.ids.extend_from_slice(s.tokens);
-            scratch.last_rows.push((scratch.ids.len() - 1) as u32);
+        // Lanes: one, or two runs of whole sequences when the expert stage overlaps.
+        let n_lanes = if experts.overlaps() && seqs.len() >= 2 {
+            2
+        } else {
+            1
+        };
+        let split = if n_lanes == 2 {
+            split_point(seqs)
+        } else {
+            seqs.len()
+        };
+        let ranges = [0..split, split..seqs.len()];
+        let mut attn_seqs: [Vec<AttnSeq<'_>>; 2] = [Vec::new(), Vec::new()];
+        for ((lane, range), lane_attn) in scratch
+            .lanes
+            .iter_mut()
+            .zip(ranges.clone())
+            .zip(attn_seqs.iter_mut())
+            .take(n_lanes)
+        {
+            lane.ids.clear();
+            lane.positions.clear();
+            lane.last_rows.clear();
+            for s in &seqs[range] {
+                let p0 = s.kv.len();
+                lane_attn.push(AttnSeq {
+                    q_row0: lane.ids.len(),
+                    n_q: s.tokens.len(),
+                    pos0: p0,
+                    blocks: s.kv.blocks(),
+                });
+                lane.positions
+                    .extend((0..s.tokens.len()).map(|i| (p0 + i) as u32));
+                lane.ids.extend_from_slice(s.tokens);
+                lane.last_rows.push((lane.ids.len() - 1) as u32);
+            }
+            let t = lane.ids.len();
+            lane.rows = t;
+            for (buf, n) in [
+                (&mut lane.x, t * h),
+                (&mut lane.h, t * h),
+                (&mut lane.q, t * qd),
+                (&mut lane.k, t * kvd),
+                (&mut lane.v, t * kvd),
+                (&mut lane.attn, t * qd),
+                (&mut lane.o, t * h),
+                (&mut lane.router, t * ne),
+            ] {
+                b.ensure_len(buf, n)?;
+            }
+            // A job lost to an earlier failed step is replaced; its buffers grow below.
+            let job = lane.job.get_or_insert_with(ExpertJob::default);
+            job.x.resize(t * h, 0.0);
+            job.out.resize(t * h, 0.0);
+            lane.pending = None;
+            b.embedding(&self.embed, &lane.ids, &mut lane.x)?;
         }
-        for (buf, n) in [
-            (&mut scratch.x, t * h),
-            (&mut scratch.h, t * h),
-            (&mut scratch.q, t * qd),
-            (&mut scratch.k, t * kvd),
-            (&mut scratch.v, t * kvd),
-            (&mut scratch.attn, t * qd),
-            (&mut scratch.o, t * h),
-            (&mut scratch.router, t * ne),
-        ] {
-            b.ensure_len(buf, n)?;
-        }
-        scratch.h_host.resize(t * h, 0.0);
-        scratch.moe_host.resize(t * h, 0.0);
 
         let shape = AttnShape {
             heads: cfg.num_attention_heads,
@@ -326,95 +393,49 @@ impl<B: Backend> Mixtral<B> {
             window: cfg.sliding_window,
         };
         let eps = cfg.rms_norm_eps as f32;
-
-        b.embedding(&self.embed, &scratch.ids, &mut scratch.x)?;
-        let mut attn_seqs = Vec::with_capacity(seqs.len());
-        let mut row = 0;
-        for s in seqs.iter() {
-            attn_seqs.push(AttnSeq {
-                q_row0: row,
-                n_q: s.tokens.len(),
-                pos0: s.kv.len(),
-                blocks: s.kv.blocks(),
-            });
-            row += s.tokens.len();
+        if let Some(tr) = out.trace.as_mut() {
+            tr.clear();
         }
-        for (l, lw) in self.layers.iter().enumerate() {
-            let _span = tracing::trace_span!("layer", layer = l, tokens = t).entered();
-            let mut clock = crate::profile::Clock::start();
-            // Attention block.
-            b.rms_norm(&scratch.x, t, &lw.input_norm, eps, &mut scratch.h)?;
-            b.linear(&scratch.h, t, &lw.q, &mut scratch.q)?;
-            b.linear(&scratch.h, t, &lw.k, &mut scratch.k)?;
-            b.linear(&scratch.h, t, &lw.v, &mut scratch.v)?;
-            b.rope(
-                &mut scratch.q,
-                qd,
-                cfg.head_dim,
-                &scratch.positions,
-                &self.rope_cos,
-                &self.rope_sin,
-            )?;
-            b.rope(
-                &mut scratch.k,
-                kvd,
-                cfg.head_dim,
-                &scratch.positions,
-                &self.rope_cos,
-                &self.rope_sin,
-            )?;
-            let (kc, vc) = kv.layer_mut(l);
-            for a in &attn_seqs {
-                b.kv_write(
-                    kc,
-                    &scratch.k,
-                    a.q_row0,
-                    a.n_q,
-                    kvd,
-                    a.pos0,
-                    a.blocks,
-                    shape.block_size,
-                )?;
-                b.kv_write(
-                    vc,
-                    &scratch.v,
-                    a.q_row0,
-                    a.n_q,
-                    kvd,
-                    a.pos0,
-                    a.blocks,
-                    shape.block_size,
-                )?;
-            }
-            b.attention(&scratch.q, kc, vc, &attn_seqs, &shape, &mut scratch.attn)?;
-            b.linear(&scratch.attn, t, &lw.o, &mut scratch.o)?;
-            b.add_assign(&mut scratch.x, &scratch.o, t * h)?;
-            clock.mark(Phase::Attention);
 
-            // MoE block: route on the host (the router output is tiny), run experts, add.
-            b.rms_norm(&scratch.x, t, &lw.post_norm, eps, &mut scratch.h)?;
-            b.linear(&scratch.h, t, &lw.router, &mut scratch.router)?;
-            b.route(
-                &scratch.router,
-                t,
-                ne,
-                cfg.num_experts_per_tok,
-                &mut scratch.plan,
-            )?;
-            b.to_host(&scratch.h, &mut scratch.h_host)?;
-            clock.mark(Phase::Router);
+        // Each lane in turn: take back its expert sums of the previous layer, then attention
+        // and routing, then send its expert batch off. With two lanes, one lane's attention
+        // runs while the other's experts are away (dual-batch overlap).
+        for (l, lw) in self.layers.iter().enumerate() {
             let layer = LayerId::new(l, cfg)?;
-            experts.run(layer, &scratch.h_host, &scratch.plan, &mut scratch.moe_host)?;
-            clock.mark(Phase::Experts);
-            b.write(&mut scratch.o, &scratch.moe_host)?;
-            b.add_assign(&mut scratch.x, &scratch.o, t * h)?;
-            clock.mark(Phase::Combine);
-            if let Some(tr) = out.trace.as_mut() {
-                if l == 0 {
-                    tr.clear();
+            for (lane, lane_attn) in scratch.lanes.iter_mut().zip(&attn_seqs).take(n_lanes) {
+                let _span = tracing::trace_span!("layer", layer = l, tokens = lane.rows).entered();
+                let mut clock = crate::profile::Clock::start();
+                if l > 0 {
+                    self.take_experts(lane, &mut clock)?;
                 }
-                tr.push(scratch.plan.clone());
+                self.attention(lw, l, lane, lane_attn, kv, &shape, eps)?;
+                clock.mark(Phase::Attention);
+                self.route(lw, lane, eps)?;
+                let job = lane.job.take().ok_or_else(|| {
+                    ModelError::Input("expert batch buffers missing (internal)".into())
+                })?;
+                if let Some(tr) = out.trace.as_mut() {
+                    if tr.len() == l {
+                        tr.push(RoutePlan::new());
+                    }
+                    for r in 0..job.plan.rows() {
+                        tr[l].push_row(
+                            job.plan
+                                .row_experts(r)
+                                .iter()
+                                .copied()
+                                .zip(job.plan.row_weights(r).iter().copied()),
+                        );
+                    }
+                }
+                clock.mark(Phase::Router);
+                lane.pending = Some(experts.submit(layer, job)?);
+                clock.mark(Phase::Experts);
             }
+        }
+        for lane in scratch.lanes.iter_mut().take(n_lanes) {
+            let mut clock = crate::profile::Clock::start();
+            self.take_experts(lane, &mut clock)?;
         }
 
         drop(attn_seqs);
@@ -423,26 +444,127 @@ impl<B: Backend> Mixtral<B> {
             s.kv.set_len(end);
         }
 
-        // Final norm and LM head, on every row or only each sequence's last.
-        let rows = match out.which {
-            Logits::All => t,
-            Logits::Last => {
-                // Compact each sequence's last row to the front (rows ascend, so in place).
-                b.to_host(&scratch.x, &mut scratch.h_host)?;
-                for (i, &r) in scratch.last_rows.iter().enumerate() {
-                    let r = r as usize;
-                    scratch.h_host.copy_within(r * h..(r + 1) * h, i * h);
-                }
-                let n = scratch.last_rows.len();
-                b.write(&mut scratch.x, &scratch.h_host[..n * h])?;
-                n
-            }
+        // Final norm and LM head, on every row or only each sequence's last, lane by lane
+        // (lanes are consecutive runs of sequences, so their rows append in order).
+        let v = cfg.vocab_size;
+        let total_rows: usize = match out.which {
+            Logits::All => scratch.lanes.iter().take(n_lanes).map(|l| l.rows).sum(),
+            Logits::Last => seqs.len(),
         };
-        b.rms_norm(&scratch.x, rows, &self.norm, eps, &mut scratch.h)?;
-        b.ensure_len(&mut scratch.logits, rows * cfg.vocab_size)?;
-        b.linear(&scratch.h, rows, &self.lm_head, &mut scratch.logits)?;
-        out.logits.resize(rows * cfg.vocab_size, 0.0);
-        b.to_host(&scratch.logits, &mut out.logits)?;
+        out.logits.resize(total_rows * v, 0.0);
+        let mut row0 = 0;
+        for lane in scratch.lanes.iter_mut().take(n_lanes) {
+            let rows = match out.which {
+                Logits::All => lane.rows,
+                Logits::Last => {
+                    // Compact each sequence's last row to the front (rows ascend, so in place).
+                    scratch.host.resize(lane.rows * h, 0.0);
+                    b.to_host(&lane.x, &mut scratch.host)?;
+                    for (i, &r) in lane.last_rows.iter().enumerate() {
+                        let r = r as usize;
+                        scratch.host.copy_within(r * h..(r + 1) * h, i * h);
+                    }
+                    let n = lane.last_rows.len();
+                    b.write(&mut lane.x, &scratch.host[..n * h])?;
+                    n
+                }
+            };
+            b.rms_norm(&lane.x, rows, &self.norm, eps, &mut lane.h)?;
+            b.ensure_len(&mut scratch.logits, rows * v)?;
+            b.linear(&lane.h, rows, &self.lm_head, &mut scratch.logits)?;
+            b.to_host(
+                &scratch.logits,
+                &mut out.logits[row0 * v..(row0 + rows) * v],
+            )?;
+            row0 += rows;
+        }
         Ok(())
+    }
+
+    /// Waits for `lane`'s expert batch and adds its weighted sums to the residual stream.
+    fn take_experts(&self, lane: &mut Lane<B>, clock: &mut crate::profile::Clock) -> Result<()> {
+        let b = &self.backend;
+        let pending = lane.pending.take().ok_or_else(|| {
+            ModelError::Input("no expert batch in flight for this lane (internal)".into())
+        })?;
+        let job = pending.wait()?;
+        clock.mark(Phase::Experts);
+        let n = lane.rows * self.cfg.hidden_size;
+        b.write(&mut lane.o, &job.out[..n])?;
+        b.add_assign(&mut lane.x, &lane.o, n)?;
+        lane.job = Some(job);
+        clock.mark(Phase::Combine);
+        Ok(())
+    }
+
+    /// The attention block of layer `l` for `lane`, residual included.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        lw: &LayerWeights<B>,
+        l: usize,
+        lane: &mut Lane<B>,
+        attn_seqs: &[AttnSeq<'_>],
+        kv: &mut KvCache<B>,
+        shape: &AttnShape,
+        eps: f32,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let b = &self.backend;
+        let (h, qd, kvd, t) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), lane.rows);
+        b.rms_norm(&lane.x, t, &lw.input_norm, eps, &mut lane.h)?;
+        b.linear(&lane.h, t, &lw.q, &mut lane.q)?;
+        b.linear(&lane.h, t, &lw.k, &mut lane.k)?;
+        b.linear(&lane.h, t, &lw.v, &mut lane.v)?;
+        for (buf, dim) in [(&mut lane.q, qd), (&mut lane.k, kvd)] {
+            b.rope(
+                buf,
+                dim,
+                cfg.head_dim,
+                &lane.positions,
+                &self.rope_cos,
+                &self.rope_sin,
+            )?;
+        }
+        let (kc, vc) = kv.layer_mut(l);
+        for a in attn_seqs {
+            for (cache, src) in [(&mut *kc, &lane.k), (&mut *vc, &lane.v)] {
+                b.kv_write(
+                    cache,
+                    src,
+                    a.q_row0,
+                    a.n_q,
+                    kvd,
+                    a.pos0,
+                    a.blocks,
+                    shape.block_size,
+                )?;
+            }
+        }
+        b.attention(&lane.q, kc, vc, attn_seqs, shape, &mut lane.attn)?;
+        b.linear(&lane.attn, t, &lw.o, &mut lane.o)?;
+        b.add_assign(&mut lane.x, &lane.o, t * h)
+    }
+
+    /// Post-attention norm and routing for `lane`: fills its expert job's input and plan (the
+    /// router output is tiny, so routing happens on the host).
+    fn route(&self, lw: &LayerWeights<B>, lane: &mut Lane<B>, eps: f32) -> Result<()> {
+        let cfg = &self.cfg;
+        let b = &self.backend;
+        let t = lane.rows;
+        let job = lane
+            .job
+            .as_mut()
+            .ok_or_else(|| ModelError::Input("expert batch buffers missing (internal)".into()))?;
+        b.rms_norm(&lane.x, t, &lw.post_norm, eps, &mut lane.h)?;
+        b.linear(&lane.h, t, &lw.router, &mut lane.router)?;
+        b.route(
+            &lane.router,
+            t,
+            cfg.num_local_experts,
+            cfg.num_experts_per_tok,
+            &mut job.plan,
+        )?;
+        b.to_host(&lane.h, &mut job.x[..t * cfg.hidden_size])
     }
 }

@@ -940,3 +940,99 @@ fn sliding_window_decoding_with_freed_blocks_equals_full_cache() {
         "at most the window's blocks stay in use"
     );
 }
+
+/// Runs each batch on a thread of its own and reports that it overlaps, so the layer loop
+/// splits steps into two lanes and must not touch a batch's output before waiting for it.
+struct Background(std::sync::Arc<LocalExperts<Cpu>>);
+
+struct Joining(std::thread::JoinHandle<crate::Result<crate::ExpertJob>>);
+
+impl crate::PendingExperts for Joining {
+    fn wait(self: Box<Self>) -> crate::Result<crate::ExpertJob> {
+        self.0.join().expect("expert thread")
+    }
+}
+
+impl crate::ExpertExecutor for Background {
+    fn run(
+        &self,
+        layer: crate::LayerId,
+        x: &[f32],
+        plan: &RoutePlan,
+        out: &mut [f32],
+    ) -> crate::Result<()> {
+        self.0.run(layer, x, plan, out)
+    }
+
+    fn overlaps(&self) -> bool {
+        true
+    }
+
+    fn submit(
+        &self,
+        layer: crate::LayerId,
+        mut job: crate::ExpertJob,
+    ) -> crate::Result<Box<dyn crate::PendingExperts>> {
+        let experts = self.0.clone();
+        Ok(Box::new(Joining(std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            experts.run(layer, &job.x, &job.plan, &mut job.out)?;
+            Ok(job)
+        }))))
+    }
+}
+
+#[test]
+fn two_lanes_with_overlap_equal_one_lane() {
+    let dir = fixtures().join("tiny-mixtral");
+    let rig = Rig::open(&dir);
+    let all = ExpertSet::all(rig.ck.config().num_local_experts);
+    let bg = Background(std::sync::Arc::new(
+        LocalExperts::load(&Cpu, &rig.ck, &all, &NoProgress).unwrap(),
+    ));
+    let prompts: [&[u32]; 3] = [&[1, 20, 30, 40, 50], &[1, 7, 9], &[1, 2, 3, 4, 5, 6, 7]];
+    // Prefill of three sequences (all logits), then two decode steps (last logits).
+    let run = |experts: &dyn crate::ExpertExecutor| {
+        let mut kv = rig.cache(64);
+        let mut seqs = [SeqKv::default(), SeqKv::default(), SeqKv::default()];
+        let mut scratch = StepScratch::new(&Cpu).unwrap();
+        let mut results = Vec::new();
+        let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        for which in [Logits::All, Logits::Last, Logits::Last] {
+            let mut out = StepOutput::traced(which);
+            let mut steps: Vec<SeqStep<'_>> = next
+                .iter()
+                .zip(seqs.iter_mut())
+                .map(|(t, kv)| SeqStep { tokens: t, kv })
+                .collect();
+            rig.model
+                .step(&mut steps, &mut kv, experts, &mut scratch, &mut out)
+                .unwrap();
+            let vocab = rig.ck.config().vocab_size;
+            let rows = out.logits.len() / vocab;
+            let last: Vec<u32> = (rows - 3..rows)
+                .map(|r| crate::sampling::argmax(&out.logits[r * vocab..(r + 1) * vocab]))
+                .collect();
+            next = last.iter().map(|&t| vec![t]).collect();
+            results.push((out.logits, out.trace.unwrap()));
+        }
+        results
+    };
+    let one = run(&rig.experts);
+    let two = run(&bg);
+    assert_eq!(one.len(), two.len());
+    // Smaller batches may take other kernel paths (the dot path pairs weight rows from four
+    // token rows on), so results agree to rounding, not bit for bit.
+    for ((l1, t1), (l2, t2)) in one.iter().zip(&two) {
+        assert_eq!(l1.len(), l2.len());
+        assert_eq!(t1.len(), t2.len());
+        for (p1, p2) in t1.iter().zip(t2) {
+            assert_eq!(p1.offsets(), p2.offsets());
+            assert_eq!(p1.experts(), p2.experts(), "routing differs");
+            let d = max_abs(p1.weights(), p2.weights().iter().map(|&v| v as f64));
+            assert!(d < 1e-5, "route weights differ by {d}");
+        }
+        let d = max_abs(l1, l2.iter().map(|&v| v as f64));
+        assert!(d < 1e-4, "logits differ by {d}");
+    }
+}

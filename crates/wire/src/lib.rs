@@ -46,6 +46,8 @@ pub enum WireError {
     Route(String),
     #[error("batch of {rows} rows exceeds the limit of {max}")]
     TooLarge { rows: u32, max: u32 },
+    #[error("message has no {0}")]
+    Missing(&'static str),
 }
 
 impl WireError {
@@ -61,6 +63,7 @@ impl WireError {
             Self::Payload { .. } => "SY:WIRE:Payload",
             Self::Route(_) => "SY:WIRE:Route",
             Self::TooLarge { .. } => "SY:WIRE:TooLarge",
+            Self::Missing(_) => "SY:WIRE:Missing",
         }
     }
 }
