@@ -270,8 +270,11 @@ impl<B: Backend> LocalExperts<B> {
             b.ensure_len(&mut s.up, n * inter)?;
             b.ensure_len(&mut s.ye, n * h)?;
             b.write(&mut s.xe, &s.xe_host)?;
-            b.linear(&s.xe, n, &ffn.w1, &mut s.gate)?;
-            b.linear(&s.xe, n, &ffn.w3, &mut s.up)?;
+            b.linear_many(
+                &s.xe,
+                n,
+                &mut [(&ffn.w1, &mut s.gate), (&ffn.w3, &mut s.up)],
+            )?;
             b.silu_mul(&mut s.gate, &s.up, n * inter)?;
             b.linear(&s.gate, n, &ffn.w2, &mut s.ye)?;
             s.ye_host.resize(n * h, 0.0);

@@ -513,9 +513,15 @@ impl<B: Backend> Mixtral<B> {
         let b = &self.backend;
         let (h, qd, kvd, t) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), lane.rows);
         b.rms_norm(&lane.x, t, &lw.input_norm, eps, &mut lane.h)?;
-        b.linear(&lane.h, t, &lw.q, &mut lane.q)?;
-        b.linear(&lane.h, t, &lw.k, &mut lane.k)?;
-        b.linear(&lane.h, t, &lw.v, &mut lane.v)?;
+        b.linear_many(
+            &lane.h,
+            t,
+            &mut [
+                (&lw.q, &mut lane.q),
+                (&lw.k, &mut lane.k),
+                (&lw.v, &mut lane.v),
+            ],
+        )?;
         for (buf, dim) in [(&mut lane.q, qd), (&mut lane.k, kvd)] {
             b.rope(
                 buf,

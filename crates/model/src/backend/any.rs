@@ -187,6 +187,31 @@ impl Backend for AnyBackend {
         on!(self, |b, r, m| b.linear(r!(x), rows, r!(w), m!(out)))
     }
 
+    fn linear_many(
+        &self,
+        x: &AnyBuf,
+        rows: usize,
+        parts: &mut [(&AnyWeight, &mut AnyBuf)],
+    ) -> Result<()> {
+        match self {
+            Self::Cpu(_) => crate::backend::cpu::linear_parts(
+                x.cpu()?,
+                rows,
+                parts.iter_mut().map(|(w, y)| {
+                    let w = w.cpu()?;
+                    Ok((w.elems(), w.shape()[0], y.cpu_mut()?.as_mut_slice()))
+                }),
+            ),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => {
+                for (w, y) in parts.iter_mut() {
+                    b.linear(x.cuda()?, rows, w.cuda()?, y.cuda_mut()?)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn rope(
         &self,
         x: &mut AnyBuf,

@@ -52,6 +52,20 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Weight,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// `out_i = x · w_iᵀ` for several weights that read the same input (q/k/v, an expert's
+    /// w1/w3). Backends that fork and join per op run them as one pass; the default runs them
+    /// in turn.
+    fn linear_many(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        parts: &mut [(&Self::Weight, &mut Self::Buf)],
+    ) -> Result<()> {
+        for (w, out) in parts.iter_mut() {
+            self.linear(x, rows, w, out)?;
+        }
+        Ok(())
+    }
     /// Rotates the heads of `positions.len()` rows of `width` in place (HF rotate-half layout).
     fn rope(
         &self,

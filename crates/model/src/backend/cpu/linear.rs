@@ -30,6 +30,9 @@ const PAIR_MIN_ROWS: usize = 4;
 /// Weight rows widened per gemm call: 64 rows × in ≤ 14336 f32 stays within L2.
 const GEMM_BLOCK: usize = 64;
 
+/// Weights [`linear_many`] takes in one pass (q/k/v is the most the model asks for).
+pub const MAX_PARTS: usize = 4;
+
 /// Output rows per parallel task on the dot path; enough to amortise rayon's scheduling.
 const DOT_BLOCK: usize = 16;
 
@@ -73,49 +76,111 @@ pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, 
     let yp = SendPtr(y.as_mut_ptr());
     let kern = dot::select();
     let pair = dot::select_pair();
-    (0..out.div_ceil(DOT_BLOCK)).into_par_iter().for_each(|b| {
-        let j0 = b * DOT_BLOCK;
-        let j1 = (j0 + DOT_BLOCK).min(out);
-        let mut j = j0;
-        // Enough tokens to be compute-bound: two weight rows at a time, so every x vector
-        // loaded serves both (x is re-read once per pair of output rows, not once per row).
-        // Which rows pair up depends only on the shape, so results stay deterministic.
-        if let Some(pair) = pair.filter(|_| rows >= PAIR_MIN_ROWS) {
-            while j + 1 < j1 {
-                let pair_rows = w.slice(j * inp..(j + 2) * inp);
-                let mut r = 0;
-                while r < rows {
-                    let n = (rows - r).min(4);
-                    let mut acc = [[0f32; 4]; 2];
-                    pair(pair_rows, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
-                    for (d, row_acc) in acc.iter().enumerate() {
-                        for (t, a) in row_acc.iter().take(n).enumerate() {
-                            // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own
-                            // disjoint column ranges j0..j1, and j+1 < j1) and lies inside `y`.
-                            unsafe { *yp.get().add((r + t) * out + j + d) = *a };
-                        }
-                    }
-                    r += n;
-                }
-                j += 2;
-            }
+    (0..out.div_ceil(DOT_BLOCK))
+        .into_par_iter()
+        .for_each(|b| dot_block(x, rows, w, inp, out, yp, b, kern, pair));
+}
+
+/// Several linears of the same input in one parallel pass: `ys[i] = x · ws[i]ᵀ`, each weight
+/// `[outs[i], in]`. Small projections (k and v of a GQA layer are a quarter of q) each paid a
+/// fork-join of their own; here every output block of every weight is one task of one pass.
+/// Results equal [`linear`]'s bit for bit. Beyond [`DOT_MAX_ROWS`] the weights go one by one.
+pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])]) {
+    if rows > DOT_MAX_ROWS {
+        for (w, out, y) in parts.iter_mut() {
+            linear(x, rows, *w, *out, y);
         }
-        for j in j..j1 {
-            let row = w.slice(j * inp..(j + 1) * inp);
+        return;
+    }
+    if parts.len() > MAX_PARTS {
+        for chunk in parts.chunks_mut(MAX_PARTS) {
+            linear_many(x, rows, chunk);
+        }
+        return;
+    }
+    // Per weight: (weight, input width, output width, output, its first task).
+    let mut jobs = [(Elems::F32(&[]), 0, 0, SendPtr(std::ptr::null_mut()), 0); MAX_PARTS];
+    let mut tasks = 0;
+    for (job, (w, out, y)) in jobs.iter_mut().zip(parts.iter_mut()) {
+        let out = *out;
+        let inp = w.len() / out.max(1);
+        debug_assert_eq!(w.len(), out * inp);
+        debug_assert!(x.len() >= rows * inp);
+        debug_assert!(y.len() >= rows * out);
+        *job = (*w, inp, out, SendPtr(y.as_mut_ptr()), tasks);
+        tasks += out.div_ceil(DOT_BLOCK);
+    }
+    let jobs = &jobs[..parts.len()];
+    if rows == 0 {
+        return;
+    }
+    let kern = dot::select();
+    let pair = dot::select_pair();
+    (0..tasks).into_par_iter().for_each(|t| {
+        // A task belongs to the last weight whose first task is at or before it.
+        let Some(&(w, inp, out, yp, first)) = jobs.iter().rev().find(|j| j.4 <= t) else {
+            return;
+        };
+        dot_block(x, rows, w, inp, out, yp, t - first, kern, pair);
+    });
+}
+
+/// Output rows `b·DOT_BLOCK ..` of `y = x · wᵀ` on the dot path.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn dot_block(
+    x: &[f32],
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    yp: SendPtr,
+    b: usize,
+    kern: dot::Kernel,
+    pair: Option<dot::PairKernel>,
+) {
+    let j0 = b * DOT_BLOCK;
+    let j1 = (j0 + DOT_BLOCK).min(out);
+    let mut j = j0;
+    // Enough tokens to be compute-bound: two weight rows at a time, so every x vector
+    // loaded serves both (x is re-read once per pair of output rows, not once per row).
+    // Which rows pair up depends only on the shape, so results stay deterministic.
+    if let Some(pair) = pair.filter(|_| rows >= PAIR_MIN_ROWS) {
+        while j + 1 < j1 {
+            let pair_rows = w.slice(j * inp..(j + 2) * inp);
             let mut r = 0;
             while r < rows {
                 let n = (rows - r).min(4);
-                let mut acc = [0f32; 4];
-                kern(row, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
-                for (t, a) in acc.iter().take(n).enumerate() {
-                    // SAFETY: element (r+t, j) belongs to this task alone (tasks own disjoint
-                    // column ranges j0..j1) and lies inside `y` (rows*out <= y.len()).
-                    unsafe { *yp.get().add((r + t) * out + j) = *a };
+                let mut acc = [[0f32; 4]; 2];
+                pair(pair_rows, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
+                for (d, row_acc) in acc.iter().enumerate() {
+                    for (t, a) in row_acc.iter().take(n).enumerate() {
+                        // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own
+                        // disjoint column ranges j0..j1 of one output, and j+1 < j1) and lies
+                        // inside that output (rows*out <= its length, checked by the callers).
+                        unsafe { *yp.get().add((r + t) * out + j + d) = *a };
+                    }
                 }
                 r += n;
             }
+            j += 2;
         }
-    });
+    }
+    for j in j..j1 {
+        let row = w.slice(j * inp..(j + 1) * inp);
+        let mut r = 0;
+        while r < rows {
+            let n = (rows - r).min(4);
+            let mut acc = [0f32; 4];
+            kern(row, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
+            for (t, a) in acc.iter().take(n).enumerate() {
+                // SAFETY: element (r+t, j) belongs to this task alone (tasks own disjoint
+                // column ranges j0..j1 of one output) and lies inside it (rows*out <= len).
+                unsafe { *yp.get().add((r + t) * out + j) = *a };
+            }
+            r += n;
+        }
+    }
 }
 
 thread_local! {
@@ -538,6 +603,37 @@ mod tests {
         // Single-token and multi-token kernels sum in different orders; both are f32-accurate.
         for (a, b) in one.iter().zip(&all[out..2 * out]) {
             assert!((a - b).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn linear_many_equals_one_linear_per_weight_bit_for_bit() {
+        let inp = 80;
+        // Output widths like q/k/v and w1/w3, odd ones included; more weights than one pass.
+        let outs = [48usize, 12, 12, 33, 7, 64];
+        let ws: Vec<Vec<f32>> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| data(o * inp, 20 + i as u32))
+            .collect();
+        for rows in [1, 5, DOT_MAX_ROWS, DOT_MAX_ROWS + 3] {
+            let x = data(rows * inp, 9);
+            let mut ys: Vec<Vec<f32>> = outs.iter().map(|&o| vec![f32::NAN; rows * o]).collect();
+            let mut parts: Vec<(Elems<'_>, usize, &mut [f32])> = ws
+                .iter()
+                .zip(&outs)
+                .zip(ys.iter_mut())
+                .map(|((w, &o), y)| (Elems::F32(w), o, y.as_mut_slice()))
+                .collect();
+            linear_many(&x, rows, &mut parts);
+            for ((w, &o), y) in ws.iter().zip(&outs).zip(&ys) {
+                let mut want = vec![0.0; rows * o];
+                linear(&x, rows, Elems::F32(w), o, &mut want);
+                assert!(
+                    want.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rows {rows}, out {o}"
+                );
+            }
         }
     }
 }

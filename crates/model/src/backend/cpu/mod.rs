@@ -6,7 +6,10 @@ pub mod linear;
 pub mod ops;
 
 use super::{AttnSeq, AttnShape, Backend};
-use crate::{weights::HostTensor, Result};
+use crate::{
+    weights::{Elems, HostTensor},
+    Result,
+};
 
 /// Runs `f` on rayon's pool. Every parallel op called from outside the pool pays a cross-thread
 /// hand-off and wake-up (tens of µs); a step makes dozens of them, so callers enter the pool once
@@ -19,6 +22,28 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|s| s.spawn(|_| out = Some(f())));
     // `scope` returns only after the spawned job ran, and the job always sets `out`.
     out.expect("rayon scope ran the job")
+}
+
+/// Runs [`linear::linear_many`] over `parts` (weight, output rows, output), up to
+/// [`linear::MAX_PARTS`] per pass, without allocating.
+pub(crate) fn linear_parts<'a>(
+    x: &[f32],
+    rows: usize,
+    parts: impl Iterator<Item = Result<(Elems<'a>, usize, &'a mut [f32])>>,
+) -> Result<()> {
+    let mut pass: [(Elems<'a>, usize, &'a mut [f32]); linear::MAX_PARTS] =
+        std::array::from_fn(|_| (Elems::F32(&[]), 0, <&mut [f32]>::default()));
+    let mut n = 0;
+    for part in parts {
+        pass[n] = part?;
+        n += 1;
+        if n == linear::MAX_PARTS {
+            linear::linear_many(x, rows, &mut pass[..n]);
+            n = 0;
+        }
+    }
+    linear::linear_many(x, rows, &mut pass[..n]);
+    Ok(())
 }
 
 /// The CPU backend. Stateless: every op runs on rayon's global pool.
@@ -83,6 +108,21 @@ impl Backend for Cpu {
     fn linear(&self, x: &Vec<f32>, rows: usize, w: &HostTensor, out: &mut Vec<f32>) -> Result<()> {
         linear::linear(x, rows, w.elems(), w.shape()[0], out);
         Ok(())
+    }
+
+    fn linear_many(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        parts: &mut [(&HostTensor, &mut Vec<f32>)],
+    ) -> Result<()> {
+        linear_parts(
+            x,
+            rows,
+            parts
+                .iter_mut()
+                .map(|(w, y)| Ok((w.elems(), w.shape()[0], y.as_mut_slice()))),
+        )
     }
 
     fn rope(
