@@ -333,15 +333,16 @@ fn odd_sizes_top3_f16_sharded() {
 
 #[test]
 fn bf16_top2_tied_embeddings_long_prompt() {
-    // 40 tokens put the prefill on the gemm path (more than DOT_MAX_ROWS rows).
+    // More tokens than DOT_MAX_ROWS put the prefill's dense linears on the gemm path.
     check_against_oracle(
         GenSpec {
             dtype: DType::BF16,
             experts: 4,
             tie_word_embeddings: true,
+            max_position_embeddings: 256,
             ..small_spec()
         },
-        40,
+        crate::backend::cpu::linear::DOT_MAX_ROWS + 12,
     );
 }
 

@@ -101,6 +101,15 @@ impl Elems<'_> {
 
     /// A sub-range of the elements.
     #[must_use]
+    /// The elements' bytes as stored.
+    pub fn bytes(&self) -> &[u8] {
+        match *self {
+            Self::F32(s) => bytemuck::cast_slice(s),
+            Self::F16(s) => bytemuck::cast_slice(s),
+            Self::BF16(s) => bytemuck::cast_slice(s),
+        }
+    }
+
     pub fn slice(&self, range: Range<usize>) -> Self {
         match *self {
             Self::F32(s) => Elems::F32(&s[range]),

@@ -1,12 +1,14 @@
 //! `y = x · Wᵀ` for weights in their stored dtype (`W` is `[out, in]`, as in every HF Linear).
 //!
 //! Two paths, each the reference for the other in tests:
-//! - **rows ≤ [`DOT_MAX_ROWS`]** (decode): every weight row is streamed from memory once and dotted
-//!   with all token rows while it is in L1. bf16/f16 are widened in registers (exact), accumulation
-//!   is f32. Decode is memory-bound, so this reads each weight byte exactly once per step.
-//! - **larger batches** (prefill, big expert batches): weight rows are widened to f32 in blocks of
-//!   [`GEMM_BLOCK`] into a per-thread buffer and multiplied with the `gemm` crate, which is compute
-//!   bound and far faster than dots once a block is reused by many tokens.
+//! - **rows ≤ [`DOT_MAX_ROWS`]** (decode, expert batches, short prefill chunks): every weight
+//!   row is streamed from memory once and dotted with all token rows while it is in L1.
+//!   bf16/f16 are widened in registers (exact), accumulation is f32. From [`TILE_MIN_ROWS`]
+//!   tokens, weight rows go in register tiles of three, so each x vector loaded feeds three
+//!   rows' FMAs.
+//! - **larger batches** (long prefill): weight rows are widened to f32 in blocks of
+//!   [`GEMM_BLOCK`] into a per-thread buffer and multiplied with the `gemm` crate, whose
+//!   cache blocking keeps x in cache once x outgrows L2.
 //!
 //! Both paths are deterministic: a given row's result depends only on its inputs, never on thread
 //! scheduling, which is what lets a cluster reproduce embedded mode bit for bit.
@@ -15,17 +17,19 @@ use crate::weights::Elems;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Up to this many token rows the dot path wins: it reads weights once and does not widen them
-/// to memory; beyond it the gemm path's register tiling pays for the widening. Expert batches of
-/// a 32-sequence decode step hold ~8 rows per expert, often 9-20: at 8 they fell to the gemm path
-/// and a 32-sequence step took 1.6× longer (hidden 1024, 2 threads).
-pub const DOT_MAX_ROWS: usize = 32;
+/// Up to this many token rows the dot path wins. Measured with
+/// `cargo run --release -p switchyard-model --example bench_linear` on expert shapes (bf16,
+/// 3584×1024 and 1024×3584, 2 threads, AVX2): with three-row tiles the dot path ran at
+/// 85-105 GFLOP/s at 32 rows against the gemm path's 41-62, and 93-119 against 67-107 at 64
+/// and 128 rows; from 256 rows the two tie, and x no longer fits in L2.
+pub const DOT_MAX_ROWS: usize = 128;
 
-/// From this many token rows the dot path takes weight rows in pairs. Below it a step is bound
-/// by reading the weights and pairing did not help (A/B at 8 sequences, hidden 1024, 2 threads:
+/// From this many token rows the dot path takes weight rows in tiles. Below it a step is bound
+/// by reading the weights and tiling did not help (A/B at 8 sequences, hidden 1024, 2 threads:
 /// ITL 75-83 ms single rows, 95-97 ms paired); at 32 sequences pairing took ITL p50 from
-/// 216-268 ms to 200-226 ms.
-const PAIR_MIN_ROWS: usize = 4;
+/// 216-268 ms to 200-226 ms, and three-row tiles took the 8-32-row expert GEMMs from 36-78
+/// to 42-105 GFLOP/s.
+const TILE_MIN_ROWS: usize = 4;
 
 /// Weight rows widened per gemm call: 64 rows × in ≤ 14336 f32 stays within L2.
 const GEMM_BLOCK: usize = 64;
@@ -33,8 +37,9 @@ const GEMM_BLOCK: usize = 64;
 /// Weights [`linear_many`] takes in one pass (q/k/v is the most the model asks for).
 pub const MAX_PARTS: usize = 4;
 
-/// Output rows per parallel task on the dot path; enough to amortise rayon's scheduling.
-const DOT_BLOCK: usize = 16;
+/// Output rows per parallel task on the dot path: enough to amortise rayon's scheduling, and a
+/// multiple of the three-row tile.
+const DOT_BLOCK: usize = 24;
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -75,10 +80,10 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
 pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
     let yp = SendPtr(y.as_mut_ptr());
     let kern = dot::select();
-    let pair = dot::select_pair();
+    let tiles = dot::select_tiles();
     (0..out.div_ceil(DOT_BLOCK))
         .into_par_iter()
-        .for_each(|b| dot_block(x, rows, w, inp, out, yp, b, kern, pair));
+        .for_each(|b| dot_block(x, rows, w, inp, out, yp, b, kern, tiles));
 }
 
 /// Several linears of the same input in one parallel pass: `ys[i] = x · ws[i]ᵀ`, each weight
@@ -115,13 +120,13 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
         return;
     }
     let kern = dot::select();
-    let pair = dot::select_pair();
+    let tiles = dot::select_tiles();
     (0..tasks).into_par_iter().for_each(|t| {
         // A task belongs to the last weight whose first task is at or before it.
         let Some(&(w, inp, out, yp, first)) = jobs.iter().rev().find(|j| j.4 <= t) else {
             return;
         };
-        dot_block(x, rows, w, inp, out, yp, t - first, kern, pair);
+        dot_block(x, rows, w, inp, out, yp, t - first, kern, tiles);
     });
 }
 
@@ -137,33 +142,28 @@ fn dot_block(
     yp: SendPtr,
     b: usize,
     kern: dot::Kernel,
-    pair: Option<dot::PairKernel>,
+    tiles: Option<dot::Tiles>,
 ) {
     let j0 = b * DOT_BLOCK;
     let j1 = (j0 + DOT_BLOCK).min(out);
     let mut j = j0;
-    // Enough tokens to be compute-bound: two weight rows at a time, so every x vector
-    // loaded serves both (x is re-read once per pair of output rows, not once per row).
-    // Which rows pair up depends only on the shape, so results stay deterministic.
-    if let Some(pair) = pair.filter(|_| rows >= PAIR_MIN_ROWS) {
-        while j + 1 < j1 {
-            let pair_rows = w.slice(j * inp..(j + 2) * inp);
-            let mut r = 0;
-            while r < rows {
-                let n = (rows - r).min(4);
-                let mut acc = [[0f32; 4]; 2];
-                pair(pair_rows, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
-                for (d, row_acc) in acc.iter().enumerate() {
-                    for (t, a) in row_acc.iter().take(n).enumerate() {
-                        // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own
-                        // disjoint column ranges j0..j1 of one output, and j+1 < j1) and lies
-                        // inside that output (rows*out <= its length, checked by the callers).
-                        unsafe { *yp.get().add((r + t) * out + j + d) = *a };
-                    }
-                }
-                r += n;
-            }
+    // Enough tokens to be compute-bound: weight rows in tiles of three (the block's last one
+    // or two rows in a smaller tile), so every x vector loaded serves several rows (x is
+    // re-read once per tile of output rows, not once per row). Every (row, token) sum runs
+    // the same chain in the same order in any tile size, so a row's result does not depend on
+    // where it falls in the output.
+    if let Some(tiles) = tiles.filter(|_| rows >= TILE_MIN_ROWS) {
+        while j + 3 <= j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.three);
+            j += 3;
+        }
+        if j + 2 <= j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.two);
             j += 2;
+        }
+        if j < j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.one);
+            j += 1;
         }
     }
     for j in j..j1 {
@@ -180,6 +180,44 @@ fn dot_block(
             }
             r += n;
         }
+    }
+}
+
+/// Output rows `j .. j + R` of `y = x · wᵀ` for every token, through an R-row tile kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn tile_rows<const R: usize>(
+    x: &[f32],
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    yp: SendPtr,
+    j: usize,
+    kern: dot::TileKernel<R>,
+) {
+    let tile = w.slice(j * inp..(j + R) * inp);
+    // The next tile's weights (three rows on, or the next block's first), fetched into cache
+    // while this one computes: with few tokens a tile's compute and its weights' trip from
+    // memory take about as long, and without this they would not overlap.
+    let next = (j + R < out).then(|| w.slice((j + R) * inp..(j + 2 * R).min(out) * inp));
+    let mut ahead = next.as_ref().map_or(&[][..], Elems::bytes);
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let mut acc = [[0f32; 4]; R];
+        kern(tile, &x[r * inp..(r + n) * inp], n, inp, &mut acc, ahead);
+        // The first token group fetched as much as it had steps for; later ones go on.
+        ahead = ahead.get((inp / 8) * 64..).unwrap_or(&[]);
+        for (d, row_acc) in acc.iter().enumerate() {
+            for (t, a) in row_acc.iter().take(n).enumerate() {
+                // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own disjoint
+                // column ranges of one output and the caller keeps j + R within its range)
+                // and lies inside that output (rows*out <= its length, checked by the callers).
+                unsafe { *yp.get().add((r + t) * out + j + d) = *a };
+            }
+        }
+        r += n;
     }
 }
 
@@ -242,19 +280,33 @@ mod dot {
     /// `acc[t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`.
     pub type Kernel = fn(Elems<'_>, &[f32], usize, usize, &mut [f32; 4]);
 
-    /// `acc[d][t] = row_d · x[t]` for two adjacent weight rows (`2 * inp` elements) and
+    /// `acc[d][t] = row_d · x[t]` for R adjacent weight rows (`R * inp` elements) and
     /// `t < n ≤ 4`.
-    pub type PairKernel = fn(Elems<'_>, &[f32], usize, usize, &mut [[f32; 4]; 2]);
+    /// `ahead` is memory to prefetch while computing, one cache line per 8-element step.
+    pub type TileKernel<const R: usize> =
+        fn(Elems<'_>, &[f32], usize, usize, &mut [[f32; 4]; R], &[u8]);
 
-    /// The two-row kernel where the CPU has one (the scalar fallback goes row by row).
-    pub fn select_pair() -> Option<PairKernel> {
+    /// The multi-row kernels of one CPU.
+    #[derive(Clone, Copy)]
+    pub struct Tiles {
+        pub one: TileKernel<1>,
+        pub two: TileKernel<2>,
+        pub three: TileKernel<3>,
+    }
+
+    /// The multi-row kernels where the CPU has them (the scalar fallback goes row by row).
+    pub fn select_tiles() -> Option<Tiles> {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c")
             {
-                return Some(super::x86::pair_dots);
+                return Some(Tiles {
+                    one: super::x86::tile_dots::<1>,
+                    two: super::x86::tile_dots::<2>,
+                    three: super::x86::tile_dots::<3>,
+                });
             }
         }
         None
@@ -301,76 +353,107 @@ mod x86 {
         }
     }
 
-    /// Two adjacent weight rows (`2 * inp` elements) against up to four tokens; the caller
+    /// R adjacent weight rows (`R * inp` elements) against up to four tokens; the caller
     /// checked avx2+fma+f16c.
-    pub fn pair_dots(rows: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [[f32; 4]; 2]) {
-        debug_assert!(x.len() >= n * inp && rows.len() == 2 * inp);
+    pub fn tile_dots<const R: usize>(
+        rows: Elems<'_>,
+        x: &[f32],
+        n: usize,
+        inp: usize,
+        acc: &mut [[f32; 4]; R],
+        ahead: &[u8],
+    ) {
+        debug_assert!(x.len() >= n * inp && rows.len() == R * inp);
         debug_assert!((1..=4).contains(&n));
         macro_rules! go {
             ($f:ident, $w:expr) => {{
                 let w = $w;
-                // SAFETY: `select_pair` only returns this kernel when the CPU has avx2, fma and
-                // f16c; `w` covers two rows of `inp` elements and x covers `n * inp`.
+                // SAFETY: `select_tiles` only returns this kernel when the CPU has avx2, fma
+                // and f16c; `w` covers R rows of `inp` elements and x covers `n * inp`.
                 unsafe {
-                    let (w0, w1) = (w, w.add(inp));
                     match n {
-                        1 => $f::<1>(w0, w1, x.as_ptr(), inp, acc),
-                        2 => $f::<2>(w0, w1, x.as_ptr(), inp, acc),
-                        3 => $f::<3>(w0, w1, x.as_ptr(), inp, acc),
-                        _ => $f::<4>(w0, w1, x.as_ptr(), inp, acc),
+                        1 => $f::<R, 1>(w, x.as_ptr(), inp, acc, ahead),
+                        2 => $f::<R, 2>(w, x.as_ptr(), inp, acc, ahead),
+                        3 => $f::<R, 3>(w, x.as_ptr(), inp, acc, ahead),
+                        _ => $f::<R, 4>(w, x.as_ptr(), inp, acc, ahead),
                     }
                 }
             }};
         }
         match rows {
-            Elems::BF16(w) => go!(pair_bf16, w.as_ptr().cast::<u16>()),
-            Elems::F16(w) => go!(pair_f16, w.as_ptr().cast::<u16>()),
-            Elems::F32(w) => go!(pair_f32, w.as_ptr()),
+            Elems::BF16(w) => go!(tile_bf16, w.as_ptr().cast::<u16>()),
+            Elems::F16(w) => go!(tile_f16, w.as_ptr().cast::<u16>()),
+            Elems::F32(w) => go!(tile_f32, w.as_ptr()),
         }
     }
 
-    /// Two rows × N tokens, one 8-wide chain per (row, token): N is a constant so the
-    /// accumulators stay in registers.
-    macro_rules! pair_kernel {
+    /// R rows × N tokens, one 8-wide chain per (row, token): R and N are constants so the
+    /// R·N accumulators stay in registers (3 × 4 plus three weight vectors and one x vector
+    /// fill AVX2's sixteen).
+    macro_rules! tile_kernel {
         ($name:ident, $wty:ty, $load:ident, $scalar:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const N: usize>(
-                w0: *const $wty,
-                w1: *const $wty,
+            unsafe fn $name<const R: usize, const N: usize>(
+                w: *const $wty,
                 x: *const f32,
                 inp: usize,
-                acc: &mut [[f32; 4]; 2],
+                acc: &mut [[f32; 4]; R],
+                ahead: &[u8],
             ) {
                 let main = inp / 8 * 8;
-                // SAFETY (whole body): k + 8 <= main <= inp keeps every vector load inside both
-                // rows and inside each token's slice of x.
+                let (mut pf, pf_end) = (ahead.as_ptr(), ahead.as_ptr().wrapping_add(ahead.len()));
+                // SAFETY (whole body): k + 8 <= main <= inp keeps every vector load inside
+                // each of the R rows and inside each token's slice of x.
                 unsafe {
-                    let mut a0 = [_mm256_setzero_ps(); N];
-                    let mut a1 = [_mm256_setzero_ps(); N];
+                    let mut a = [[_mm256_setzero_ps(); N]; R];
                     let mut k = 0;
                     while k < main {
-                        let v0 = $load(w0, k);
-                        let v1 = $load(w1, k);
+                        let mut v = [_mm256_setzero_ps(); R];
+                        for (d, vd) in v.iter_mut().enumerate() {
+                            *vd = $load(w.add(d * inp), k);
+                        }
+                        if pf < pf_end {
+                            // A hint only: it cannot fault, and pf stays within `ahead`.
+                            _mm_prefetch::<_MM_HINT_T0>(pf.cast());
+                            pf = pf.wrapping_add(64);
+                        }
                         for t in 0..N {
                             let xv = _mm256_loadu_ps(x.add(t * inp + k));
-                            a0[t] = _mm256_fmadd_ps(v0, xv, a0[t]);
-                            a1[t] = _mm256_fmadd_ps(v1, xv, a1[t]);
+                            for d in 0..R {
+                                a[d][t] = _mm256_fmadd_ps(v[d], xv, a[d][t]);
+                            }
                         }
                         k += 8;
                     }
-                    for t in 0..N {
-                        let (mut s0, mut s1) = (hsum(a0[t]), hsum(a1[t]));
-                        for k in main..inp {
-                            let xv = *x.add(t * inp + k);
-                            s0 += $scalar(w0, k) * xv;
-                            s1 += $scalar(w1, k) * xv;
+                    for d in 0..R {
+                        let wd = w.add(d * inp);
+                        for t in 0..N {
+                            let mut s = hsum(a[d][t]);
+                            for k in main..inp {
+                                s += $scalar(wd, k) * *x.add(t * inp + k);
+                            }
+                            acc[d][t] = s;
                         }
-                        acc[0][t] = s0;
-                        acc[1][t] = s1;
                     }
                 }
             }
         };
+    }
+
+    /// How far ahead of its loads the single-row kernel prefetches weights, in bytes. The
+    /// hardware prefetcher alone left batch-1 GEMVs at ~70 % of the bandwidth; 4-16 KiB
+    /// ahead measured alike and ~15 % faster than none (bench_linear, rows 1).
+    const PREFETCH_BYTES: usize = 8192;
+
+    /// Prefetches the weights `PREFETCH_BYTES` past element k of `w` (rows are contiguous,
+    /// so near a row's end that is the next row). A hint: it cannot fault, even past the end.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn prefetch_ahead<T>(w: *const T, k: usize) {
+        let p = w
+            .cast::<u8>()
+            .wrapping_add(k * std::mem::size_of::<T>() + PREFETCH_BYTES);
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -409,6 +492,7 @@ mod x86 {
                         let main32 = inp / 32 * 32;
                         let mut k = 0;
                         while k < main32 {
+                            prefetch_ahead(w, k);
                             a0 = _mm256_fmadd_ps(load(w, k), _mm256_loadu_ps(x.add(k)), a0);
                             a1 = _mm256_fmadd_ps(load(w, k + 8), _mm256_loadu_ps(x.add(k + 8)), a1);
                             a2 = _mm256_fmadd_ps(
@@ -442,6 +526,7 @@ mod x86 {
                     let mut hi = [_mm256_setzero_ps(); 4];
                     let mut k = 0;
                     while k < main {
+                        prefetch_ahead(w, k);
                         let w0 = load(w, k);
                         let w1 = load(w, k + 8);
                         for t in 0..n {
@@ -504,9 +589,9 @@ mod x86 {
         unsafe { *w.add(k) }
     }
 
-    pair_kernel!(pair_bf16, u16, load_bf16, scalar_bf16);
-    pair_kernel!(pair_f16, u16, load_f16, scalar_f16);
-    pair_kernel!(pair_f32, f32, load_f32, scalar_f32);
+    tile_kernel!(tile_bf16, u16, load_bf16, scalar_bf16);
+    tile_kernel!(tile_f16, u16, load_f16, scalar_f16);
+    tile_kernel!(tile_f32, f32, load_f32, scalar_f32);
     dot_kernel!(dots_bf16, u16, load_bf16, scalar_bf16);
     dot_kernel!(dots_f16, u16, load_f16, scalar_f16);
     dot_kernel!(dots_f32, f32, load_f32, scalar_f32);
@@ -586,8 +671,34 @@ mod tests {
             (20, 72, 31),
             (32, 36, 9),
             (40, 96, 65),
+            (DOT_MAX_ROWS, 40, 50),
+            (DOT_MAX_ROWS + 3, 40, 50),
         ] {
             check(rows, inp, out);
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_tile() {
+        // Blocks of 24 output rows go in tiles of three, the remainder in a pair or one row:
+        // every output row computed alone (out = 1) must give the same bits.
+        let (inp, out, rows) = (72, DOT_BLOCK + 5, TILE_MIN_ROWS + 3);
+        let x = data(rows * inp, 3);
+        let wf = data(out * inp, 4);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let mut all = vec![0.0; rows * out];
+        linear_dot(&x, rows, Elems::BF16(&wb), inp, out, &mut all);
+        for j in 0..out {
+            let mut one = vec![0.0; rows];
+            let w = Elems::BF16(&wb[j * inp..(j + 1) * inp]);
+            linear_dot(&x, rows, w, inp, 1, &mut one);
+            for r in 0..rows {
+                assert_eq!(
+                    all[r * out + j].to_bits(),
+                    one[r].to_bits(),
+                    "row {j} token {r}"
+                );
+            }
         }
     }
 

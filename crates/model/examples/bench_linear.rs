@@ -1,0 +1,83 @@
+#![allow(clippy::print_stdout)] // a benchmark whose output is its table
+//! Throughput of the CPU linear kernels on expert-sized bf16 weights, by token rows: the dot
+//! path against the gemm path, in GFLOP/s and GB/s of weights read. Weights rotate through
+//! more matrices than the last-level cache holds, as a decode step's experts do.
+//!
+//!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot]
+
+use half::bf16;
+use std::time::Instant;
+use switchyard_model::backend::cpu::{in_pool, linear};
+use switchyard_model::weights::Elems;
+
+fn main() {
+    let mut rows_list = vec![1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64];
+    let mut mats = 16;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--hot" {
+            // One matrix per shape, read from cache after the first pass: the kernels' compute
+            // rate without memory stalls.
+            mats = 1;
+        } else if a == "--threads" {
+            let n: usize = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("--threads N");
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .expect("pool");
+        } else {
+            rows_list = a.split(',').map(|v| v.parse().expect("rows")).collect();
+        }
+    }
+    // w1/w3 shape [3584, 1024] and w2 shape [1024, 3584] of a hidden-1024 Mixtral.
+    let shapes = [
+        ("w1 3584x1024", 3584usize, 1024usize),
+        ("w2 1024x3584", 1024, 3584),
+    ];
+    println!(
+        "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10}",
+        "weight", "rows", "dot GF/s", "dot GB/s", "gemm GF/s", "gemm GB/s"
+    );
+    for (name, out, inp) in shapes {
+        let ws: Vec<Vec<bf16>> = (0..mats)
+            .map(|m| {
+                (0..out * inp)
+                    .map(|i| bf16::from_f32(((i * 7 + m * 13) % 97) as f32 / 97.0 - 0.5))
+                    .collect()
+            })
+            .collect();
+        for &rows in &rows_list {
+            let x: Vec<f32> = (0..rows * inp)
+                .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
+                .collect();
+            let mut y = vec![0f32; rows * out];
+            let mut time = |gemm: bool| {
+                let reps = (mats * 4).max(64 / rows.max(1) * mats);
+                let mut best = f64::MAX;
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    in_pool(|| {
+                        for r in 0..reps {
+                            let w = Elems::BF16(&ws[r % mats]);
+                            if gemm {
+                                linear::linear_gemm(&x, rows, w, inp, out, &mut y);
+                            } else {
+                                linear::linear_dot(&x, rows, w, inp, out, &mut y);
+                            }
+                        }
+                    });
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                let flops = 2.0 * (rows * out * inp) as f64;
+                let bytes = (out * inp * 2) as f64;
+                (flops / best / 1e9, bytes / best / 1e9)
+            };
+            let (dg, db) = time(false);
+            let (gg, gb) = time(true);
+            println!("{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1}");
+        }
+    }
+}
