@@ -10,7 +10,7 @@ use std::time::Instant;
 use switchyard_model::backend::cpu::{in_pool, linear};
 use switchyard_model::weights::Elems;
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows_list = vec![1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64];
     let mut mats = 16;
     let mut args = std::env::args().skip(1);
@@ -20,16 +20,16 @@ fn main() {
             // rate without memory stalls.
             mats = 1;
         } else if a == "--threads" {
-            let n: usize = args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .expect("--threads N");
+            let n: usize = args.next().ok_or("--threads needs a count")?.parse()?;
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
-                .build_global()
-                .expect("pool");
+                .build_global()?;
         } else {
-            rows_list = a.split(',').map(|v| v.parse().expect("rows")).collect();
+            rows_list = a
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("rows {a:?}: {e}"))?;
         }
     }
     // w1/w3 shape [3584, 1024] and w2 shape [1024, 3584] of a hidden-1024 Mixtral.
@@ -80,4 +80,5 @@ fn main() {
             println!("{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1}");
         }
     }
+    Ok(())
 }

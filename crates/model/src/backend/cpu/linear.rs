@@ -167,19 +167,7 @@ fn dot_block(
         }
     }
     for j in j..j1 {
-        let row = w.slice(j * inp..(j + 1) * inp);
-        let mut r = 0;
-        while r < rows {
-            let n = (rows - r).min(4);
-            let mut acc = [0f32; 4];
-            kern(row, &x[r * inp..(r + n) * inp], n, inp, &mut acc);
-            for (t, a) in acc.iter().take(n).enumerate() {
-                // SAFETY: element (r+t, j) belongs to this task alone (tasks own disjoint
-                // column ranges j0..j1 of one output) and lies inside it (rows*out <= len).
-                unsafe { *yp.get().add((r + t) * out + j) = *a };
-            }
-            r += n;
-        }
+        tile_rows(x, rows, w, inp, out, yp, j, kern);
     }
 }
 
@@ -277,8 +265,10 @@ pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize,
 mod dot {
     use crate::weights::Elems;
 
-    /// `acc[t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`.
-    pub type Kernel = fn(Elems<'_>, &[f32], usize, usize, &mut [f32; 4]);
+    /// `acc[0][t] = row · x[t]` for `t < n ≤ 4`; `x` holds `n` rows of `inp`. Shaped as a
+    /// one-row tile so both go through `tile_rows`; it prefetches on its own and ignores
+    /// `ahead`.
+    pub type Kernel = TileKernel<1>;
 
     /// `acc[d][t] = row_d · x[t]` for R adjacent weight rows (`R * inp` elements) and
     /// `t < n ≤ 4`.
@@ -326,8 +316,15 @@ mod dot {
     }
 
     /// Portable reference: f32 accumulation, same math as the SIMD kernels up to summation order.
-    pub fn scalar(row: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [f32; 4]) {
-        for (t, a) in acc.iter_mut().take(n).enumerate() {
+    pub fn scalar(
+        row: Elems<'_>,
+        x: &[f32],
+        n: usize,
+        inp: usize,
+        acc: &mut [[f32; 4]; 1],
+        _ahead: &[u8],
+    ) {
+        for (t, a) in acc[0].iter_mut().take(n).enumerate() {
             let xr = &x[t * inp..(t + 1) * inp];
             *a = xr.iter().enumerate().map(|(k, v)| row.get_f32(k) * v).sum();
         }
@@ -340,7 +337,15 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Dispatches on dtype; the caller checked avx2+fma+f16c.
-    pub fn dots(row: Elems<'_>, x: &[f32], n: usize, inp: usize, acc: &mut [f32; 4]) {
+    pub fn dots(
+        row: Elems<'_>,
+        x: &[f32],
+        n: usize,
+        inp: usize,
+        acc: &mut [[f32; 4]; 1],
+        _ahead: &[u8],
+    ) {
+        let acc = &mut acc[0];
         debug_assert!(x.len() >= n * inp && row.len() == inp);
         // SAFETY: `select` only returns this kernel when the CPU has avx2, fma and f16c; the
         // pointers cover `inp` elements of the row and `n * inp` of x, as asserted above.
@@ -653,9 +658,9 @@ mod tests {
                 }
             }
             // The scalar kernel agrees too.
-            let mut acc = [0.0; 4];
-            dot::scalar(w.slice(0..inp), &x[..inp], 1, inp, &mut acc);
-            assert!((acc[0] as f64 - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
+            let mut acc = [[0.0; 4]; 1];
+            dot::scalar(w.slice(0..inp), &x[..inp], 1, inp, &mut acc, &[]);
+            assert!((acc[0][0] as f64 - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
         }
     }
 
