@@ -135,6 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
         "threads": rayon::current_num_threads(),
+        "cpu_kernels": switchyard_model::backend::cpu::linear::isa().as_str(),
         "runs": a.runs,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
@@ -155,9 +156,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::fs::write(&json, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", json.display()))?;
         let title = format!(
-            "switchyard bench: {} ({} threads, {:.0} GB/s read)",
+            "switchyard bench: {} ({} threads, {}, {:.0} GB/s read)",
             a.model.file_name().unwrap_or_default().to_string_lossy(),
             rayon::current_num_threads(),
+            switchyard_model::backend::cpu::linear::isa().as_str(),
             bandwidth / 1e9
         );
         let figures: Vec<_> = results.into_iter().map(|r| r.figures).collect();

@@ -4,6 +4,8 @@
 //! more matrices than the last-level cache holds, as a decode step's experts do.
 //!
 //!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot]
+//!
+//! `SWITCHYARD_CPU_KERNELS=avx2` (or scalar, avx512) measures a lower instruction set.
 
 use half::bf16;
 use std::time::Instant;
@@ -37,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("w1 3584x1024", 3584usize, 1024usize),
         ("w2 1024x3584", 1024, 3584),
     ];
+    println!("kernels: {}", linear::isa().as_str());
     println!(
         "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10}",
         "weight", "rows", "dot GF/s", "dot GB/s", "gemm GF/s", "gemm GB/s"

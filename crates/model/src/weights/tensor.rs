@@ -99,9 +99,8 @@ impl Elems<'_> {
         }
     }
 
-    /// A sub-range of the elements.
-    #[must_use]
     /// The elements' bytes as stored.
+    #[must_use]
     pub fn bytes(&self) -> &[u8] {
         match *self {
             Self::F32(s) => bytemuck::cast_slice(s),
@@ -110,6 +109,8 @@ impl Elems<'_> {
         }
     }
 
+    /// A sub-range of the elements.
+    #[must_use]
     pub fn slice(&self, range: Range<usize>) -> Self {
         match *self {
             Self::F32(s) => Elems::F32(&s[range]),

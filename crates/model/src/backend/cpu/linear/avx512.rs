@@ -1,0 +1,364 @@
+//! AVX-512 dot kernels: 16 f32 lanes, tails as masked loads, weights widened to f32 in
+//! registers (exact) and f32 accumulation.
+//!
+//! bf16 tiles skip the usual widening (a zero-extend and a shift per 16 weights): one 64-byte
+//! load of 32 weights gives the even ones by a shift and the odd ones by a mask, against
+//! activations whose 32-element blocks were laid out evens first ([`pair_rows`]). That cuts the
+//! non-FMA work per weight in half. `vdpbf16ps` (AVX-512 BF16) is not used: on the Xeon this was
+//! measured on it retired 1.7 G instructions/s (32 multiply-adds each) against 7.0 G for
+//! 512-bit FMAs (16 each), and it would round activations to bf16.
+//!
+//! Every function here requires avx512f, avx512bw and avx512vl; `kernels::plan_for` hands
+//! them out only on such CPUs.
+
+use super::kernels::Lhs;
+use crate::weights::Elems;
+use std::arch::x86_64::*;
+
+/// How far ahead of its loads the single-row kernel prefetches weights, in bytes (as the
+/// AVX2 kernel: the hardware prefetcher alone leaves GEMVs short of the bandwidth).
+const PREFETCH_BYTES: usize = 8192;
+
+/// Few tokens, one weight row: dispatches on dtype and token count.
+pub fn dots(
+    row: Elems<'_>,
+    x: Lhs<'_>,
+    n: usize,
+    inp: usize,
+    acc: &mut [[f32; 4]; 1],
+    _ahead: &[u8],
+) {
+    debug_assert!(x.f32.len() >= n * inp && row.len() == inp);
+    debug_assert!((1..=4).contains(&n));
+    let acc = &mut acc[0];
+    let x = x.f32.as_ptr();
+    macro_rules! go {
+        ($f:ident, $w:expr) => {{
+            let w = $w;
+            // SAFETY: `plan_for` hands this kernel out only on CPUs with avx512f/bw/vl; the row
+            // holds `inp` elements and x `n * inp`, as asserted above.
+            unsafe {
+                match n {
+                    1 => $f::<1, 4>(w, x, inp, acc),
+                    2 => $f::<2, 2>(w, x, inp, acc),
+                    3 => $f::<3, 2>(w, x, inp, acc),
+                    _ => $f::<4, 2>(w, x, inp, acc),
+                }
+            }
+        }};
+    }
+    match row {
+        Elems::BF16(w) => go!(dots_bf16, w.as_ptr().cast::<u16>()),
+        Elems::F16(w) => go!(dots_f16, w.as_ptr().cast::<u16>()),
+        Elems::F32(w) => go!(dots_f32, w.as_ptr()),
+    }
+}
+
+/// R adjacent weight rows against up to four tokens, weights widened to f32.
+pub fn tile<const R: usize>(
+    rows: Elems<'_>,
+    x: Lhs<'_>,
+    n: usize,
+    inp: usize,
+    acc: &mut [[f32; 4]; R],
+    ahead: &[u8],
+) {
+    debug_assert!(x.f32.len() >= n * inp && rows.len() == R * inp);
+    debug_assert!((1..=4).contains(&n));
+    let x = x.f32.as_ptr();
+    macro_rules! go {
+        ($f:ident, $w:expr) => {{
+            let w = $w;
+            // SAFETY: as in `dots`; `w` covers R rows of `inp` elements.
+            unsafe {
+                match n {
+                    1 => $f::<R, 1>(w, x, inp, acc, ahead),
+                    2 => $f::<R, 2>(w, x, inp, acc, ahead),
+                    3 => $f::<R, 3>(w, x, inp, acc, ahead),
+                    _ => $f::<R, 4>(w, x, inp, acc, ahead),
+                }
+            }
+        }};
+    }
+    match rows {
+        Elems::BF16(w) => go!(tile_bf16, w.as_ptr().cast::<u16>()),
+        Elems::F16(w) => go!(tile_f16, w.as_ptr().cast::<u16>()),
+        Elems::F32(w) => go!(tile_f32, w.as_ptr()),
+    }
+}
+
+/// R adjacent bf16 weight rows against up to four tokens' paired activations
+/// ([`pair_rows`]). Other dtypes go to [`tile`].
+pub fn pair_tile<const R: usize>(
+    rows: Elems<'_>,
+    x: Lhs<'_>,
+    n: usize,
+    inp: usize,
+    acc: &mut [[f32; 4]; R],
+    ahead: &[u8],
+) {
+    let Elems::BF16(w) = rows else {
+        return tile::<R>(rows, x, n, inp, acc, ahead);
+    };
+    debug_assert!(x.pairs.len() >= n * inp && w.len() == R * inp);
+    debug_assert!((1..=4).contains(&n));
+    let (w, xp) = (w.as_ptr().cast::<u16>(), x.pairs.as_ptr());
+    // SAFETY: `plan_for` hands this kernel out only on CPUs with avx512f/bw/vl, with the
+    // paired rows made; `w` covers R rows of `inp` and `xp` n rows of `inp`.
+    unsafe {
+        match n {
+            1 => pair_bf16::<R, 1>(w, xp, inp, acc, ahead),
+            2 => pair_bf16::<R, 2>(w, xp, inp, acc, ahead),
+            3 => pair_bf16::<R, 3>(w, xp, inp, acc, ahead),
+            _ => pair_bf16::<R, 4>(w, xp, inp, acc, ahead),
+        }
+    }
+}
+
+/// Writes `x`'s rows of `inp` into `out` with each full 32-element block reordered as its 16
+/// even elements then its 16 odd ones (the tail stays in order): the input of [`pair_tile`].
+/// The caller checked avx512f.
+pub fn pair_rows(x: &[f32], inp: usize, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), x.len());
+    debug_assert_eq!(x.len() % inp.max(1), 0);
+    for (xr, or) in x.chunks_exact(inp).zip(out.chunks_exact_mut(inp)) {
+        // SAFETY: the caller checked avx512f; both rows hold `inp` elements.
+        unsafe { pair_row(xr.as_ptr(), or.as_mut_ptr(), inp) };
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pair_row(x: *const f32, out: *mut f32, inp: usize) {
+    let main = inp / 32 * 32;
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    let mut k = 0;
+    // SAFETY: full blocks end at `main <= inp`; the tail's masked lanes are not touched.
+    unsafe {
+        while k < main {
+            let (lo, hi) = (_mm512_loadu_ps(x.add(k)), _mm512_loadu_ps(x.add(k + 16)));
+            _mm512_storeu_ps(out.add(k), _mm512_permutex2var_ps(lo, evens, hi));
+            _mm512_storeu_ps(out.add(k + 16), _mm512_permutex2var_ps(lo, odds, hi));
+            k += 32;
+        }
+        while k < inp {
+            let m = mask16(inp - k);
+            _mm512_mask_storeu_ps(out.add(k), m, _mm512_maskz_loadu_ps(m, x.add(k)));
+            k += 16;
+        }
+    }
+}
+
+/// The first `rem` of 16 lanes (all from 16 on).
+#[inline]
+fn mask16(rem: usize) -> __mmask16 {
+    if rem >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << rem) - 1) as __mmask16
+    }
+}
+
+// Loaders: the 16 weights at element k widened to f32, lanes off in `m` zero (and not read).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load_bf16(w: *const u16, k: usize, m: __mmask16) -> __m512 {
+    // bf16 → f32 is a 16-bit left shift of the bit pattern: exact.
+    // SAFETY: the caller keeps the lanes in `m` within the row.
+    unsafe {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(m, w.add(k).cast()),
+        )))
+    }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load_f16(w: *const u16, k: usize, m: __mmask16) -> __m512 {
+    // SAFETY: the caller keeps the lanes in `m` within the row.
+    unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.add(k).cast())) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load_f32(w: *const f32, k: usize, m: __mmask16) -> __m512 {
+    // SAFETY: the caller keeps the lanes in `m` within the row.
+    unsafe { _mm512_maskz_loadu_ps(m, w.add(k)) }
+}
+
+/// One weight row × N tokens with U chains per token (four for one token hide the FMA
+/// latency; a step is 16·U elements, the tail goes 16 at a time into chain 0).
+macro_rules! dots_kernel {
+    ($name:ident, $wty:ty, $load:ident) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn $name<const N: usize, const U: usize>(
+            w: *const $wty,
+            x: *const f32,
+            inp: usize,
+            acc: &mut [f32; 4],
+        ) {
+            const SIZE: usize = std::mem::size_of::<$wty>();
+            let lines = (16 * U * SIZE).div_ceil(64);
+            let step = 16 * U;
+            let main = inp / step * step;
+            // SAFETY (whole body): full steps end at `main <= inp`; the tail's masked lanes are
+            // neither read nor fault. Prefetches are hints and cannot fault.
+            unsafe {
+                let mut a = [[_mm512_setzero_ps(); U]; N];
+                let mut k = 0;
+                while k < main {
+                    let p = w.cast::<u8>().wrapping_add(k * SIZE + PREFETCH_BYTES);
+                    for l in 0..lines {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(l * 64).cast());
+                    }
+                    for u in 0..U {
+                        let v = $load(w, k + 16 * u, 0xFFFF);
+                        for t in 0..N {
+                            let xv = _mm512_loadu_ps(x.add(t * inp + k + 16 * u));
+                            a[t][u] = _mm512_fmadd_ps(v, xv, a[t][u]);
+                        }
+                    }
+                    k += step;
+                }
+                while k < inp {
+                    let m = mask16(inp - k);
+                    let v = $load(w, k, m);
+                    for t in 0..N {
+                        let xv = _mm512_maskz_loadu_ps(m, x.add(t * inp + k));
+                        a[t][0] = _mm512_fmadd_ps(v, xv, a[t][0]);
+                    }
+                    k += 16;
+                }
+                for t in 0..N {
+                    let mut s = a[t][0];
+                    for u in 1..U {
+                        s = _mm512_add_ps(s, a[t][u]);
+                    }
+                    acc[t] = _mm512_reduce_add_ps(s);
+                }
+            }
+        }
+    };
+}
+
+/// R rows × N tokens, one 16-wide chain per (row, token), whatever R: a row's result does not
+/// depend on its tile. `ahead` is prefetched two lines per 16-element step.
+macro_rules! tile_kernel {
+    ($name:ident, $wty:ty, $load:ident) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn $name<const R: usize, const N: usize>(
+            w: *const $wty,
+            x: *const f32,
+            inp: usize,
+            acc: &mut [[f32; 4]; R],
+            ahead: &[u8],
+        ) {
+            let (mut pf, pf_end) = (ahead.as_ptr(), ahead.as_ptr().wrapping_add(ahead.len()));
+            // SAFETY (whole body): lanes outside `m` are neither read nor fault, the rest lie
+            // inside each of the R rows and each token's slice of x.
+            unsafe {
+                let mut a = [[_mm512_setzero_ps(); N]; R];
+                let mut k = 0;
+                while k < inp {
+                    let m = mask16(inp - k);
+                    let mut v = [_mm512_setzero_ps(); R];
+                    for (d, vd) in v.iter_mut().enumerate() {
+                        *vd = $load(w.add(d * inp), k, m);
+                    }
+                    if pf < pf_end {
+                        // Hints only: they cannot fault, and pf stays within `ahead`.
+                        _mm_prefetch::<_MM_HINT_T0>(pf.cast());
+                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64).cast());
+                        pf = pf.wrapping_add(128);
+                    }
+                    for t in 0..N {
+                        let xv = _mm512_maskz_loadu_ps(m, x.add(t * inp + k));
+                        for d in 0..R {
+                            a[d][t] = _mm512_fmadd_ps(v[d], xv, a[d][t]);
+                        }
+                    }
+                    k += 16;
+                }
+                for d in 0..R {
+                    for t in 0..N {
+                        acc[d][t] = _mm512_reduce_add_ps(a[d][t]);
+                    }
+                }
+            }
+        }
+    };
+}
+
+dots_kernel!(dots_bf16, u16, load_bf16);
+dots_kernel!(dots_f16, u16, load_f16);
+dots_kernel!(dots_f32, f32, load_f32);
+tile_kernel!(tile_bf16, u16, load_bf16);
+tile_kernel!(tile_f16, u16, load_f16);
+tile_kernel!(tile_f32, f32, load_f32);
+
+/// R bf16 rows × N tokens, one 16-wide chain per (row, token) whatever R. Per 32 weights of
+/// a row: one load, evens by a shift, odds by a mask, each against its half of the paired
+/// block; the tail goes 16 at a time, widened, against the (unpaired) tail of x. `ahead` is
+/// prefetched four lines per 32-element step.
+// Indices, not iterators: (row, token) address three arrays at once, in register-tile order.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pair_bf16<const R: usize, const N: usize>(
+    w: *const u16,
+    xp: *const f32,
+    inp: usize,
+    acc: &mut [[f32; 4]; R],
+    ahead: &[u8],
+) {
+    let (mut pf, pf_end) = (ahead.as_ptr(), ahead.as_ptr().wrapping_add(ahead.len()));
+    let main = inp / 32 * 32;
+    let odd_mask = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    // SAFETY (whole body): full steps end at `main <= inp` in each of the R rows and each
+    // token's row of xp; lanes outside the tail's mask are neither read nor fault.
+    unsafe {
+        let mut a = [[_mm512_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k < main {
+            let mut ev = [_mm512_setzero_ps(); R];
+            let mut od = [_mm512_setzero_ps(); R];
+            for d in 0..R {
+                let v = _mm512_loadu_si512(w.add(d * inp + k).cast());
+                ev[d] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                od[d] = _mm512_castsi512_ps(_mm512_and_si512(v, odd_mask));
+            }
+            if pf < pf_end {
+                // Hints only: they cannot fault, and pf stays within `ahead`.
+                for l in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l * 64).cast());
+                }
+                pf = pf.wrapping_add(256);
+            }
+            for t in 0..N {
+                let xe = _mm512_loadu_ps(xp.add(t * inp + k));
+                let xo = _mm512_loadu_ps(xp.add(t * inp + k + 16));
+                for d in 0..R {
+                    a[d][t] = _mm512_fmadd_ps(ev[d], xe, a[d][t]);
+                    a[d][t] = _mm512_fmadd_ps(od[d], xo, a[d][t]);
+                }
+            }
+            k += 32;
+        }
+        while k < inp {
+            let m = mask16(inp - k);
+            let mut v = [_mm512_setzero_ps(); R];
+            for (d, vd) in v.iter_mut().enumerate() {
+                *vd = load_bf16(w.add(d * inp), k, m);
+            }
+            for t in 0..N {
+                let xv = _mm512_maskz_loadu_ps(m, xp.add(t * inp + k));
+                for d in 0..R {
+                    a[d][t] = _mm512_fmadd_ps(v[d], xv, a[d][t]);
+                }
+            }
+            k += 16;
+        }
+        for d in 0..R {
+            for t in 0..N {
+                acc[d][t] = _mm512_reduce_add_ps(a[d][t]);
+            }
+        }
+    }
+}

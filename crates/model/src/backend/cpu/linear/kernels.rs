@@ -1,0 +1,194 @@
+//! The dot kernels' shared shapes and their run-time choice by CPU features.
+
+use crate::weights::Elems;
+use std::sync::OnceLock;
+
+/// Token rows as the kernels read them: f32 in order, and for the AVX-512 bf16 tiles the
+/// same rows with each 32-element block laid out evens first (`avx512::pair_rows`). `pairs`
+/// is empty where the kernel does not use it.
+#[derive(Clone, Copy)]
+pub struct Lhs<'a> {
+    pub f32: &'a [f32],
+    pub pairs: &'a [f32],
+}
+
+impl<'a> Lhs<'a> {
+    /// Token rows `r .. r + n`.
+    #[inline]
+    pub fn rows(self, r: usize, n: usize, inp: usize) -> Lhs<'a> {
+        Lhs {
+            f32: &self.f32[r * inp..(r + n) * inp],
+            pairs: self.pairs.get(r * inp..(r + n) * inp).unwrap_or(&[]),
+        }
+    }
+}
+
+/// `acc[d][t] = row_d · x[t]` for R adjacent weight rows (`R * inp` elements) and `t < n ≤ 4`.
+/// `ahead` is memory to prefetch while computing, about one cache line per 8 elements of a
+/// row; a kernel may ignore it.
+pub type TileKernel<const R: usize> =
+    fn(Elems<'_>, Lhs<'_>, usize, usize, &mut [[f32; 4]; R], &[u8]);
+
+/// `acc[0][t] = row · x[t]`: shaped as a one-row tile so both go through the same loop; it
+/// prefetches on its own and ignores `ahead`.
+pub type Kernel = TileKernel<1>;
+
+/// The multi-row kernels of one CPU.
+#[derive(Clone, Copy)]
+pub struct Tiles {
+    pub one: TileKernel<1>,
+    pub two: TileKernel<2>,
+    pub three: TileKernel<3>,
+}
+
+/// The kernels one linear runs with.
+#[derive(Clone, Copy)]
+pub struct Plan {
+    /// Few token rows: one weight row at a time.
+    pub single: Kernel,
+    /// Enough token rows to be compute-bound; `None` where the CPU has no tile kernels.
+    pub tiles: Option<Tiles>,
+    /// Whether `tiles` read [`Lhs::pairs`].
+    pub pairs: bool,
+}
+
+/// Instruction sets the kernels come in, best last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The best this CPU has.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(Isa::detect)
+    }
+
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+            if avx512 {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+}
+
+/// The instruction set the kernels use: the best this CPU has, or a lower one named by
+/// `SWITCHYARD_CPU_KERNELS` (scalar, avx2, avx512) for comparing them. A name
+/// above what the CPU has falls back to the CPU's best.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = Isa::best();
+        let wanted = std::env::var("SWITCHYARD_CPU_KERNELS").ok().and_then(|v| {
+            [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+                .into_iter()
+                .find(|i| i.as_str() == v.trim())
+        });
+        match wanted {
+            Some(w) if w <= best => w,
+            Some(w) => {
+                tracing::warn!(
+                    wanted = w.as_str(),
+                    best = best.as_str(),
+                    "CPU lacks the kernels asked for"
+                );
+                best
+            }
+            None => best,
+        }
+    })
+}
+
+/// From this many token rows the AVX-512 tiles replace the AVX2 ones. Below it a tile's work is
+/// bound by reading its weights, and the 256-bit tiles read them faster: bench_linear on expert
+/// shapes (bf16, 2 threads) gave AVX2 80-126 GFLOP/s at 4 rows against 60-98, a tie at 16 rows,
+/// and 115-130 against 130-164 at 32.
+const AVX512_TILE_MIN_ROWS: usize = 16;
+
+/// The kernels for `rows` token rows against weights like `w` on instruction set `isa` (at
+/// most [`Isa::best`]).
+pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::{avx2, avx512};
+        if isa >= Isa::Avx512 && rows >= AVX512_TILE_MIN_ROWS {
+            let pairs = matches!(w, Elems::BF16(_));
+            return Plan {
+                single: avx512::dots,
+                tiles: Some(if pairs {
+                    Tiles {
+                        one: avx512::pair_tile::<1>,
+                        two: avx512::pair_tile::<2>,
+                        three: avx512::pair_tile::<3>,
+                    }
+                } else {
+                    Tiles {
+                        one: avx512::tile::<1>,
+                        two: avx512::tile::<2>,
+                        three: avx512::tile::<3>,
+                    }
+                }),
+                pairs,
+            };
+        }
+        if isa >= Isa::Avx2 {
+            // The single-row kernel's 512-bit loads stream weights as fast as the 256-bit ones
+            // or faster (batch 1: 36-42 against 34-39 GB/s).
+            let single = if isa >= Isa::Avx512 {
+                avx512::dots
+            } else {
+                avx2::dots
+            };
+            return Plan {
+                single,
+                tiles: Some(Tiles {
+                    one: avx2::tile_dots::<1>,
+                    two: avx2::tile_dots::<2>,
+                    three: avx2::tile_dots::<3>,
+                }),
+                pairs: false,
+            };
+        }
+    }
+    let _ = (isa, w, rows);
+    Plan {
+        single: scalar,
+        tiles: None,
+        pairs: false,
+    }
+}
+
+/// Portable reference: f32 accumulation, same math as the SIMD kernels up to summation order.
+pub fn scalar(
+    row: Elems<'_>,
+    x: Lhs<'_>,
+    n: usize,
+    inp: usize,
+    acc: &mut [[f32; 4]; 1],
+    _ahead: &[u8],
+) {
+    for (t, a) in acc[0].iter_mut().take(n).enumerate() {
+        let xr = &x.f32[t * inp..(t + 1) * inp];
+        *a = xr.iter().enumerate().map(|(k, v)| row.get_f32(k) * v).sum();
+    }
+}

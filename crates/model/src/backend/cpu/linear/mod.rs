@@ -1,0 +1,498 @@
+//! `y = x · Wᵀ` for weights in their stored dtype (`W` is `[out, in]`, as in every HF Linear).
+//!
+//! Two paths, each the reference for the other in tests:
+//! - **rows ≤ [`DOT_MAX_ROWS`]** (decode, expert batches, short prefill chunks): every weight
+//!   row is streamed from memory once and dotted with all token rows while it is in L1.
+//!   bf16/f16 are widened in registers (exact), accumulation is f32. From [`TILE_MIN_ROWS`]
+//!   tokens, weight rows go in register tiles of three, so each x vector loaded feeds three
+//!   rows' FMAs.
+//! - **larger batches** (long prefill): weight rows are widened to f32 in blocks of
+//!   [`GEMM_BLOCK`] into a per-thread buffer and multiplied with the `gemm` crate, whose
+//!   cache blocking keeps x in cache once x outgrows L2.
+//!
+//! The dot kernels come per instruction set ([`kernels::Isa`]: AVX-512, AVX2, scalar), chosen once at run time; `SWITCHYARD_CPU_KERNELS` picks a lower one for
+//! comparisons.
+//!
+//! Both paths are deterministic: a given row's result depends only on its inputs, never on thread
+//! scheduling, which is what lets a cluster reproduce embedded mode bit for bit.
+
+mod kernels;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+pub use kernels::{isa, Isa};
+
+use crate::weights::Elems;
+use kernels::{Lhs, Plan};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Up to this many token rows the dot path wins. Measured with
+/// `cargo run --release -p switchyard-model --example bench_linear` on expert shapes (bf16,
+/// 3584×1024 and 1024×3584, 2 threads, AVX2): with three-row tiles the dot path ran at
+/// 85-105 GFLOP/s at 32 rows against the gemm path's 41-62, and 93-119 against 67-107 at 64
+/// and 128 rows; from 256 rows the two tie, and x no longer fits in L2.
+pub const DOT_MAX_ROWS: usize = 128;
+
+/// From this many token rows the dot path takes weight rows in tiles. Below it a step is bound
+/// by reading the weights and tiling did not help (A/B at 8 sequences, hidden 1024, 2 threads:
+/// ITL 75-83 ms single rows, 95-97 ms paired); at 32 sequences pairing took ITL p50 from
+/// 216-268 ms to 200-226 ms, and three-row tiles took the 8-32-row expert GEMMs from 36-78
+/// to 42-105 GFLOP/s.
+const TILE_MIN_ROWS: usize = 4;
+
+/// Weight rows widened per gemm call: 64 rows × in ≤ 14336 f32 stays within L2.
+const GEMM_BLOCK: usize = 64;
+
+/// Weights [`linear_many`] takes in one pass (q/k/v is the most the model asks for).
+pub const MAX_PARTS: usize = 4;
+
+/// Output rows per parallel task on the dot path: enough to amortise rayon's scheduling, and a
+/// multiple of the three-row tile.
+const DOT_BLOCK: usize = 24;
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to let rayon tasks write disjoint elements of one output slice; every use
+// states why the elements are disjoint.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking the pointer through a method makes closures capture the whole `SendPtr` (which
+    /// is Send), not its raw-pointer field.
+    #[inline]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y[r][j] = Σ_k x[r][k] · w[j][k]` for `r < rows`, `j < out`.
+///
+/// `x` is `[rows, in]`, `w` is `[out, in]` row-major in any supported dtype, `y` is `[rows, out]`.
+pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
+    let inp = w.len() / out.max(1);
+    debug_assert_eq!(w.len(), out * inp);
+    debug_assert!(x.len() >= rows * inp);
+    debug_assert!(y.len() >= rows * out);
+    if rows == 0 || out == 0 {
+        return;
+    }
+    if rows <= DOT_MAX_ROWS {
+        linear_dot(x, rows, w, inp, out, y);
+    } else {
+        linear_gemm(x, rows, w, inp, out, y);
+    }
+}
+
+/// The dot path, public so tests and benches can compare it against the gemm path.
+pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    dot_with(isa(), x, rows, w, inp, out, y);
+}
+
+/// The dot path on a given instruction set (at most [`Isa::best`]).
+fn dot_with(isa: Isa, x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    let yp = SendPtr(y.as_mut_ptr());
+    let plan = kernels::plan_for(isa, w, rows);
+    with_lhs(x, rows, inp, plan.pairs, |lhs| {
+        (0..out.div_ceil(DOT_BLOCK))
+            .into_par_iter()
+            .for_each(|b| dot_block(lhs, rows, w, inp, out, yp, b, plan));
+    });
+}
+
+thread_local! {
+    /// Paired activations for the AVX-512 bf16 tiles; grows to the largest `rows · in` once
+    /// per thread.
+    static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it and the
+/// rows are enough for tiles (the single-row kernel reads x in order).
+fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, pairs: bool, f: impl FnOnce(Lhs<'_>) -> T) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if pairs && rows >= TILE_MIN_ROWS {
+        let n = rows * inp;
+        let run = |buf: &mut [f32]| {
+            avx512::pair_rows(&x[..n], inp, buf);
+            f(Lhs { f32: x, pairs: buf })
+        };
+        return PAIRS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < n {
+                    buf.resize(n, 0.0);
+                }
+                run(&mut buf[..n])
+            }
+            // A linear started on this thread while another waits on it (a rayon worker
+            // taking a task during its own fork-join): rare, and given its own buffer.
+            Err(_) => run(&mut vec![0.0; n]),
+        });
+    }
+    let _ = (rows, inp, pairs);
+    f(Lhs { f32: x, pairs: &[] })
+}
+
+/// Several linears of the same input in one parallel pass: `ys[i] = x · ws[i]ᵀ`, each weight
+/// `[outs[i], in]`. Small projections (k and v of a GQA layer are a quarter of q) each paid a
+/// fork-join of their own; here every output block of every weight is one task of one pass.
+/// Results equal [`linear`]'s bit for bit. Beyond [`DOT_MAX_ROWS`] the weights go one by one.
+pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])]) {
+    if rows > DOT_MAX_ROWS {
+        for (w, out, y) in parts.iter_mut() {
+            linear(x, rows, *w, *out, y);
+        }
+        return;
+    }
+    if parts.len() > MAX_PARTS {
+        for chunk in parts.chunks_mut(MAX_PARTS) {
+            linear_many(x, rows, chunk);
+        }
+        return;
+    }
+    // Per weight: (weight, input width, output width, output, its first task).
+    let mut jobs = [(Elems::F32(&[]), 0, 0, SendPtr(std::ptr::null_mut()), 0); MAX_PARTS];
+    let mut tasks = 0;
+    for (job, (w, out, y)) in jobs.iter_mut().zip(parts.iter_mut()) {
+        let out = *out;
+        let inp = w.len() / out.max(1);
+        debug_assert_eq!(w.len(), out * inp);
+        debug_assert!(x.len() >= rows * inp);
+        debug_assert!(y.len() >= rows * out);
+        *job = (*w, inp, out, SendPtr(y.as_mut_ptr()), tasks);
+        tasks += out.div_ceil(DOT_BLOCK);
+    }
+    let jobs = &jobs[..parts.len()];
+    if rows == 0 {
+        return;
+    }
+    let isa = isa();
+    let mut plans = [kernels::plan_for(isa, Elems::F32(&[]), rows); MAX_PARTS];
+    for (plan, job) in plans.iter_mut().zip(jobs) {
+        *plan = kernels::plan_for(isa, job.0, rows);
+    }
+    let plans = &plans[..jobs.len()];
+    let inp = jobs[0].1;
+    with_lhs(x, rows, inp, plans.iter().any(|p| p.pairs), |lhs| {
+        (0..tasks).into_par_iter().for_each(|t| {
+            // A task belongs to the last weight whose first task is at or before it.
+            let Some(i) = jobs.iter().rposition(|j| j.4 <= t) else {
+                return;
+            };
+            let (w, inp, out, yp, first) = jobs[i];
+            dot_block(lhs, rows, w, inp, out, yp, t - first, plans[i]);
+        });
+    });
+}
+
+/// Output rows `b·DOT_BLOCK ..` of `y = x · wᵀ` on the dot path.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn dot_block(
+    x: Lhs<'_>,
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    yp: SendPtr,
+    b: usize,
+    plan: Plan,
+) {
+    let j0 = b * DOT_BLOCK;
+    let j1 = (j0 + DOT_BLOCK).min(out);
+    let mut j = j0;
+    // Enough tokens to be compute-bound: weight rows in tiles of three (the block's last one
+    // or two rows in a smaller tile), so every x vector loaded serves several rows (x is
+    // re-read once per tile of output rows, not once per row). Every (row, token) sum runs
+    // the same chain in the same order in any tile size, so a row's result does not depend on
+    // where it falls in the output.
+    if let Some(tiles) = plan.tiles.filter(|_| rows >= TILE_MIN_ROWS) {
+        while j + 3 <= j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.three);
+            j += 3;
+        }
+        if j + 2 <= j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.two);
+            j += 2;
+        }
+        if j < j1 {
+            tile_rows(x, rows, w, inp, out, yp, j, tiles.one);
+            j += 1;
+        }
+    }
+    for j in j..j1 {
+        tile_rows(x, rows, w, inp, out, yp, j, plan.single);
+    }
+}
+
+/// Output rows `j .. j + R` of `y = x · wᵀ` for every token, through an R-row tile kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn tile_rows<const R: usize>(
+    x: Lhs<'_>,
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    yp: SendPtr,
+    j: usize,
+    kern: kernels::TileKernel<R>,
+) {
+    let tile = w.slice(j * inp..(j + R) * inp);
+    // The next tile's weights (three rows on, or the next block's first), fetched into cache
+    // while this one computes: with few tokens a tile's compute and its weights' trip from
+    // memory take about as long, and without this they would not overlap.
+    let next = (j + R < out).then(|| w.slice((j + R) * inp..(j + 2 * R).min(out) * inp));
+    let mut ahead = next.as_ref().map_or(&[][..], Elems::bytes);
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let mut acc = [[0f32; 4]; R];
+        kern(tile, x.rows(r, n, inp), n, inp, &mut acc, ahead);
+        // The first token group fetched as much as it had steps for; later ones go on.
+        ahead = ahead.get((inp / 8) * 64..).unwrap_or(&[]);
+        for (d, row_acc) in acc.iter().enumerate() {
+            for (t, a) in row_acc.iter().take(n).enumerate() {
+                // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own disjoint
+                // column ranges of one output and the caller keeps j + R within its range)
+                // and lies inside that output (rows*out <= its length, checked by the callers).
+                unsafe { *yp.get().add((r + t) * out + j + d) = *a };
+            }
+        }
+        r += n;
+    }
+}
+
+thread_local! {
+    /// Widened weight block for the gemm path; grows to GEMM_BLOCK × in once per thread.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The gemm path, public for parity tests.
+pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..out.div_ceil(GEMM_BLOCK)).into_par_iter().for_each(|b| {
+        let j0 = b * GEMM_BLOCK;
+        let j1 = (j0 + GEMM_BLOCK).min(out);
+        let nb = j1 - j0;
+        let run = |wb: &[f32]| {
+            // SAFETY: lhs is x ([rows, inp], row stride inp); rhs element (k, j) is wb[j*inp + k];
+            // dst element (r, j) is y[r*out + j0 + j], columns j0..j1 owned by this task alone.
+            // All indices stay in bounds by the debug-asserted sizes in `linear`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    nb,
+                    inp,
+                    yp.get().add(j0),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    wb.as_ptr(),
+                    inp as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        match w {
+            Elems::F32(s) => run(&s[j0 * inp..j1 * inp]),
+            _ => WIDE.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                buf.resize(nb * inp, 0.0);
+                w.to_f32_into(j0 * inp..j1 * inp, &mut buf[..nb * inp]);
+                run(&buf[..nb * inp]);
+            }),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        // Deterministic values in [-1, 1).
+        (0..n)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive(x: &[f32], rows: usize, w: &[f32], inp: usize, out: usize) -> Vec<f64> {
+        let mut y = vec![0.0; rows * out];
+        for r in 0..rows {
+            for j in 0..out {
+                y[r * out + j] = (0..inp)
+                    .map(|k| x[r * inp + k] as f64 * w[j * inp + k] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    /// Every instruction set this CPU runs, the selected one included.
+    fn isas() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| *i <= Isa::best())
+            .collect()
+    }
+
+    fn check(rows: usize, inp: usize, out: usize) {
+        let x = data(rows * inp, 1);
+        let wf = data(out * inp, 2);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
+        let cases: [(Elems<'_>, Vec<f32>); 3] = [
+            (Elems::F32(&wf), wf.clone()),
+            (Elems::BF16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
+            (Elems::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
+        ];
+        for (w, wide) in cases {
+            let want = naive(&x, rows, &wide, inp, out);
+            let paths = [Path::Linear, Path::Gemm]
+                .into_iter()
+                .chain(isas().into_iter().map(Path::Dot));
+            for path in paths {
+                let mut y = vec![f32::NAN; rows * out];
+                match path {
+                    Path::Linear => linear(&x, rows, w, out, &mut y),
+                    Path::Gemm => linear_gemm(&x, rows, w, inp, out, &mut y),
+                    Path::Dot(isa) => dot_with(isa, &x, rows, w, inp, out, &mut y),
+                }
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "rows {rows} in {inp} out {out} {path:?}: {a} vs {b}"
+                    );
+                }
+            }
+            // The scalar kernel agrees too.
+            let mut acc = [[0.0; 4]; 1];
+            let lhs = Lhs {
+                f32: &x[..inp],
+                pairs: &[],
+            };
+            kernels::scalar(w.slice(0..inp), lhs, 1, inp, &mut acc, &[]);
+            assert!((acc[0][0] as f64 - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
+        }
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Path {
+        Linear,
+        Gemm,
+        Dot(Isa),
+    }
+
+    #[test]
+    fn all_paths_match_naive_on_even_and_odd_shapes() {
+        for &(rows, inp, out) in &[
+            (1, 64, 64),
+            (1, 37, 5),
+            (3, 100, 33),
+            (4, 128, 70),
+            (7, 48, 17),
+            (9, 64, 130),
+            (20, 72, 31),
+            (32, 36, 9),
+            (40, 96, 65),
+            (2, 200, 9),
+            (5, 1030, 7),
+            (17, 1030, 7),
+            (6, 33, 10),
+            (DOT_MAX_ROWS, 40, 50),
+            (DOT_MAX_ROWS + 3, 40, 50),
+        ] {
+            check(rows, inp, out);
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_tile() {
+        // Blocks of 24 output rows go in tiles of three, the remainder in a pair or one row:
+        // every output row computed alone (out = 1) must give the same bits.
+        let (inp, out, rows) = (72, DOT_BLOCK + 5, TILE_MIN_ROWS + 3);
+        let x = data(rows * inp, 3);
+        let wf = data(out * inp, 4);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let mut all = vec![0.0; rows * out];
+        linear_dot(&x, rows, Elems::BF16(&wb), inp, out, &mut all);
+        for j in 0..out {
+            let mut one = vec![0.0; rows];
+            let w = Elems::BF16(&wb[j * inp..(j + 1) * inp]);
+            linear_dot(&x, rows, w, inp, 1, &mut one);
+            for r in 0..rows {
+                assert_eq!(
+                    all[r * out + j].to_bits(),
+                    one[r].to_bits(),
+                    "row {j} token {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn single_and_multi_token_kernels_agree() {
+        let (inp, out) = (96, 40);
+        let x = data(3 * inp, 5);
+        let w = data(out * inp, 6);
+        let mut all = vec![0.0; 3 * out];
+        linear_dot(&x, 3, Elems::F32(&w), inp, out, &mut all);
+        let mut one = vec![0.0; out];
+        linear_dot(&x[inp..2 * inp], 1, Elems::F32(&w), inp, out, &mut one);
+        // Single-token and multi-token kernels sum in different orders; both are f32-accurate.
+        for (a, b) in one.iter().zip(&all[out..2 * out]) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn linear_many_equals_one_linear_per_weight_bit_for_bit() {
+        let inp = 80;
+        // Output widths like q/k/v and w1/w3, odd ones included; more weights than one pass.
+        let outs = [48usize, 12, 12, 33, 7, 64];
+        let ws: Vec<Vec<f32>> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| data(o * inp, 20 + i as u32))
+            .collect();
+        for rows in [1, 5, DOT_MAX_ROWS, DOT_MAX_ROWS + 3] {
+            let x = data(rows * inp, 9);
+            let mut ys: Vec<Vec<f32>> = outs.iter().map(|&o| vec![f32::NAN; rows * o]).collect();
+            let mut parts: Vec<(Elems<'_>, usize, &mut [f32])> = ws
+                .iter()
+                .zip(&outs)
+                .zip(ys.iter_mut())
+                .map(|((w, &o), y)| (Elems::F32(w), o, y.as_mut_slice()))
+                .collect();
+            linear_many(&x, rows, &mut parts);
+            for ((w, &o), y) in ws.iter().zip(&outs).zip(&ys) {
+                let mut want = vec![0.0; rows * o];
+                linear(&x, rows, Elems::F32(w), o, &mut want);
+                assert!(
+                    want.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rows {rows}, out {o}"
+                );
+            }
+        }
+    }
+}
