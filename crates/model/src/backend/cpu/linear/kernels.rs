@@ -69,6 +69,13 @@ impl Isa {
         }
     }
 
+    /// The instruction set named `name` (as [`Isa::as_str`] spells it).
+    pub fn parse(name: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .find(|i| i.as_str() == name.trim())
+    }
+
     /// The best this CPU has.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
@@ -99,22 +106,27 @@ pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = Isa::best();
-        let wanted = std::env::var("SWITCHYARD_CPU_KERNELS").ok().and_then(|v| {
-            [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-                .into_iter()
-                .find(|i| i.as_str() == v.trim())
-        });
-        match wanted {
+        let Ok(v) = std::env::var("SWITCHYARD_CPU_KERNELS") else {
+            return best;
+        };
+        match Isa::parse(&v) {
             Some(w) if w <= best => w,
             Some(w) => {
                 tracing::warn!(
                     wanted = w.as_str(),
                     best = best.as_str(),
-                    "CPU lacks the kernels asked for"
+                    "SWITCHYARD_CPU_KERNELS asks for kernels this CPU lacks"
                 );
                 best
             }
-            None => best,
+            None => {
+                tracing::warn!(
+                    value = v.as_str(),
+                    best = best.as_str(),
+                    "SWITCHYARD_CPU_KERNELS is not one of scalar, avx2, avx512"
+                );
+                best
+            }
         }
     })
 }

@@ -427,6 +427,18 @@ mod tests {
     }
 
     #[test]
+    fn instruction_set_names_round_trip_and_unknown_ones_are_refused() {
+        for isa in isas() {
+            assert_eq!(Isa::parse(isa.as_str()), Some(isa));
+        }
+        assert_eq!(Isa::parse(" avx2\n"), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("avx512bf16"), None);
+        assert_eq!(Isa::parse(""), None);
+        // The chosen set never exceeds what the CPU has.
+        assert!(isa() <= Isa::best());
+    }
+
+    #[test]
     fn a_rows_result_does_not_depend_on_its_tile() {
         // Blocks of 24 output rows go in tiles of three, the remainder in a pair or one row:
         // every output row computed alone (out = 1) must give the same bits.
