@@ -439,6 +439,32 @@ mod tests {
     }
 
     #[test]
+    fn a_nested_linear_gets_its_own_paired_rows() {
+        // A linear that starts while this thread's paired-rows buffer is in use (a rayon worker
+        // taking a task inside its own fork-join) must get a buffer of its own, not a panic.
+        if Isa::best() < Isa::Avx512 {
+            return;
+        }
+        let (rows, inp) = (TILE_MIN_ROWS + 1, 70);
+        let (x, x2) = (data(rows * inp, 11), data(rows * inp, 12));
+        with_lhs(&x, rows, inp, true, |outer| {
+            let outer_pairs = outer.pairs.to_vec();
+            with_lhs(&x2, rows, inp, true, |inner| {
+                assert_eq!(inner.pairs.len(), rows * inp);
+                // Block 0 of row 0 is laid out evens first; the tail stays in order.
+                assert_eq!(inner.pairs[1].to_bits(), x2[2].to_bits());
+                assert_eq!(inner.pairs[16].to_bits(), x2[1].to_bits());
+                assert_eq!(inner.pairs[69].to_bits(), x2[69].to_bits());
+            });
+            assert_eq!(
+                outer.pairs,
+                &outer_pairs[..],
+                "the outer rows were not touched"
+            );
+        });
+    }
+
+    #[test]
     fn a_rows_result_does_not_depend_on_its_tile() {
         // Blocks of 24 output rows go in tiles of three, the remainder in a pair or one row:
         // every output row computed alone (out = 1) must give the same bits.
