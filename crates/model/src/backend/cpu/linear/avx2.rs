@@ -45,14 +45,7 @@ pub fn tile_dots<const R: usize>(
             let w = $w;
             // SAFETY: `plan_for` only returns this kernel when the CPU has avx2, fma
             // and f16c; `w` covers R rows of `inp` elements and x covers `n * inp`.
-            unsafe {
-                match n {
-                    1 => $f::<R, 1>(w, x.as_ptr(), inp, acc, ahead),
-                    2 => $f::<R, 2>(w, x.as_ptr(), inp, acc, ahead),
-                    3 => $f::<R, 3>(w, x.as_ptr(), inp, acc, ahead),
-                    _ => $f::<R, 4>(w, x.as_ptr(), inp, acc, ahead),
-                }
-            }
+            unsafe { with_tokens!(n, $f::<R>(w, x.as_ptr(), inp, acc, ahead)) }
         }};
     }
     match rows {

@@ -74,14 +74,7 @@ pub fn tile<const R: usize>(
         ($f:ident, $w:expr) => {{
             let w = $w;
             // SAFETY: as in `dots`; `w` covers R rows of `inp` elements.
-            unsafe {
-                match n {
-                    1 => $f::<R, 1>(w, x, inp, acc, ahead),
-                    2 => $f::<R, 2>(w, x, inp, acc, ahead),
-                    3 => $f::<R, 3>(w, x, inp, acc, ahead),
-                    _ => $f::<R, 4>(w, x, inp, acc, ahead),
-                }
-            }
+            unsafe { with_tokens!(n, $f::<R>(w, x, inp, acc, ahead)) }
         }};
     }
     match rows {
@@ -109,14 +102,7 @@ pub fn pair_tile<const R: usize>(
     let (w, xp) = (w.as_ptr().cast::<u16>(), x.pairs.as_ptr());
     // SAFETY: `plan_for` hands this kernel out only on CPUs with avx512f/bw/vl, with the
     // paired rows made; `w` covers R rows of `inp` and `xp` n rows of `inp`.
-    unsafe {
-        match n {
-            1 => pair_bf16::<R, 1>(w, xp, inp, acc, ahead),
-            2 => pair_bf16::<R, 2>(w, xp, inp, acc, ahead),
-            3 => pair_bf16::<R, 3>(w, xp, inp, acc, ahead),
-            _ => pair_bf16::<R, 4>(w, xp, inp, acc, ahead),
-        }
-    }
+    unsafe { with_tokens!(n, pair_bf16::<R>(w, xp, inp, acc, ahead)) }
 }
 
 /// Writes `x`'s rows of `inp` into `out` with each full 32-element block reordered as its 16

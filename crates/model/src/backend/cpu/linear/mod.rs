@@ -16,6 +16,19 @@
 //! Both paths are deterministic: a given row's result depends only on its inputs, never on thread
 //! scheduling, which is what lets a cluster reproduce embedded mode bit for bit.
 
+/// `$f::<R, N>(args)` with the token count `$n` (1..=4) as the constant N, so a kernel's
+/// accumulators for each count are registers.
+macro_rules! with_tokens {
+    ($n:expr, $f:ident::<$r:tt>($($a:expr),* $(,)?)) => {
+        match $n {
+            1 => $f::<$r, 1>($($a),*),
+            2 => $f::<$r, 2>($($a),*),
+            3 => $f::<$r, 3>($($a),*),
+            _ => $f::<$r, 4>($($a),*),
+        }
+    };
+}
+
 mod kernels;
 
 #[cfg(target_arch = "x86_64")]
