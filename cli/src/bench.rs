@@ -132,10 +132,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         j["decode_vs_first_mode"] = serde_json::json!(r.decode_median / embedded_decode);
         modes_json.push(j);
     }
+    let kernels = switchyard_model::backend::cpu::linear::isa().as_str();
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
         "threads": rayon::current_num_threads(),
-        "cpu_kernels": switchyard_model::backend::cpu::linear::isa().as_str(),
+        "cpu_kernels": kernels,
         "runs": a.runs,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
@@ -159,7 +160,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "switchyard bench: {} ({} threads, {}, {:.0} GB/s read)",
             a.model.file_name().unwrap_or_default().to_string_lossy(),
             rayon::current_num_threads(),
-            switchyard_model::backend::cpu::linear::isa().as_str(),
+            kernels,
             bandwidth / 1e9
         );
         let figures: Vec<_> = results.into_iter().map(|r| r.figures).collect();

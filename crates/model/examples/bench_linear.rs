@@ -1,7 +1,8 @@
 #![allow(clippy::print_stdout)] // a benchmark whose output is its table
 //! Throughput of the CPU linear kernels on expert-sized bf16 weights, by token rows: the dot
-//! path against the gemm path, in GFLOP/s and GB/s of weights read. Weights rotate through
-//! more matrices than the last-level cache holds, as a decode step's experts do.
+//! path against the gemm path, in GFLOP/s and GB/s of weights read. Weights rotate through 16
+//! matrices (117 MB), more than most last-level caches hold, as a decode step's experts do; a
+//! CPU with a larger L3 measures compute rates, not memory ones.
 //!
 //!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot]
 //!

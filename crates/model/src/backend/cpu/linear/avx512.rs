@@ -107,12 +107,14 @@ pub fn pair_tile<const R: usize>(
 
 /// Writes `x`'s rows of `inp` into `out` with each full 32-element block reordered as its 16
 /// even elements then its 16 odd ones (the tail stays in order): the input of [`pair_tile`].
-/// The caller checked avx512f.
-pub fn pair_rows(x: &[f32], inp: usize, out: &mut [f32]) {
+///
+/// # Safety
+/// The CPU must have avx512f, avx512bw and avx512vl.
+pub unsafe fn pair_rows(x: &[f32], inp: usize, out: &mut [f32]) {
     debug_assert_eq!(out.len(), x.len());
     debug_assert_eq!(x.len() % inp.max(1), 0);
     for (xr, or) in x.chunks_exact(inp).zip(out.chunks_exact_mut(inp)) {
-        // SAFETY: the caller checked avx512f; both rows hold `inp` elements.
+        // SAFETY: the caller vouches for the CPU; both rows hold `inp` elements.
         unsafe { pair_row(xr.as_ptr(), or.as_mut_ptr(), inp) };
     }
 }

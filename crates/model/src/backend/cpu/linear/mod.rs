@@ -3,15 +3,15 @@
 //! Two paths, each the reference for the other in tests:
 //! - **rows ≤ [`DOT_MAX_ROWS`]** (decode, expert batches, short prefill chunks): every weight
 //!   row is streamed from memory once and dotted with all token rows while it is in L1.
-//!   bf16/f16 are widened in registers (exact), accumulation is f32. From [`TILE_MIN_ROWS`]
+//!   bf16/f16 are widened in registers (exact), accumulation is f32. From `TILE_MIN_ROWS`
 //!   tokens, weight rows go in register tiles of three, so each x vector loaded feeds three
 //!   rows' FMAs.
 //! - **larger batches** (long prefill): weight rows are widened to f32 in blocks of
-//!   [`GEMM_BLOCK`] into a per-thread buffer and multiplied with the `gemm` crate, whose
+//!   `GEMM_BLOCK` into a per-thread buffer and multiplied with the `gemm` crate, whose
 //!   cache blocking keeps x in cache once x outgrows L2.
 //!
-//! The dot kernels come per instruction set ([`kernels::Isa`]: AVX-512, AVX2, scalar), chosen once at run time; `SWITCHYARD_CPU_KERNELS` picks a lower one for
-//! comparisons.
+//! The dot kernels come per instruction set ([`Isa`]: AVX-512, AVX2, scalar), chosen once at
+//! run time; `SWITCHYARD_CPU_KERNELS` picks a lower one for comparisons.
 //!
 //! Both paths are deterministic: a given row's result depends only on its inputs, never on thread
 //! scheduling, which is what lets a cluster reproduce embedded mode bit for bit.
@@ -47,7 +47,9 @@ use std::cell::RefCell;
 /// `cargo run --release -p switchyard-model --example bench_linear` on expert shapes (bf16,
 /// 3584×1024 and 1024×3584, 2 threads, AVX2): with three-row tiles the dot path ran at
 /// 85-105 GFLOP/s at 32 rows against the gemm path's 41-62, and 93-119 against 67-107 at 64
-/// and 128 rows; from 256 rows the two tie, and x no longer fits in L2.
+/// and 128 rows; from 256 rows the two tie, and x no longer fits in L2. With the AVX-512 tiles
+/// (Xeon): 120-150 against 133-145 at 128 rows, 75-158 against 155-167 at 256, 71-110 against
+/// 166-180 at 512.
 pub const DOT_MAX_ROWS: usize = 128;
 
 /// From this many token rows the dot path takes weight rows in tiles. Below it a step is bound
@@ -124,14 +126,16 @@ thread_local! {
     static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it and the
-/// rows are enough for tiles (the single-row kernel reads x in order).
+/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it
+/// ([`kernels::plan_for`] asks only on CPUs with AVX-512, and only for enough rows for tiles).
 fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, pairs: bool, f: impl FnOnce(Lhs<'_>) -> T) -> T {
     #[cfg(target_arch = "x86_64")]
-    if pairs && rows >= TILE_MIN_ROWS {
+    if pairs {
+        debug_assert!(rows >= TILE_MIN_ROWS && Isa::best() >= Isa::Avx512);
         let n = rows * inp;
         let run = |buf: &mut [f32]| {
-            avx512::pair_rows(&x[..n], inp, buf);
+            // SAFETY: plans want paired rows only where the CPU has AVX-512 (f, bw, vl).
+            unsafe { avx512::pair_rows(&x[..n], inp, buf) };
             f(Lhs { f32: x, pairs: buf })
         };
         return PAIRS.with(|cell| match cell.try_borrow_mut() {
