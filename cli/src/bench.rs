@@ -39,6 +39,16 @@ pub struct Args {
     /// (experts split evenly), after embedded mode.
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
+    /// Compute threads of each local worker (default: --threads). Workers and coordinator
+    /// share this machine's cores: more threads in all than cores makes them wait on each
+    /// other, which a cluster of machines does not.
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Every local worker hosts every expert (instead of an even split), and the coordinator
+    /// spreads each layer's experts over them by load: at batch 1 a token's two experts run
+    /// on two workers, one core each. Costs one copy of the experts per worker.
+    #[arg(long)]
+    replicate_experts: bool,
     /// Measure every cluster twice, with dual-batch overlap on and off (see --overlap).
     #[arg(long)]
     compare_overlap: bool,
@@ -67,6 +77,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !own_cluster || a.local_workers == 0,
         "--local-workers starts its own workers; leave out --workers, --placement and --etcd"
     );
+    anyhow::ensure!(
+        a.local_workers > 0 || (a.worker_threads.is_none() && !a.replicate_experts),
+        "--worker-threads and --replicate-experts shape the workers of --local-workers"
+    );
     let overlaps = if a.compare_overlap {
         vec![true, false]
     } else {
@@ -82,6 +96,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             0
         }
     };
+    let bytes = decode_bytes_per_token(&a.model)?;
+    let probe = BandwidthProbe::new();
     let bar = progress_bar((per_mode * modes) as u64);
     let mut results = Vec::new();
     // Measures the cluster of `base`'s workers once per overlap setting.
@@ -98,7 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             bar.set_message(name.clone());
             let loaded = cluster.load(&a.model)?;
-            results.push(measure(&name, loaded, &a, &bar)?);
+            results.push(measure(&name, loaded, &a, &probe, bytes, &bar)?);
         }
         Ok(())
     };
@@ -107,28 +123,44 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         bar.set_message("embedded");
         let loaded = a.cluster.load(&a.model)?;
-        let embedded = measure("embedded", loaded, &a, &bar)?;
+        let embedded = measure("embedded", loaded, &a, &probe, bytes, &bar)?;
         if a.local_workers > 0 {
             let ck = switchyard_model::Checkpoint::open(&a.model)?;
-            let workers =
-                LocalWorkers::start(&a.model, a.local_workers, ck.config().num_local_experts)?;
+            let threads = a.worker_threads.unwrap_or(rayon::current_num_threads());
+            let workers = LocalWorkers::start(
+                &a.model,
+                a.local_workers,
+                ck.config().num_local_experts,
+                threads,
+                a.replicate_experts,
+            )?;
             let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
             cluster.workers = Some(workers.spec.clone());
-            clusters(&cluster, &format!("cluster ({} workers)", a.local_workers))?;
+            let mut label = format!("cluster ({} workers", a.local_workers);
+            if a.replicate_experts {
+                label.push_str(", experts replicated");
+            }
+            if let Some(t) = a.worker_threads {
+                label.push_str(&format!(
+                    ", {t} thread{} each",
+                    if t == 1 { "" } else { "s" }
+                ));
+            }
+            label.push(')');
+            clusters(&cluster, &label)?;
             drop(workers);
         }
         results.insert(0, embedded);
     }
     bar.finish_and_clear();
 
-    let bytes = decode_bytes_per_token(&a.model)?;
-    let bandwidth = read_bandwidth();
+    let samples: Vec<f64> = results.iter().flat_map(|r| r.read_gb_s.clone()).collect();
+    let bandwidth = 1e9 * median(samples.clone());
     let bound = bandwidth / bytes as f64;
     let embedded_decode = results[0].decode_median;
     let mut modes_json = Vec::new();
     for r in &results {
         let mut j = r.json.clone();
-        j["decode_pct_of_bandwidth_bound"] = serde_json::json!(100.0 * r.decode_median / bound);
         j["decode_vs_first_mode"] = serde_json::json!(r.decode_median / embedded_decode);
         modes_json.push(j);
     }
@@ -142,10 +174,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "decode_tokens": a.decode_tokens,
         "decode_bytes_per_token": bytes,
         "memory_read_bandwidth_gb_s": bandwidth / 1e9,
+        "memory_read_bandwidth_gb_s_range": [
+            samples.iter().copied().fold(f64::INFINITY, f64::min),
+            samples.iter().copied().fold(0.0, f64::max),
+        ],
         "bandwidth_bound_tok_s": bound,
         "prefill_tok_s_median": results[0].json["prefill_tok_s_median"],
         "decode_tok_s_median": embedded_decode,
-        "decode_pct_of_bandwidth_bound": 100.0 * embedded_decode / bound,
+        "decode_pct_of_bandwidth_bound": results[0].json["decode_pct_of_bandwidth_bound"],
         "modes": modes_json,
     });
     let mut out = std::io::stdout().lock();
@@ -184,16 +220,22 @@ fn progress_bar(len: u64) -> indicatif::ProgressBar {
 /// One mode's measurements: JSON for the report, figures for the plot.
 struct ModeResult {
     decode_median: f64,
+    /// The machine's read bandwidth sampled around each measured run, GB/s.
+    read_gb_s: Vec<f64>,
     json: serde_json::Value,
     figures: crate::plot::ModeFigures,
 }
 
 /// Batch-1 prefill and decode, the decode's per-layer time split and the concurrency runs of
-/// one loaded engine.
+/// one loaded engine. Each decode run is set against the bandwidth sampled just before and
+/// after it (`bytes` read per token): a shared machine's bandwidth drifts by tens of percent
+/// over minutes, and a bound taken at another moment would misstate how close a run came.
 fn measure(
     name: &str,
     loaded: crate::cluster::Loaded,
     a: &Args,
+    probe: &BandwidthProbe,
+    bytes: u64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<ModeResult> {
     use switchyard_model::profile;
@@ -209,7 +251,9 @@ fn measure(
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let (mut phase_s, mut decoded) = ([0.0f64; 4], 0usize);
     let (mut compute_us, mut calls_us) = (0u64, 0u64);
+    let (mut read_gb_s, mut pct_of_bound) = (Vec::new(), Vec::new());
     for run in 0..=a.runs {
+        let read_before = if run > 0 { probe.sample() } else { 0.0 };
         let req = GenerateRequest {
             prompt: prompt.clone(),
             max_tokens: a.decode_tokens,
@@ -238,6 +282,8 @@ fn measure(
         if run == 0 {
             continue;
         }
+        let read = (read_before + probe.sample()) / 2.0;
+        read_gb_s.push(read / 1e9);
         let s = profile::seconds();
         for (acc, v) in phase_s.iter_mut().zip(s) {
             *acc += v;
@@ -251,7 +297,9 @@ fn measure(
         }
         prefill.push(a.prompt_tokens as f64 / (first - start).as_secs_f64());
         if n > 1 {
-            decode.push((n - 1) as f64 / (end - first).as_secs_f64());
+            let tok_s = (n - 1) as f64 / (end - first).as_secs_f64();
+            decode.push(tok_s);
+            pct_of_bound.push(100.0 * tok_s * bytes as f64 / read);
         }
     }
     // ms per layer per decoded token; over a cluster the expert stage splits into the workers'
@@ -313,11 +361,14 @@ fn measure(
         "decode_tok_s_median": decode_median,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
+        "decode_read_gb_s": read_gb_s,
+        "decode_pct_of_bandwidth_bound": if pct_of_bound.is_empty() { f64::NAN } else { median(pct_of_bound) },
         "decode_ms_per_layer": split.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
         "concurrency": batched,
     });
     Ok(ModeResult {
         decode_median,
+        read_gb_s,
         json,
         figures,
     })
@@ -331,8 +382,20 @@ struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    fn start(model: &std::path::Path, n: usize, experts: usize) -> anyhow::Result<Self> {
-        anyhow::ensure!(n <= experts, "{n} workers for {experts} experts");
+    /// `n` workers of `threads` compute threads, each hosting every expert where `replicate`,
+    /// an even share otherwise.
+    fn start(
+        model: &std::path::Path,
+        n: usize,
+        experts: usize,
+        threads: usize,
+        replicate: bool,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            replicate || n <= experts,
+            "{n} workers for {experts} experts"
+        );
+        anyhow::ensure!(threads >= 1, "--worker-threads must be at least 1");
         let exe = std::env::current_exe().context("finding the switchyard binary")?;
         let dir = tempfile::tempdir()?;
         let mut me = Self {
@@ -342,11 +405,15 @@ impl LocalWorkers {
         };
         let mut parts = Vec::new();
         for i in 0..n {
-            let (lo, hi) = (i * experts / n, (i + 1) * experts / n - 1);
+            let (lo, hi) = if replicate {
+                (0, experts - 1)
+            } else {
+                (i * experts / n, (i + 1) * experts / n - 1)
+            };
             let ready = me.dir.path().join(format!("worker-{i}.addr"));
             let child = std::process::Command::new(&exe)
                 .arg("--threads")
-                .arg(rayon::current_num_threads().to_string())
+                .arg(threads.to_string())
                 .args(["worker", "--listen", "127.0.0.1:0", "--experts"])
                 .arg(format!("{lo}-{hi}"))
                 .arg("--model")
@@ -410,24 +477,39 @@ fn decode_bytes_per_token(model: &std::path::Path) -> anyhow::Result<u64> {
     Ok(dense + cfg.num_experts_per_tok as u64 * per_expert)
 }
 
-/// Bytes per second the compute threads read from memory: best of five parallel passes summing
-/// a 1 GiB buffer (far beyond any cache), after a pass that faults its pages in.
-fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).into_par_iter().collect();
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let sum = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-            .reduce(|| 0, u64::wrapping_add);
-        let secs = start.elapsed().as_secs_f64();
-        std::hint::black_box(sum);
-        best = best.max((words * 8) as f64 / secs);
+/// Reads 1 GiB with every compute thread, summing it: the bytes per second this machine's
+/// threads stream from memory now. Allocated once, so a sample costs one pass (tens of ms).
+struct BandwidthProbe {
+    buf: Vec<u64>,
+}
+
+impl BandwidthProbe {
+    fn new() -> Self {
+        use rayon::prelude::*;
+        let words = (1usize << 30) / 8;
+        Self {
+            buf: (0..words as u64).into_par_iter().collect(),
+        }
     }
-    best
+
+    /// Bytes per second of the faster of two passes (the first may still be faulting in
+    /// pages or competing with a run's last writes).
+    fn sample(&self) -> f64 {
+        use rayon::prelude::*;
+        let mut best = 0.0f64;
+        for _ in 0..2 {
+            let start = Instant::now();
+            let sum = self
+                .buf
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add);
+            let secs = start.elapsed().as_secs_f64();
+            std::hint::black_box(sum);
+            best = best.max((self.buf.len() * 8) as f64 / secs);
+        }
+        best
+    }
 }
 
 fn pct(v: &mut [f64], q: f64) -> f64 {

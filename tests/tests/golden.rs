@@ -334,3 +334,54 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
     let png = std::fs::read(plots.path().join("bench.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 }
+
+#[test]
+fn bench_runs_a_local_cluster_of_one_thread_workers_that_each_host_every_expert() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let out = run_ok(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "4",
+        "--decode-tokens",
+        "3",
+        "--local-workers",
+        "2",
+        "--worker-threads",
+        "1",
+        "--replicate-experts",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let modes = v["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "{v}");
+    assert_eq!(
+        modes[1]["mode"],
+        "cluster (2 workers, experts replicated, 1 thread each)"
+    );
+    assert!(
+        modes[1]["decode_tok_s_median"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(
+        modes[1]["decode_ms_per_layer"]["dispatch"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{v}"
+    );
+    // The worker shape only applies to workers the bench starts.
+    let bad = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--replicate-experts",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("--local-workers"),
+        "{err}"
+    );
+}
