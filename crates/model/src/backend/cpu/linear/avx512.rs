@@ -15,13 +15,33 @@ use super::kernels::Lhs;
 use crate::weights::Elems;
 use std::arch::x86_64::*;
 
-/// How far ahead of its loads the single-row kernel prefetches weights, in bytes, into L2
-/// (`_MM_HINT_T1`): an L2 prefetch waits in L2's larger miss queue instead of holding one of
-/// L1's few fill buffers. Batch-1 decode on the Xeon this was tuned on (hidden 1024, bf16, 2
-/// threads, interleaved runs): 34.8-37.4 tok/s with 4 KiB into L2 against 31.1-35.6 with 8 KiB
-/// into L1 (the AVX2 kernel's choice on AMD), 8-16 KiB into L2 in between, L3 (T2) no better,
-/// non-temporal 22 tok/s.
-const PREFETCH_BYTES: usize = 4096;
+/// How far ahead of its loads the single-row kernel prefetches weights, and into which cache,
+/// differs by CPU. Intel: 4 KiB into L2 (`_MM_HINT_T1`), where the prefetch waits in L2's larger
+/// miss queue instead of holding one of L1's few fill buffers; batch-1 decode on a Xeon
+/// (hidden 1024, bf16, 2 threads, interleaved runs): 34.8-37.4 tok/s against 31.1-35.6 with 8
+/// KiB into L1, 8-16 KiB into L2 in between, L3 (T2) no better, non-temporal 22 tok/s. AMD: 8
+/// KiB into L1 (`_MM_HINT_T0`), as for the AVX2 kernel; bench_linear at one row on a Zen 5 VM,
+/// five interleaved runs each, median GB/s on w1/w2 shapes: 34.0/31.5 against 27.5/30.4 for
+/// Intel's choice, 24.7/23.4 at 2 KiB and 29.1/27.9 at 16 KiB into L2.
+const PREFETCH_BYTES_L2: usize = 4096;
+const PREFETCH_BYTES_L1: usize = 8192;
+
+/// Whether the single-row kernel prefetches into L1 (AMD) rather than L2 (see
+/// [`PREFETCH_BYTES_L2`]).
+fn prefetch_into_l1() -> bool {
+    static L1: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *L1.get_or_init(|| {
+        // SAFETY: cpuid leaf 0 exists on every x86_64 CPU (newer toolchains call it safe).
+        #[allow(unused_unsafe)]
+        let id = unsafe { __cpuid(0) };
+        // The vendor string, "AuthenticAMD", in ebx, edx, ecx.
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        &vendor == b"AuthenticAMD"
+    })
+}
 
 /// Few tokens, one weight row: dispatches on dtype and token count.
 pub fn dots(
@@ -36,17 +56,22 @@ pub fn dots(
     debug_assert!((1..=4).contains(&n));
     let acc = &mut acc[0];
     let x = x.f32.as_ptr();
+    let l1 = prefetch_into_l1();
     macro_rules! go {
         ($f:ident, $w:expr) => {{
             let w = $w;
             // SAFETY: `plan_for` hands this kernel out only on CPUs with avx512f/bw/vl; the row
             // holds `inp` elements and x `n * inp`, as asserted above.
             unsafe {
-                match n {
-                    1 => $f::<1, 4>(w, x, inp, acc),
-                    2 => $f::<2, 2>(w, x, inp, acc),
-                    3 => $f::<3, 2>(w, x, inp, acc),
-                    _ => $f::<4, 2>(w, x, inp, acc),
+                match (n, l1) {
+                    (1, false) => $f::<1, 4, false>(w, x, inp, acc),
+                    (2, false) => $f::<2, 2, false>(w, x, inp, acc),
+                    (3, false) => $f::<3, 2, false>(w, x, inp, acc),
+                    (_, false) => $f::<4, 2, false>(w, x, inp, acc),
+                    (1, true) => $f::<1, 4, true>(w, x, inp, acc),
+                    (2, true) => $f::<2, 2, true>(w, x, inp, acc),
+                    (3, true) => $f::<3, 2, true>(w, x, inp, acc),
+                    (_, true) => $f::<4, 2, true>(w, x, inp, acc),
                 }
             }
         }};
@@ -177,11 +202,12 @@ unsafe fn load_f32(w: *const f32, k: usize, m: __mmask16) -> __m512 {
 }
 
 /// One weight row × N tokens with U chains per token (four for one token hide the FMA
-/// latency; a step is 16·U elements, the tail goes 16 at a time into chain 0).
+/// latency; a step is 16·U elements, the tail goes 16 at a time into chain 0), prefetching
+/// into L1 or L2 by `L1`.
 macro_rules! dots_kernel {
     ($name:ident, $wty:ty, $load:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn $name<const N: usize, const U: usize>(
+        unsafe fn $name<const N: usize, const U: usize, const L1: bool>(
             w: *const $wty,
             x: *const f32,
             inp: usize,
@@ -197,9 +223,19 @@ macro_rules! dots_kernel {
                 let mut a = [[_mm512_setzero_ps(); U]; N];
                 let mut k = 0;
                 while k < main {
-                    let p = w.cast::<u8>().wrapping_add(k * SIZE + PREFETCH_BYTES);
+                    let ahead = if L1 {
+                        PREFETCH_BYTES_L1
+                    } else {
+                        PREFETCH_BYTES_L2
+                    };
+                    let p = w.cast::<u8>().wrapping_add(k * SIZE + ahead);
                     for l in 0..lines {
-                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l * 64).cast());
+                        let line = p.wrapping_add(l * 64).cast();
+                        if L1 {
+                            _mm_prefetch::<_MM_HINT_T0>(line);
+                        } else {
+                            _mm_prefetch::<_MM_HINT_T1>(line);
+                        }
                     }
                     for u in 0..U {
                         let v = $load(w, k + 16 * u, 0xFFFF);
