@@ -154,7 +154,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
 
-    let samples: Vec<f64> = results.iter().flat_map(|r| r.read_gb_s.clone()).collect();
+    let samples: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.read_gb_s.iter().copied())
+        .collect();
     let bandwidth = 1e9 * median(samples.clone());
     let bound = bandwidth / bytes as f64;
     let embedded_decode = results[0].decode_median;

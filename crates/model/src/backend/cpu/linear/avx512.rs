@@ -26,25 +26,10 @@ use std::arch::x86_64::*;
 const PREFETCH_BYTES_L2: usize = 4096;
 const PREFETCH_BYTES_L1: usize = 8192;
 
-/// Whether the single-row kernel prefetches into L1 (AMD) rather than L2 (see
-/// [`PREFETCH_BYTES_L2`]).
-fn prefetch_into_l1() -> bool {
-    static L1: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *L1.get_or_init(|| {
-        // SAFETY: cpuid leaf 0 exists on every x86_64 CPU (newer toolchains call it safe).
-        #[allow(unused_unsafe)]
-        let id = unsafe { __cpuid(0) };
-        // The vendor string, "AuthenticAMD", in ebx, edx, ecx.
-        let mut vendor = [0u8; 12];
-        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
-        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
-        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
-        &vendor == b"AuthenticAMD"
-    })
-}
-
-/// Few tokens, one weight row: dispatches on dtype and token count.
-pub fn dots(
+/// Few tokens, one weight row: dispatches on dtype and token count. `L1` picks the prefetch
+/// (into L1, AMD's, or into L2, Intel's; see [`PREFETCH_BYTES_L2`]), chosen once per CPU by
+/// `kernels::plan_for`.
+pub fn dots<const L1: bool>(
     row: Elems<'_>,
     x: Lhs<'_>,
     n: usize,
@@ -56,22 +41,17 @@ pub fn dots(
     debug_assert!((1..=4).contains(&n));
     let acc = &mut acc[0];
     let x = x.f32.as_ptr();
-    let l1 = prefetch_into_l1();
     macro_rules! go {
         ($f:ident, $w:expr) => {{
             let w = $w;
             // SAFETY: `plan_for` hands this kernel out only on CPUs with avx512f/bw/vl; the row
             // holds `inp` elements and x `n * inp`, as asserted above.
             unsafe {
-                match (n, l1) {
-                    (1, false) => $f::<1, 4, false>(w, x, inp, acc),
-                    (2, false) => $f::<2, 2, false>(w, x, inp, acc),
-                    (3, false) => $f::<3, 2, false>(w, x, inp, acc),
-                    (_, false) => $f::<4, 2, false>(w, x, inp, acc),
-                    (1, true) => $f::<1, 4, true>(w, x, inp, acc),
-                    (2, true) => $f::<2, 2, true>(w, x, inp, acc),
-                    (3, true) => $f::<3, 2, true>(w, x, inp, acc),
-                    (_, true) => $f::<4, 2, true>(w, x, inp, acc),
+                match n {
+                    1 => $f::<1, 4, L1>(w, x, inp, acc),
+                    2 => $f::<2, 2, L1>(w, x, inp, acc),
+                    3 => $f::<3, 2, L1>(w, x, inp, acc),
+                    _ => $f::<4, 2, L1>(w, x, inp, acc),
                 }
             }
         }};

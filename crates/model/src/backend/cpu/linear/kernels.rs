@@ -131,6 +131,24 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Whether this is an AMD CPU, whose single-row AVX-512 kernel prefetches into L1 rather than
+/// L2 (measurements at `avx512::PREFETCH_BYTES_L2`).
+#[cfg(target_arch = "x86_64")]
+fn is_amd() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
+        // SAFETY: cpuid leaf 0 exists on every x86_64 CPU (newer toolchains call it safe).
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        // The vendor string, "AuthenticAMD", in ebx, edx, ecx.
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        &vendor == b"AuthenticAMD"
+    })
+}
+
 /// From this many token rows the AVX-512 tiles replace the AVX2 ones. Below it a tile's work is
 /// bound by reading its weights, and the 256-bit tiles read them faster: bench_linear on expert
 /// shapes (bf16, 2 threads) gave AVX2 80-126 GFLOP/s at 4 rows against 60-98, a tie at 16 rows,
@@ -143,10 +161,15 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{avx2, avx512};
+        let avx512_dots: Kernel = if is_amd() {
+            avx512::dots::<true>
+        } else {
+            avx512::dots::<false>
+        };
         if isa >= Isa::Avx512 && rows >= AVX512_TILE_MIN_ROWS {
             let pairs = matches!(w, Elems::BF16(_));
             return Plan {
-                single: avx512::dots,
+                single: avx512_dots,
                 tiles: Some(if pairs {
                     Tiles {
                         one: avx512::pair_tile::<1>,
@@ -167,7 +190,7 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
             // The single-row kernel's 512-bit loads stream weights as fast as the 256-bit ones
             // or faster (batch 1: 36-42 against 34-39 GB/s).
             let single = if isa >= Isa::Avx512 {
-                avx512::dots
+                avx512_dots
             } else {
                 avx2::dots
             };
