@@ -1,10 +1,10 @@
 #![allow(clippy::print_stdout)] // a benchmark whose output is its table
 //! Throughput of the CPU linear kernels on expert-sized bf16 weights, by token rows: the dot
-//! path against the gemm path, in GFLOP/s and GB/s of weights read. Weights rotate through 16
+//! path against the gemm path (and the AMX path where the CPU has it), in GFLOP/s and GB/s of weights read. Weights rotate through 16
 //! matrices (117 MB), more than most last-level caches hold, as a decode step's experts do; a
 //! CPU with a larger L3 measures compute rates, not memory ones.
 //!
-//!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot]
+//!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot | --mats N]
 //!
 //! `SWITCHYARD_CPU_KERNELS=avx2` (or scalar, avx512) measures a lower instruction set.
 
@@ -22,6 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // One matrix per shape, read from cache after the first pass: the kernels' compute
             // rate without memory stalls.
             mats = 1;
+        } else if a == "--mats" {
+            // More matrices than the last-level cache holds (some server CPUs have hundreds of
+            // MB of L3): the memory rates a decode step over a whole model sees.
+            mats = args.next().ok_or("--mats needs a count")?.parse()?;
         } else if a == "--threads" {
             let n: usize = args.next().ok_or("--threads needs a count")?.parse()?;
             rayon::ThreadPoolBuilder::new()
@@ -42,8 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("kernels: {}", linear::isa().as_str());
     println!(
-        "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10}",
-        "weight", "rows", "dot GF/s", "dot GB/s", "gemm GF/s", "gemm GB/s"
+        "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "weight", "rows", "dot GF/s", "dot GB/s", "gemm GF/s", "gemm GB/s", "amx GF/s", "amx GB/s"
     );
     for (name, out, inp) in shapes {
         let ws: Vec<Vec<bf16>> = (0..mats)
@@ -58,7 +62,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
                 .collect();
             let mut y = vec![0f32; rows * out];
-            let mut time = |gemm: bool| {
+            let amx = linear::linear_amx(&x, rows, Elems::BF16(&ws[0]), inp, out, &mut y);
+            #[derive(Clone, Copy, PartialEq)]
+            enum Path {
+                Dot,
+                Gemm,
+                Amx,
+            }
+            let mut time = |path: Path| {
                 let reps = (mats * 4).max(64 / rows.max(1) * mats);
                 let mut best = f64::MAX;
                 for _ in 0..3 {
@@ -66,10 +77,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     in_pool(|| {
                         for r in 0..reps {
                             let w = Elems::BF16(&ws[r % mats]);
-                            if gemm {
-                                linear::linear_gemm(&x, rows, w, inp, out, &mut y);
-                            } else {
-                                linear::linear_dot(&x, rows, w, inp, out, &mut y);
+                            match path {
+                                Path::Gemm => linear::linear_gemm(&x, rows, w, inp, out, &mut y),
+                                Path::Dot => linear::linear_dot(&x, rows, w, inp, out, &mut y),
+                                Path::Amx => {
+                                    linear::linear_amx(&x, rows, w, inp, out, &mut y);
+                                }
                             }
                         }
                     });
@@ -79,9 +92,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let bytes = (out * inp * 2) as f64;
                 (flops / best / 1e9, bytes / best / 1e9)
             };
-            let (dg, db) = time(false);
-            let (gg, gb) = time(true);
-            println!("{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1}");
+            let (dg, db) = time(Path::Dot);
+            let (gg, gb) = time(Path::Gemm);
+            let (ag, ab) = if amx {
+                time(Path::Amx)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
+            println!(
+                "{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1} {ag:>10.1} {ab:>10.1}"
+            );
         }
     }
     Ok(())

@@ -58,6 +58,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 plus AMX tiles for bf16 weights against many token rows (`amx.rs`).
+    Amx,
 }
 
 impl Isa {
@@ -66,12 +68,13 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
     /// The instruction set named `name` (as [`Isa::as_str`] spells it).
     pub fn parse(name: &str) -> Option<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx]
             .into_iter()
             .find(|i| i.as_str() == name.trim())
     }
@@ -88,6 +91,9 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+            if avx512 && super::amx::available() {
+                return Isa::Amx;
+            }
             if avx512 {
                 return Isa::Avx512;
             }
@@ -100,7 +106,7 @@ impl Isa {
 }
 
 /// The instruction set the kernels use: the best this CPU has, or a lower one named by
-/// `SWITCHYARD_CPU_KERNELS` (scalar, avx2, avx512) for comparing them. A name
+/// `SWITCHYARD_CPU_KERNELS` (scalar, avx2, avx512, amx) for comparing them. A name
 /// above what the CPU has falls back to the CPU's best.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
@@ -123,7 +129,7 @@ pub fn isa() -> Isa {
                 tracing::warn!(
                     value = v.as_str(),
                     best = best.as_str(),
-                    "SWITCHYARD_CPU_KERNELS is not one of scalar, avx2, avx512"
+                    "SWITCHYARD_CPU_KERNELS is not one of scalar, avx2, avx512, amx"
                 );
                 best
             }

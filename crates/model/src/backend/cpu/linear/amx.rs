@@ -1,0 +1,425 @@
+//! AMX (Advanced Matrix Extensions) tiles for bf16 weights against many token rows.
+//!
+//! Once a step has more than a few token rows, the FMA kernels are bound by arithmetic: two
+//! cores of 512-bit FMAs do at most ~330 GFLOP/s, where one AMX unit's `tdpbf16ps` does
+//! ~2.5 TFLOP/s (measured on the Xeon this was written on: 6.4 ns per 16×16×32 tile product).
+//! Weights are bf16 as stored, read straight from the checkpoint map as A tiles (16 output rows
+//! × 32 inputs). Activations are f32 and must stay so to meet the reference's tolerances, so
+//! each one is split into three bf16 parts, `x = h + m + l` (8 significant bits each, together
+//! all 24 of an f32), and every product is exact in the f32 accumulators: the result is as
+//! accurate as the FMA kernels', in another summation order.
+//!
+//! Tile registers: C0/C1 accumulate two 16-row weight blocks against the `h` parts, C2/C3 the
+//! same blocks against `m` then `l`; tmm4/tmm5 hold the weight tiles, tmm6/tmm7 the activation
+//! tiles. The two sums are added in f32 when stored. Every (output row, token) element runs the
+//! same sequence of products whatever block, tile or token group it falls in, so a row's result
+//! depends on its inputs alone, as on the other paths.
+//!
+//! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
+//! process; [`available`] asks, and AMX is used only if granted. Each task loads the tile
+//! configuration and releases the tiles when done, so a thread idle between steps carries no
+//! tile state through context switches.
+
+use super::SendPtr;
+use half::bf16;
+use rayon::prelude::*;
+use std::arch::asm;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Parts each activation is split into (`h`, `m`, `l`).
+const PARTS: usize = 3;
+/// Tokens per tile (a B tile's 16 columns of bf16 pairs).
+pub const GROUP: usize = 16;
+/// Inputs per tile: 32 bf16, one 64-byte tile row. The AMX path needs `in` to be a multiple.
+pub const KB: usize = 32;
+/// Output rows per weight tile.
+const JB: usize = 16;
+/// Output rows per task: the kernel's two weight blocks.
+const TASK_ROWS: usize = 2 * JB;
+/// u16 elements in one 16×32 bf16 tile.
+const TILE: usize = JB * KB;
+/// Packed activations from this many elements are split in parallel.
+const PAR_PACK_ELEMS: usize = 1 << 15;
+
+/// Whether this CPU has AMX-BF16 and the OS granted this process the tile state.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(detect)
+}
+
+#[cfg(target_os = "linux")]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // SAFETY: cpuid leaf 0 exists on every x86_64 CPU; leaf 7 is read only when listed there
+    // (newer toolchains call both safe).
+    #[allow(unused_unsafe)]
+    let l7 = unsafe { (__cpuid(0).eax >= 7).then(|| __cpuid_count(7, 0)) };
+    let Some(l7) = l7 else {
+        return false;
+    };
+    // Leaf 7 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+    if l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM only changes which extended states this
+    // process may use; it fails (EINVAL/EPERM) on kernels without AMX support.
+    let granted = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if granted != 0 {
+        tracing::debug!("the kernel did not grant the AMX tile state; AMX kernels off");
+    }
+    granted == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn detect() -> bool {
+    false
+}
+
+/// Palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+static CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // colsb, little-endian u16
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+// The instructions, one asm block each; tile registers are named by const operands. The tile
+// state is invisible to the compiler, which never emits AMX code itself, and asm blocks keep
+// their order.
+
+#[inline(always)]
+unsafe fn configure() {
+    // SAFETY: CONFIG is a valid palette-1 configuration; the caller checked `available`.
+    unsafe {
+        asm!("ldtilecfg [{c}]", c = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags))
+    }
+}
+
+#[inline(always)]
+unsafe fn release() {
+    // SAFETY: returns the tiles to their initial state; no tile is live after it.
+    unsafe { asm!("tilerelease", options(nomem, nostack, preserves_flags)) }
+}
+
+#[inline(always)]
+unsafe fn zero<const T: u8>() {
+    // SAFETY: a configured tile.
+    unsafe { asm!("tilezero tmm{t}", t = const T, options(nomem, nostack, preserves_flags)) }
+}
+
+#[inline(always)]
+unsafe fn load<const T: u8>(base: *const u16, stride: usize) {
+    // SAFETY: the caller keeps 16 rows of 64 bytes at `stride` apart readable.
+    unsafe {
+        asm!("tileloadd tmm{t}, [{b} + {s}*1]", t = const T, b = in(reg) base, s = in(reg) stride,
+             options(nostack, readonly, preserves_flags))
+    }
+}
+
+#[inline(always)]
+unsafe fn store<const T: u8>(base: *mut f32) {
+    // SAFETY: the caller keeps 16 rows of 64 bytes writable, packed.
+    unsafe {
+        asm!("tilestored [{b} + {s}*1], tmm{t}", t = const T, b = in(reg) base, s = in(reg) 64usize,
+             options(nostack, preserves_flags))
+    }
+}
+
+#[inline(always)]
+unsafe fn dot<const C: u8, const A: u8, const B: u8>() {
+    // SAFETY: configured tiles.
+    unsafe {
+        asm!("tdpbf16ps tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A, b = const B,
+             options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Rounds to the nearest bf16, ties to even (the conversion `half` does, inlined so the
+/// splitting loop vectorises). NaN stays NaN through the remainder parts.
+#[inline(always)]
+fn round_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn widen(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Splits 32 activations into their three bf16 parts.
+#[inline(always)]
+fn split(x: &[f32], parts: &mut [[u16; KB]; PARTS]) {
+    for (k, &v) in x.iter().enumerate().take(KB) {
+        let h = round_bf16(v);
+        let r = v - widen(h);
+        let m = round_bf16(r);
+        let l = round_bf16(r - widen(m));
+        parts[0][k] = h;
+        parts[1][k] = m;
+        parts[2][k] = l;
+    }
+}
+
+/// Lays out one token group's rows (up to 16 of `x`'s rows of `inp`) as B tiles: for input
+/// block b and part p, the tile at `(b·PARTS + p)·TILE` whose row q holds, for each token n,
+/// the pair (x_p[n][32b + 2q], x_p[n][32b + 2q + 1]). Missing tokens are zeros.
+fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
+    let n_tok = x.len() / inp;
+    if n_tok < GROUP {
+        out.fill(0);
+    }
+    let mut parts = [[0u16; KB]; PARTS];
+    for (n, xr) in x.chunks_exact(inp).enumerate() {
+        for (b, xb) in xr.chunks_exact(KB).enumerate() {
+            split(xb, &mut parts);
+            let base = b * PARTS * TILE + n * 2;
+            for (p, part) in parts.iter().enumerate() {
+                let tile = &mut out[base + p * TILE..];
+                for q in 0..KB / 2 {
+                    tile[q * KB] = part[2 * q];
+                    tile[q * KB + 1] = part[2 * q + 1];
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Packed activations; grows to the largest `groups · in · PARTS` once per thread.
+    static PACKED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// The last weight rows of a task, padded with zero rows to a whole tile.
+    static TAIL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `buf` grown to `n` elements, or a fresh buffer if this thread's is in use (a
+/// nested call from a rayon task taken during a fork-join).
+fn with_buf<E: Copy + Default, T>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<E>>>,
+    n: usize,
+    f: impl FnOnce(&mut [E]) -> T,
+) -> T {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < n {
+                buf.resize(n, E::default());
+            }
+            f(&mut buf[..n])
+        }
+        Err(_) => f(&mut vec![E::default(); n]),
+    })
+}
+
+/// One weight of an AMX pass: its bf16 `[out, in]` elements, output count and output pointer.
+#[derive(Clone, Copy)]
+pub(super) struct Job<'a> {
+    pub(super) w: &'a [bf16],
+    pub(super) out: usize,
+    pub(super) y: SendPtr,
+}
+
+/// `ys[i] = x · ws[i]ᵀ` for every job, all of input width `inp` (a multiple of [`KB`]), as one
+/// parallel pass over 32-row output blocks. At most [`super::MAX_PARTS`] jobs.
+///
+/// # Safety
+/// [`available`] must be true; each job's `y` must point to `rows · out` writable f32s that no
+/// one else touches during the call, and its `w` must hold `out · inp` elements.
+pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job<'_>]) {
+    debug_assert!(inp.is_multiple_of(KB) && x.len() >= rows * inp);
+    debug_assert!(jobs.len() <= super::MAX_PARTS);
+    let groups = rows.div_ceil(GROUP);
+    let group_len = inp * PARTS * JB; // (inp / KB) tiles of TILE per part
+    with_buf(&PACKED, groups * group_len, |packed| {
+        let x = &x[..rows * inp];
+        if rows * inp >= PAR_PACK_ELEMS {
+            packed
+                .par_chunks_mut(group_len)
+                .zip(x.par_chunks(GROUP * inp))
+                .for_each(|(out, xg)| pack_group(xg, inp, out));
+        } else {
+            for (out, xg) in packed.chunks_mut(group_len).zip(x.chunks(GROUP * inp)) {
+                pack_group(xg, inp, out);
+            }
+        }
+        let packed = &*packed;
+        // Each job's first task.
+        let mut firsts = [0; super::MAX_PARTS];
+        let mut tasks = 0;
+        for (first, job) in firsts.iter_mut().zip(jobs) {
+            *first = tasks;
+            tasks += job.out.div_ceil(TASK_ROWS);
+        }
+        let firsts = &firsts[..jobs.len()];
+        (0..tasks).into_par_iter().for_each(|t| {
+            let i = firsts.iter().rposition(|&f| f <= t).unwrap_or(0);
+            // SAFETY: the caller's contract; tasks own disjoint 32-row column ranges.
+            unsafe { task(packed, rows, inp, jobs[i], t - firsts[i]) };
+        });
+    });
+}
+
+/// Output rows `32·blk ..` of one job for every token.
+unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize) {
+    let j0 = blk * TASK_ROWS;
+    let j1 = (j0 + TASK_ROWS).min(job.out);
+    let full = (j1 - j0) / JB;
+    let tail = (j1 - j0) % JB;
+    let kbs = inp / KB;
+    let stride = inp * 2;
+    let group_len = inp * PARTS * JB;
+    let mut acc = [0f32; ACC_LEN];
+    // SAFETY: `available` was checked by the caller; weight pointers cover whole 16-row blocks
+    // of `w` (or of the padded copy), each packed group holds kbs·PARTS activation tiles.
+    unsafe {
+        configure();
+        if full > 0 {
+            let w = job.w.as_ptr().add(j0 * inp).cast::<u16>();
+            for (g, xg) in packed.chunks_exact(group_len).enumerate() {
+                if full == 2 {
+                    block::<2>(w, stride, xg.as_ptr(), kbs, &mut acc);
+                } else {
+                    block::<1>(w, stride, xg.as_ptr(), kbs, &mut acc);
+                }
+                scatter(&acc, full * JB, (rows - g * GROUP).min(GROUP), g, job, j0);
+            }
+        }
+        if tail > 0 {
+            // The last rows of a weight whose output count is not a multiple of 16, padded
+            // with zero rows to a whole tile.
+            let jt = j0 + full * JB;
+            with_buf(&TAIL, JB * inp, |pad| {
+                pad[..tail * inp].copy_from_slice(bytemuck::cast_slice(&job.w[jt * inp..j1 * inp]));
+                pad[tail * inp..].fill(0);
+                for (g, xg) in packed.chunks_exact(group_len).enumerate() {
+                    block::<1>(pad.as_ptr(), stride, xg.as_ptr(), kbs, &mut acc);
+                    scatter(&acc, tail, (rows - g * GROUP).min(GROUP), g, job, jt);
+                }
+            });
+        }
+        release();
+    }
+}
+
+/// f32s of one token group's four C tiles: C0, C1, C2, C3, each 16 rows × 16 tokens.
+const ACC_LEN: usize = 4 * JB * GROUP;
+
+/// Writes `n_rows` output rows (from `j`) of token group `g`'s first `n_tok` tokens: block
+/// b's `h` sum in C_b plus its `m + l` sum in C_{b+2}.
+unsafe fn scatter(
+    c: &[f32; ACC_LEN],
+    n_rows: usize,
+    n_tok: usize,
+    g: usize,
+    job: Job<'_>,
+    j: usize,
+) {
+    const T: usize = JB * GROUP;
+    for m in 0..n_rows {
+        let (b, r) = (m / JB, m % JB);
+        for n in 0..n_tok {
+            let v = c[b * T + r * GROUP + n] + c[(b + 2) * T + r * GROUP + n];
+            // SAFETY: (token g·16 + n, row j + m) is inside this job's output and in the
+            // column range of this task alone.
+            unsafe { *job.y.get().add((g * GROUP + n) * job.out + j + m) = v };
+        }
+    }
+}
+
+/// NB (1 or 2) 16-row weight blocks from `w` (rows `stride` bytes apart) against one token
+/// group's packed activations `x`, over `kbs` input blocks; the C tiles are stored into `c`.
+///
+/// Weight tiles are loaded straight from the checkpoint's rows. Such loads stream weights
+/// from memory at about half the dot kernel's rate (bench_linear, Xeon, 2 threads: 22-26
+/// against 45 GB/s at one token row); prefetching the rows ahead into L1 or L2, or the next
+/// block into L2, and copying rows into tile order first were each tried and gained nothing
+/// outside noise. Hence AMX only from [`super::AMX_MIN_ROWS`] rows, where arithmetic, not
+/// memory, bounds the other kernels.
+#[inline(always)]
+unsafe fn block<const NB: usize>(
+    w: *const u16,
+    stride: usize,
+    x: *const u16,
+    kbs: usize,
+    c: &mut [f32; ACC_LEN],
+) {
+    const T: usize = JB * GROUP;
+    // SAFETY (whole body): tiles configured by the caller; `w` has NB·16 rows of kbs·32
+    // elements and `x` kbs·PARTS tiles.
+    unsafe {
+        zero::<0>();
+        zero::<2>();
+        if NB > 1 {
+            zero::<1>();
+            zero::<3>();
+        }
+        let w1 = w.cast::<u8>().add(JB * stride).cast::<u16>();
+        for b in 0..kbs {
+            let xt = x.add(b * PARTS * TILE);
+            load::<6>(xt, 64);
+            load::<7>(xt.add(TILE), 64);
+            load::<4>(w.add(b * KB), stride);
+            if NB > 1 {
+                load::<5>(w1.add(b * KB), stride);
+            }
+            dot::<0, 4, 6>();
+            dot::<2, 4, 7>();
+            if NB > 1 {
+                dot::<1, 5, 6>();
+                dot::<3, 5, 7>();
+            }
+            load::<6>(xt.add(2 * TILE), 64);
+            dot::<2, 4, 6>();
+            if NB > 1 {
+                dot::<3, 5, 6>();
+            }
+        }
+        let c = c.as_mut_ptr();
+        store::<0>(c);
+        store::<2>(c.add(2 * T));
+        if NB > 1 {
+            store::<1>(c.add(T));
+            store::<3>(c.add(3 * T));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_bf16_parts_add_up_to_the_f32() {
+        let xs: Vec<f32> = (0..KB)
+            .map(|i| ((i as f32) * 0.7371 - 11.0) * 1.0e-3f32.powi((i % 3) as i32))
+            .collect();
+        let mut parts = [[0u16; KB]; PARTS];
+        split(&xs, &mut parts);
+        for (k, &v) in xs.iter().enumerate() {
+            let sum =
+                widen(parts[0][k]) as f64 + widen(parts[1][k]) as f64 + widen(parts[2][k]) as f64;
+            assert_eq!(sum, v as f64, "element {k}");
+            assert_eq!(
+                parts[0][k],
+                bf16::from_f32(v).to_bits(),
+                "h is the rounded value"
+            );
+        }
+    }
+}
