@@ -9,11 +9,11 @@
 //! all 24 of an f32), and every product is exact in the f32 accumulators: the result is as
 //! accurate as the FMA kernels', in another summation order.
 //!
-//! Tile registers: C0/C1 accumulate two 16-row weight blocks against the `h` parts, C2/C3 the
-//! same blocks against `m` then `l`; tmm4/tmm5 hold the weight tiles, tmm6/tmm7 the activation
-//! tiles. The two sums are added in f32 when stored. Every (output row, token) element runs the
-//! same sequence of products whatever block, tile or token group it falls in, so a row's result
-//! depends on its inputs alone, as on the other paths.
+//! Tile registers: tmm5-7 hold one input block's activation tiles (its `h`, `m` and `l` parts)
+//! and serve up to four 16-row weight blocks, each loaded in turn into tmm4 and multiplied into
+//! its own accumulator (tmm0-3). Every (output row, token) element runs the same sequence of
+//! products whatever block, task or token group it falls in, so a row's result depends on its
+//! inputs alone, as on the other paths.
 //!
 //! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
 //! process; [`available`] asks, and AMX is used only if granted. Each task loads the tile
@@ -35,10 +35,22 @@ pub const GROUP: usize = 16;
 pub const KB: usize = 32;
 /// Output rows per weight tile.
 const JB: usize = 16;
-/// Output rows per task: the kernel's two weight blocks.
-const TASK_ROWS: usize = 2 * JB;
-/// u16 elements in one 16×32 bf16 tile.
-const TILE: usize = JB * KB;
+/// Output rows per task: four weight blocks of the kernel where weight rows are at most
+/// [`WIDE_ROW_BYTES`] long, two beyond. More blocks per activation load cut the activation
+/// tiles' traffic (bench_linear, 700 MB of weights, 2 threads, AMX GB/s at 1/4/8/16 rows on
+/// in = 1024: 21/19/18/17 with four against 19/16/14/13 with two), but every block adds 16
+/// weight rows read side by side, and with 7 KiB rows (in = 3584) four blocks ran at
+/// 23/15/12/12 against two's 24/21/19/14.
+fn task_rows(inp: usize) -> usize {
+    if inp * 2 <= WIDE_ROW_BYTES {
+        4 * JB
+    } else {
+        2 * JB
+    }
+}
+
+/// See [`task_rows`].
+const WIDE_ROW_BYTES: usize = 2048;
 /// Packed activations from this many elements are split in parallel.
 const PAR_PACK_ELEMS: usize = 1 << 15;
 
@@ -84,31 +96,36 @@ fn detect() -> bool {
     false
 }
 
-/// Palette 1, eight tiles of 16 rows × 64 bytes.
+/// Palette 1 for a token group of `n` tokens: C tiles 0-3 are 16 rows × n f32, weight tile 4
+/// is 16 rows × 32 bf16, activation tiles 5-7 are 16 rows of n bf16 pairs. Tiles
+/// only as wide as the group's tokens keep a step of few tokens from loading a full 1 KiB
+/// activation tile (mostly zeros) for every 2 KiB of weights, which halved the weights' rate.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-static CONFIG: TileConfig = {
-    let mut c = [0u8; 64];
-    c[0] = 1;
-    let mut t = 0;
-    while t < 8 {
-        c[16 + 2 * t] = 64; // colsb, little-endian u16
-        c[48 + t] = 16; // rows
-        t += 1;
+impl TileConfig {
+    fn new(n: usize) -> TileConfig {
+        debug_assert!((1..=GROUP).contains(&n));
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            let colsb = if t == 4 { 64 } else { 4 * n as u16 };
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + t] = JB as u8;
+        }
+        TileConfig(c)
     }
-    TileConfig(c)
-};
+}
 
 // The instructions, one asm block each; tile registers are named by const operands. The tile
 // state is invisible to the compiler, which never emits AMX code itself, and asm blocks keep
 // their order.
 
 #[inline(always)]
-unsafe fn configure() {
-    // SAFETY: CONFIG is a valid palette-1 configuration; the caller checked `available`.
+unsafe fn configure(cfg: &TileConfig) {
+    // SAFETY: a valid palette-1 configuration; the caller checked `available`.
     unsafe {
-        asm!("ldtilecfg [{c}]", c = in(reg) CONFIG.0.as_ptr(), options(nostack, readonly, preserves_flags))
+        asm!("ldtilecfg [{c}]", c = in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags))
     }
 }
 
@@ -178,24 +195,28 @@ fn split(x: &[f32], parts: &mut [[u16; KB]; PARTS]) {
     }
 }
 
-/// Lays out one token group's rows (up to 16 of `x`'s rows of `inp`) as B tiles: for input
-/// block b and part p, the tile at `(b·PARTS + p)·TILE` whose row q holds, for each token n,
-/// the pair (x_p[n][32b + 2q], x_p[n][32b + 2q + 1]). Missing tokens are zeros.
+/// u16 elements of one activation tile of a group of `n` tokens: 16 rows of n bf16 pairs.
+#[inline]
+fn tile_len(n: usize) -> usize {
+    JB * 2 * n
+}
+
+/// Lays out one token group's rows (n ≤ 16 of `x`'s rows of `inp`) as B tiles: for input block
+/// b and part p, the tile at `(b·PARTS + p)·tile_len(n)` whose row q holds, for each token t,
+/// the pair (x_p[t][32b + 2q], x_p[t][32b + 2q + 1]).
 fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
-    let n_tok = x.len() / inp;
-    if n_tok < GROUP {
-        out.fill(0);
-    }
+    let n = x.len() / inp;
+    let tl = tile_len(n);
     let mut parts = [[0u16; KB]; PARTS];
-    for (n, xr) in x.chunks_exact(inp).enumerate() {
+    for (t, xr) in x.chunks_exact(inp).enumerate() {
         for (b, xb) in xr.chunks_exact(KB).enumerate() {
             split(xb, &mut parts);
-            let base = b * PARTS * TILE + n * 2;
+            let base = b * PARTS * tl + t * 2;
             for (p, part) in parts.iter().enumerate() {
-                let tile = &mut out[base + p * TILE..];
+                let tile = &mut out[base + p * tl..];
                 for q in 0..KB / 2 {
-                    tile[q * KB] = part[2 * q];
-                    tile[q * KB + 1] = part[2 * q + 1];
+                    tile[q * 2 * n] = part[2 * q];
+                    tile[q * 2 * n + 1] = part[2 * q + 1];
                 }
             }
         }
@@ -236,7 +257,7 @@ pub(super) struct Job<'a> {
 }
 
 /// `ys[i] = x · ws[i]ᵀ` for every job, all of input width `inp` (a multiple of [`KB`]), as one
-/// parallel pass over 32-row output blocks. At most [`super::MAX_PARTS`] jobs.
+/// parallel pass over blocks of [`task_rows`] output rows. At most [`super::MAX_PARTS`] jobs.
 ///
 /// # Safety
 /// [`available`] must be true; each job's `y` must point to `rows · out` writable f32s that no
@@ -245,7 +266,9 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
     debug_assert!(inp.is_multiple_of(KB) && x.len() >= rows * inp);
     debug_assert!(jobs.len() <= super::MAX_PARTS);
     let groups = rows.div_ceil(GROUP);
-    let group_len = inp * PARTS * JB; // (inp / KB) tiles of TILE per part
+    // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
+    // group uses the start of its share.
+    let group_len = inp * PARTS * JB;
     with_buf(&PACKED, groups * group_len, |packed| {
         let x = &x[..rows * inp];
         if rows * inp >= PAR_PACK_ELEMS {
@@ -264,64 +287,72 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
         let mut tasks = 0;
         for (first, job) in firsts.iter_mut().zip(jobs) {
             *first = tasks;
-            tasks += job.out.div_ceil(TASK_ROWS);
+            tasks += job.out.div_ceil(task_rows(inp));
         }
         let firsts = &firsts[..jobs.len()];
         (0..tasks).into_par_iter().for_each(|t| {
             let i = firsts.iter().rposition(|&f| f <= t).unwrap_or(0);
-            // SAFETY: the caller's contract; tasks own disjoint 32-row column ranges.
+            // SAFETY: the caller's contract; tasks own disjoint column ranges.
             unsafe { task(packed, rows, inp, jobs[i], t - firsts[i]) };
         });
     });
 }
 
-/// Output rows `32·blk ..` of one job for every token.
+/// Output rows `task_rows(inp)·blk ..` of one job for every token.
 unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize) {
-    let j0 = blk * TASK_ROWS;
-    let j1 = (j0 + TASK_ROWS).min(job.out);
+    let j0 = blk * task_rows(inp);
+    let j1 = (j0 + task_rows(inp)).min(job.out);
     let full = (j1 - j0) / JB;
     let tail = (j1 - j0) % JB;
     let kbs = inp / KB;
     let stride = inp * 2;
     let group_len = inp * PARTS * JB;
     let mut acc = [0f32; ACC_LEN];
-    // SAFETY: `available` was checked by the caller; weight pointers cover whole 16-row blocks
-    // of `w` (or of the padded copy), each packed group holds kbs·PARTS activation tiles.
-    unsafe {
-        configure();
-        if full > 0 {
-            let w = job.w.as_ptr().add(j0 * inp).cast::<u16>();
-            for (g, xg) in packed.chunks_exact(group_len).enumerate() {
-                if full == 2 {
-                    block::<2>(w, stride, xg.as_ptr(), kbs, &mut acc);
-                } else {
-                    block::<1>(w, stride, xg.as_ptr(), kbs, &mut acc);
+    // Runs `w`'s `nb` 16-row blocks (rows `stride` apart) against every token group.
+    let mut groups = |w: *const u16, nb: usize, n_rows: usize, j: usize| {
+        let mut configured = 0;
+        for (g, xg) in packed.chunks_exact(group_len).enumerate() {
+            let n = (rows - g * GROUP).min(GROUP);
+            // SAFETY: `available` was checked by the caller; `w` covers nb whole 16-row blocks
+            // of kbs·32 elements (of the weight or its padded copy) and `xg` kbs·PARTS tiles of
+            // n tokens.
+            unsafe {
+                if n != configured {
+                    configure(&TileConfig::new(n));
+                    configured = n;
                 }
-                scatter(&acc, full * JB, (rows - g * GROUP).min(GROUP), g, job, j0);
+                match nb {
+                    4 => block::<4>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
+                    3 => block::<3>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
+                    2 => block::<2>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
+                    _ => block::<1>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
+                }
+                scatter(&acc, n_rows, n, g, job, j);
             }
         }
-        if tail > 0 {
-            // The last rows of a weight whose output count is not a multiple of 16, padded
-            // with zero rows to a whole tile.
-            let jt = j0 + full * JB;
-            with_buf(&TAIL, JB * inp, |pad| {
-                pad[..tail * inp].copy_from_slice(bytemuck::cast_slice(&job.w[jt * inp..j1 * inp]));
-                pad[tail * inp..].fill(0);
-                for (g, xg) in packed.chunks_exact(group_len).enumerate() {
-                    block::<1>(pad.as_ptr(), stride, xg.as_ptr(), kbs, &mut acc);
-                    scatter(&acc, tail, (rows - g * GROUP).min(GROUP), g, job, jt);
-                }
-            });
-        }
-        release();
+    };
+    if full > 0 {
+        groups(job.w[j0 * inp..].as_ptr().cast(), full, full * JB, j0);
     }
+    if tail > 0 {
+        // The last rows of a weight whose output count is not a multiple of 16, padded with
+        // zero rows to a whole tile.
+        let jt = j0 + full * JB;
+        with_buf(&TAIL, JB * inp, |pad| {
+            pad[..tail * inp].copy_from_slice(bytemuck::cast_slice(&job.w[jt * inp..j1 * inp]));
+            pad[tail * inp..].fill(0);
+            groups(pad.as_ptr(), 1, tail, jt);
+        });
+    }
+    // SAFETY: no tile is live past this point.
+    unsafe { release() };
 }
 
 /// f32s of one token group's four C tiles: C0, C1, C2, C3, each 16 rows × 16 tokens.
 const ACC_LEN: usize = 4 * JB * GROUP;
 
-/// Writes `n_rows` output rows (from `j`) of token group `g`'s first `n_tok` tokens: block
-/// b's `h` sum in C_b plus its `m + l` sum in C_{b+2}.
+/// Writes `n_rows` output rows (from `j`, block b's in C tile b) of token group `g`'s first
+/// `n_tok` tokens.
 unsafe fn scatter(
     c: &[f32; ACC_LEN],
     n_rows: usize,
@@ -334,7 +365,7 @@ unsafe fn scatter(
     for m in 0..n_rows {
         let (b, r) = (m / JB, m % JB);
         for n in 0..n_tok {
-            let v = c[b * T + r * GROUP + n] + c[(b + 2) * T + r * GROUP + n];
+            let v = c[b * T + r * GROUP + n];
             // SAFETY: (token g·16 + n, row j + m) is inside this job's output and in the
             // column range of this task alone.
             unsafe { *job.y.get().add((g * GROUP + n) * job.out + j + m) = v };
@@ -342,59 +373,88 @@ unsafe fn scatter(
     }
 }
 
-/// NB (1 or 2) 16-row weight blocks from `w` (rows `stride` bytes apart) against one token
-/// group's packed activations `x`, over `kbs` input blocks; the C tiles are stored into `c`.
+/// NB (1 to 4) 16-row weight blocks from `w` (rows `stride` bytes apart) against one group of
+/// `n` tokens' packed activations `x`, over `kbs` input blocks; the C tiles are stored into
+/// `c` (tile i at `i·256`, 16 rows × n at a 16-token stride). The tiles must be configured
+/// for `n`.
 ///
-/// Weight tiles are loaded straight from the checkpoint's rows. Such loads stream weights
-/// from memory at about half the dot kernel's rate (bench_linear, Xeon, 2 threads: 22-26
-/// against 45 GB/s at one token row); prefetching the rows ahead into L1 or L2, or the next
-/// block into L2, and copying rows into tile order first were each tried and gained nothing
-/// outside noise. Hence AMX only from [`super::AMX_MIN_ROWS`] rows, where arithmetic, not
-/// memory, bounds the other kernels.
+/// Per input block the three activation tiles are loaded once (tmm5-7) and serve every weight
+/// block, each loaded in turn into tmm4 and multiplied into its own C tile (tmm0-3) with the
+/// `h`, `m` and `l` parts in that order, so every element sums the same products in the same
+/// order whatever NB.
+///
+/// Weight tiles are loaded straight from the checkpoint's rows. Prefetching the rows ahead into
+/// L1 or L2, or the next block into L2, and copying rows into tile order first were each tried
+/// and gained nothing outside noise.
 #[inline(always)]
 unsafe fn block<const NB: usize>(
     w: *const u16,
     stride: usize,
     x: *const u16,
+    n: usize,
     kbs: usize,
     c: &mut [f32; ACC_LEN],
 ) {
     const T: usize = JB * GROUP;
+    let (tl, xs) = (tile_len(n), 4 * n);
     // SAFETY (whole body): tiles configured by the caller; `w` has NB·16 rows of kbs·32
-    // elements and `x` kbs·PARTS tiles.
+    // elements and `x` kbs·PARTS tiles of n tokens.
     unsafe {
+        let wb = |i: usize| w.cast::<u8>().add(i * JB * stride).cast::<u16>();
+        let (w0, w1, w2, w3) = (
+            wb(0),
+            wb(1.min(NB - 1)),
+            wb(2.min(NB - 1)),
+            wb(3.min(NB - 1)),
+        );
         zero::<0>();
-        zero::<2>();
         if NB > 1 {
             zero::<1>();
+        }
+        if NB > 2 {
+            zero::<2>();
+        }
+        if NB > 3 {
             zero::<3>();
         }
-        let w1 = w.cast::<u8>().add(JB * stride).cast::<u16>();
         for b in 0..kbs {
-            let xt = x.add(b * PARTS * TILE);
-            load::<6>(xt, 64);
-            load::<7>(xt.add(TILE), 64);
-            load::<4>(w.add(b * KB), stride);
-            if NB > 1 {
-                load::<5>(w1.add(b * KB), stride);
-            }
+            let xt = x.add(b * PARTS * tl);
+            load::<5>(xt, xs);
+            load::<6>(xt.add(tl), xs);
+            load::<7>(xt.add(2 * tl), xs);
+            let k = b * KB;
+            load::<4>(w0.add(k), stride);
+            dot::<0, 4, 5>();
             dot::<0, 4, 6>();
-            dot::<2, 4, 7>();
+            dot::<0, 4, 7>();
             if NB > 1 {
-                dot::<1, 5, 6>();
-                dot::<3, 5, 7>();
+                load::<4>(w1.add(k), stride);
+                dot::<1, 4, 5>();
+                dot::<1, 4, 6>();
+                dot::<1, 4, 7>();
             }
-            load::<6>(xt.add(2 * TILE), 64);
-            dot::<2, 4, 6>();
-            if NB > 1 {
-                dot::<3, 5, 6>();
+            if NB > 2 {
+                load::<4>(w2.add(k), stride);
+                dot::<2, 4, 5>();
+                dot::<2, 4, 6>();
+                dot::<2, 4, 7>();
+            }
+            if NB > 3 {
+                load::<4>(w3.add(k), stride);
+                dot::<3, 4, 5>();
+                dot::<3, 4, 6>();
+                dot::<3, 4, 7>();
             }
         }
         let c = c.as_mut_ptr();
         store::<0>(c);
-        store::<2>(c.add(2 * T));
         if NB > 1 {
             store::<1>(c.add(T));
+        }
+        if NB > 2 {
+            store::<2>(c.add(2 * T));
+        }
+        if NB > 3 {
             store::<3>(c.add(3 * T));
         }
     }

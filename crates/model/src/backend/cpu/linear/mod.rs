@@ -69,11 +69,12 @@ const TILE_MIN_ROWS: usize = 4;
 const GEMM_BLOCK: usize = 64;
 
 /// From this many token rows bf16 weights go through AMX tiles where the CPU has them. AMX
-/// tiles stream weights from memory at about half the dot kernel's rate, so below this the dot
-/// path wins. bench_linear on expert shapes with a 700 MB weight set (`--mats 100`, more than
-/// the Xeon's L3), 2 threads, GFLOP/s dot against AMX on w1/w2: 84/74 against 59/71 at 4 rows,
-/// 116/99 against 107/129 at 8, 161/125 against 229/221 at 16. Whole-model bench at 32
-/// sequences (hidden 1024): 216 tok/s from 8 rows, 207 from 16.
+/// tile loads stream weights from memory slower than the dot kernel's single-row loads, so
+/// below a few rows the dot path wins. bench_linear on expert shapes with a 700 MB weight set
+/// (`--mats 100`, more than the Xeon's L3), 2 threads, GB/s of weights dot against AMX on
+/// w1/w2: 24/23 against 20/17 at 2 rows, 19/17 against 19/23 at 4, 13/12 against 18/20 at 8.
+/// Whole-model bench (hidden 1024, 8 and 32 sequences) from 4 rows: 115/242 tok/s, from 8:
+/// 120/241; 8 keeps the dot path's results for the fewest rows.
 pub const AMX_MIN_ROWS: usize = 8;
 
 /// Weights [`linear_many`] takes in one pass (q/k/v is the most the model asks for).
