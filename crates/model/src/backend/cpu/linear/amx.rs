@@ -299,6 +299,9 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
 }
 
 /// Output rows `task_rows(inp)·blk ..` of one job for every token.
+///
+/// # Safety
+/// As for [`linear_many`], with `packed` holding every token group's activation tiles.
 unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize) {
     let j0 = blk * task_rows(inp);
     let j1 = (j0 + task_rows(inp)).min(job.out);
@@ -353,6 +356,10 @@ const ACC_LEN: usize = 4 * JB * GROUP;
 
 /// Writes `n_rows` output rows (from `j`, block b's in C tile b) of token group `g`'s first
 /// `n_tok` tokens.
+///
+/// # Safety
+/// `job.y` must hold every token's `job.out` outputs, and rows `j .. j + n_rows` must be this
+/// task's alone.
 unsafe fn scatter(
     c: &[f32; ACC_LEN],
     n_rows: usize,
