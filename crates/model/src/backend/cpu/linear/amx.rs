@@ -36,11 +36,10 @@ pub const KB: usize = 32;
 /// Output rows per weight tile.
 const JB: usize = 16;
 /// Output rows per task: four weight blocks of the kernel where weight rows are at most
-/// [`WIDE_ROW_BYTES`] long, two beyond. More blocks per activation load cut the activation
-/// tiles' traffic (bench_linear, 700 MB of weights, 2 threads, AMX GB/s at 1/4/8/16 rows on
-/// in = 1024: 21/19/18/17 with four against 19/16/14/13 with two), but every block adds 16
-/// weight rows read side by side, and with 7 KiB rows (in = 3584) four blocks ran at
-/// 23/15/12/12 against two's 24/21/19/14.
+/// [`WIDE_ROW_BYTES`] long, two beyond. bench_linear, 700 MB of weights, 2 threads, AMX GB/s
+/// at 1/4/8/16 rows on in = 1024: 21/19/18/17 with four against 19/16/14/13 with two; but every
+/// block adds 16 weight rows read side by side, and with 7 KiB rows (in = 3584) four blocks ran
+/// at 23/15/12/12 against two's 24/21/19/14.
 fn task_rows(inp: usize) -> usize {
     if inp * 2 <= WIDE_ROW_BYTES {
         4 * JB
@@ -97,9 +96,10 @@ fn detect() -> bool {
 }
 
 /// Palette 1 for a token group of `n` tokens: C tiles 0-3 are 16 rows × n f32, weight tile 4
-/// is 16 rows × 32 bf16, activation tiles 5-7 are 16 rows of n bf16 pairs. Tiles
-/// only as wide as the group's tokens keep a step of few tokens from loading a full 1 KiB
-/// activation tile (mostly zeros) for every 2 KiB of weights, which halved the weights' rate.
+/// is 16 rows × 32 bf16, activation tiles 5-7 are 16 rows of n bf16 pairs. Tiles only as
+/// wide as the group's tokens spare a step of few tokens loading and multiplying zero columns
+/// (bench_linear, 700 MB of weights, AMX GB/s on w1/w2: 15/20 → 19/22 at one row, 14/16 → 14/19
+/// at eight).
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -430,27 +430,24 @@ unsafe fn block<const NB: usize>(
             load::<6>(xt.add(tl), xs);
             load::<7>(xt.add(2 * tl), xs);
             let k = b * KB;
-            load::<4>(w0.add(k), stride);
-            dot::<0, 4, 5>();
-            dot::<0, 4, 6>();
-            dot::<0, 4, 7>();
+            // One weight block's tile into tmm4, times the h, m and l parts into C tile $c.
+            macro_rules! weights_into {
+                ($c:literal, $w:expr) => {{
+                    load::<4>($w.add(k), stride);
+                    dot::<$c, 4, 5>();
+                    dot::<$c, 4, 6>();
+                    dot::<$c, 4, 7>();
+                }};
+            }
+            weights_into!(0, w0);
             if NB > 1 {
-                load::<4>(w1.add(k), stride);
-                dot::<1, 4, 5>();
-                dot::<1, 4, 6>();
-                dot::<1, 4, 7>();
+                weights_into!(1, w1);
             }
             if NB > 2 {
-                load::<4>(w2.add(k), stride);
-                dot::<2, 4, 5>();
-                dot::<2, 4, 6>();
-                dot::<2, 4, 7>();
+                weights_into!(2, w2);
             }
             if NB > 3 {
-                load::<4>(w3.add(k), stride);
-                dot::<3, 4, 5>();
-                dot::<3, 4, 6>();
-                dot::<3, 4, 7>();
+                weights_into!(3, w3);
             }
         }
         let c = c.as_mut_ptr();
