@@ -20,7 +20,7 @@
 //! configuration and releases the tiles when done, so a thread idle between steps carries no
 //! tile state through context switches.
 
-use super::SendPtr;
+use super::{with_scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::asm;
@@ -30,9 +30,9 @@ use std::sync::OnceLock;
 /// Parts each activation is split into (`h`, `m`, `l`).
 const PARTS: usize = 3;
 /// Tokens per tile (a B tile's 16 columns of bf16 pairs).
-pub const GROUP: usize = 16;
+const GROUP: usize = 16;
 /// Inputs per tile: 32 bf16, one 64-byte tile row. The AMX path needs `in` to be a multiple.
-pub const KB: usize = 32;
+pub(super) const KB: usize = 32;
 /// Output rows per weight tile.
 const JB: usize = 16;
 /// Output rows per task: four weight blocks of the kernel where weight rows are at most
@@ -230,24 +230,6 @@ thread_local! {
     static TAIL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `buf` grown to `n` elements, or a fresh buffer if this thread's is in use (a
-/// nested call from a rayon task taken during a fork-join).
-fn with_buf<E: Copy + Default, T>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<E>>>,
-    n: usize,
-    f: impl FnOnce(&mut [E]) -> T,
-) -> T {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < n {
-                buf.resize(n, E::default());
-            }
-            f(&mut buf[..n])
-        }
-        Err(_) => f(&mut vec![E::default(); n]),
-    })
-}
-
 /// One weight of an AMX pass: its bf16 `[out, in]` elements, output count and output pointer.
 #[derive(Clone, Copy)]
 pub(super) struct Job<'a> {
@@ -269,7 +251,7 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
     // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
     // group uses the start of its share.
     let group_len = inp * PARTS * JB;
-    with_buf(&PACKED, groups * group_len, |packed| {
+    with_scratch(&PACKED, groups * group_len, |packed| {
         let x = &x[..rows * inp];
         if rows * inp >= PAR_PACK_ELEMS {
             packed
@@ -341,7 +323,7 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
         // The last rows of a weight whose output count is not a multiple of 16, padded with
         // zero rows to a whole tile.
         let jt = j0 + full * JB;
-        with_buf(&TAIL, JB * inp, |pad| {
+        with_scratch(&TAIL, JB * inp, |pad| {
             pad[..tail * inp].copy_from_slice(bytemuck::cast_slice(&job.w[jt * inp..j1 * inp]));
             pad[tail * inp..].fill(0);
             groups(pad.as_ptr(), 1, tail, jt);

@@ -112,7 +112,7 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
     if rows == 0 || out == 0 {
         return;
     }
-    if amx_takes(isa(), w, inp, rows) && run_amx(x, rows, inp, &mut [(w, out, y)]) {
+    if isa() >= Isa::Amx && rows >= AMX_MIN_ROWS && try_amx(x, rows, &mut [(w, out, y)]) {
         return;
     }
     if rows <= DOT_MAX_ROWS {
@@ -120,12 +120,6 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
     } else {
         linear_gemm(x, rows, w, inp, out, y);
     }
-}
-
-/// Whether the AMX path takes a linear of `rows` token rows against `w` on instruction set
-/// `isa`.
-fn amx_takes(isa: Isa, w: Elems<'_>, inp: usize, rows: usize) -> bool {
-    isa >= Isa::Amx && rows >= AMX_MIN_ROWS && inp.is_multiple_of(32) && matches!(w, Elems::BF16(_))
 }
 
 /// The AMX path, public for parity tests and benches. Returns false, computing nothing, where
@@ -139,25 +133,23 @@ pub fn linear_amx(
     out: usize,
     y: &mut [f32],
 ) -> bool {
-    let ok = amx_takes(Isa::best(), w, inp, AMX_MIN_ROWS) && w.len() == out * inp;
-    if ok {
-        assert!(x.len() >= rows * inp && y.len() >= rows * out);
-        run_amx(x, rows, inp, &mut [(w, out, y)]);
-    }
-    ok
+    assert!(x.len() >= rows * inp && y.len() >= rows * out);
+    Isa::best() >= Isa::Amx && w.len() == out * inp && try_amx(x, rows, &mut [(w, out, y)])
 }
 
-/// Runs `parts` (each amx_takes-approved, of input width `inp`, at most [`MAX_PARTS`]) through
-/// the AMX tiles; returns false if any part is not bf16.
+/// Runs `parts` (at most [`MAX_PARTS`]) through the AMX tiles if they all can go there: bf16
+/// weights of one input width, a multiple of 32. Returns false, computing nothing, otherwise.
+/// The caller has checked that the CPU has AMX (an [`Isa::Amx`] choice).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn run_amx(
-    x: &[f32],
-    rows: usize,
-    inp: usize,
-    parts: &mut [(Elems<'_>, usize, &mut [f32])],
-) -> bool {
+fn try_amx(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        let inp = parts
+            .first()
+            .map_or(0, |(w, out, _)| w.len() / (*out).max(1));
+        if inp == 0 || !inp.is_multiple_of(amx::KB) || parts.len() > MAX_PARTS {
+            return false;
+        }
         let none = amx::Job {
             w: &[],
             out: 0,
@@ -166,15 +158,18 @@ fn run_amx(
         let mut jobs = [none; MAX_PARTS];
         for (job, (w, out, y)) in jobs.iter_mut().zip(parts.iter_mut()) {
             let Elems::BF16(w) = *w else { return false };
-            debug_assert!(w.len() == *out * inp && y.len() >= rows * *out);
+            if w.len() != *out * inp {
+                return false;
+            }
+            debug_assert!(x.len() >= rows * inp && y.len() >= rows * *out);
             *job = amx::Job {
                 w,
                 out: *out,
                 y: SendPtr(y.as_mut_ptr()),
             };
         }
-        // SAFETY: the callers saw Isa::Amx (AMX granted) through amx_takes; every output is
-        // borrowed mutably for the call and holds rows·out elements; weights hold out·inp.
+        // SAFETY: the caller saw Isa::Amx (AMX granted); every output is borrowed mutably for
+        // the call and holds rows·out elements; weights hold out·inp, checked above.
         unsafe { amx::linear_many(x, rows, inp, &jobs[..parts.len()]) };
         return true;
     }
@@ -204,28 +199,36 @@ thread_local! {
     static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with this thread's scratch buffer `key` grown to `n` elements (once: it keeps its
+/// largest size). A linear started on this thread while another waits on it (a rayon worker
+/// taking a task during its own fork-join) finds the buffer in use: rare, and given its own.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn with_scratch<E: Copy + Default, T>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<E>>>,
+    n: usize,
+    f: impl FnOnce(&mut [E]) -> T,
+) -> T {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < n {
+                buf.resize(n, E::default());
+            }
+            f(&mut buf[..n])
+        }
+        Err(_) => f(&mut vec![E::default(); n]),
+    })
+}
+
 /// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it
 /// ([`kernels::plan_for`] asks only on CPUs with AVX-512, and only for enough rows for tiles).
 fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, pairs: bool, f: impl FnOnce(Lhs<'_>) -> T) -> T {
     #[cfg(target_arch = "x86_64")]
     if pairs {
         debug_assert!(rows >= TILE_MIN_ROWS && Isa::best() >= Isa::Avx512);
-        let n = rows * inp;
-        let run = |buf: &mut [f32]| {
+        return with_scratch(&PAIRS, rows * inp, |buf| {
             // SAFETY: plans want paired rows only where the CPU has AVX-512 (f, bw, vl).
-            unsafe { avx512::pair_rows(&x[..n], inp, buf) };
+            unsafe { avx512::pair_rows(&x[..rows * inp], inp, buf) };
             f(Lhs { f32: x, pairs: buf })
-        };
-        return PAIRS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                if buf.len() < n {
-                    buf.resize(n, 0.0);
-                }
-                run(&mut buf[..n])
-            }
-            // A linear started on this thread while another waits on it (a rayon worker
-            // taking a task during its own fork-join): rare, and given its own buffer.
-            Err(_) => run(&mut vec![0.0; n]),
         });
     }
     let _ = (rows, inp, pairs);
@@ -249,15 +252,8 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
         }
         return;
     }
-    let inp = parts
-        .first()
-        .map_or(0, |(w, out, _)| w.len() / (*out).max(1));
     let isa = isa();
-    if parts
-        .iter()
-        .all(|(w, out, _)| w.len() == out * inp && amx_takes(isa, *w, inp, rows))
-        && run_amx(x, rows, inp, parts)
-    {
+    if isa >= Isa::Amx && rows >= AMX_MIN_ROWS && try_amx(x, rows, parts) {
         return;
     }
     // Per weight: (weight, input width, output width, output, its first task).
