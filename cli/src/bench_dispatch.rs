@@ -1,10 +1,15 @@
 //! `switchyard bench-dispatch`: latency of one layer's scatter + gather over loopback workers,
-//! against the expert compute the workers report, for several batch sizes.
+//! against the expert compute the workers report, for several batch sizes. Also measures the
+//! machine's floor for such a round trip: a plain TCP echo over loopback whose server is busy
+//! for the same compute time before it answers. What the floor costs (waking a thread whose CPU
+//! went idle while it waited, on both sides) no RPC stack can remove; the overhead above it is
+//! the dispatch path's own.
 
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use std::{
-    io::Write,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -133,6 +138,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut out = vec![0.0f32; t * h];
         let (mut total, mut over, mut comp, mut loc) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // The remote calls first, then the in-process ones: interleaved, this process's compute
+        // threads would still be spinning from the local run while the workers compute, and on
+        // a machine with few cores they would take the workers' CPU time.
         for i in 0..a.iters + 10 {
             let before: Vec<u64> = remote.snapshot().iter().map(|w| w.compute_micros).collect();
             let s = Instant::now();
@@ -145,16 +153,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .map(|(w, b)| w.compute_micros - b)
                 .max()
                 .unwrap_or(0) as f64;
-            let s = Instant::now();
-            local.run(layer, &x, &plan, &mut out)?;
-            let local_us = s.elapsed().as_secs_f64() * 1e6;
             if i >= 10 {
                 total.push(us);
                 over.push(us - max_compute);
                 comp.push(max_compute);
-                loc.push(local_us);
             }
         }
+        for i in 0..a.iters + 10 {
+            let s = Instant::now();
+            local.run(layer, &x, &plan, &mut out)?;
+            if i >= 10 {
+                loc.push(s.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let compute_p50 = pct(&mut comp, 0.5);
+        // Rows each way as the busiest worker sees them: every token once (deduplicated).
+        let bytes = t * h * a.wire_dtype.size();
+        let mut floor = echo_floor(bytes, Duration::from_secs_f64(compute_p50 / 1e6), a.iters)
+            .context("measuring the loopback floor")?;
         let r = serde_json::json!({
             "tokens": t,
             "layer_p50_us": pct(&mut total, 0.5),
@@ -163,14 +179,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "overhead_p50_us": pct(&mut over, 0.5),
             "overhead_p99_us": pct(&mut over, 0.99),
             "in_process_compute_p50_us": pct(&mut loc, 0.5),
+            "loopback_floor_p50_us": pct(&mut floor, 0.5),
+            "loopback_floor_p99_us": pct(&mut floor, 0.99),
         });
         eprintln!(
-            "{t:>4} tokens: layer p50 {:>8.0} µs  p99 {:>8.0} µs | worker compute p50 {:>8.0} µs | overhead p50 {:>6.0} µs  p99 {:>6.0} µs",
+            "{t:>4} tokens: layer p50 {:>8.0} µs  p99 {:>8.0} µs | worker compute p50 {:>8.0} µs | overhead p50 {:>6.0} µs  p99 {:>6.0} µs | TCP echo floor p50 {:>6.0} µs",
             r["layer_p50_us"].as_f64().unwrap_or(0.0),
             r["layer_p99_us"].as_f64().unwrap_or(0.0),
             r["worker_compute_p50_us"].as_f64().unwrap_or(0.0),
             r["overhead_p50_us"].as_f64().unwrap_or(0.0),
             r["overhead_p99_us"].as_f64().unwrap_or(0.0),
+            r["loopback_floor_p50_us"].as_f64().unwrap_or(0.0),
         );
         results.push(r);
     }
@@ -188,4 +207,44 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     writeln!(stdout)?;
     Ok(())
+}
+
+/// Round trips of `bytes` each way to a loopback TCP echo whose server spins for `busy` before
+/// answering (as a worker computes), after 10 unmeasured ones: each one's time beyond `busy`,
+/// in µs.
+fn echo_floor(bytes: usize, busy: Duration, iters: usize) -> std::io::Result<Vec<f64>> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let bytes = bytes.max(1);
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; bytes];
+        // Ends when the client hangs up.
+        while s.read_exact(&mut buf).is_ok() {
+            let start = Instant::now();
+            while start.elapsed() < busy {
+                std::hint::spin_loop();
+            }
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut buf = vec![1u8; bytes];
+    let mut over = Vec::with_capacity(iters);
+    for i in 0..iters + 10 {
+        let s = Instant::now();
+        c.write_all(&buf)?;
+        c.read_exact(&mut buf)?;
+        if i >= 10 {
+            over.push((s.elapsed().saturating_sub(busy)).as_secs_f64() * 1e6);
+        }
+    }
+    drop(c);
+    server
+        .join()
+        .map_err(|_| std::io::Error::other("the echo server panicked"))??;
+    Ok(over)
 }

@@ -385,3 +385,37 @@ fn bench_runs_a_local_cluster_of_one_thread_workers_that_each_host_every_expert(
         "{err}"
     );
 }
+
+#[test]
+fn bench_dispatch_reports_the_round_trip_against_the_workers_compute_and_the_loopback_floor() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let out = run_ok(&[
+        "bench-dispatch",
+        "--model",
+        model.to_str().unwrap(),
+        "--spawn",
+        "2",
+        "--tokens",
+        "1,4",
+        "--iters",
+        "5",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["workers"], 2, "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{v}");
+    for (r, t) in results.iter().zip([1, 4]) {
+        assert_eq!(r["tokens"], t);
+        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+        // A round trip takes at least the compute the workers report, and the floor of a plain
+        // TCP echo is a positive time of the same kind.
+        assert!(f("layer_p50_us") >= f("worker_compute_p50_us"), "{r}");
+        assert!(f("worker_compute_p50_us") > 0.0, "{r}");
+        assert!(f("in_process_compute_p50_us") > 0.0, "{r}");
+        assert!(f("loopback_floor_p50_us") > 0.0, "{r}");
+        assert!(
+            f("loopback_floor_p99_us") >= f("loopback_floor_p50_us"),
+            "{r}"
+        );
+    }
+}
