@@ -59,8 +59,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.spawn >= 1 && a.iters >= 1,
-        "--spawn and --iters must be positive"
+        a.spawn >= 1 && a.iters >= 1 && !a.tokens.is_empty() && a.tokens.iter().all(|&t| t >= 1),
+        "--spawn, --iters and every --tokens batch size must be positive"
     );
     let ck =
         Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
@@ -215,7 +215,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 fn echo_floor(bytes: usize, busy: Duration, iters: usize) -> std::io::Result<Vec<f64>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let bytes = bytes.max(1);
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;

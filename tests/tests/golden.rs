@@ -418,4 +418,14 @@ fn bench_dispatch_reports_the_round_trip_against_the_workers_compute_and_the_loo
             "{r}"
         );
     }
+    // A batch of no tokens measures nothing: refused before any worker starts.
+    let bad = run(&[
+        "bench-dispatch",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "1,0",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--tokens"), "{err}");
 }
