@@ -72,10 +72,11 @@ const GEMM_BLOCK: usize = 64;
 /// tile loads stream weights from memory slower than the dot kernel's single-row loads, so
 /// below a few rows the dot path wins. bench_linear on expert shapes with a 700 MB weight set
 /// (`--mats 100`, more than the Xeon's L3), 2 threads, GB/s of weights dot against AMX on
-/// w1/w2: 24/23 against 20/17 at 2 rows, 19/17 against 19/23 at 4, 13/12 against 18/20 at 8.
-/// Whole-model bench (hidden 1024, 8 and 32 sequences) from 4 rows: 115/242 tok/s, from 8:
-/// 120/241; 8 keeps the dot path's results for the fewest rows.
-pub const AMX_MIN_ROWS: usize = 8;
+/// w1/w2 (in 1024 / 3584), two runs: 22-23/21 against 18/21 at 2 rows, 21/18 against 17/20 at
+/// 3, 16-17/16 against 17/20 at 4, 14-15/12 against 17/19-20 at 5, 14/12 against 17/19 at 6,
+/// 14/12 against 16-17/18-19 at 7. Whole-model bench, hidden 1024, 32 sequences, five
+/// interleaved rounds: 238.9 tok/s median from 4 rows against 235.8 from 8 (ahead in 4 of 5).
+pub const AMX_MIN_ROWS: usize = 4;
 
 /// Weights [`linear_many`] takes in one pass (q/k/v is the most the model asks for).
 pub const MAX_PARTS: usize = 4;
@@ -531,6 +532,7 @@ mod tests {
             // AMX shapes (in a multiple of 32): one and several token groups, partial groups,
             // output tails under 16 and between 16 and 32 rows, several tasks.
             (1, 64, 16),
+            (AMX_MIN_ROWS, 64, 33),
             (8, 64, 33),
             (16, 96, 70),
             (17, 1024, 40),
