@@ -76,14 +76,34 @@ struct Scratch<B: Backend> {
     counts: Vec<usize>,
     starts: Vec<usize>,
     fill: Vec<usize>,
-    xe_host: Vec<f32>,
-    ye_host: Vec<f32>,
     /// Per-entry expert outputs `[entries, hidden]`, combined in slot order at the end.
     ys: Vec<f32>,
+    /// One set per expert index, so that experts can run side by side.
+    per: Vec<ExpertBufs<B>>,
+}
+
+/// One expert's rows gathered on the host and on the device, its FFN's intermediates and its
+/// output.
+struct ExpertBufs<B: Backend> {
+    xe_host: Vec<f32>,
+    ye_host: Vec<f32>,
     xe: B::Buf,
     gate: B::Buf,
     up: B::Buf,
     ye: B::Buf,
+}
+
+impl<B: Backend> ExpertBufs<B> {
+    fn new(b: &B) -> Result<Self> {
+        Ok(Self {
+            xe_host: Vec::new(),
+            ye_host: Vec::new(),
+            xe: b.alloc(0)?,
+            gate: b.alloc(0)?,
+            up: b.alloc(0)?,
+            ye: b.alloc(0)?,
+        })
+    }
 }
 
 /// Experts held by this process, for some or all experts of every layer.
@@ -139,13 +159,10 @@ impl<B: Backend + Clone> LocalExperts<B> {
             counts: vec![0; cfg.num_local_experts],
             starts: vec![0; cfg.num_local_experts],
             fill: vec![0; cfg.num_local_experts],
-            xe_host: Vec::new(),
-            ye_host: Vec::new(),
             ys: Vec::new(),
-            xe: backend.alloc(0)?,
-            gate: backend.alloc(0)?,
-            up: backend.alloc(0)?,
-            ye: backend.alloc(0)?,
+            per: (0..cfg.num_local_experts)
+                .map(|_| ExpertBufs::new(backend))
+                .collect::<Result<_>>()?,
         };
         Ok(Self {
             backend: backend.clone(),
@@ -252,40 +269,70 @@ impl<B: Backend> LocalExperts<B> {
         if s.ys.len() < n_entries * h {
             s.ys.resize(n_entries * h, 0.0);
         }
-        for (e, ffn) in experts.iter().enumerate() {
-            let n = s.counts[e];
-            let Some(ffn) = ffn else { continue };
-            if n == 0 {
-                continue;
-            }
-            let group = &s.order[s.starts[e]..s.starts[e] + n];
-            s.xe_host.resize(n * h, 0.0);
-            for (dst, &entry) in s.xe_host.chunks_mut(h).zip(group) {
-                let r = s.entry_row[entry as usize] as usize;
+        let Scratch {
+            order,
+            entry_row,
+            counts,
+            starts,
+            ys,
+            per,
+            ..
+        } = s;
+        let (order, entry_row, counts, starts) = (&*order, &*entry_row, &*counts, &*starts);
+        let b = &self.backend;
+        // Expert e's FFN on its rows, into its own buffers.
+        let one = |e: usize, bufs: &mut ExpertBufs<B>| -> Result<()> {
+            let n = counts[e];
+            let Some(ffn) = experts[e].as_ref().filter(|_| n > 0) else {
+                return Ok(());
+            };
+            let group = &order[starts[e]..starts[e] + n];
+            bufs.xe_host.resize(n * h, 0.0);
+            for (dst, &entry) in bufs.xe_host.chunks_mut(h).zip(group) {
+                let r = entry_row[entry as usize] as usize;
                 dst.copy_from_slice(&x[r * h..(r + 1) * h]);
             }
-            let b = &self.backend;
-            b.ensure_len(&mut s.xe, n * h)?;
-            b.ensure_len(&mut s.gate, n * inter)?;
-            b.ensure_len(&mut s.up, n * inter)?;
-            b.ensure_len(&mut s.ye, n * h)?;
-            b.write(&mut s.xe, &s.xe_host)?;
+            b.ensure_len(&mut bufs.xe, n * h)?;
+            b.ensure_len(&mut bufs.gate, n * inter)?;
+            b.ensure_len(&mut bufs.up, n * inter)?;
+            b.ensure_len(&mut bufs.ye, n * h)?;
+            b.write(&mut bufs.xe, &bufs.xe_host)?;
             b.linear_many(
-                &s.xe,
+                &bufs.xe,
                 n,
-                &mut [(&ffn.w1, &mut s.gate), (&ffn.w3, &mut s.up)],
+                &mut [(&ffn.w1, &mut bufs.gate), (&ffn.w3, &mut bufs.up)],
             )?;
-            b.silu_mul(&mut s.gate, &s.up, n * inter)?;
-            b.linear(&s.gate, n, &ffn.w2, &mut s.ye)?;
-            s.ye_host.resize(n * h, 0.0);
-            b.to_host(&s.ye, &mut s.ye_host)?;
-            for (src, &entry) in s.ye_host.chunks(h).zip(group) {
+            b.silu_mul(&mut bufs.gate, &bufs.up, n * inter)?;
+            b.linear(&bufs.gate, n, &ffn.w2, &mut bufs.ye)?;
+            bufs.ye_host.resize(n * h, 0.0);
+            b.to_host(&bufs.ye, &mut bufs.ye_host)
+        };
+        if b.concurrent_ops() {
+            // Whole experts side by side: each thread streams its own experts' weights, and
+            // an idle one steals row blocks of another's linear. Every expert computes exactly
+            // as it would alone.
+            use rayon::prelude::*;
+            per.par_iter_mut()
+                .enumerate()
+                .try_for_each(|(e, bufs)| one(e, bufs))?;
+        } else {
+            for (e, bufs) in per.iter_mut().enumerate() {
+                one(e, bufs)?;
+            }
+        }
+        for (e, bufs) in per.iter().enumerate() {
+            let n = counts[e];
+            if n == 0 || experts[e].is_none() {
+                continue;
+            }
+            let group = &order[starts[e]..starts[e] + n];
+            for (src, &entry) in bufs.ye_host.chunks(h).zip(group) {
                 let entry = entry as usize;
-                s.ys[entry * h..(entry + 1) * h].copy_from_slice(src);
+                ys[entry * h..(entry + 1) * h].copy_from_slice(src);
             }
         }
 
-        combine(plan, &s.ys, h, out);
+        combine(plan, ys, h, out);
         Ok(())
     }
 }

@@ -475,6 +475,50 @@ fn subset_loader_touches_only_hosted_experts() {
 }
 
 #[test]
+fn experts_side_by_side_give_the_bits_of_experts_one_at_a_time() {
+    // In a pool of several threads the CPU runs a layer's experts at once (each linear still
+    // forks within); in a pool of one, in turn. Every expert must compute exactly as alone.
+    use crate::{Backend, ExpertExecutor};
+    let rig = Rig::open(&fixtures().join("tiny-mixtral-bf16-sharded"));
+    let cfg = rig.ck.config();
+    let h = cfg.hidden_size;
+    let ids: Vec<u32> = (1..40).collect();
+    let (_, trace) = rig.forward(&ids);
+    let x: Vec<f32> = (0..ids.len() * h)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let run_in = |threads: usize| -> Vec<Vec<f32>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert_eq!(Cpu.concurrent_ops(), threads > 1);
+            trace
+                .iter()
+                .enumerate()
+                .map(|(l, plan)| {
+                    let layer = crate::LayerId::new(l, cfg).unwrap();
+                    let mut out = vec![f32::NAN; plan.rows() * h];
+                    rig.experts
+                        .run(layer, &x[..plan.rows() * h], plan, &mut out)
+                        .unwrap();
+                    out
+                })
+                .collect()
+        })
+    };
+    let one_at_a_time = run_in(1);
+    let side_by_side = run_in(4);
+    for (l, (a, b)) in one_at_a_time.iter().zip(&side_by_side).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "layer {l}"
+        );
+    }
+}
+
+#[test]
 fn partial_combines_add_up_to_the_full_combine_bit_for_bit() {
     // What the cluster relies on: experts split over "workers" and partials added in order give
     // the same bits as all experts in one place (top-2).

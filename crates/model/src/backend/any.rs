@@ -140,6 +140,10 @@ impl Backend for AnyBackend {
         on!(self, |b, r, m| b.describe())
     }
 
+    fn concurrent_ops(&self) -> bool {
+        on!(self, |b, r, m| b.concurrent_ops())
+    }
+
     fn upload(&self, t: HostTensor) -> Result<AnyWeight> {
         match self {
             Self::Cpu(b) => b.upload(t).map(AnyWeight::Cpu),

@@ -22,6 +22,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A human-readable description for logs ("cpu (2 threads)").
     fn describe(&self) -> String;
+    /// Whether independent ops (one expert's FFN and another's) may run at once from several
+    /// host threads. On the CPU each op is itself a fork-join over the same pool, and running
+    /// whole experts side by side saves a join, and a sleeping thread's wake-up, per op.
+    fn concurrent_ops(&self) -> bool {
+        false
+    }
     /// Makes a host tensor resident on the device (and pays its I/O now).
     fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
     /// A zeroed buffer of `len` f32.

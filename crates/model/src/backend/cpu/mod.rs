@@ -58,6 +58,10 @@ impl Backend for Cpu {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn concurrent_ops(&self) -> bool {
+        rayon::current_num_threads() > 1
+    }
+
     fn upload(&self, t: HostTensor) -> Result<HostTensor> {
         // Weights are used in place from the memory map; touching every page now makes the load
         // (and its progress bar) do the I/O instead of the first request.

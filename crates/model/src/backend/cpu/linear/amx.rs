@@ -224,10 +224,11 @@ fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
 }
 
 thread_local! {
-    /// Packed activations; grows to the largest `groups · in · PARTS` once per thread.
-    static PACKED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Packed activations (see [`super::with_scratch`]); each grows to the largest
+    /// `groups · in · PARTS` once.
+    static PACKED: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
     /// The last weight rows of a task, padded with zero rows to a whole tile.
-    static TAIL: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static TAIL: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One weight of an AMX pass: its bf16 `[out, in]` elements, output count and output pointer.

@@ -195,29 +195,29 @@ fn dot_with(isa: Isa, x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usi
 }
 
 thread_local! {
-    /// Paired activations for the AVX-512 bf16 tiles; grows to the largest `rows · in` once
-    /// per thread.
-    static PAIRS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Paired activations for the AVX-512 bf16 tiles (see [`with_scratch`]); each grows to the
+    /// largest `rows · in` once.
+    static PAIRS: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's scratch buffer `key` grown to `n` elements (once: it keeps its
-/// largest size). A linear started on this thread while another waits on it (a rayon worker
-/// taking a task during its own fork-join) finds the buffer in use: rare, and given its own.
+/// Runs `f` with one of this thread's scratch buffers of kind `key`, grown to `n` elements
+/// (buffers keep their largest size). A linear that starts on this thread while another waits
+/// on it (a rayon worker taking a task during its own fork-join, which is common when a layer's
+/// experts run side by side) takes a second buffer from the same list, so after the first
+/// steps nothing allocates.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn with_scratch<E: Copy + Default, T>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<E>>>,
+    key: &'static std::thread::LocalKey<RefCell<Vec<Vec<E>>>>,
     n: usize,
     f: impl FnOnce(&mut [E]) -> T,
 ) -> T {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < n {
-                buf.resize(n, E::default());
-            }
-            f(&mut buf[..n])
-        }
-        Err(_) => f(&mut vec![E::default(); n]),
-    })
+    let mut buf = key.with(|free| free.borrow_mut().pop()).unwrap_or_default();
+    if buf.len() < n {
+        buf.resize(n, E::default());
+    }
+    let out = f(&mut buf[..n]);
+    key.with(|free| free.borrow_mut().push(buf));
+    out
 }
 
 /// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it
