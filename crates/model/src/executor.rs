@@ -78,15 +78,18 @@ struct Scratch<B: Backend> {
     fill: Vec<usize>,
     /// Per-entry expert outputs `[entries, hidden]`, combined in slot order at the end.
     ys: Vec<f32>,
-    /// One set per expert index, so that experts can run side by side.
-    per: Vec<ExpertBufs<B>>,
+    /// The same outputs ordered by expert (`starts[e]..` is expert e's), so that experts
+    /// running side by side each write a slice of their own.
+    ys_by_expert: Vec<f32>,
+    /// Buffer sets of experts not running now: one is taken per expert run and given back, so
+    /// there are as many as experts ever ran at once (not one per expert).
+    free: Mutex<Vec<ExpertBufs<B>>>,
 }
 
-/// One expert's rows gathered on the host and on the device, its FFN's intermediates and its
+/// One expert's rows gathered on the host and on the device, and its FFN's intermediates and
 /// output.
 struct ExpertBufs<B: Backend> {
     xe_host: Vec<f32>,
-    ye_host: Vec<f32>,
     xe: B::Buf,
     gate: B::Buf,
     up: B::Buf,
@@ -97,7 +100,6 @@ impl<B: Backend> ExpertBufs<B> {
     fn new(b: &B) -> Result<Self> {
         Ok(Self {
             xe_host: Vec::new(),
-            ye_host: Vec::new(),
             xe: b.alloc(0)?,
             gate: b.alloc(0)?,
             up: b.alloc(0)?,
@@ -160,9 +162,8 @@ impl<B: Backend + Clone> LocalExperts<B> {
             starts: vec![0; cfg.num_local_experts],
             fill: vec![0; cfg.num_local_experts],
             ys: Vec::new(),
-            per: (0..cfg.num_local_experts)
-                .map(|_| ExpertBufs::new(backend))
-                .collect::<Result<_>>()?,
+            ys_by_expert: Vec::new(),
+            free: Mutex::new(Vec::new()),
         };
         Ok(Self {
             backend: backend.clone(),
@@ -268,6 +269,7 @@ impl<B: Backend> LocalExperts<B> {
 
         if s.ys.len() < n_entries * h {
             s.ys.resize(n_entries * h, 0.0);
+            s.ys_by_expert.resize(n_entries * h, 0.0);
         }
         let Scratch {
             order,
@@ -275,16 +277,23 @@ impl<B: Backend> LocalExperts<B> {
             counts,
             starts,
             ys,
-            per,
+            ys_by_expert,
+            free,
             ..
         } = s;
-        let (order, entry_row, counts, starts) = (&*order, &*entry_row, &*counts, &*starts);
+        let (order, entry_row, counts, starts, free) =
+            (&*order, &*entry_row, &*counts, &*starts, &*free);
         let b = &self.backend;
-        // Expert e's FFN on its rows, into its own buffers.
-        let one = |e: usize, bufs: &mut ExpertBufs<B>| -> Result<()> {
+        // Expert e's FFN on its rows, into `ye` (its `counts[e]` output rows).
+        let one = |e: usize, ye: &mut [f32]| -> Result<()> {
             let n = counts[e];
             let Some(ffn) = experts[e].as_ref().filter(|_| n > 0) else {
                 return Ok(());
+            };
+            let taken = free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let mut bufs = match taken {
+                Some(bufs) => bufs,
+                None => ExpertBufs::new(b)?,
             };
             let group = &order[starts[e]..starts[e] + n];
             bufs.xe_host.resize(n * h, 0.0);
@@ -304,37 +313,58 @@ impl<B: Backend> LocalExperts<B> {
             )?;
             b.silu_mul(&mut bufs.gate, &bufs.up, n * inter)?;
             b.linear(&bufs.gate, n, &ffn.w2, &mut bufs.ye)?;
-            bufs.ye_host.resize(n * h, 0.0);
-            b.to_host(&bufs.ye, &mut bufs.ye_host)
+            b.to_host(&bufs.ye, ye)?;
+            free.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
+            Ok(())
         };
-        if b.concurrent_ops() {
-            // Whole experts side by side: each thread streams its own experts' weights, and
-            // an idle one steals row blocks of another's linear. Every expert computes exactly
-            // as it would alone.
-            use rayon::prelude::*;
-            per.par_iter_mut()
-                .enumerate()
-                .try_for_each(|(e, bufs)| one(e, bufs))?;
-        } else {
-            for (e, bufs) in per.iter_mut().enumerate() {
-                one(e, bufs)?;
-            }
-        }
-        for (e, bufs) in per.iter().enumerate() {
-            let n = counts[e];
-            if n == 0 || experts[e].is_none() {
-                continue;
-            }
-            let group = &order[starts[e]..starts[e] + n];
-            for (src, &entry) in bufs.ye_host.chunks(h).zip(group) {
-                let entry = entry as usize;
-                ys[entry * h..(entry + 1) * h].copy_from_slice(src);
-            }
+        let concurrent = b.concurrent_ops();
+        run_experts(
+            &one,
+            concurrent,
+            0..experts.len(),
+            (counts, starts),
+            h,
+            &mut ys_by_expert[..n_entries * h],
+        )?;
+        // Back to entry order.
+        for (p, &entry) in order.iter().enumerate() {
+            let entry = entry as usize;
+            ys[entry * h..(entry + 1) * h].copy_from_slice(&ys_by_expert[p * h..(p + 1) * h]);
         }
 
         combine(plan, ys, h, out);
         Ok(())
     }
+}
+
+/// Runs `one` for experts `range`, whose outputs lie in `ys` in expert order (expert e's
+/// `counts[e]` rows at `starts[e]`, relative to the range's first). Side by side (`concurrent`), the range is
+/// halved and both halves forked, each with its own part of `ys`; each thread then streams its
+/// own experts' weights, and an idle one steals row blocks of another's linear. Every expert
+/// computes exactly as it would alone.
+fn run_experts(
+    one: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync),
+    concurrent: bool,
+    range: std::ops::Range<usize>,
+    (counts, starts): (&[usize], &[usize]),
+    h: usize,
+    ys: &mut [f32],
+) -> Result<()> {
+    if range.len() <= 1 || !concurrent {
+        let base = starts.get(range.start).copied().unwrap_or(0);
+        for e in range {
+            let lo = (starts[e] - base) * h;
+            one(e, &mut ys[lo..lo + counts[e] * h])?;
+        }
+        return Ok(());
+    }
+    let mid = range.start + range.len() / 2;
+    let (a, b) = ys.split_at_mut((starts[mid] - starts[range.start]) * h);
+    let (ra, rb) = rayon::join(
+        || run_experts(one, concurrent, range.start..mid, (counts, starts), h, a),
+        || run_experts(one, concurrent, mid..range.end, (counts, starts), h, b),
+    );
+    ra.and(rb)
 }
 
 /// `out[r] = Σ_{entries of r, in slot order} w · y[entry]`, starting from zero. Written as
