@@ -338,10 +338,10 @@ impl<B: Backend> LocalExperts<B> {
 }
 
 /// Runs `one` for experts `range`, whose outputs lie in `ys` in expert order (expert e's
-/// `counts[e]` rows at `starts[e]`, relative to the range's first). Side by side (`concurrent`), the range is
-/// halved and both halves forked, each with its own part of `ys`; each thread then streams its
-/// own experts' weights, and an idle one steals row blocks of another's linear. Every expert
-/// computes exactly as it would alone.
+/// `counts[e]` rows at `starts[e]`, relative to the range's first). Side by side
+/// (`concurrent`), the range is halved and both halves forked, each with its own part of `ys`;
+/// each thread then streams its own experts' weights, and an idle one steals row blocks of
+/// another's linear. Every expert computes exactly as it would alone.
 fn run_experts(
     one: &(dyn Fn(usize, &mut [f32]) -> Result<()> + Sync),
     concurrent: bool,
