@@ -76,11 +76,12 @@ struct Scratch<B: Backend> {
     counts: Vec<usize>,
     starts: Vec<usize>,
     fill: Vec<usize>,
-    /// Per-entry expert outputs `[entries, hidden]`, combined in slot order at the end.
+    /// Each entry's row in `ys` (the inverse of `order`).
+    at: Vec<u32>,
+    /// Expert outputs `[entries, hidden]` in expert order (`starts[e]..` is expert e's), so that
+    /// experts running side by side each write a slice of their own; combined in slot order
+    /// through `at`.
     ys: Vec<f32>,
-    /// The same outputs ordered by expert (`starts[e]..` is expert e's), so that experts
-    /// running side by side each write a slice of their own.
-    ys_by_expert: Vec<f32>,
     /// Buffer sets of experts not running now: one is taken per expert run and given back, so
     /// there are as many as experts ever ran at once (not one per expert).
     free: Mutex<Vec<ExpertBufs<B>>>,
@@ -161,8 +162,8 @@ impl<B: Backend + Clone> LocalExperts<B> {
             counts: vec![0; cfg.num_local_experts],
             starts: vec![0; cfg.num_local_experts],
             fill: vec![0; cfg.num_local_experts],
+            at: Vec::new(),
             ys: Vec::new(),
-            ys_by_expert: Vec::new(),
             free: Mutex::new(Vec::new()),
         };
         Ok(Self {
@@ -262,22 +263,24 @@ impl<B: Backend> LocalExperts<B> {
         }
         s.fill.copy_from_slice(&s.starts);
         s.order.resize(n_entries, 0);
+        s.at.resize(n_entries, 0);
         for (i, &e) in plan.experts().iter().enumerate() {
-            s.order[s.fill[e as usize]] = i as u32;
+            let p = s.fill[e as usize];
+            s.order[p] = i as u32;
+            s.at[i] = p as u32;
             s.fill[e as usize] += 1;
         }
 
         if s.ys.len() < n_entries * h {
             s.ys.resize(n_entries * h, 0.0);
-            s.ys_by_expert.resize(n_entries * h, 0.0);
         }
         let Scratch {
             order,
             entry_row,
             counts,
             starts,
+            at,
             ys,
-            ys_by_expert,
             free,
             ..
         } = s;
@@ -324,15 +327,9 @@ impl<B: Backend> LocalExperts<B> {
             0..experts.len(),
             (counts, starts),
             h,
-            &mut ys_by_expert[..n_entries * h],
+            &mut ys[..n_entries * h],
         )?;
-        // Back to entry order.
-        for (p, &entry) in order.iter().enumerate() {
-            let entry = entry as usize;
-            ys[entry * h..(entry + 1) * h].copy_from_slice(&ys_by_expert[p * h..(p + 1) * h]);
-        }
-
-        combine(plan, ys, h, out);
+        combine(plan, ys, at, h, out);
         Ok(())
     }
 }
@@ -367,16 +364,17 @@ fn run_experts(
     ra.and(rb)
 }
 
-/// `out[r] = Σ_{entries of r, in slot order} w · y[entry]`, starting from zero. Written as
-/// separate multiply and add (never fused) so that the sum of partials computed on different
-/// workers is bit-identical to this for top-2 routing.
-pub fn combine(plan: &RoutePlan, ys: &[f32], h: usize, out: &mut [f32]) {
+/// `out[r] = Σ_{entries of r, in slot order} w · y[entry]`, starting from zero, where entry i's
+/// `y` is row `at[i]` of `ys`. Written as separate multiply and add (never fused) so that the
+/// sum of partials computed on different workers is bit-identical to this for top-2 routing.
+pub fn combine(plan: &RoutePlan, ys: &[f32], at: &[u32], h: usize, out: &mut [f32]) {
     for r in 0..plan.rows() {
         let o = &mut out[r * h..(r + 1) * h];
         o.fill(0.0);
         for i in plan.row_range(r) {
             let w = plan.weights()[i];
-            for (ov, yv) in o.iter_mut().zip(&ys[i * h..(i + 1) * h]) {
+            let y = at[i] as usize * h;
+            for (ov, yv) in o.iter_mut().zip(&ys[y..y + h]) {
                 *ov += w * yv;
             }
         }
