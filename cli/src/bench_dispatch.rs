@@ -41,6 +41,9 @@ pub struct Args {
     wire_dtype: WireDType,
 }
 
+/// Unmeasured calls before each measurement (connections, caches, thread pools warm up).
+const WARMUP: usize = 10;
+
 /// Spawned workers, killed on drop.
 struct Children(Vec<Child>);
 impl Drop for Children {
@@ -141,7 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         // The remote calls first, then the in-process ones: interleaved, this process's compute
         // threads would still be spinning from the local run while the workers compute, and on
         // a machine with few cores they would take the workers' CPU time.
-        for i in 0..a.iters + 10 {
+        for i in 0..a.iters + WARMUP {
             let before: Vec<u64> = remote.snapshot().iter().map(|w| w.compute_micros).collect();
             let s = Instant::now();
             remote.run(layer, &x, &plan, &mut out)?;
@@ -153,16 +156,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .map(|(w, b)| w.compute_micros - b)
                 .max()
                 .unwrap_or(0) as f64;
-            if i >= 10 {
+            if i >= WARMUP {
                 total.push(us);
                 over.push(us - max_compute);
                 comp.push(max_compute);
             }
         }
-        for i in 0..a.iters + 10 {
+        for i in 0..a.iters + WARMUP {
             let s = Instant::now();
             local.run(layer, &x, &plan, &mut out)?;
-            if i >= 10 {
+            if i >= WARMUP {
                 loc.push(s.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -175,7 +178,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "tokens": t,
             "layer_p50_us": pct(&mut total, 0.5),
             "layer_p99_us": pct(&mut total, 0.99),
-            "worker_compute_p50_us": pct(&mut comp, 0.5),
+            "worker_compute_p50_us": compute_p50,
             "overhead_p50_us": pct(&mut over, 0.5),
             "overhead_p99_us": pct(&mut over, 0.99),
             "in_process_compute_p50_us": pct(&mut loc, 0.5),
@@ -210,8 +213,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// Round trips of `bytes` each way to a loopback TCP echo whose server spins for `busy` before
-/// answering (as a worker computes), after 10 unmeasured ones: each one's time beyond `busy`,
-/// in µs.
+/// answering (as a worker computes), after [`WARMUP`] unmeasured ones: each one's time beyond
+/// `busy`, in µs.
 fn echo_floor(bytes: usize, busy: Duration, iters: usize) -> std::io::Result<Vec<f64>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -233,11 +236,11 @@ fn echo_floor(bytes: usize, busy: Duration, iters: usize) -> std::io::Result<Vec
     c.set_nodelay(true)?;
     let mut buf = vec![1u8; bytes];
     let mut over = Vec::with_capacity(iters);
-    for i in 0..iters + 10 {
+    for i in 0..iters + WARMUP {
         let s = Instant::now();
         c.write_all(&buf)?;
         c.read_exact(&mut buf)?;
-        if i >= 10 {
+        if i >= WARMUP {
             over.push((s.elapsed().saturating_sub(busy)).as_secs_f64() * 1e6);
         }
     }
