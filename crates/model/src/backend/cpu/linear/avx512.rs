@@ -16,20 +16,28 @@ use crate::weights::Elems;
 use std::arch::x86_64::*;
 
 /// How far ahead of its loads the single-row kernel prefetches weights, and into which cache,
-/// differs by CPU. Intel: 4 KiB into L2 (`_MM_HINT_T1`), where the prefetch waits in L2's larger
-/// miss queue instead of holding one of L1's few fill buffers; batch-1 decode on a Xeon
-/// (hidden 1024, bf16, 2 threads, interleaved runs): 34.8-37.4 tok/s against 31.1-35.6 with 8
-/// KiB into L1, 8-16 KiB into L2 in between, L3 (T2) no better, non-temporal 22 tok/s. AMD: 8
-/// KiB into L1 (`_MM_HINT_T0`), as for the AVX2 kernel; bench_linear at one row on a Zen 5 VM,
-/// five interleaved runs each, median GB/s on w1/w2 shapes: 34.0/31.5 against 27.5/30.4 for
-/// Intel's choice, 24.7/23.4 at 2 KiB and 29.1/27.9 at 16 KiB into L2.
-const PREFETCH_BYTES_L2: usize = 4096;
-const PREFETCH_BYTES_L1: usize = 8192;
+/// differs by CPU; `kernels::plan_for` picks one of these per CPU.
+///
+/// Intel: 4 KiB into L2 (`_MM_HINT_T1`), where the prefetch waits in L2's larger miss queue
+/// instead of holding one of L1's few fill buffers; batch-1 decode on a Xeon (hidden 1024, bf16,
+/// 2 threads, interleaved runs): 34.8-37.4 tok/s against 31.1-35.6 with 8 KiB into L1, 8-16 KiB
+/// into L2 in between, L3 (T2) no better, non-temporal 22 tok/s.
+pub const INTEL_AHEAD: usize = 4096;
+/// Zen 5: 8 KiB into L1 (`_MM_HINT_T0`), as for the AVX2 kernel; bench_linear at one row on a
+/// Zen 5 VM, five interleaved runs each, median GB/s on w1/w2 shapes: 34.0/31.5 against
+/// 27.5/30.4 for Intel's choice, 24.7/23.4 at 2 KiB and 29.1/27.9 at 16 KiB into L2.
+pub const ZEN5_AHEAD: usize = 8192;
+/// Zen 4 and older AMD: 8 KiB into L2. On a Zen 4 VM Zen 5's choice is the slowest there is;
+/// bench_linear at one row, 700 MB of weights, GB/s on w1/w2, 2 threads: 31.4-39.4/29.9-34.2
+/// against 17.7-19.3/17.8-20.3 into L1 and 31.0-33.8/23.0-33.8 for Intel's 4 KiB; one thread:
+/// 20.5-21.5/21.9-23.1 against 13.5-15.7/13.6-14.5 into L1, 19.0-21.3/21.4-22.5 at 16 KiB
+/// and 18.1-21.6/15.3-18.9 with no prefetch.
+pub const ZEN4_AHEAD: usize = 8192;
 
-/// Few tokens, one weight row: dispatches on dtype and token count. `L1` picks the prefetch
-/// (into L1, AMD's, or into L2, Intel's; see [`PREFETCH_BYTES_L2`]), chosen once per CPU by
-/// `kernels::plan_for`.
-pub fn dots<const L1: bool>(
+/// Few tokens, one weight row: dispatches on dtype and token count. Weights are prefetched
+/// `AHEAD` bytes ahead into L1 when `L1`, into L2 otherwise (see [`INTEL_AHEAD`]), chosen once
+/// per CPU by `kernels::plan_for`.
+pub fn dots<const L1: bool, const AHEAD: usize>(
     row: Elems<'_>,
     x: Lhs<'_>,
     n: usize,
@@ -48,10 +56,10 @@ pub fn dots<const L1: bool>(
             // holds `inp` elements and x `n * inp`, as asserted above.
             unsafe {
                 match n {
-                    1 => $f::<1, 4, L1>(w, x, inp, acc),
-                    2 => $f::<2, 2, L1>(w, x, inp, acc),
-                    3 => $f::<3, 2, L1>(w, x, inp, acc),
-                    _ => $f::<4, 2, L1>(w, x, inp, acc),
+                    1 => $f::<1, 4, L1, AHEAD>(w, x, inp, acc),
+                    2 => $f::<2, 2, L1, AHEAD>(w, x, inp, acc),
+                    3 => $f::<3, 2, L1, AHEAD>(w, x, inp, acc),
+                    _ => $f::<4, 2, L1, AHEAD>(w, x, inp, acc),
                 }
             }
         }};
@@ -183,11 +191,11 @@ unsafe fn load_f32(w: *const f32, k: usize, m: __mmask16) -> __m512 {
 
 /// One weight row × N tokens with U chains per token (four for one token hide the FMA
 /// latency; a step is 16·U elements, the tail goes 16 at a time into chain 0), prefetching
-/// into L1 or L2 by `L1`.
+/// `AHEAD` bytes ahead into L1 or L2 by `L1`.
 macro_rules! dots_kernel {
     ($name:ident, $wty:ty, $load:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn $name<const N: usize, const U: usize, const L1: bool>(
+        unsafe fn $name<const N: usize, const U: usize, const L1: bool, const AHEAD: usize>(
             w: *const $wty,
             x: *const f32,
             inp: usize,
@@ -203,12 +211,7 @@ macro_rules! dots_kernel {
                 let mut a = [[_mm512_setzero_ps(); U]; N];
                 let mut k = 0;
                 while k < main {
-                    let ahead = if L1 {
-                        PREFETCH_BYTES_L1
-                    } else {
-                        PREFETCH_BYTES_L2
-                    };
-                    let p = w.cast::<u8>().wrapping_add(k * SIZE + ahead);
+                    let p = w.cast::<u8>().wrapping_add(k * SIZE + AHEAD);
                     for l in 0..lines {
                         let line = p.wrapping_add(l * 64).cast();
                         if L1 {

@@ -137,22 +137,55 @@ pub fn isa() -> Isa {
     })
 }
 
-/// Whether this is an AMD CPU, whose single-row AVX-512 kernel prefetches into L1 rather than
-/// L2 (measurements at `avx512::PREFETCH_BYTES_L2`).
+/// The CPU families whose single-row AVX-512 kernel prefetches differently (measurements at
+/// `avx512::INTEL_AHEAD`).
 #[cfg(target_arch = "x86_64")]
-fn is_amd() -> bool {
-    static AMD: OnceLock<bool> = OnceLock::new();
-    *AMD.get_or_init(|| {
-        // SAFETY: cpuid leaf 0 exists on every x86_64 CPU (newer toolchains call it safe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prefetcher {
+    /// Intel and anything not AMD.
+    Intel,
+    /// AMD family 0x19 (Zen 3 and 4) and older.
+    Zen4,
+    /// AMD family 0x1A and newer: Zen 5 on.
+    Zen5,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetcher() -> Prefetcher {
+    static KIND: OnceLock<Prefetcher> = OnceLock::new();
+    *KIND.get_or_init(|| {
+        // SAFETY: cpuid leaves 0 and 1 exist on every x86_64 CPU (newer toolchains call it safe).
         #[allow(unused_unsafe)]
-        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let (id, sig) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
         // The vendor string, "AuthenticAMD", in ebx, edx, ecx.
         let mut vendor = [0u8; 12];
         vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
         vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
         vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
-        &vendor == b"AuthenticAMD"
+        let kind = classify(&vendor, sig.eax);
+        tracing::debug!(?kind, "single-row kernel prefetch");
+        kind
     })
+}
+
+/// The prefetcher for a cpuid vendor string and leaf-1 eax (the family is the base family plus
+/// the extended family when the base reads 0xF).
+#[cfg(target_arch = "x86_64")]
+fn classify(vendor: &[u8; 12], eax: u32) -> Prefetcher {
+    if vendor != b"AuthenticAMD" {
+        return Prefetcher::Intel;
+    }
+    let base = (eax >> 8) & 0xF;
+    let family = if base == 0xF {
+        base + ((eax >> 20) & 0xFF)
+    } else {
+        base
+    };
+    if family >= 0x1A {
+        Prefetcher::Zen5
+    } else {
+        Prefetcher::Zen4
+    }
 }
 
 /// From this many token rows the AVX-512 tiles replace the AVX2 ones. Below it a tile's work is
@@ -167,10 +200,10 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{avx2, avx512};
-        let avx512_dots: Kernel = if is_amd() {
-            avx512::dots::<true>
-        } else {
-            avx512::dots::<false>
+        let avx512_dots: Kernel = match prefetcher() {
+            Prefetcher::Zen5 => avx512::dots::<true, { avx512::ZEN5_AHEAD }>,
+            Prefetcher::Zen4 => avx512::dots::<false, { avx512::ZEN4_AHEAD }>,
+            Prefetcher::Intel => avx512::dots::<false, { avx512::INTEL_AHEAD }>,
         };
         if isa >= Isa::Avx512 && rows >= AVX512_TILE_MIN_ROWS {
             let pairs = matches!(w, Elems::BF16(_));
@@ -231,5 +264,21 @@ pub fn scalar(
     for (t, a) in acc[0].iter_mut().take(n).enumerate() {
         let xr = &x.f32[t * inp..(t + 1) * inp];
         *a = xr.iter().enumerate().map(|(k, v)| row.get_f32(k) * v).sum();
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::{classify, Prefetcher};
+
+    #[test]
+    fn prefetcher_follows_the_cpuid_family() {
+        // Leaf-1 eax of a Zen 4 EPYC (family 0x19), a Zen 5 EPYC (0x1A) and a Sapphire Rapids
+        // Xeon (family 6).
+        assert_eq!(classify(b"AuthenticAMD", 0x00A1_0F11), Prefetcher::Zen4);
+        assert_eq!(classify(b"AuthenticAMD", 0x00B0_0F21), Prefetcher::Zen5);
+        assert_eq!(classify(b"GenuineIntel", 0x0008_06F8), Prefetcher::Intel);
+        // A family below 0xF needs no extended family.
+        assert_eq!(classify(b"AuthenticAMD", 0x0000_0610), Prefetcher::Zen4);
     }
 }
