@@ -27,12 +27,15 @@ pub const INTEL_AHEAD: usize = 4096;
 /// Zen 5 VM, five interleaved runs each, median GB/s on w1/w2 shapes: 34.0/31.5 against
 /// 27.5/30.4 for Intel's choice, 24.7/23.4 at 2 KiB and 29.1/27.9 at 16 KiB into L2.
 pub const ZEN5_AHEAD: usize = 8192;
-/// Zen 4 and older AMD: 8 KiB into L2. On a Zen 4 VM Zen 5's choice is the slowest there is;
-/// bench_linear at one row, 700 MB of weights, GB/s on w1/w2, 2 threads: 31.4-39.4/29.9-34.2
-/// against 17.7-19.3/17.8-20.3 into L1 and 31.0-33.8/23.0-33.8 for Intel's 4 KiB; one thread:
-/// 20.5-21.5/21.9-23.1 against 13.5-15.7/13.6-14.5 into L1, 19.0-21.3/21.4-22.5 at 16 KiB
-/// and 18.1-21.6/15.3-18.9 with no prefetch.
-pub const ZEN4_AHEAD: usize = 8192;
+/// Zen 4 and older AMD: 16 KiB into L2. On a Zen 4 VM Zen 5's choice is the slowest there is;
+/// bench_linear at one row, 700 MB of weights, GB/s on w1/w2, 2 threads: 31.4-39.4/29.9-34.2 at
+/// 8 KiB into L2 against 17.7-19.3/17.8-20.3 into L1 and 31.0-33.8/23.0-33.8 for Intel's 4 KiB;
+/// one thread: 20.5-21.5/21.9-23.1 at 8 KiB into L2, 19.0-21.3/21.4-22.5 at 16 KiB, 13.5-15.7/
+/// 13.6-14.5 into L1, 18.1-21.6/15.3-18.9 with no prefetch. Whole-model batch-1 decode (2
+/// threads, six interleaved rounds) settled between the L2 distances: expert time per layer,
+/// median, 1.31 ms at 16 KiB against 1.41 at 8 and 1.49 at 4 (16 KiB ahead in four rounds, one
+/// tie), 63.7 against 61.6 and 59.6 tok/s.
+pub const ZEN4_AHEAD: usize = 16384;
 
 /// Few tokens, one weight row: dispatches on dtype and token count. Weights are prefetched
 /// `AHEAD` bytes ahead into L1 when `L1`, into L2 otherwise (see [`INTEL_AHEAD`]), chosen once
