@@ -2,8 +2,8 @@
 # switchyard against llama.cpp on the same checkpoint, same machine, same thread count, in one
 # sitting: ROUNDS interleaved rounds (the order alternating) of `switchyard bench` (embedded,
 # batch 1) and the peers' llama-bench (pp128, tg64), then the medians and their ratios.
-# switchyard decodes after its 128-token prompt (positions 128-191), llama-bench's tg64 from an
-# empty context (0-63), so switchyard's attention reads the longer cache.
+# llama-bench's tg64 decodes from an empty context, so switchyard's decode figure comes from a
+# run with a one-token prompt (positions 1-64), its prefill figure from a 128-token prompt.
 #
 #   bash scripts/bench-vs-llamacpp.sh HF_DIR [THREADS=2] [ROUNDS=3]
 #
@@ -19,7 +19,10 @@ BIN=$ROOT/target/release/switchyard
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-sy() { "$BIN" --threads "$T" bench --model "$DIR" --runs 3 >"$OUT/sy-$1.json" 2>/dev/null; }
+sy() {
+  "$BIN" --threads "$T" bench --model "$DIR" --runs 3 >"$OUT/sy-$1.json" 2>/dev/null
+  "$BIN" --threads "$T" bench --model "$DIR" --runs 3 --prompt-tokens 1 >"$OUT/sy-tg-$1.json" 2>/dev/null
+}
 lc() { bash "$PEERS_SCRIPTS/llamacpp.sh" "$DIR" "$T" >"$OUT/lc-$1.txt" 2>&1; }
 # The order alternates between rounds, so that neither engine always runs in the other's wake
 # (page cache, the host's bandwidth trend over a sitting).
@@ -33,8 +36,9 @@ out, rounds, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sy_pp, sy_tg, lc_pp, lc_tg, pct = [], [], [], [], []
 for r in range(1, rounds + 1):
     s = json.load(open(f"{out}/sy-{r}.json"))
-    sy_pp.append(s["prefill_tok_s_median"]); sy_tg.append(s["decode_tok_s_median"])
-    pct.append(s["decode_pct_of_bandwidth_bound"])
+    tg = json.load(open(f"{out}/sy-tg-{r}.json"))
+    sy_pp.append(s["prefill_tok_s_median"]); sy_tg.append(tg["decode_tok_s_median"])
+    pct.append(tg["decode_pct_of_bandwidth_bound"])
     text = open(f"{out}/lc-{r}.txt").read()
     for test, acc in (("pp128", lc_pp), ("tg64", lc_tg)):
         m = re.search(rf"\|\s*{test}\s*\|\s*([\d.]+)", text)
