@@ -4,12 +4,14 @@ use crate::weights::Elems;
 use std::sync::OnceLock;
 
 /// Token rows as the kernels read them: f32 in order, and for the AVX-512 bf16 tiles the
-/// same rows with each 32-element block laid out evens first (`avx512::pair_rows`). `pairs`
-/// is empty where the kernel does not use it.
+/// same rows with each 32-element block laid out evens first (`avx512::pair_rows`), or rounded
+/// to bf16 for the `vdpbf16ps` tiles ([`bf16_activations`]). `pairs` and `bf16` are empty
+/// where the kernels do not use them.
 #[derive(Clone, Copy)]
 pub struct Lhs<'a> {
     pub f32: &'a [f32],
     pub pairs: &'a [f32],
+    pub bf16: &'a [u16],
 }
 
 impl<'a> Lhs<'a> {
@@ -19,6 +21,7 @@ impl<'a> Lhs<'a> {
         Lhs {
             f32: &self.f32[r * inp..(r + n) * inp],
             pairs: self.pairs.get(r * inp..(r + n) * inp).unwrap_or(&[]),
+            bf16: self.bf16.get(r * inp..(r + n) * inp).unwrap_or(&[]),
         }
     }
 }
@@ -50,6 +53,8 @@ pub struct Plan {
     pub tiles: Option<Tiles>,
     /// Whether `tiles` read [`Lhs::pairs`].
     pub pairs: bool,
+    /// Whether `tiles` read [`Lhs::bf16`].
+    pub bf16: bool,
 }
 
 /// Instruction sets the kernels come in, best last.
@@ -137,6 +142,46 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Whether batched bf16 weights may meet activations rounded to bf16 (`vdpbf16ps`, 32
+/// multiply-adds an instruction against a 512-bit FMA's 16): `SWITCHYARD_CPU_ACTIVATIONS=bf16`,
+/// on CPUs with AVX-512 BF16. Off by default: rounding moves a product by up to 2⁻⁹ of itself,
+/// past the reference's f32 tolerances, and then a token's result depends on whether its step
+/// had enough rows for tiles. On a Zen 4 VM the tiles stayed memory-bound up to 8 rows, 2-3×
+/// the f32 tiles at 4-8 rows (`bench_linear`).
+pub fn bf16_activations() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let Ok(v) = std::env::var("SWITCHYARD_CPU_ACTIVATIONS") else {
+            return false;
+        };
+        match v.trim() {
+            "f32" => false,
+            "bf16" if has_avx512_bf16() => true,
+            "bf16" => {
+                tracing::warn!("SWITCHYARD_CPU_ACTIVATIONS=bf16 needs AVX-512 BF16; keeping f32");
+                false
+            }
+            other => {
+                tracing::warn!(
+                    value = other,
+                    "SWITCHYARD_CPU_ACTIVATIONS is not one of f32, bf16"
+                );
+                false
+            }
+        }
+    })
+}
+
+/// Whether this CPU runs the `vdpbf16ps` tiles.
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::best() >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The CPU families whose single-row AVX-512 kernel prefetches differently (measurements at
 /// `avx512::INTEL_AHEAD`).
 #[cfg(target_arch = "x86_64")]
@@ -197,6 +242,12 @@ const AVX512_TILE_MIN_ROWS: usize = 16;
 /// The kernels for `rows` token rows against weights like `w` on instruction set `isa` (at
 /// most [`Isa::best`]).
 pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
+    plan_with(isa, w, rows, bf16_activations())
+}
+
+/// [`plan_for`], with the tiles rounding activations to bf16 when `bf16_act` (and the CPU
+/// has AVX-512 BF16).
+pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{avx2, avx512};
@@ -205,6 +256,18 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
             Prefetcher::Zen4 => avx512::dots::<false, { avx512::ZEN4_AHEAD }>,
             Prefetcher::Intel => avx512::dots::<false, { avx512::INTEL_AHEAD }>,
         };
+        if bf16_act && isa >= Isa::Avx512 && matches!(w, Elems::BF16(_)) && has_avx512_bf16() {
+            return Plan {
+                single: avx512_dots,
+                tiles: Some(Tiles {
+                    one: avx512::dp_tile::<1>,
+                    two: avx512::dp_tile::<2>,
+                    three: avx512::dp_tile::<3>,
+                }),
+                pairs: false,
+                bf16: true,
+            };
+        }
         if isa >= Isa::Avx512 && rows >= AVX512_TILE_MIN_ROWS {
             let pairs = matches!(w, Elems::BF16(_));
             return Plan {
@@ -223,6 +286,7 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
                     }
                 }),
                 pairs,
+                bf16: false,
             };
         }
         if isa >= Isa::Avx2 {
@@ -241,14 +305,16 @@ pub fn plan_for(isa: Isa, w: Elems<'_>, rows: usize) -> Plan {
                     three: avx2::tile_dots::<3>,
                 }),
                 pairs: false,
+                bf16: false,
             };
         }
     }
-    let _ = (isa, w, rows);
+    let _ = (isa, w, rows, bf16_act);
     Plan {
         single: scalar,
         tiles: None,
         pairs: false,
+        bf16: false,
     }
 }
 

@@ -185,9 +185,39 @@ pub fn linear_dot(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, 
 
 /// The dot path on a given instruction set (at most [`Isa::best`]).
 fn dot_with(isa: Isa, x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize, y: &mut [f32]) {
+    dot_plan(kernels::plan_for(isa, w, rows), x, rows, w, inp, out, y);
+}
+
+/// The dot path with activations rounded to bf16 for the tiles, public so tests and benches
+/// can measure it without `SWITCHYARD_CPU_ACTIVATIONS`. Returns false, computing nothing,
+/// where the CPU lacks AVX-512 BF16.
+pub fn linear_dot_bf16_activations(
+    x: &[f32],
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+) -> bool {
+    if !kernels::has_avx512_bf16() {
+        return false;
+    }
+    let plan = kernels::plan_with(Isa::best().min(Isa::Avx512), w, rows, true);
+    dot_plan(plan, x, rows, w, inp, out, y);
+    true
+}
+
+fn dot_plan(
+    plan: Plan,
+    x: &[f32],
+    rows: usize,
+    w: Elems<'_>,
+    inp: usize,
+    out: usize,
+    y: &mut [f32],
+) {
     let yp = SendPtr(y.as_mut_ptr());
-    let plan = kernels::plan_for(isa, w, rows);
-    with_lhs(x, rows, inp, plan.pairs, |lhs| {
+    with_lhs(x, rows, inp, plan, |lhs| {
         (0..out.div_ceil(DOT_BLOCK))
             .into_par_iter()
             .for_each(|b| dot_block(lhs, rows, w, inp, out, yp, b, plan));
@@ -198,6 +228,8 @@ thread_local! {
     /// Paired activations for the AVX-512 bf16 tiles (see [`with_scratch`]); each grows to the
     /// largest `rows · in` once.
     static PAIRS: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    /// Activations rounded to bf16 for the `vdpbf16ps` tiles, likewise.
+    static BF16_ROWS: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with one of this thread's scratch buffers of kind `key`, grown to `n` elements
@@ -220,20 +252,50 @@ fn with_scratch<E: Copy + Default, T>(
     out
 }
 
+/// `out = bf16(x)`, rounding to nearest even.
+fn round_bf16(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernels::has_avx512_bf16() {
+        // SAFETY: the CPU has avx512f/bw/vl and avx512bf16, checked above.
+        return unsafe { avx512::round_bf16(x, out) };
+    }
+    for (b, v) in out.iter_mut().zip(x) {
+        *b = half::bf16::from_f32(*v).to_bits();
+    }
+}
+
 /// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it
 /// ([`kernels::plan_for`] asks only on CPUs with AVX-512, and only for enough rows for tiles).
-fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, pairs: bool, f: impl FnOnce(Lhs<'_>) -> T) -> T {
+fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, plan: Plan, f: impl FnOnce(Lhs<'_>) -> T) -> T {
+    if plan.bf16 && rows >= TILE_MIN_ROWS {
+        return with_scratch(&BF16_ROWS, rows * inp, |buf| {
+            round_bf16(&x[..rows * inp], buf);
+            f(Lhs {
+                f32: x,
+                pairs: &[],
+                bf16: buf,
+            })
+        });
+    }
     #[cfg(target_arch = "x86_64")]
-    if pairs {
+    if plan.pairs {
         debug_assert!(rows >= TILE_MIN_ROWS && Isa::best() >= Isa::Avx512);
         return with_scratch(&PAIRS, rows * inp, |buf| {
             // SAFETY: plans want paired rows only where the CPU has AVX-512 (f, bw, vl).
             unsafe { avx512::pair_rows(&x[..rows * inp], inp, buf) };
-            f(Lhs { f32: x, pairs: buf })
+            f(Lhs {
+                f32: x,
+                pairs: buf,
+                bf16: &[],
+            })
         });
     }
-    let _ = (rows, inp, pairs);
-    f(Lhs { f32: x, pairs: &[] })
+    let _ = (rows, inp);
+    f(Lhs {
+        f32: x,
+        pairs: &[],
+        bf16: &[],
+    })
 }
 
 /// Several linears of the same input in one parallel pass: `ys[i] = x · ws[i]ᵀ`, each weight
@@ -279,7 +341,14 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
     }
     let plans = &plans[..jobs.len()];
     let inp = jobs[0].1;
-    with_lhs(x, rows, inp, plans.iter().any(|p| p.pairs), |lhs| {
+    // Rounded rows only when every weight wants them (a checkpoint's dtypes agree); a bf16
+    // tile without them computes in f32.
+    let lhs_plan = Plan {
+        pairs: plans.iter().any(|p| p.pairs),
+        bf16: plans.iter().all(|p| p.bf16),
+        ..plans[0]
+    };
+    with_lhs(x, rows, inp, lhs_plan, |lhs| {
         (0..tasks).into_par_iter().for_each(|t| {
             // A task belongs to the last weight whose first task is at or before it.
             let Some(i) = jobs.iter().rposition(|j| j.4 <= t) else {
@@ -497,6 +566,7 @@ mod tests {
             let lhs = Lhs {
                 f32: &x[..inp],
                 pairs: &[],
+                bf16: &[],
             };
             kernels::scalar(w.slice(0..inp), lhs, 1, inp, &mut acc, &[]);
             assert!((acc[0][0] as f64 - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
@@ -564,9 +634,14 @@ mod tests {
         }
         let (rows, inp) = (TILE_MIN_ROWS + 1, 70);
         let (x, x2) = (data(rows * inp, 11), data(rows * inp, 12));
-        with_lhs(&x, rows, inp, true, |outer| {
+        let plan = Plan {
+            pairs: true,
+            bf16: false,
+            ..kernels::plan_for(Isa::best(), Elems::F32(&[]), rows)
+        };
+        with_lhs(&x, rows, inp, plan, |outer| {
             let outer_pairs = outer.pairs.to_vec();
-            with_lhs(&x2, rows, inp, true, |inner| {
+            with_lhs(&x2, rows, inp, plan, |inner| {
                 assert_eq!(inner.pairs.len(), rows * inp);
                 // Block 0 of row 0 is laid out evens first; the tail stays in order.
                 assert_eq!(inner.pairs[1].to_bits(), x2[2].to_bits());
@@ -579,6 +654,54 @@ mod tests {
                 "the outer rows were not touched"
             );
         });
+    }
+
+    #[test]
+    fn bf16_activation_tiles_stay_within_the_rounding_bound() {
+        // Rounding an activation to bf16 moves it by at most 2⁻⁹ of itself, so a sum moves by at
+        // most 2⁻⁹ of Σ|w·x|; f32 accumulation adds far less. Shapes cover one to three-row
+        // tiles, one to four tokens and a tail under the mask (inp 70).
+        if !kernels::has_avx512_bf16() {
+            return;
+        }
+        let mut rounded_somewhere = false;
+        for (rows, inp, out) in [(4, 64, 7), (5, 70, 8), (9, 96, 5), (16, 70, 11)] {
+            let x = data(rows * inp, 21);
+            let wf: Vec<bf16> = data(out * inp, 22)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let w32: Vec<f32> = wf.iter().map(|v| v.to_f32()).collect();
+            let mut y = vec![0.0; rows * out];
+            assert!(linear_dot_bf16_activations(
+                &x,
+                rows,
+                Elems::BF16(&wf),
+                inp,
+                out,
+                &mut y
+            ));
+            let mut exact = vec![0.0; rows * out];
+            linear_dot(&x, rows, Elems::BF16(&wf), inp, out, &mut exact);
+            let want = naive(&x, rows, &w32, inp, out);
+            for r in 0..rows {
+                for j in 0..out {
+                    let mag: f64 = (0..inp)
+                        .map(|k| (f64::from(x[r * inp + k]) * f64::from(w32[j * inp + k])).abs())
+                        .sum();
+                    let (got, want) = (f64::from(y[r * out + j]), want[r * out + j]);
+                    assert!(
+                        (got - want).abs() <= mag / 512.0 + 1e-5,
+                        "rows {rows} inp {inp} ({r}, {j}): {got} against {want}"
+                    );
+                    rounded_somewhere |= y[r * out + j] != exact[r * out + j];
+                }
+            }
+        }
+        assert!(
+            rounded_somewhere,
+            "the bf16 tiles never ran: results equal the f32 path's"
+        );
     }
 
     #[test]
