@@ -143,11 +143,11 @@ pub fn dp_tile<const R: usize>(
     let (w, xb) = (w.as_ptr().cast::<u16>(), x.bf16.as_ptr());
     // SAFETY: `plan_with` hands this kernel out only on CPUs with avx512f/bw/vl and
     // avx512bf16; `w` covers R rows of `inp` and `xb` n rows, checked above.
-    unsafe { with_tokens!(n, dp_bf16::<R>(w, xb, inp, acc, ahead)) }
+    unsafe { with_tokens!(n, dp_bf16::<R>(w, xb, inp, acc)) }
 }
 
 /// R rows × N tokens, one chain per (row, token), 32 elements a step (the tail under a mask);
-/// it prefetches its own rows and ignores `ahead`.
+/// it prefetches its own rows rather than the next tile.
 // Indices, not iterators: (row, token) address the accumulators in register-tile order.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -156,9 +156,7 @@ unsafe fn dp_bf16<const R: usize, const N: usize>(
     x: *const u16,
     inp: usize,
     acc: &mut [[f32; 4]; R],
-    ahead: &[u8],
 ) {
-    let _ = ahead;
     // SAFETY (whole body): lanes outside each step's mask are neither read nor fault, the rest
     // lie inside each of the R rows and each token's row of x. Prefetches cannot fault.
     unsafe {

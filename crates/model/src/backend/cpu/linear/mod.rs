@@ -217,7 +217,7 @@ fn dot_plan(
     y: &mut [f32],
 ) {
     let yp = SendPtr(y.as_mut_ptr());
-    with_lhs(x, rows, inp, plan, |lhs| {
+    with_lhs(x, rows, inp, plan.pairs, plan.bf16, |lhs| {
         (0..out.div_ceil(DOT_BLOCK))
             .into_par_iter()
             .for_each(|b| dot_block(lhs, rows, w, inp, out, yp, b, plan));
@@ -252,24 +252,23 @@ fn with_scratch<E: Copy + Default, T>(
     out
 }
 
-/// `out = bf16(x)`, rounding to nearest even.
-fn round_bf16(x: &[f32], out: &mut [u16]) {
+/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles, or rounded to bf16 for the
+/// `vdpbf16ps` ones, where the plan wants it ([`kernels::plan_for`] asks for pairs only on
+/// CPUs with AVX-512, for rounded rows only on CPUs with AVX-512 BF16; both only serve tiles).
+fn with_lhs<T>(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    pairs: bool,
+    bf16: bool,
+    f: impl FnOnce(Lhs<'_>) -> T,
+) -> T {
     #[cfg(target_arch = "x86_64")]
-    if kernels::has_avx512_bf16() {
-        // SAFETY: the CPU has avx512f/bw/vl and avx512bf16, checked above.
-        return unsafe { avx512::round_bf16(x, out) };
-    }
-    for (b, v) in out.iter_mut().zip(x) {
-        *b = half::bf16::from_f32(*v).to_bits();
-    }
-}
-
-/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles where the plan wants it
-/// ([`kernels::plan_for`] asks only on CPUs with AVX-512, and only for enough rows for tiles).
-fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, plan: Plan, f: impl FnOnce(Lhs<'_>) -> T) -> T {
-    if plan.bf16 && rows >= TILE_MIN_ROWS {
+    if bf16 && rows >= TILE_MIN_ROWS {
+        debug_assert!(kernels::has_avx512_bf16());
         return with_scratch(&BF16_ROWS, rows * inp, |buf| {
-            round_bf16(&x[..rows * inp], buf);
+            // SAFETY: plans want rounded rows only where the CPU has AVX-512 BF16.
+            unsafe { avx512::round_bf16(&x[..rows * inp], buf) };
             f(Lhs {
                 f32: x,
                 pairs: &[],
@@ -278,7 +277,7 @@ fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, plan: Plan, f: impl FnOnce(Lh
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if plan.pairs {
+    if pairs {
         debug_assert!(rows >= TILE_MIN_ROWS && Isa::best() >= Isa::Avx512);
         return with_scratch(&PAIRS, rows * inp, |buf| {
             // SAFETY: plans want paired rows only where the CPU has AVX-512 (f, bw, vl).
@@ -290,7 +289,7 @@ fn with_lhs<T>(x: &[f32], rows: usize, inp: usize, plan: Plan, f: impl FnOnce(Lh
             })
         });
     }
-    let _ = (rows, inp);
+    let _ = (rows, inp, pairs, bf16);
     f(Lhs {
         f32: x,
         pairs: &[],
@@ -343,12 +342,9 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
     let inp = jobs[0].1;
     // Rounded rows only when every weight wants them (a checkpoint's dtypes agree); a bf16
     // tile without them computes in f32.
-    let lhs_plan = Plan {
-        pairs: plans.iter().any(|p| p.pairs),
-        bf16: plans.iter().all(|p| p.bf16),
-        ..plans[0]
-    };
-    with_lhs(x, rows, inp, lhs_plan, |lhs| {
+    let pairs = plans.iter().any(|p| p.pairs);
+    let bf16 = plans.iter().all(|p| p.bf16);
+    with_lhs(x, rows, inp, pairs, bf16, |lhs| {
         (0..tasks).into_par_iter().for_each(|t| {
             // A task belongs to the last weight whose first task is at or before it.
             let Some(i) = jobs.iter().rposition(|j| j.4 <= t) else {
@@ -634,14 +630,9 @@ mod tests {
         }
         let (rows, inp) = (TILE_MIN_ROWS + 1, 70);
         let (x, x2) = (data(rows * inp, 11), data(rows * inp, 12));
-        let plan = Plan {
-            pairs: true,
-            bf16: false,
-            ..kernels::plan_for(Isa::best(), Elems::F32(&[]), rows)
-        };
-        with_lhs(&x, rows, inp, plan, |outer| {
+        with_lhs(&x, rows, inp, true, false, |outer| {
             let outer_pairs = outer.pairs.to_vec();
-            with_lhs(&x2, rows, inp, plan, |inner| {
+            with_lhs(&x2, rows, inp, true, false, |inner| {
                 assert_eq!(inner.pairs.len(), rows * inp);
                 // Block 0 of row 0 is laid out evens first; the tail stays in order.
                 assert_eq!(inner.pairs[1].to_bits(), x2[2].to_bits());
