@@ -74,6 +74,27 @@ pub fn dots<const L1: bool, const AHEAD: usize>(
     }
 }
 
+/// One token against consecutive weight rows, `y[j] = row_j · x` for the `y.len()` rows of
+/// `rows`: [`dots`]' arithmetic for one token, in one call per block of rows rather than one
+/// per row.
+pub fn span<const L1: bool, const AHEAD: usize>(
+    rows: Elems<'_>,
+    x: &[f32],
+    inp: usize,
+    y: &mut [f32],
+) {
+    debug_assert!(x.len() >= inp && rows.len() == y.len() * inp);
+    let x = x.as_ptr();
+    // SAFETY: as in `dots`; the weights hold `y.len()` rows of `inp` elements.
+    unsafe {
+        match rows {
+            Elems::BF16(w) => span_bf16::<L1, AHEAD>(w.as_ptr().cast(), x, inp, y),
+            Elems::F16(w) => span_f16::<L1, AHEAD>(w.as_ptr().cast(), x, inp, y),
+            Elems::F32(w) => span_f32::<L1, AHEAD>(w.as_ptr(), x, inp, y),
+        }
+    }
+}
+
 /// R adjacent weight rows against up to four tokens, weights widened to f32.
 pub fn tile<const R: usize>(
     rows: Elems<'_>,
@@ -289,8 +310,25 @@ unsafe fn load_f32(w: *const f32, k: usize, m: __mmask16) -> __m512 {
 /// latency; a step is 16·U elements, the tail goes 16 at a time into chain 0), prefetching
 /// `AHEAD` bytes ahead into L1 or L2 by `L1`.
 macro_rules! dots_kernel {
-    ($name:ident, $wty:ty, $load:ident) => {
+    ($name:ident, $span:ident, $wty:ty, $load:ident) => {
+        /// Consecutive rows against one token.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn $span<const L1: bool, const AHEAD: usize>(
+            w: *const $wty,
+            x: *const f32,
+            inp: usize,
+            y: &mut [f32],
+        ) {
+            let mut acc = [0f32; 4];
+            for (j, out) in y.iter_mut().enumerate() {
+                // SAFETY: the caller's weights hold y.len() rows of `inp` elements.
+                unsafe { $name::<1, 4, L1, AHEAD>(w.add(j * inp), x, inp, &mut acc) };
+                *out = acc[0];
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[inline]
         unsafe fn $name<const N: usize, const U: usize, const L1: bool, const AHEAD: usize>(
             w: *const $wty,
             x: *const f32,
@@ -394,9 +432,9 @@ macro_rules! tile_kernel {
     };
 }
 
-dots_kernel!(dots_bf16, u16, load_bf16);
-dots_kernel!(dots_f16, u16, load_f16);
-dots_kernel!(dots_f32, f32, load_f32);
+dots_kernel!(dots_bf16, span_bf16, u16, load_bf16);
+dots_kernel!(dots_f16, span_f16, u16, load_f16);
+dots_kernel!(dots_f32, span_f32, f32, load_f32);
 tile_kernel!(tile_bf16, u16, load_bf16);
 tile_kernel!(tile_f16, u16, load_f16);
 tile_kernel!(tile_f32, f32, load_f32);

@@ -36,6 +36,10 @@ pub type TileKernel<const R: usize> =
 /// prefetches on its own and ignores `ahead`.
 pub type Kernel = TileKernel<1>;
 
+/// `y[j] = row_j · x` for one token and the `y.len()` consecutive weight rows given: the
+/// [`Kernel`]'s arithmetic with one token, a block of rows per call.
+pub type SpanKernel = fn(Elems<'_>, &[f32], usize, &mut [f32]);
+
 /// The multi-row kernels of one CPU.
 #[derive(Clone, Copy)]
 pub struct Tiles {
@@ -49,6 +53,8 @@ pub struct Tiles {
 pub struct Plan {
     /// Few token rows: one weight row at a time.
     pub single: Kernel,
+    /// One token row: `single`'s results, a block of weight rows at a time.
+    pub span: SpanKernel,
     /// Enough token rows to be compute-bound; `None` where the CPU has no tile kernels.
     pub tiles: Option<Tiles>,
     /// Whether `tiles` read [`Lhs::pairs`].
@@ -251,14 +257,24 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{avx2, avx512};
-        let avx512_dots: Kernel = match prefetcher() {
-            Prefetcher::Zen5 => avx512::dots::<true, { avx512::ZEN5_AHEAD }>,
-            Prefetcher::Zen4 => avx512::dots::<false, { avx512::ZEN4_AHEAD }>,
-            Prefetcher::Intel => avx512::dots::<false, { avx512::INTEL_AHEAD }>,
+        let (avx512_dots, avx512_span): (Kernel, SpanKernel) = match prefetcher() {
+            Prefetcher::Zen5 => (
+                avx512::dots::<true, { avx512::ZEN5_AHEAD }>,
+                avx512::span::<true, { avx512::ZEN5_AHEAD }>,
+            ),
+            Prefetcher::Zen4 => (
+                avx512::dots::<false, { avx512::ZEN4_AHEAD }>,
+                avx512::span::<false, { avx512::ZEN4_AHEAD }>,
+            ),
+            Prefetcher::Intel => (
+                avx512::dots::<false, { avx512::INTEL_AHEAD }>,
+                avx512::span::<false, { avx512::INTEL_AHEAD }>,
+            ),
         };
         if bf16_act && isa >= Isa::Avx512 && matches!(w, Elems::BF16(_)) && has_avx512_bf16() {
             return Plan {
                 single: avx512_dots,
+                span: avx512_span,
                 tiles: Some(Tiles {
                     one: avx512::dp_tile::<1>,
                     two: avx512::dp_tile::<2>,
@@ -272,6 +288,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
             let pairs = matches!(w, Elems::BF16(_));
             return Plan {
                 single: avx512_dots,
+                span: avx512_span,
                 tiles: Some(if pairs {
                     Tiles {
                         one: avx512::pair_tile::<1>,
@@ -292,13 +309,14 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
         if isa >= Isa::Avx2 {
             // The single-row kernel's 512-bit loads stream weights as fast as the 256-bit ones
             // or faster (batch 1: 36-42 against 34-39 GB/s).
-            let single = if isa >= Isa::Avx512 {
-                avx512_dots
+            let (single, span) = if isa >= Isa::Avx512 {
+                (avx512_dots, avx512_span)
             } else {
-                avx2::dots
+                (avx2::dots as Kernel, avx2::span as SpanKernel)
             };
             return Plan {
                 single,
+                span,
                 tiles: Some(Tiles {
                     one: avx2::tile_dots::<1>,
                     two: avx2::tile_dots::<2>,
@@ -312,6 +330,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
     let _ = (isa, w, rows, bf16_act);
     Plan {
         single: scalar,
+        span: scalar_span,
         tiles: None,
         pairs: false,
         bf16: false,
@@ -330,6 +349,20 @@ pub fn scalar(
     for (t, a) in acc[0].iter_mut().take(n).enumerate() {
         let xr = &x.f32[t * inp..(t + 1) * inp];
         *a = xr.iter().enumerate().map(|(k, v)| row.get_f32(k) * v).sum();
+    }
+}
+
+/// [`scalar`] over a block of rows.
+pub fn scalar_span(rows: Elems<'_>, x: &[f32], inp: usize, y: &mut [f32]) {
+    let x = Lhs {
+        f32: x,
+        pairs: &[],
+        bf16: &[],
+    };
+    for (j, out) in y.iter_mut().enumerate() {
+        let mut acc = [[0f32; 4]; 1];
+        scalar(rows.slice(j * inp..(j + 1) * inp), x, 1, inp, &mut acc, &[]);
+        *out = acc[0][0];
     }
 }
 

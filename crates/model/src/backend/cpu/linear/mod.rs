@@ -371,6 +371,13 @@ fn dot_block(
 ) {
     let j0 = b * DOT_BLOCK;
     let j1 = (j0 + DOT_BLOCK).min(out);
+    if rows == 1 {
+        // SAFETY: columns j0..j1 of the one output row belong to this task alone (tasks own
+        // disjoint column ranges) and lie inside the output (out <= its length).
+        let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j0), j1 - j0) };
+        (plan.span)(w.slice(j0 * inp..j1 * inp), &x.f32[..inp], inp, y);
+        return;
+    }
     let mut j = j0;
     // Enough tokens to be compute-bound: weight rows in tiles of three (the block's last one
     // or two rows in a smaller tile), so every x vector loaded serves several rows (x is
@@ -759,6 +766,33 @@ mod tests {
             .iter()
             .zip(all_last)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn span_kernels_equal_the_one_row_kernel_bit_for_bit() {
+        // in = 100 leaves a tail after every kernel's vector steps.
+        let (inp, out) = (100, 29);
+        let x = data(inp, 3);
+        let wf = data(out * inp, 4);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
+        let lhs = Lhs {
+            f32: &x,
+            pairs: &[],
+            bf16: &[],
+        };
+        for isa in isas() {
+            for w in [Elems::F32(&wf), Elems::BF16(&wb), Elems::F16(&wh)] {
+                let plan = kernels::plan_for(isa, w, 1);
+                let mut spanned = vec![f32::NAN; out];
+                (plan.span)(w, &x, inp, &mut spanned);
+                for (j, got) in spanned.iter().enumerate() {
+                    let mut acc = [[0f32; 4]; 1];
+                    (plan.single)(w.slice(j * inp..(j + 1) * inp), lhs, 1, inp, &mut acc, &[]);
+                    assert_eq!(got.to_bits(), acc[0][0].to_bits(), "{isa:?}, row {j}");
+                }
+            }
+        }
     }
 
     #[test]
