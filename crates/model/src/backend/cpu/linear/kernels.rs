@@ -3,10 +3,10 @@
 use crate::weights::Elems;
 use std::sync::OnceLock;
 
-/// Token rows as the kernels read them: f32 in order, and for the AVX-512 bf16 tiles the
-/// same rows with each 32-element block laid out evens first (`avx512::pair_rows`), or rounded
-/// to bf16 for the `vdpbf16ps` tiles ([`bf16_activations`]). `pairs` and `bf16` are empty
-/// where the kernels do not use them.
+/// Token rows as the kernels read them: f32 in order, and for the bf16 pair tiles the same
+/// rows with each block laid out evens first ([`Pairing`]), or rounded to bf16 for the
+/// `vdpbf16ps` tiles ([`bf16_activations`]). `pairs` and `bf16` are empty where the kernels do
+/// not use them.
 #[derive(Clone, Copy)]
 pub struct Lhs<'a> {
     pub f32: &'a [f32],
@@ -48,6 +48,17 @@ pub struct Tiles {
     pub three: TileKernel<3>,
 }
 
+/// Which paired layout of the activations the bf16 tiles read ([`Lhs::pairs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pairing {
+    /// None: the tiles read f32 rows in order.
+    Off,
+    /// 16-element blocks, evens first (`avx2::pair_rows`).
+    Avx2,
+    /// 32-element blocks, evens first (`avx512::pair_rows`).
+    Avx512,
+}
+
 /// The kernels one linear runs with.
 #[derive(Clone, Copy)]
 pub struct Plan {
@@ -57,8 +68,8 @@ pub struct Plan {
     pub span: SpanKernel,
     /// Enough token rows to be compute-bound; `None` where the CPU has no tile kernels.
     pub tiles: Option<Tiles>,
-    /// Whether `tiles` read [`Lhs::pairs`].
-    pub pairs: bool,
+    /// The layout `tiles` read [`Lhs::pairs`] in.
+    pub pairs: Pairing,
     /// Whether `tiles` read [`Lhs::bf16`].
     pub bf16: bool,
 }
@@ -280,7 +291,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                     two: avx512::dp_tile::<2>,
                     three: avx512::dp_tile::<3>,
                 }),
-                pairs: false,
+                pairs: Pairing::Off,
                 bf16: true,
             };
         }
@@ -302,7 +313,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                         three: avx512::tile::<3>,
                     }
                 }),
-                pairs,
+                pairs: if pairs { Pairing::Avx512 } else { Pairing::Off },
                 bf16: false,
             };
         }
@@ -314,15 +325,24 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
             } else {
                 (avx2::dots as Kernel, avx2::span as SpanKernel)
             };
+            let pairs = matches!(w, Elems::BF16(_));
             return Plan {
                 single,
                 span,
-                tiles: Some(Tiles {
-                    one: avx2::tile_dots::<1>,
-                    two: avx2::tile_dots::<2>,
-                    three: avx2::tile_dots::<3>,
+                tiles: Some(if pairs {
+                    Tiles {
+                        one: avx2::pair_tile::<1>,
+                        two: avx2::pair_tile::<2>,
+                        three: avx2::pair_tile::<3>,
+                    }
+                } else {
+                    Tiles {
+                        one: avx2::tile_dots::<1>,
+                        two: avx2::tile_dots::<2>,
+                        three: avx2::tile_dots::<3>,
+                    }
                 }),
-                pairs: false,
+                pairs: if pairs { Pairing::Avx2 } else { Pairing::Off },
                 bf16: false,
             };
         }
@@ -332,7 +352,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
         single: scalar,
         span: scalar_span,
         tiles: None,
-        pairs: false,
+        pairs: Pairing::Off,
         bf16: false,
     }
 }

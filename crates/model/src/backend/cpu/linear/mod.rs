@@ -45,7 +45,7 @@ mod avx512;
 pub use kernels::{bf16_activations, has_avx512_bf16, isa, Isa};
 
 use crate::weights::Elems;
-use kernels::{Lhs, Plan};
+use kernels::{Lhs, Pairing, Plan};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -252,14 +252,15 @@ fn with_scratch<E: Copy + Default, T>(
     out
 }
 
-/// Runs `f` on x's rows, paired for the AVX-512 bf16 tiles, or rounded to bf16 for the
-/// `vdpbf16ps` ones, where the plan wants it ([`kernels::plan_for`] asks for pairs only on
-/// CPUs with AVX-512, for rounded rows only on CPUs with AVX-512 BF16; both only serve tiles).
+/// Runs `f` on x's rows, paired for the bf16 pair tiles, or rounded to bf16 for the
+/// `vdpbf16ps` ones, where the plan wants it ([`kernels::plan_for`] asks for each pairing only
+/// on CPUs with its instruction set, for rounded rows only on CPUs with AVX-512 BF16; both
+/// only serve tiles, so fewer rows than [`TILE_MIN_ROWS`] get neither).
 fn with_lhs<T>(
     x: &[f32],
     rows: usize,
     inp: usize,
-    pairs: bool,
+    pairs: Pairing,
     bf16: bool,
     f: impl FnOnce(Lhs<'_>) -> T,
 ) -> T {
@@ -277,11 +278,20 @@ fn with_lhs<T>(
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if pairs {
-        debug_assert!(rows >= TILE_MIN_ROWS && Isa::best() >= Isa::Avx512);
+    if pairs != Pairing::Off && rows >= TILE_MIN_ROWS {
         return with_scratch(&PAIRS, rows * inp, |buf| {
-            // SAFETY: plans want paired rows only where the CPU has AVX-512 (f, bw, vl).
-            unsafe { avx512::pair_rows(&x[..rows * inp], inp, buf) };
+            let x = &x[..rows * inp];
+            // SAFETY: plans want each pairing only where the CPU has its instruction set
+            // (AVX-512 f, bw and vl; AVX2, FMA and F16C).
+            unsafe {
+                if pairs == Pairing::Avx512 {
+                    debug_assert!(Isa::best() >= Isa::Avx512);
+                    avx512::pair_rows(x, inp, buf);
+                } else {
+                    debug_assert!(Isa::best() >= Isa::Avx2);
+                    avx2::pair_rows(x, inp, buf);
+                }
+            }
             f(Lhs {
                 f32: x,
                 pairs: buf,
@@ -342,7 +352,12 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
     let inp = jobs[0].1;
     // Rounded rows only when every weight wants them (a checkpoint's dtypes agree); a bf16
     // tile without them computes in f32.
-    let pairs = plans.iter().any(|p| p.pairs);
+    // Every plan has one instruction set and row count, so the paired ones agree.
+    let pairs = plans
+        .iter()
+        .map(|p| p.pairs)
+        .find(|p| *p != Pairing::Off)
+        .unwrap_or(Pairing::Off);
     let bf16 = plans.iter().all(|p| p.bf16);
     with_lhs(x, rows, inp, pairs, bf16, |lhs| {
         (0..tasks).into_par_iter().for_each(|t| {
@@ -421,14 +436,17 @@ fn tile_rows<const R: usize>(
     // while this one computes: with few tokens a tile's compute and its weights' trip from
     // memory take about as long, and without this they would not overlap.
     let next = (j + R < out).then(|| w.slice((j + R) * inp..(j + 2 * R).min(out) * inp));
-    let mut ahead = next.as_ref().map_or(&[][..], Elems::bytes);
+    let ahead = next.as_ref().map_or(&[][..], Elems::bytes);
+    // Each group of four tokens fetches its share of the next tile, so the fetching goes on
+    // through the whole tile rather than only while its first group computes.
+    let share = ahead.len().div_ceil(rows.div_ceil(4)).next_multiple_of(64);
     let mut r = 0;
     while r < rows {
         let n = (rows - r).min(4);
         let mut acc = [[0f32; 4]; R];
-        kern(tile, x.rows(r, n, inp), n, inp, &mut acc, ahead);
-        // The first token group fetched as much as it had steps for; later ones go on.
-        ahead = ahead.get((inp / 8) * 64..).unwrap_or(&[]);
+        let from = (r / 4 * share).min(ahead.len());
+        let part = &ahead[from..(from + share).min(ahead.len())];
+        kern(tile, x.rows(r, n, inp), n, inp, &mut acc, part);
         for (d, row_acc) in acc.iter().enumerate() {
             for (t, a) in row_acc.iter().take(n).enumerate() {
                 // SAFETY: element (r+t, j+d) belongs to this task alone (tasks own disjoint
@@ -632,26 +650,53 @@ mod tests {
     fn a_nested_linear_gets_its_own_paired_rows() {
         // A linear that starts while this thread's paired-rows buffer is in use (a rayon worker
         // taking a task inside its own fork-join) must get a buffer of its own, not a panic.
-        if Isa::best() < Isa::Avx512 {
-            return;
-        }
         let (rows, inp) = (TILE_MIN_ROWS + 1, 70);
         let (x, x2) = (data(rows * inp, 11), data(rows * inp, 12));
-        with_lhs(&x, rows, inp, true, false, |outer| {
-            let outer_pairs = outer.pairs.to_vec();
-            with_lhs(&x2, rows, inp, true, false, |inner| {
-                assert_eq!(inner.pairs.len(), rows * inp);
-                // Block 0 of row 0 is laid out evens first; the tail stays in order.
-                assert_eq!(inner.pairs[1].to_bits(), x2[2].to_bits());
-                assert_eq!(inner.pairs[16].to_bits(), x2[1].to_bits());
-                assert_eq!(inner.pairs[69].to_bits(), x2[69].to_bits());
+        // (layout, its block, the instruction set it needs)
+        for (pairing, block, need) in [
+            (Pairing::Avx2, 16, Isa::Avx2),
+            (Pairing::Avx512, 32, Isa::Avx512),
+        ] {
+            if Isa::best() < need {
+                continue;
+            }
+            with_lhs(&x, rows, inp, pairing, false, |outer| {
+                let outer_pairs = outer.pairs.to_vec();
+                with_lhs(&x2, rows, inp, pairing, false, |inner| {
+                    assert_eq!(inner.pairs.len(), rows * inp);
+                    // Every full block of every row is laid out evens first; the tail stays
+                    // in order.
+                    let full = inp / block * block;
+                    for r in 0..rows {
+                        let got = &inner.pairs[r * inp..(r + 1) * inp];
+                        let src = &x2[r * inp..];
+                        for (k, g) in got.iter().enumerate() {
+                            let from = if k < full {
+                                let (b, i) = (k / block * block, k % block);
+                                let half = block / 2;
+                                if i < half {
+                                    b + 2 * i
+                                } else {
+                                    b + 2 * (i - half) + 1
+                                }
+                            } else {
+                                k
+                            };
+                            assert_eq!(
+                                g.to_bits(),
+                                src[from].to_bits(),
+                                "{pairing:?} row {r} at {k}"
+                            );
+                        }
+                    }
+                });
+                assert_eq!(
+                    outer.pairs,
+                    &outer_pairs[..],
+                    "the outer rows were not touched"
+                );
             });
-            assert_eq!(
-                outer.pairs,
-                &outer_pairs[..],
-                "the outer rows were not touched"
-            );
-        });
+        }
     }
 
     #[test]
