@@ -562,7 +562,7 @@ fn concurrent(
                     sampling: SamplingParams::default(),
                     stop_ids: vec![],
                     ignore_eos: true,
-                    top_logprobs: 0,
+                    logprobs: None,
                     index: i,
                     events: tx.clone(),
                     cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),

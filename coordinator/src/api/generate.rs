@@ -252,7 +252,7 @@ async fn run(
                 sampling,
                 stop_ids: v.stop_ids.clone(),
                 ignore_eos: v.ignore_eos,
-                top_logprobs: logprobs.unwrap_or(0),
+                logprobs,
                 index,
                 events: tx.clone(),
                 cancel: cancel.clone(),
@@ -368,7 +368,7 @@ async fn collect(
         }
         match ev {
             SeqEvent::Token { id, logprob, top } => {
-                if c.push(id, logprobs.map(|_| (logprob, top.as_slice()))) {
+                if c.push(id, logprob.map(|lp| (lp, top.as_slice()))) {
                     choices[i]
                         .cancel
                         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -470,7 +470,7 @@ fn stream(
             }
             let done = match ev {
                 SeqEvent::Token { id, logprob, top } => {
-                    let stop = texts[i].push(id, logprobs.map(|_| (logprob, top.as_slice())));
+                    let stop = texts[i].push(id, logprob.map(|lp| (lp, top.as_slice())));
                     if stop {
                         choices[i]
                             .cancel
