@@ -6,7 +6,7 @@
 //!   bf16/f16 are widened in registers (exact), accumulation is f32. From `TILE_MIN_ROWS`
 //!   tokens, weight rows go in register tiles of three, so each x vector loaded feeds three
 //!   rows' FMAs; bf16 tiles read the activations with each block laid out evens first
-//!   ([`kernels::Pairing`]), so one weight load widens with a shift and a mask.
+//!   (`kernels::Pairing`), so one weight load widens with a shift and a mask.
 //! - **larger batches** (long prefill): weight rows are widened to f32 in blocks of
 //!   `GEMM_BLOCK` into a per-thread buffer and multiplied with the `gemm` crate, whose
 //!   cache blocking keeps x in cache once x outgrows L2.
