@@ -263,6 +263,7 @@ fn measure(
             sampling: SamplingParams::default(),
             stop_ids: vec![],
             ignore_eos: true,
+            logprobs: false,
         };
         let before = remote.as_ref().map(|r| r.snapshot());
         let start = Instant::now();

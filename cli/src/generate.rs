@@ -75,6 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         stop_ids: vec![],
         ignore_eos: a.ignore_eos,
+        logprobs: false,
     };
     let mut out = std::io::stdout().lock();
     if a.echo {

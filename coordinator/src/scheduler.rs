@@ -570,6 +570,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stop_ids: vec![],
             ignore_eos: true,
+            logprobs: false,
         };
         engine
             .generate(&req, |e| {
@@ -639,6 +640,7 @@ mod tests {
                     sampling: SamplingParams::default(),
                     stop_ids: vec![],
                     ignore_eos: true,
+                    logprobs: false,
                 };
                 engine
                     .generate(&req, |e| {
