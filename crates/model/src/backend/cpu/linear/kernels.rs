@@ -199,8 +199,8 @@ pub fn has_avx512_bf16() -> bool {
     false
 }
 
-/// The CPU families whose single-row AVX-512 kernel prefetches differently (measurements at
-/// `avx512::INTEL_AHEAD`).
+/// The CPU families whose AVX-512 kernels differ: the single-row kernel's prefetch (measurements
+/// at `avx512::INTEL_AHEAD`) and whether the AVX-512 tiles pay ([`avx512_tile_min_rows`]).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prefetcher {
@@ -250,11 +250,26 @@ fn classify(vendor: &[u8; 12], eax: u32) -> Prefetcher {
     }
 }
 
-/// From this many token rows the AVX-512 tiles replace the AVX2 ones. Below it a tile's work is
-/// bound by reading its weights, and the 256-bit tiles read them faster: bench_linear on expert
-/// shapes (bf16, 2 threads) gave AVX2 80-126 GFLOP/s at 4 rows against 60-98, a tie at 16 rows,
-/// and 115-130 against 130-164 at 32.
+/// From this many token rows the AVX-512 tiles replace the AVX2 ones, on Intel and Zen 5. Below
+/// it a tile's work is bound by reading its weights, and the 256-bit tiles read them faster:
+/// bench_linear on expert shapes (bf16, 2 threads) gave AVX2 80-126 GFLOP/s at 4 rows against
+/// 60-98, a tie at 16 rows, and 115-130 against 130-164 at 32 (before the AVX2 pair tiles).
+#[cfg(target_arch = "x86_64")]
 const AVX512_TILE_MIN_ROWS: usize = 16;
+
+/// Zen 4 and older AMD run 512-bit operations as two 256-bit halves, and there the AVX2 pair
+/// tiles beat the AVX-512 ones at every row count the dot path serves. bench_linear on a Zen 4
+/// VM (`--mats 40`, 2 threads, three interleaved rounds, GFLOP/s on w1/w2, AVX2 pair tiles
+/// against AVX-512 pair tiles): 8 rows 122-129/109-122 against 102-110/98-106, 16 rows
+/// 175-178/158-164 against 155-163/131-135, 32 rows 190-196/184-195 against 185-194/153-166;
+/// 64-256 rows within each other's noise (155-192 both).
+#[cfg(target_arch = "x86_64")]
+fn avx512_tile_min_rows() -> usize {
+    match prefetcher() {
+        Prefetcher::Zen4 => usize::MAX,
+        Prefetcher::Zen5 | Prefetcher::Intel => AVX512_TILE_MIN_ROWS,
+    }
+}
 
 /// The kernels for `rows` token rows against weights like `w` on instruction set `isa` (at
 /// most [`Isa::best`]).
@@ -295,7 +310,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 bf16: true,
             };
         }
-        if isa >= Isa::Avx512 && rows >= AVX512_TILE_MIN_ROWS {
+        if isa >= Isa::Avx512 && rows >= avx512_tile_min_rows() {
             let pairs = matches!(w, Elems::BF16(_));
             return Plan {
                 single: avx512_dots,
