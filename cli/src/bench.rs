@@ -60,6 +60,16 @@ pub struct Args {
     font: Option<PathBuf>,
 }
 
+/// The CPU activation mode this process runs in (`--cpu-activations`), which local workers
+/// are started with too.
+fn activations() -> &'static str {
+    if switchyard_model::backend::cpu::linear::bf16_activations() {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -172,6 +182,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "model": a.model.display().to_string(),
         "threads": rayon::current_num_threads(),
         "cpu_kernels": kernels,
+        "cpu_activations": activations(),
         "runs": a.runs,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
@@ -196,10 +207,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::fs::write(&json, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", json.display()))?;
         let title = format!(
-            "switchyard bench: {} ({} threads, {}, {:.0} GB/s read)",
+            "switchyard bench: {} ({} threads, {}, {} activations, {:.0} GB/s read)",
             a.model.file_name().unwrap_or_default().to_string_lossy(),
             rayon::current_num_threads(),
             kernels,
+            activations(),
             bandwidth / 1e9
         );
         let figures: Vec<_> = results.into_iter().map(|r| r.figures).collect();
@@ -418,6 +430,8 @@ impl LocalWorkers {
             let child = std::process::Command::new(&exe)
                 .arg("--threads")
                 .arg(threads.to_string())
+                .arg("--cpu-activations")
+                .arg(activations())
                 .args(["worker", "--listen", "127.0.0.1:0", "--experts"])
                 .arg(format!("{lo}-{hi}"))
                 .arg("--model")

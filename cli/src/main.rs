@@ -26,6 +26,11 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
+    /// Activations the batched CPU kernels meet bf16 weights with: f32 (exact widening, within
+    /// the reference's tolerances) or bf16 (rounded once per linear for `vdpbf16ps`, twice the
+    /// multiply-adds an instruction; needs AVX-512 BF16). Batch-1 decode stays f32 either way.
+    #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "f32", value_parser = ["f32", "bf16"])]
+    cpu_activations: String,
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.
     #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "warn")]
     log: String,
@@ -71,6 +76,12 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: cannot set up {n} threads: {e}");
             return std::process::ExitCode::FAILURE;
         }
+    }
+    if let Err(e) =
+        switchyard_model::backend::cpu::linear::set_bf16_activations(cli.cpu_activations == "bf16")
+    {
+        eprintln!("error: --cpu-activations {}: {e}", cli.cpu_activations);
+        return std::process::ExitCode::FAILURE;
     }
     let result = match cli.cmd {
         Cmd::Serve(a) => serve::run(a),

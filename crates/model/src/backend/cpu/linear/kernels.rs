@@ -160,14 +160,13 @@ pub fn isa() -> Isa {
 }
 
 /// Whether batched bf16 weights may meet activations rounded to bf16 (`vdpbf16ps`, 32
-/// multiply-adds an instruction against a 512-bit FMA's 16): `SWITCHYARD_CPU_ACTIVATIONS=bf16`,
-/// on CPUs with AVX-512 BF16. Off by default: rounding moves a product by up to 2⁻⁹ of itself,
+/// multiply-adds an instruction against a 512-bit FMA's 16): `--cpu-activations bf16` or
+/// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves a product by up to 2⁻⁹ of itself,
 /// past the reference's f32 tolerances, and then a token's result depends on whether its step
 /// had enough rows for tiles. On a Zen 4 VM the tiles stayed memory-bound up to 8 rows, 2-3×
 /// the f32 tiles at 4-8 rows (`bench_linear`).
 pub fn bf16_activations() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
+    *ACTIVATIONS.get_or_init(|| {
         let Ok(v) = std::env::var("SWITCHYARD_CPU_ACTIVATIONS") else {
             return false;
         };
@@ -187,6 +186,29 @@ pub fn bf16_activations() -> bool {
             }
         }
     })
+}
+
+/// The activation mode, fixed on first use: by [`set_bf16_activations`], or else from the
+/// environment.
+static ACTIVATIONS: OnceLock<bool> = OnceLock::new();
+
+/// Fixes the activation mode for this process (a command-line flag's choice, before anything
+/// computes). Fails, changing nothing, where bf16 is asked of a CPU without AVX-512 BF16 or the
+/// mode was already fixed to the other value (kernels already ran in it).
+pub fn set_bf16_activations(on: bool) -> crate::Result<()> {
+    if on && !has_avx512_bf16() {
+        return Err(crate::ModelError::Input(
+            "bf16 CPU activations need AVX-512 BF16, which this CPU lacks".into(),
+        ));
+    }
+    let now = *ACTIVATIONS.get_or_init(|| on);
+    if now != on {
+        return Err(crate::ModelError::Input(format!(
+            "CPU activations are already {}",
+            if now { "bf16" } else { "f32" }
+        )));
+    }
+    Ok(())
 }
 
 /// Whether this CPU runs the `vdpbf16ps` tiles.
@@ -414,5 +436,20 @@ mod tests {
         assert_eq!(classify(b"GenuineIntel", 0x0008_06F8), Prefetcher::Intel);
         // A family below 0xF needs no extended family.
         assert_eq!(classify(b"AuthenticAMD", 0x0000_0610), Prefetcher::Zen4);
+    }
+}
+
+#[cfg(test)]
+mod activation_tests {
+    use super::{bf16_activations, set_bf16_activations};
+
+    #[test]
+    fn the_activation_mode_is_fixed_once_and_a_conflicting_choice_fails() {
+        // Whatever fixed it first (the environment, another test's linear), asking for the same
+        // mode again succeeds and the other one fails, leaving the mode as it was.
+        let now = bf16_activations();
+        set_bf16_activations(now).unwrap();
+        assert!(set_bf16_activations(!now).is_err());
+        assert_eq!(bf16_activations(), now);
     }
 }

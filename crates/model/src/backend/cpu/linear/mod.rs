@@ -43,7 +43,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-pub use kernels::{bf16_activations, has_avx512_bf16, isa, Isa};
+pub use kernels::{bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa};
 
 use crate::weights::Elems;
 use kernels::{Lhs, Pairing, Plan};
