@@ -161,9 +161,9 @@ pub fn isa() -> Isa {
 
 /// Whether batched bf16 weights may meet activations rounded to bf16 (`vdpbf16ps`, 32
 /// multiply-adds an instruction against a 512-bit FMA's 16): `--cpu-activations bf16` or
-/// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves a product by up to 2⁻⁹ of itself,
-/// past the reference's f32 tolerances, and then a token's result depends on whether its step
-/// had enough rows for tiles. On a Zen 4 VM the tiles stayed memory-bound up to 8 rows, 2-3×
+/// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves
+/// a product by up to 2⁻⁹ of itself, past the reference's f32 tolerances, and then a token's
+/// result depends on whether its step had enough rows for tiles. On a Zen 4 VM the tiles stayed memory-bound up to 8 rows, 2-3×
 /// the f32 tiles at 4-8 rows (`bench_linear`).
 pub fn bf16_activations() -> bool {
     *ACTIVATIONS.get_or_init(|| {
