@@ -49,6 +49,9 @@ med = statistics.median
 print(f"threads {threads}, {rounds} interleaved rounds, medians")
 print(f"decode  switchyard {med(sy_tg):7.1f} tok/s  llama.cpp tg64  {med(lc_tg):7.1f}  ratio {med(sy_tg) / med(lc_tg):.2f}x")
 print(f"prefill switchyard {med(sy_pp):7.1f} tok/s  llama.cpp pp128 {med(lc_pp):7.1f}  ratio {med(sy_pp) / med(lc_pp):.2f}x")
+# Both engines of a round ran minutes apart, so a round's ratio cancels the host's bandwidth of
+# that moment; on a host whose bandwidth swings, this is the steadier figure.
+print(f"median of per-round ratios: decode {med([a / b for a, b in zip(sy_tg, lc_tg)]):.2f}x, prefill {med([a / b for a, b in zip(sy_pp, lc_pp)]):.2f}x")
 print(f"switchyard decode at {med(pct):.0f}% of the measured bandwidth bound")
 print("per round (switchyard tg / llama.cpp tg):", ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(sy_tg, lc_tg)))
 EOF

@@ -26,9 +26,9 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
-    /// Activations the batched CPU kernels meet bf16 weights with: f32 (exact widening, within
-    /// the reference's tolerances) or bf16 (rounded once per linear for `vdpbf16ps`, twice the
-    /// multiply-adds an instruction; needs AVX-512 BF16). Batch-1 decode stays f32 either way.
+    /// Activations the CPU kernels meet bf16 weights with: f32 (exact widening, within the
+    /// reference's tolerances) or bf16 (rounded once per linear for `vdpbf16ps`, twice the
+    /// multiply-adds an instruction, at every batch size; needs AVX-512 BF16).
     #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "f32", value_parser = ["f32", "bf16"])]
     cpu_activations: String,
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.

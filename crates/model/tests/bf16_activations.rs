@@ -72,9 +72,37 @@ fn bf16_activations_follow_the_bf16_fixtures_greedy_continuations() {
         }
     }
     assert!(total >= 50, "too few golden tokens ({total}) to judge");
+    the_linear_of_a_long_prefill_equals_each_token_alone();
     assert!(
         agree * 100 >= total * 95,
         "bf16 activations agree with {agree} of {total} golden greedy tokens"
     );
     eprintln!("bf16 activations: {agree} of {total} golden greedy tokens");
+}
+
+/// In this mode `linear` keeps bf16 weights on the dot path past `DOT_MAX_ROWS` (where f32
+/// activations go to the gemm path): a token's result is the same alone and in a 300-row step.
+/// Called from the test above, after it fixed the mode for this process.
+fn the_linear_of_a_long_prefill_equals_each_token_alone() {
+    use half::bf16;
+    use switchyard_model::weights::Elems;
+    let (rows, inp, out) = (300, 96, 37);
+    let val = |i: usize| ((i * 7919 % 2003) as f32 / 1001.5 - 1.0) * 0.5;
+    let x: Vec<f32> = (0..rows * inp).map(val).collect();
+    let w: Vec<bf16> = (0..out * inp)
+        .map(|i| bf16::from_f32(val(i + 17)))
+        .collect();
+    let mut all = vec![0.0; rows * out];
+    linear::linear(&x, rows, Elems::BF16(&w), out, &mut all);
+    for r in 0..rows {
+        let mut one = vec![0.0; out];
+        linear::linear(
+            &x[r * inp..(r + 1) * inp],
+            1,
+            Elems::BF16(&w),
+            out,
+            &mut one,
+        );
+        assert_eq!(one[..], all[r * out..(r + 1) * out], "token {r}");
+    }
 }

@@ -72,6 +72,11 @@ pub struct Plan {
     pub pairs: Pairing,
     /// Whether `tiles` read [`Lhs::bf16`].
     pub bf16: bool,
+    /// From this many token rows `tiles` replace `single` and `span`. The f32 plans start them
+    /// at a few rows, where compute starts to matter; the bf16-activation plans at one, so that
+    /// a token's activations are rounded, and its sums run the same chains, whatever the size
+    /// of its step.
+    pub tile_min_rows: usize,
 }
 
 /// Instruction sets the kernels come in, best last.
@@ -162,9 +167,11 @@ pub fn isa() -> Isa {
 /// Whether batched bf16 weights may meet activations rounded to bf16 (`vdpbf16ps`, 32
 /// multiply-adds an instruction against a 512-bit FMA's 16): `--cpu-activations bf16` or
 /// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves
-/// a product by up to 2⁻⁹ of itself, past the reference's f32 tolerances, and then a token's
-/// result depends on whether its step had enough rows for tiles. On a Zen 4 VM the tiles stayed memory-bound up to 8 rows, 2-3×
-/// the f32 tiles at 4-8 rows (`bench_linear`).
+/// a product by up to 2⁻⁹ of itself, past the reference's f32 tolerances. Its plans tile from
+/// one row and `linear` never sends them to the gemm path, so a token's result does not depend
+/// on its step's size. On a Zen 4 VM (`bench_linear`, 2 threads) the tiles ran 2-3× the f32
+/// ones at 4-8 rows, as fast as the single-row kernel at one, 1.3-2.3× the gemm path at
+/// 128-2048; whole-model, 32 sequences went from 220 to 355-364 tok/s.
 pub fn bf16_activations() -> bool {
     *ACTIVATIONS.get_or_init(|| {
         let Ok(v) = std::env::var("SWITCHYARD_CPU_ACTIVATIONS") else {
@@ -330,6 +337,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 }),
                 pairs: Pairing::Off,
                 bf16: true,
+                tile_min_rows: 1,
             };
         }
         if isa >= Isa::Avx512 && rows >= avx512_tile_min_rows() {
@@ -352,6 +360,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 }),
                 pairs: if pairs { Pairing::Avx512 } else { Pairing::Off },
                 bf16: false,
+                tile_min_rows: super::TILE_MIN_ROWS,
             };
         }
         if isa >= Isa::Avx2 {
@@ -381,6 +390,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 }),
                 pairs: if pairs { Pairing::Avx2 } else { Pairing::Off },
                 bf16: false,
+                tile_min_rows: super::TILE_MIN_ROWS,
             };
         }
     }
@@ -391,6 +401,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
         tiles: None,
         pairs: Pairing::Off,
         bf16: false,
+        tile_min_rows: usize::MAX,
     }
 }
 
