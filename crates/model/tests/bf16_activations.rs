@@ -72,12 +72,12 @@ fn bf16_activations_follow_the_bf16_fixtures_greedy_continuations() {
         }
     }
     assert!(total >= 50, "too few golden tokens ({total}) to judge");
-    the_linear_of_a_long_prefill_equals_each_token_alone();
     assert!(
         agree * 100 >= total * 95,
         "bf16 activations agree with {agree} of {total} golden greedy tokens"
     );
     eprintln!("bf16 activations: {agree} of {total} golden greedy tokens");
+    the_linear_of_a_long_prefill_equals_each_token_alone();
 }
 
 /// In this mode `linear` keeps bf16 weights on the dot path past `DOT_MAX_ROWS` (where f32

@@ -164,7 +164,7 @@ pub fn isa() -> Isa {
     })
 }
 
-/// Whether batched bf16 weights may meet activations rounded to bf16 (`vdpbf16ps`, 32
+/// Whether bf16 weights meet activations rounded to bf16 (`vdpbf16ps`, 32
 /// multiply-adds an instruction against a 512-bit FMA's 16): `--cpu-activations bf16` or
 /// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves
 /// a product by up to 2⁻⁹ of itself, past the reference's f32 tolerances. Its plans tile from

@@ -53,16 +53,16 @@ use kernels::{Lhs, Pairing, Plan};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Up to this many token rows the dot path wins (with f32 activations: the bf16-activation
-/// tiles beat the gemm path at every row count measured, and serve them all). bf16x against
-/// gemm on a Zen 4 VM, GFLOP/s on w1/w2: 311/291 against 134/181 at 128 rows, 318/245 against
-/// 180/187 at 256, 281/249 against 202/195 at 1024, 260/201 against 204/175 at 2048. Measured with
+/// Up to this many token rows the dot path wins, with f32 activations. Measured with
 /// `cargo run --release -p switchyard-model --example bench_linear` on expert shapes (bf16,
 /// 3584×1024 and 1024×3584, 2 threads, AVX2): with three-row tiles the dot path ran at
 /// 85-105 GFLOP/s at 32 rows against the gemm path's 41-62, and 93-119 against 67-107 at 64
 /// and 128 rows; from 256 rows the two tie, and x no longer fits in L2. With the AVX-512 tiles
 /// (Xeon): 120-150 against 133-145 at 128 rows, 75-158 against 155-167 at 256, 71-110 against
-/// 166-180 at 512.
+/// 166-180 at 512. The bf16-activation tiles beat the gemm path at every row count measured and
+/// serve them all: bf16x against gemm on a Zen 4 VM, GFLOP/s on w1/w2, 311/291 against 134/181
+/// at 128 rows, 318/245 against 180/187 at 256, 281/249 against 202/195 at 1024, 260/201
+/// against 204/175 at 2048.
 pub const DOT_MAX_ROWS: usize = 128;
 
 /// From this many token rows the dot path takes weight rows in tiles. Below it a step is bound
