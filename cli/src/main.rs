@@ -27,9 +27,10 @@ struct Cli {
     #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
     /// Activations the CPU kernels meet bf16 weights with: f32 (exact widening, within the
-    /// reference's tolerances) or bf16 (rounded once per linear for `vdpbf16ps`, twice the
-    /// multiply-adds an instruction, at every batch size; needs AVX-512 BF16).
-    #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "f32", value_parser = ["f32", "bf16"])]
+    /// reference's tolerances), bf16 (rounded once per linear for `vdpbf16ps`, twice the
+    /// multiply-adds an instruction, at every batch size; needs AVX-512 BF16), or auto: bf16
+    /// where the CPU has AVX-512 BF16 and no AMX, f32 elsewhere. f32 weights always meet f32.
+    #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
     cpu_activations: String,
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.
     #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "warn")]
@@ -77,12 +78,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
-    if let Err(e) =
-        switchyard_model::backend::cpu::linear::set_bf16_activations(cli.cpu_activations == "bf16")
-    {
+    let bf16 = match cli.cpu_activations.as_str() {
+        "auto" => switchyard_model::backend::cpu::linear::auto_bf16_activations(),
+        mode => mode == "bf16",
+    };
+    if let Err(e) = switchyard_model::backend::cpu::linear::set_bf16_activations(bf16) {
         eprintln!("error: --cpu-activations {}: {e}", cli.cpu_activations);
         return std::process::ExitCode::FAILURE;
     }
+    tracing::info!(
+        kernels = switchyard_model::backend::cpu::linear::isa().as_str(),
+        activations = if bf16 { "bf16" } else { "f32" },
+        "CPU kernels chosen"
+    );
     let result = match cli.cmd {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Generate(a) => generate::run(a),

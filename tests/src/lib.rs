@@ -77,6 +77,11 @@ impl Worker {
 
     /// Starts a worker of `model` with extra arguments and waits (up to 60 s) until it serves.
     pub fn start_with(model: &Path, args: &[&str]) -> Self {
+        Self::start_env(model, args, &[])
+    }
+
+    /// [`Worker::start_with`] with extra environment variables.
+    pub fn start_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ready = dir.path().join("ready");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
@@ -89,6 +94,7 @@ impl Worker {
             .arg(&ready)
             .env("SWITCHYARD_THREADS", "1")
             .env("SWITCHYARD_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(log)
             .spawn()
             .expect("worker starts");

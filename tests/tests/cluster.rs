@@ -37,7 +37,15 @@ fn forward(model: &Path, ids: &str, extra: &[&str]) -> String {
 
 /// Starts one worker per expert set and returns them with the `--workers` spec.
 fn cluster(model: &Path, sets: &[&str]) -> (Vec<Worker>, String) {
-    let ws: Vec<Worker> = sets.iter().map(|s| Worker::start(model, s)).collect();
+    cluster_env(model, sets, &[])
+}
+
+/// [`cluster`] with extra environment variables for every worker.
+fn cluster_env(model: &Path, sets: &[&str], env: &[(&str, &str)]) -> (Vec<Worker>, String) {
+    let ws: Vec<Worker> = sets
+        .iter()
+        .map(|s| Worker::start_env(model, &["--experts", s], env))
+        .collect();
     let spec = ws
         .iter()
         .zip(sets)
@@ -111,30 +119,48 @@ fn cluster_forward_equals_embedded_bit_for_bit_for_every_placement() {
     })
     .collect();
     models.push((gen, vec!["1,17,300,5,5,99,123,7,2,45,250,11".into()]));
+    // Every process runs in the default activation mode (bf16 for bf16 weights where the CPU has
+    // AVX-512 BF16), and the bf16 models also with exact f32 activations, pinned on both sides
+    // (workers by environment).
+    let both: &[&str] = &["auto", "f32"];
     for (model, cases) in &models {
-        let embedded: Vec<String> = cases.iter().map(|ids| forward(model, ids, &[])).collect();
-        for sets in PLACEMENTS {
-            let (_workers, spec) = cluster(model, sets);
-            for (ids, want) in cases.iter().zip(&embedded) {
-                for rpc in ["stream", "unary"] {
-                    let got = forward(
-                        model,
-                        ids,
-                        &[
-                            "--workers",
-                            &spec,
-                            "--wire-dtype",
-                            "f32",
-                            "--dispatch-rpc",
-                            rpc,
-                        ],
-                    );
-                    assert!(
-                        got == *want,
-                        "{} placement {sets:?} ids {ids} ({rpc}): cluster differs from embedded",
-                        model.display()
-                    );
-                }
+        let bf16_weights = std::fs::read_to_string(model.join("config.json"))
+            .unwrap()
+            .contains("bfloat16");
+        for mode in if bf16_weights { both } else { &both[..1] } {
+            cluster_equals_embedded(model, cases, mode);
+        }
+    }
+}
+
+fn cluster_equals_embedded(model: &Path, cases: &[String], mode: &str) {
+    let embedded: Vec<String> = cases
+        .iter()
+        .map(|ids| forward(model, ids, &["--cpu-activations", mode]))
+        .collect();
+    for sets in PLACEMENTS {
+        let (_workers, spec) = cluster_env(model, sets, &[("SWITCHYARD_CPU_ACTIVATIONS", mode)]);
+        for (ids, want) in cases.iter().zip(&embedded) {
+            for rpc in ["stream", "unary"] {
+                let got = forward(
+                    model,
+                    ids,
+                    &[
+                        "--cpu-activations",
+                        mode,
+                        "--workers",
+                        &spec,
+                        "--wire-dtype",
+                        "f32",
+                        "--dispatch-rpc",
+                        rpc,
+                    ],
+                );
+                assert!(
+                    got == *want,
+                    "{} placement {sets:?} ids {ids} ({rpc}, {mode} activations): cluster differs from embedded",
+                    model.display()
+                );
             }
         }
     }

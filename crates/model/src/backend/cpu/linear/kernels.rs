@@ -165,9 +165,10 @@ pub fn isa() -> Isa {
 }
 
 /// Whether bf16 weights meet activations rounded to bf16 (`vdpbf16ps`, 32
-/// multiply-adds an instruction against a 512-bit FMA's 16): `--cpu-activations bf16` or
-/// `SWITCHYARD_CPU_ACTIVATIONS=bf16`, on CPUs with AVX-512 BF16. Off by default: rounding moves
-/// a product by up to 2⁻⁹ of itself, past the reference's f32 tolerances. Its plans tile from
+/// multiply-adds an instruction against a 512-bit FMA's 16): `SWITCHYARD_CPU_ACTIVATIONS=bf16`,
+/// or `auto` where [`auto_bf16_activations`] says so, on CPUs with AVX-512 BF16. Off for a
+/// library user who sets nothing: rounding moves a product by up to 2⁻⁹ of itself, past the
+/// reference's f32 tolerances (the `switchyard` binary defaults to `auto`). Its plans tile from
 /// one row and `linear` never sends them to the gemm path, so a token's result does not depend
 /// on its step's size. On a Zen 4 VM (`bench_linear`, 2 threads) the tiles ran 2-3× the f32
 /// ones at 4-8 rows, as fast as the single-row kernel at one, 1.3-2.3× the gemm path at
@@ -179,6 +180,7 @@ pub fn bf16_activations() -> bool {
         };
         match v.trim() {
             "f32" => false,
+            "auto" => auto_bf16_activations(),
             "bf16" if has_avx512_bf16() => true,
             "bf16" => {
                 tracing::warn!("SWITCHYARD_CPU_ACTIVATIONS=bf16 needs AVX-512 BF16; keeping f32");
@@ -187,12 +189,21 @@ pub fn bf16_activations() -> bool {
             other => {
                 tracing::warn!(
                     value = other,
-                    "SWITCHYARD_CPU_ACTIVATIONS is not one of f32, bf16"
+                    "SWITCHYARD_CPU_ACTIVATIONS is not one of auto, f32, bf16"
                 );
                 false
             }
         }
     })
+}
+
+/// What `auto` picks: bf16 activations where the kernels are the AVX-512 ones and the CPU has
+/// AVX-512 BF16 (Zen 4 and 5, Cooper Lake), f32 elsewhere. Not on AMX CPUs: there steps of
+/// [`super::AMX_MIN_ROWS`] rows or more take the AMX tiles, exact and faster still, so a
+/// token's result would depend on its step's size; nor where `SWITCHYARD_CPU_KERNELS` asks for
+/// lower kernels, which have no bf16 plans.
+pub fn auto_bf16_activations() -> bool {
+    isa() == Isa::Avx512 && has_avx512_bf16()
 }
 
 /// The activation mode, fixed on first use: by [`set_bf16_activations`], or else from the

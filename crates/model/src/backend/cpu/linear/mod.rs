@@ -46,7 +46,9 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-pub use kernels::{bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa};
+pub use kernels::{
+    auto_bf16_activations, bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa,
+};
 
 use crate::weights::Elems;
 use kernels::{Lhs, Pairing, Plan};
