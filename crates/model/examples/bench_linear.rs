@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("kernels: {}", linear::isa().as_str());
     println!(
-        "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "weight",
         "rows",
         "dot GF/s",
@@ -59,7 +59,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "amx GF/s",
         "amx GB/s",
         "bf16x GF/s",
-        "bf16x GB/s"
+        "bf16x GB/s",
+        "tiles GF/s",
+        "tiles GB/s"
     );
     for (name, out, inp) in shapes {
         let ws: Vec<Vec<bf16>> = (0..mats)
@@ -68,6 +70,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(|i| bf16::from_f32(((i * 7 + m * 13) % 97) as f32 / 97.0 - 0.5))
                     .collect()
             })
+            .collect();
+        // The same weights in AMX tile order, where the CPU's kernels are AMX.
+        let tiles: Vec<_> = ws
+            .iter()
+            .filter_map(|w| linear::tiles_for(Elems::BF16(w), out))
             .collect();
         for &rows in &rows_list {
             let x: Vec<f32> = (0..rows * inp)
@@ -89,6 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Gemm,
                 Amx,
                 Bf16Act,
+                Tiles,
             }
             let mut time = |path: Path| {
                 let reps = (mats * 4).max(64 / rows.max(1) * mats);
@@ -107,6 +115,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 Path::Bf16Act => {
                                     linear::linear_dot_bf16_activations(
                                         &x, rows, w, inp, out, &mut y,
+                                    );
+                                }
+                                Path::Tiles => {
+                                    linear::linear_tiles(
+                                        &x,
+                                        rows,
+                                        &mut [(&tiles[r % mats], &mut y)],
                                     );
                                 }
                             }
@@ -130,8 +145,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 (f64::NAN, f64::NAN)
             };
+            let (tg, tb) = if tiles.len() == mats {
+                time(Path::Tiles)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
             println!(
-                "{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1} {ag:>10.1} {ab:>10.1} {xg:>10.1} {xbw:>10.1}"
+                "{name:>14} {rows:>5} {dg:>10.1} {db:>10.1} {gg:>10.1} {gb:>10.1} {ag:>10.1} {ab:>10.1} {xg:>10.1} {xbw:>10.1} {tg:>10.1} {tb:>10.1}"
             );
         }
     }

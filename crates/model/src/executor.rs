@@ -144,7 +144,7 @@ impl<B: Backend + Clone> LocalExperts<B> {
                     let t = ck.tensor(&names::expert(l, e, w), shape)?;
                     bytes += t.bytes().len();
                     let n = t.bytes().len() as u64;
-                    let out = backend.upload(t)?;
+                    let out = backend.upload_matrix(t)?;
                     progress.advance(n);
                     Ok(out)
                 };

@@ -26,7 +26,7 @@ pub enum AnyBuf {
 
 /// A weight on the device of an [`AnyBackend`].
 pub enum AnyWeight {
-    Cpu(HostTensor),
+    Cpu(crate::backend::cpu::CpuWeight),
     #[cfg(feature = "cuda")]
     Cuda(CudaWeight),
 }
@@ -90,7 +90,7 @@ macro_rules! accessors {
     };
 }
 accessors!(AnyBuf, Vec<f32>, cudarc::driver::CudaSlice<f32>);
-accessors!(AnyWeight, HostTensor, CudaWeight);
+accessors!(AnyWeight, crate::backend::cpu::CpuWeight, CudaWeight);
 
 /// `on!(self, b => expr)`: runs `expr` with `b` bound to the concrete backend; inside, `cpu` /
 /// `cuda` name the accessor of that device.
@@ -152,6 +152,14 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn upload_matrix(&self, t: HostTensor) -> Result<AnyWeight> {
+        match self {
+            Self::Cpu(b) => b.upload_matrix(t).map(AnyWeight::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => b.upload_matrix(t).map(AnyWeight::Cuda),
+        }
+    }
+
     fn alloc(&self, len: usize) -> Result<AnyBuf> {
         match self {
             Self::Cpu(b) => b.alloc(len).map(AnyBuf::Cpu),
@@ -201,10 +209,9 @@ impl Backend for AnyBackend {
             Self::Cpu(_) => crate::backend::cpu::linear_parts(
                 x.cpu()?,
                 rows,
-                parts.iter_mut().map(|(w, y)| {
-                    let w = w.cpu()?;
-                    Ok((w.elems(), w.shape()[0], y.cpu_mut()?.as_mut_slice()))
-                }),
+                parts
+                    .iter_mut()
+                    .map(|(w, y)| Ok((w.cpu()?, y.cpu_mut()?.as_mut_slice()))),
             ),
             #[cfg(feature = "cuda")]
             Self::Cuda(b) => {

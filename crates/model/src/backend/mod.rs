@@ -30,6 +30,12 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Makes a host tensor resident on the device (and pays its I/O now).
     fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// [`Backend::upload`] for a `[out, in]` matrix that is only ever a linear's weight (the
+    /// experts'): a backend may keep it in another layout that its linears read faster (the
+    /// CPU's AMX tile order).
+    fn upload_matrix(&self, t: HostTensor) -> Result<Self::Weight> {
+        self.upload(t)
+    }
     /// A zeroed buffer of `len` f32.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Grows `buf` to at least `len` elements (contents may be lost).

@@ -231,6 +231,38 @@ impl HostTensor {
         b.len()
     }
 
+    /// Drops this process's mappings of the pages that lie wholly inside a mapped tensor, for a
+    /// tensor whose bytes were copied elsewhere and will rarely be read again: the pages stay
+    /// in the page cache (reclaimable) instead of in this process's resident memory, and a
+    /// later read maps them again. Does nothing to owned tensors or where the OS refuses.
+    pub fn release_pages(&self) {
+        #[cfg(target_os = "linux")]
+        if let Storage::Mapped { map, range } = &self.storage {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+            if page == 0 {
+                return;
+            }
+            let base = map.as_ptr() as usize;
+            let start = (base + range.start).next_multiple_of(page) - base;
+            let end = (base + range.end) / page * page - base;
+            if end > start {
+                // SAFETY: the map is read-only and shared, so MADV_DONTNEED discards no data:
+                // the range only loses its page-table entries, and the next read refaults the
+                // same bytes from the file. No other tensor's pages are in the range.
+                if let Err(e) = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                } {
+                    tracing::debug!(error = %e, "could not release a copied tensor's pages");
+                }
+            }
+        }
+    }
+
     /// All elements widened to f32 (used for small vectors such as norms, and by tests).
     #[must_use]
     pub fn to_f32_vec(&self) -> Vec<f32> {

@@ -24,25 +24,70 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     out.expect("rayon scope ran the job")
 }
 
-/// Runs [`linear::linear_many`] over `parts` (weight, output rows, output), up to
-/// [`linear::MAX_PARTS`] per pass, without allocating.
+/// A weight on the CPU: the tensor in its stored dtype, used in place from the memory map, and
+/// for expert matrices ([`Backend::upload_matrix`]) on CPUs with AMX a copy in AMX tile order,
+/// which every linear of it reads instead (see `linear/tiles.rs`). Derefs to the tensor.
+#[derive(Debug)]
+pub struct CpuWeight {
+    tensor: HostTensor,
+    tiles: Option<linear::Tiles>,
+}
+
+impl CpuWeight {
+    /// The copy in AMX tile order, where one was made.
+    #[must_use]
+    pub fn tiles(&self) -> Option<&linear::Tiles> {
+        self.tiles.as_ref()
+    }
+}
+
+impl std::ops::Deref for CpuWeight {
+    type Target = HostTensor;
+    fn deref(&self) -> &HostTensor {
+        &self.tensor
+    }
+}
+
+/// An empty tile set, to fill unused slots of a pass.
+static NO_TILES: linear::Tiles = linear::Tiles::EMPTY;
+
+/// Runs `parts` (weight, output) through the linears without allocating: weights with tiles
+/// through [`linear::linear_tiles`], the others through [`linear::linear_many`], up to
+/// [`linear::MAX_PARTS`] per pass. Each part's result is the same whichever pass it shares.
 pub(crate) fn linear_parts<'a>(
     x: &[f32],
     rows: usize,
-    parts: impl Iterator<Item = Result<(Elems<'a>, usize, &'a mut [f32])>>,
+    parts: impl Iterator<Item = Result<(&'a CpuWeight, &'a mut [f32])>>,
 ) -> Result<()> {
     let mut pass: [(Elems<'a>, usize, &'a mut [f32]); linear::MAX_PARTS] =
         std::array::from_fn(|_| (Elems::F32(&[]), 0, <&mut [f32]>::default()));
-    let mut n = 0;
+    let mut tiled: [(&'a linear::Tiles, &'a mut [f32]); linear::MAX_PARTS] =
+        std::array::from_fn(|_| (&NO_TILES, <&mut [f32]>::default()));
+    let (mut n, mut nt) = (0, 0);
     for part in parts {
-        pass[n] = part?;
-        n += 1;
-        if n == linear::MAX_PARTS {
-            linear::linear_many(x, rows, &mut pass[..n]);
-            n = 0;
+        let (w, y) = part?;
+        if let Some(t) = w.tiles() {
+            tiled[nt] = (t, y);
+            nt += 1;
+            if nt == linear::MAX_PARTS {
+                linear::linear_tiles(x, rows, &mut tiled[..nt]);
+                nt = 0;
+            }
+        } else {
+            pass[n] = (w.elems(), w.shape()[0], y);
+            n += 1;
+            if n == linear::MAX_PARTS {
+                linear::linear_many(x, rows, &mut pass[..n]);
+                n = 0;
+            }
         }
     }
-    linear::linear_many(x, rows, &mut pass[..n]);
+    if nt > 0 {
+        linear::linear_tiles(x, rows, &mut tiled[..nt]);
+    }
+    if n > 0 {
+        linear::linear_many(x, rows, &mut pass[..n]);
+    }
     Ok(())
 }
 
@@ -52,7 +97,7 @@ pub struct Cpu;
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
-    type Weight = HostTensor;
+    type Weight = CpuWeight;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -62,11 +107,31 @@ impl Backend for Cpu {
         rayon::current_num_threads() > 1
     }
 
-    fn upload(&self, t: HostTensor) -> Result<HostTensor> {
+    fn upload(&self, t: HostTensor) -> Result<CpuWeight> {
         // Weights are used in place from the memory map; touching every page now makes the load
         // (and its progress bar) do the I/O instead of the first request.
         t.prefault();
-        Ok(t)
+        Ok(CpuWeight {
+            tensor: t,
+            tiles: None,
+        })
+    }
+
+    fn upload_matrix(&self, t: HostTensor) -> Result<CpuWeight> {
+        let tiles = match t.shape() {
+            [out, _] => linear::tiles_for(t.elems(), *out),
+            _ => None,
+        };
+        let Some(tiles) = tiles else {
+            return self.upload(t);
+        };
+        // Only the tiles are read from now on; the mapped pages go back to the page cache
+        // instead of staying resident twice.
+        t.release_pages();
+        Ok(CpuWeight {
+            tensor: t,
+            tiles: Some(tiles),
+        })
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
@@ -90,7 +155,7 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn embedding(&self, table: &HostTensor, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
         let width = table.shape()[1];
         ops::embedding(table.elems(), width, ids, &mut out[..ids.len() * width]);
         Ok(())
@@ -100,7 +165,7 @@ impl Backend for Cpu {
         &self,
         x: &Vec<f32>,
         rows: usize,
-        w: &HostTensor,
+        w: &CpuWeight,
         eps: f32,
         out: &mut Vec<f32>,
     ) -> Result<()> {
@@ -109,8 +174,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn linear(&self, x: &Vec<f32>, rows: usize, w: &HostTensor, out: &mut Vec<f32>) -> Result<()> {
-        linear::linear(x, rows, w.elems(), w.shape()[0], out);
+    fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
+        match w.tiles() {
+            Some(t) => linear::linear_tiles(x, rows, &mut [(t, out.as_mut_slice())]),
+            None => linear::linear(x, rows, w.elems(), w.shape()[0], out),
+        }
         Ok(())
     }
 
@@ -118,14 +186,12 @@ impl Backend for Cpu {
         &self,
         x: &Vec<f32>,
         rows: usize,
-        parts: &mut [(&HostTensor, &mut Vec<f32>)],
+        parts: &mut [(&CpuWeight, &mut Vec<f32>)],
     ) -> Result<()> {
         linear_parts(
             x,
             rows,
-            parts
-                .iter_mut()
-                .map(|(w, y)| Ok((w.elems(), w.shape()[0], y.as_mut_slice()))),
+            parts.iter_mut().map(|(w, y)| Ok((&**w, y.as_mut_slice()))),
         )
     }
 
@@ -135,8 +201,8 @@ impl Backend for Cpu {
         width: usize,
         head_dim: usize,
         positions: &[u32],
-        cos: &HostTensor,
-        sin: &HostTensor,
+        cos: &CpuWeight,
+        sin: &CpuWeight,
     ) -> Result<()> {
         let (c, s) = (cos.elems(), sin.elems());
         match (c, s) {

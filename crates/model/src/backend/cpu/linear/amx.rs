@@ -3,8 +3,10 @@
 //! Once a step has more than a few token rows, the FMA kernels are bound by arithmetic: two
 //! cores of 512-bit FMAs do at most ~330 GFLOP/s, where one AMX unit's `tdpbf16ps` does
 //! ~2.5 TFLOP/s (measured on the Xeon this was written on: 6.4 ns per 16×16×32 tile product).
-//! Weights are bf16 as stored, read straight from the checkpoint map as A tiles (16 output rows
-//! × 32 inputs). Activations are f32 and must stay so to meet the reference's tolerances, so
+//! Weights are bf16 as stored, loaded as A tiles (16 output rows × 32 inputs): the experts' from
+//! a copy made at load in tile order (`tiles.rs`, [`linear_tiles`], every row count: a tile
+//! load that misses the cache stalls the unit, and in place the prefetchers do not keep up),
+//! the others straight from the checkpoint map ([`linear_many`], from a few rows). Activations are f32 and must stay so to meet the reference's tolerances, so
 //! each one is split into three bf16 parts, `x = h + m + l` (8 significant bits each, together
 //! all 24 of an f32), and every product is exact in the f32 accumulators: the result is as
 //! accurate as the FMA kernels', in another summation order.
@@ -20,6 +22,7 @@
 //! configuration and releases the tiles when done, so a thread idle between steps carries no
 //! tile state through context switches.
 
+use super::tiles::{Tiles, BAND};
 use super::{with_scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
@@ -248,11 +251,37 @@ pub(super) struct Job<'a> {
 pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job<'_>]) {
     debug_assert!(inp.is_multiple_of(KB) && x.len() >= rows * inp);
     debug_assert!(jobs.len() <= super::MAX_PARTS);
-    let groups = rows.div_ceil(GROUP);
+    let tasks = jobs.iter().map(|job| job.out.div_ceil(task_rows(inp)));
+    packed_pass(x, rows, inp, tasks, |packed, i, t| {
+        // SAFETY: the caller's contract; tasks own disjoint column ranges.
+        unsafe { task(packed, rows, inp, jobs[i], t) };
+    });
+}
+
+/// Packs `x`'s rows into activation tiles, then runs every job's tasks (`tasks` yields each
+/// job's count, at most [`super::MAX_PARTS`] jobs) as one parallel pass, `run(packed, job,
+/// task of that job)`.
+fn packed_pass(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    tasks: impl Iterator<Item = usize>,
+    run: impl Fn(&[u16], usize, usize) + Sync,
+) {
     // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
     // group uses the start of its share.
     let group_len = inp * PARTS * JB;
-    with_scratch(&PACKED, groups * group_len, |packed| {
+    // Each job's first task.
+    let mut firsts = [0; super::MAX_PARTS];
+    let mut total = 0;
+    let mut jobs = 0;
+    for (first, n) in firsts.iter_mut().zip(tasks) {
+        *first = total;
+        total += n;
+        jobs += 1;
+    }
+    let firsts = &firsts[..jobs];
+    with_scratch(&PACKED, rows.div_ceil(GROUP) * group_len, |packed| {
         let x = &x[..rows * inp];
         if rows * inp >= PAR_PACK_ELEMS {
             packed
@@ -265,18 +294,9 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
             }
         }
         let packed = &*packed;
-        // Each job's first task.
-        let mut firsts = [0; super::MAX_PARTS];
-        let mut tasks = 0;
-        for (first, job) in firsts.iter_mut().zip(jobs) {
-            *first = tasks;
-            tasks += job.out.div_ceil(task_rows(inp));
-        }
-        let firsts = &firsts[..jobs.len()];
-        (0..tasks).into_par_iter().for_each(|t| {
+        (0..total).into_par_iter().for_each(|t| {
             let i = firsts.iter().rposition(|&f| f <= t).unwrap_or(0);
-            // SAFETY: the caller's contract; tasks own disjoint column ranges.
-            unsafe { task(packed, rows, inp, jobs[i], t - firsts[i]) };
+            run(packed, i, t - firsts[i]);
         });
     });
 }
@@ -290,31 +310,20 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
     let j1 = (j0 + task_rows(inp)).min(job.out);
     let full = (j1 - j0) / JB;
     let tail = (j1 - j0) % JB;
-    let kbs = inp / KB;
     let stride = inp * 2;
-    let group_len = inp * PARTS * JB;
-    let mut acc = [0f32; ACC_LEN];
     // Runs `w`'s `nb` 16-row blocks (rows `stride` apart) against every token group.
-    let mut groups = |w: *const u16, nb: usize, n_rows: usize, j: usize| {
-        let mut configured = 0;
-        for (g, xg) in packed.chunks_exact(group_len).enumerate() {
-            let n = (rows - g * GROUP).min(GROUP);
-            // SAFETY: `available` was checked by the caller; `w` covers nb whole 16-row blocks
-            // of kbs·32 elements (of the weight or its padded copy) and `xg` kbs·PARTS tiles of
-            // n tokens.
-            unsafe {
-                if n != configured {
-                    configure(&TileConfig::new(n));
-                    configured = n;
-                }
-                match nb {
-                    4 => block::<4>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
-                    3 => block::<3>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
-                    2 => block::<2>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
-                    _ => block::<1>(w, stride, xg.as_ptr(), n, kbs, &mut acc),
-                }
-                scatter(&acc, n_rows, n, g, job, j);
-            }
+    let groups = |w: *const u16, nb: usize, n_rows: usize, j: usize| {
+        // SAFETY: the caller's contract; `w` covers nb whole 16-row blocks of inp elements (of
+        // the weight or its padded copy), and rows j .. j + n_rows are this task's alone.
+        unsafe {
+            run_groups(
+                packed,
+                (rows, inp),
+                Walk::in_place(w, stride),
+                nb,
+                (job.y, job.out),
+                j..j + n_rows,
+            );
         }
     };
     if full > 0 {
@@ -334,6 +343,43 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
     unsafe { release() };
 }
 
+/// `nb` (1 to 4) 16-row weight blocks laid out as `w` says, for output rows `js` of `(y, out)`,
+/// against every token group in `packed` (`rows` tokens of `inp` inputs). Leaves the tiles
+/// configured; the caller releases them.
+///
+/// # Safety
+/// [`available`] must be true; `w` must cover nb whole blocks of inp elements, `y` hold every
+/// token's `out` outputs, and rows `js` be the caller's alone.
+unsafe fn run_groups(
+    packed: &[u16],
+    (rows, inp): (usize, usize),
+    w: Walk,
+    nb: usize,
+    (y, out): (SendPtr, usize),
+    js: std::ops::Range<usize>,
+) {
+    let kbs = inp / KB;
+    let mut acc = [0f32; ACC_LEN];
+    let mut configured = 0;
+    for (g, xg) in packed.chunks_exact(inp * PARTS * JB).enumerate() {
+        let n = (rows - g * GROUP).min(GROUP);
+        // SAFETY: the caller's contract; `xg` holds kbs·PARTS tiles of n tokens.
+        unsafe {
+            if n != configured {
+                configure(&TileConfig::new(n));
+                configured = n;
+            }
+            match nb {
+                4 => block::<4>(w, xg.as_ptr(), n, kbs, &mut acc),
+                3 => block::<3>(w, xg.as_ptr(), n, kbs, &mut acc),
+                2 => block::<2>(w, xg.as_ptr(), n, kbs, &mut acc),
+                _ => block::<1>(w, xg.as_ptr(), n, kbs, &mut acc),
+            }
+            scatter(&acc, js.len(), n, g, (y, out), js.start);
+        }
+    }
+}
+
 /// f32s of one token group's four C tiles: C0, C1, C2, C3, each 16 rows × 16 tokens.
 const ACC_LEN: usize = 4 * JB * GROUP;
 
@@ -341,14 +387,14 @@ const ACC_LEN: usize = 4 * JB * GROUP;
 /// `n_tok` tokens.
 ///
 /// # Safety
-/// `job.y` must hold every token's `job.out` outputs, and rows `j .. j + n_rows` must be this
+/// `y` must hold every token's `out` outputs, and rows `j .. j + n_rows` must be this
 /// task's alone.
 unsafe fn scatter(
     c: &[f32; ACC_LEN],
     n_rows: usize,
     n_tok: usize,
     g: usize,
-    job: Job<'_>,
+    (y, out): (SendPtr, usize),
     j: usize,
 ) {
     const T: usize = JB * GROUP;
@@ -358,28 +404,64 @@ unsafe fn scatter(
             let v = c[b * T + r * GROUP + n];
             // SAFETY: (token g·16 + n, row j + m) is inside this job's output and in the
             // column range of this task alone.
-            unsafe { *job.y.get().add((g * GROUP + n) * job.out + j + m) = v };
+            unsafe { *y.get().add((g * GROUP + n) * out + j + m) = v };
         }
     }
 }
 
-/// NB (1 to 4) 16-row weight blocks from `w` (rows `stride` bytes apart) against one group of
-/// `n` tokens' packed activations `x`, over `kbs` input blocks; the C tiles are stored into
-/// `c` (tile i at `i·256`, 16 rows × n at a 16-token stride). The tiles must be configured
-/// for `n`.
+/// Where a weight's tiles lie: tile `i` (of a task's 16-row blocks) of input block `b` at
+/// `base + i·block_step + b·k_step` bytes, its 16 rows `row_stride` bytes apart.
+#[derive(Clone, Copy)]
+struct Walk {
+    base: *const u8,
+    block_step: usize,
+    k_step: usize,
+    row_stride: usize,
+    /// Fetch each tile's stream [`PREFETCH_AHEAD`] bytes ahead (tile order only: in place a
+    /// task reads 32-64 rows side by side, and prefetching them gained nothing).
+    prefetch: bool,
+}
+
+impl Walk {
+    /// Blocks of 16 rows (`stride` bytes apart) read in place from `w`.
+    fn in_place(w: *const u16, stride: usize) -> Walk {
+        Walk {
+            base: w.cast(),
+            block_step: JB * stride,
+            k_step: KB * 2,
+            row_stride: stride,
+            prefetch: false,
+        }
+    }
+
+    /// A band of [`Tiles`]: four tiles per input block, one after another.
+    fn band(w: *const u16) -> Walk {
+        const TILE_BYTES: usize = JB * KB * 2;
+        Walk {
+            base: w.cast(),
+            block_step: TILE_BYTES,
+            k_step: 4 * TILE_BYTES,
+            row_stride: KB * 2,
+            prefetch: true,
+        }
+    }
+}
+
+/// NB (1 to 4) 16-row weight blocks laid out as `w` says against one group of `n` tokens'
+/// packed activations `x`, over `kbs` input blocks; the C tiles are stored into `c` (tile i at
+/// `i·256`, 16 rows × n at a 16-token stride). The tiles must be configured for `n`.
 ///
 /// Per input block the three activation tiles are loaded once (tmm5-7) and serve every weight
 /// block, each loaded in turn into tmm4 and multiplied into its own C tile (tmm0-3) with the
 /// `h`, `m` and `l` parts in that order, so every element sums the same products in the same
-/// order whatever NB.
+/// order whatever NB and wherever its weights lie.
 ///
-/// Weight tiles are loaded straight from the checkpoint's rows. Prefetching the rows ahead into
-/// L1 or L2, or the next block into L2, and copying rows into tile order first were each tried
-/// and gained nothing outside noise.
+/// In place, prefetching the rows ahead into L1 or L2, or the next block into L2, and copying
+/// rows into tile order on every call were each tried and gained nothing outside noise; a copy
+/// made once at load ([`Tiles`]) did.
 #[inline(always)]
 unsafe fn block<const NB: usize>(
-    w: *const u16,
-    stride: usize,
+    w: Walk,
     x: *const u16,
     n: usize,
     kbs: usize,
@@ -387,16 +469,9 @@ unsafe fn block<const NB: usize>(
 ) {
     const T: usize = JB * GROUP;
     let (tl, xs) = (tile_len(n), 4 * n);
-    // SAFETY (whole body): tiles configured by the caller; `w` has NB·16 rows of kbs·32
-    // elements and `x` kbs·PARTS tiles of n tokens.
+    // SAFETY (whole body): tiles configured by the caller; `w` covers NB blocks of kbs tiles
+    // (prefetches never fault) and `x` kbs·PARTS tiles of n tokens.
     unsafe {
-        let wb = |i: usize| w.cast::<u8>().add(i * JB * stride).cast::<u16>();
-        let (w0, w1, w2, w3) = (
-            wb(0),
-            wb(1.min(NB - 1)),
-            wb(2.min(NB - 1)),
-            wb(3.min(NB - 1)),
-        );
         zero::<0>();
         if NB > 1 {
             zero::<1>();
@@ -412,25 +487,32 @@ unsafe fn block<const NB: usize>(
             load::<5>(xt, xs);
             load::<6>(xt.add(tl), xs);
             load::<7>(xt.add(2 * tl), xs);
-            let k = b * KB;
-            // One weight block's tile into tmm4, times the h, m and l parts into C tile $c.
+            let k = w.base.add(b * w.k_step);
+            // Weight block $c's tile into tmm4, times the h, m and l parts into C tile $c.
             macro_rules! weights_into {
-                ($c:literal, $w:expr) => {{
-                    load::<4>($w.add(k), stride);
+                ($c:literal) => {{
+                    let t = k.add($c * w.block_step);
+                    if w.prefetch {
+                        let ahead = t.wrapping_add(PREFETCH_AHEAD);
+                        for l in 0..JB {
+                            prefetch(ahead.wrapping_add(l * 64));
+                        }
+                    }
+                    load::<4>(t.cast(), w.row_stride);
                     dot::<$c, 4, 5>();
                     dot::<$c, 4, 6>();
                     dot::<$c, 4, 7>();
                 }};
             }
-            weights_into!(0, w0);
+            weights_into!(0);
             if NB > 1 {
-                weights_into!(1, w1);
+                weights_into!(1);
             }
             if NB > 2 {
-                weights_into!(2, w2);
+                weights_into!(2);
             }
             if NB > 3 {
-                weights_into!(3, w3);
+                weights_into!(3);
             }
         }
         let c = c.as_mut_ptr();
@@ -445,6 +527,65 @@ unsafe fn block<const NB: usize>(
             store::<3>(c.add(3 * T));
         }
     }
+}
+
+/// `ys[i] = x · ws[i]ᵀ` for `(ws[i], ys[i])` in `jobs`, all of one input width, as one parallel
+/// pass over bands; at most [`super::MAX_PARTS`] jobs. Any number of rows.
+///
+/// # Safety
+/// [`available`] must be true; each `ys[i]` must point to `rows · ws[i].out` writable f32s that
+/// no one else touches during the call; `x` must hold `rows · inp` elements.
+pub(super) unsafe fn linear_tiles(x: &[f32], rows: usize, jobs: &[(&Tiles, SendPtr)]) {
+    debug_assert!(jobs.len() <= super::MAX_PARTS);
+    let Some(inp) = jobs.first().map(|(w, _)| w.inp()) else {
+        return;
+    };
+    debug_assert!(jobs.iter().all(|(w, _)| w.inp() == inp) && x.len() >= rows * inp);
+    if rows == 0 {
+        return;
+    }
+    let tasks = jobs.iter().map(|(w, _)| w.out().div_ceil(BAND));
+    packed_pass(x, rows, inp, tasks, |packed, i, t| {
+        let (w, y) = jobs[i];
+        // SAFETY: the caller's contract; tasks own disjoint bands of output rows.
+        unsafe { band(packed, rows, w, y, t) };
+    });
+}
+
+/// Band `t` of `w` for every token group.
+///
+/// # Safety
+/// As for [`linear_tiles`], with `packed` holding every token group's activation tiles.
+unsafe fn band(packed: &[u16], rows: usize, w: &Tiles, y: SendPtr, t: usize) {
+    let j = t * BAND;
+    // SAFETY: the caller's contract; the band holds kbs · 4 whole tiles, and its rows are this
+    // task's alone.
+    unsafe {
+        run_groups(
+            packed,
+            (rows, w.inp()),
+            Walk::band(w.band(t).as_ptr()),
+            4,
+            (y, w.out()),
+            j..w.out().min(j + BAND),
+        );
+    }
+    // SAFETY: no tile is live past this point.
+    unsafe { release() };
+}
+
+/// How far ahead of each weight tile its stream is fetched into L1: the next two tiles. Tile
+/// loads wait for the products of the last (tile registers are not renamed), so a tile load
+/// that misses the cache stalls the unit for a memory round trip; the L2 streamer does not
+/// cross 4 KiB pages. bench_linear, 700 MB of weights, 2 threads, GB/s on w1/w2, without
+/// against 2 KiB ahead into L1: 16/16 → 22/19 at 1 token, 12/11 → 17/15 at 8; 4 KiB was no
+/// better, 8-16 KiB into L2 mixed.
+const PREFETCH_AHEAD: usize = 2048;
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe { asm!("prefetcht0 [{p}]", p = in(reg) p, options(nostack, readonly, preserves_flags)) }
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ macro_rules! with_tokens {
 }
 
 mod kernels;
+mod tiles;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -49,6 +50,8 @@ mod avx512;
 pub use kernels::{
     auto_bf16_activations, bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa,
 };
+
+pub use tiles::Tiles;
 
 use crate::weights::Elems;
 use kernels::{Lhs, Pairing, Plan};
@@ -122,7 +125,7 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
     if rows == 0 || out == 0 {
         return;
     }
-    if isa() >= Isa::Amx && rows >= AMX_MIN_ROWS && try_amx(x, rows, &mut [(w, out, y)]) {
+    if amx_for(isa(), rows) && try_amx(x, rows, &mut [(w, out, y)]) {
         return;
     }
     let plan = kernels::plan_for(isa(), w, rows);
@@ -131,6 +134,14 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
     } else {
         linear_gemm(x, rows, w, inp, out, y);
     }
+}
+
+/// Whether bf16 weights read in place go through AMX at `rows` token rows: on CPUs with AMX, from
+/// [`AMX_MIN_ROWS`], unless activations are rounded to bf16 ([`bf16_activations`]), whose
+/// `vdpbf16ps` tiles then serve every row count so that a token's result does not depend on
+/// its step.
+fn amx_for(isa: Isa, rows: usize) -> bool {
+    isa >= Isa::Amx && rows >= AMX_MIN_ROWS && !bf16_activations()
 }
 
 /// The AMX path, public for parity tests and benches. Returns false, computing nothing, where
@@ -146,6 +157,46 @@ pub fn linear_amx(
 ) -> bool {
     assert!(x.len() >= rows * inp && y.len() >= rows * out);
     Isa::best() >= Isa::Amx && w.len() == out * inp && try_amx(x, rows, &mut [(w, out, y)])
+}
+
+/// `w` (`[out, in]`) copied into AMX tile order, where the linears of a weight read often
+/// should use it: the selected kernels are AMX ([`isa`]), activations stay f32, `w` is bf16 and
+/// `in` a multiple of 32. None elsewhere.
+#[must_use]
+pub fn tiles_for(w: Elems<'_>, out: usize) -> Option<Tiles> {
+    #[cfg(target_arch = "x86_64")]
+    if let Elems::BF16(w) = w {
+        // With bf16 activations every row count runs the `vdpbf16ps` tiles instead.
+        if isa() >= Isa::Amx && out > 0 && !bf16_activations() {
+            return Tiles::pack(w, out, w.len() / out);
+        }
+    }
+    let _ = (w, out);
+    None
+}
+
+/// `ys[i] = x · ws[i]ᵀ` for weights in AMX tile order, every row count through the tiles;
+/// the same bits as [`linear_many`] gives for the same weights from [`AMX_MIN_ROWS`] rows. All
+/// weights must have one input width; any number of parts.
+pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
+    #[cfg(target_arch = "x86_64")]
+    for chunk in parts.chunks_mut(MAX_PARTS) {
+        let first: &Tiles = chunk[0].0;
+        let mut jobs = [(first, SendPtr(std::ptr::null_mut())); MAX_PARTS];
+        for (job, (w, y)) in jobs.iter_mut().zip(chunk.iter_mut()) {
+            assert!(
+                w.inp() == first.inp(),
+                "tiled parts of different input widths"
+            );
+            assert!(y.len() >= rows * w.out() && x.len() >= rows * w.inp());
+            *job = (*w, SendPtr(y.as_mut_ptr()));
+        }
+        // SAFETY: Tiles exist only where `tiles_for` saw Isa::Amx (AMX granted); every output
+        // is borrowed mutably for the call and holds rows·out elements (asserted above).
+        unsafe { amx::linear_tiles(x, rows, &jobs[..chunk.len()]) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, rows, parts);
 }
 
 /// Runs `parts` (at most [`MAX_PARTS`]) through the AMX tiles if they all can go there: bf16
@@ -324,6 +375,9 @@ fn with_lhs<T>(
 /// Results equal [`linear`]'s bit for bit. Beyond [`DOT_MAX_ROWS`] the weights go one by one,
 /// unless every one has a bf16-activation plan (the dot path at any row count).
 pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])]) {
+    if parts.is_empty() {
+        return;
+    }
     let isa = isa();
     if rows > DOT_MAX_ROWS
         && !parts
@@ -341,7 +395,7 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
         }
         return;
     }
-    if isa >= Isa::Amx && rows >= AMX_MIN_ROWS && try_amx(x, rows, parts) {
+    if amx_for(isa, rows) && try_amx(x, rows, parts) {
         return;
     }
     // Per weight: (weight, input width, output width, output, its first task).
@@ -829,6 +883,41 @@ mod tests {
                         all[r * out + j].to_bits(),
                         one[r].to_bits(),
                         "in {inp}: row {j} token {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_in_tile_order_give_the_bits_of_amx_in_place() {
+        // Output counts on and off a 64-row band, both input widths of an expert, one to 37
+        // tokens (three token groups); two weights in one pass as w1/w3 go.
+        for (inp, out) in [(96, 40), (64, 128), (128, 200)] {
+            let wa: Vec<bf16> = data(out * inp, 21)
+                .iter()
+                .map(|v| bf16::from_f32(*v))
+                .collect();
+            let wb: Vec<bf16> = data(out * inp, 22)
+                .iter()
+                .map(|v| bf16::from_f32(*v))
+                .collect();
+            let (Some(ta), Some(tb)) = (
+                tiles_for(Elems::BF16(&wa), out),
+                tiles_for(Elems::BF16(&wb), out),
+            ) else {
+                return; // no AMX here
+            };
+            for rows in [1, 2, 3, 4, 7, 16, 17, 37] {
+                let x = data(rows * inp, 23 + rows as u32);
+                let (mut ya, mut yb) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
+                linear_tiles(&x, rows, &mut [(&ta, &mut ya), (&tb, &mut yb)]);
+                for (w, y) in [(&wa, &ya), (&wb, &yb)] {
+                    let mut want = vec![0.0; rows * out];
+                    assert!(linear_amx(&x, rows, Elems::BF16(w), inp, out, &mut want));
+                    assert!(
+                        y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "in {inp} out {out} rows {rows}"
                     );
                 }
             }
