@@ -3,10 +3,10 @@
 //! Once a step has more than a few token rows, the FMA kernels are bound by arithmetic: two
 //! cores of 512-bit FMAs do at most ~330 GFLOP/s, where one AMX unit's `tdpbf16ps` does
 //! ~2.5 TFLOP/s (measured on the Xeon this was written on: 6.4 ns per 16×16×32 tile product).
-//! Weights are bf16 as stored, loaded as A tiles (16 output rows × 32 inputs): the experts' from
-//! a copy made at load in tile order (`tiles.rs`, [`linear_tiles`], every row count: a tile
-//! load that misses the cache stalls the unit, and in place the prefetchers do not keep up),
-//! the others straight from the checkpoint map ([`linear_many`], from a few rows). Activations are f32 and must stay so to meet the reference's tolerances, so
+//! Weights are bf16 as stored, loaded as A tiles (16 output rows × 32 inputs), from a few token
+//! rows: the experts' from a copy made at load in tile order (`tiles.rs`, [`linear_tiles`]: a
+//! tile load that misses the cache stalls the unit, and in place the prefetchers do not keep
+//! up), the others straight from the checkpoint map ([`linear_many`]). Activations are f32 and must stay so to meet the reference's tolerances, so
 //! each one is split into three bf16 parts, `x = h + m + l` (8 significant bits each, together
 //! all 24 of an f32), and every product is exact in the f32 accumulators: the result is as
 //! accurate as the FMA kernels', in another summation order.

@@ -507,3 +507,50 @@ unsafe fn pair_bf16<const R: usize, const N: usize>(
         }
     }
 }
+
+/// One token row against one band of a weight in AMX tile order (`tiles.rs`): `y[m] = Σ_k
+/// x[k] · w[j + m][k]` for the band's first `n_rows` rows, `x` paired as [`pair_rows`] lays it
+/// out. For steps of fewer rows than the AMX kernel serves well: a 32-bf16 tile row is one
+/// 512-bit load, widened with a shift (evens) and a mask (odds) against the paired activations.
+/// The band is read one tile column at a time (16 accumulators, one per weight row), each
+/// column's tiles 4 KiB apart, the tile two input blocks ahead prefetched.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; `band` must hold `kbs` · 4 tiles of 16 × 32 bf16,
+/// `x` `kbs` · 32 elements and `y` `n_rows` ≤ 64.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn band_dot(
+    band: *const u16,
+    kbs: usize,
+    x: *const f32,
+    y: *mut f32,
+    n_rows: usize,
+) {
+    const TILE: usize = 16 * 32;
+    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    // SAFETY (whole body): every load lies inside the band and x (the caller's contract); a
+    // prefetch past the band never faults.
+    unsafe {
+        for i in 0..n_rows.div_ceil(16) {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for b in 0..kbs {
+                let t = band.add((b * 4 + i) * TILE);
+                let ahead = t.wrapping_add(2 * 4 * TILE).cast::<i8>();
+                let (xe, xo) = (
+                    _mm512_loadu_ps(x.add(b * 32)),
+                    _mm512_loadu_ps(x.add(b * 32 + 16)),
+                );
+                for (r, a) in acc.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(r * 64));
+                    let w = _mm512_loadu_si512(t.add(r * 32).cast());
+                    let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+                    let odd = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+                    *a = _mm512_fmadd_ps(odd, xo, _mm512_fmadd_ps(even, xe, *a));
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(n_rows - i * 16) {
+                *y.add(i * 16 + r) = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}

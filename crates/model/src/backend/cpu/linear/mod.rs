@@ -175,10 +175,18 @@ pub fn tiles_for(w: Elems<'_>, out: usize) -> Option<Tiles> {
     None
 }
 
-/// `ys[i] = x · ws[i]ᵀ` for weights in AMX tile order, every row count through the tiles;
-/// the same bits as [`linear_many`] gives for the same weights from [`AMX_MIN_ROWS`] rows. All
-/// weights must have one input width; any number of parts.
+/// `ys[i] = x · ws[i]ᵀ` for weights in AMX tile order: from [`AMX_MIN_ROWS`] rows through the
+/// AMX tiles, the same bits as [`linear_many`] gives for the same weights; fewer rows through
+/// an AVX-512 dot kernel over the same layout (`avx512::band_dot`), which streams a band as
+/// fast as the single-row kernel streams rows in place, where the AMX tiles read one row's
+/// weights ~10 % slower (whole-model batch-1 decode, interleaved runs). All weights must have
+/// one input width; any number of parts.
 pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
+    #[cfg(target_arch = "x86_64")]
+    if rows < AMX_MIN_ROWS {
+        tiles_dot(x, rows, parts);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     for chunk in parts.chunks_mut(MAX_PARTS) {
         let first: &Tiles = chunk[0].0;
@@ -197,6 +205,55 @@ pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) 
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, rows, parts);
+}
+
+/// [`linear_tiles`] for fewer than [`AMX_MIN_ROWS`] rows: every band of every part is a task,
+/// which runs each token row in turn (the band stays in L2 between them).
+#[cfg(target_arch = "x86_64")]
+fn tiles_dot(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
+    let Some(inp) = parts.first().map(|(w, _)| w.inp()) else {
+        return;
+    };
+    with_scratch(&PAIRS, rows * inp, |paired| {
+        // SAFETY: Tiles exist only where the kernels are AMX, whose CPUs have AVX-512.
+        unsafe { avx512::pair_rows(&x[..rows * inp], inp, paired) };
+        let paired = &*paired;
+        for chunk in parts.chunks_mut(MAX_PARTS) {
+            // Per part: (weight, output, its first task), every band of every part one task of
+            // one pass.
+            let mut jobs = [(chunk[0].0, SendPtr(std::ptr::null_mut()), 0); MAX_PARTS];
+            let mut tasks = 0;
+            for (job, (w, y)) in jobs.iter_mut().zip(chunk.iter_mut()) {
+                assert!(w.inp() == inp, "tiled parts of different input widths");
+                assert!(y.len() >= rows * w.out());
+                *job = (*w, SendPtr(y.as_mut_ptr()), tasks);
+                tasks += w.out().div_ceil(tiles::BAND);
+            }
+            let jobs = &jobs[..chunk.len()];
+            (0..tasks).into_par_iter().for_each(|task| {
+                let Some(i) = jobs.iter().rposition(|j| j.2 <= task) else {
+                    return;
+                };
+                let (w, yp, first) = jobs[i];
+                let (t, out) = (task - first, w.out());
+                let j = t * tiles::BAND;
+                for r in 0..rows {
+                    // SAFETY: as above for the CPU; the band holds inp / 32 · 4 tiles, the
+                    // paired row inp elements, and rows j .. of token r's output are this
+                    // task's alone (y holds rows · out, asserted above).
+                    unsafe {
+                        avx512::band_dot(
+                            w.band(t).as_ptr(),
+                            inp / tiles::TILE_INPUTS,
+                            paired[r * inp..].as_ptr(),
+                            yp.get().add(r * out + j),
+                            (out - j).min(tiles::BAND),
+                        );
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Runs `parts` (at most [`MAX_PARTS`]) through the AMX tiles if they all can go there: bf16
@@ -890,7 +947,7 @@ mod tests {
     }
 
     #[test]
-    fn weights_in_tile_order_give_the_bits_of_amx_in_place() {
+    fn weights_in_tile_order_give_the_bits_of_amx_in_place_and_few_rows_the_right_sums() {
         // Output counts on and off a 64-row band, both input widths of an expert, one to 37
         // tokens (three token groups); two weights in one pass as w1/w3 go.
         for (inp, out) in [(96, 40), (64, 128), (128, 200)] {
@@ -913,6 +970,18 @@ mod tests {
                 let (mut ya, mut yb) = (vec![f32::NAN; rows * out], vec![f32::NAN; rows * out]);
                 linear_tiles(&x, rows, &mut [(&ta, &mut ya), (&tb, &mut yb)]);
                 for (w, y) in [(&wa, &ya), (&wb, &yb)] {
+                    if rows < AMX_MIN_ROWS {
+                        // The AVX-512 dot kernel over the tiles, in its own summation order.
+                        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                        let want = naive(&x, rows, &wide, inp, out);
+                        assert!(
+                            y.iter()
+                                .zip(&want)
+                                .all(|(a, b)| (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs())),
+                            "in {inp} out {out} rows {rows}"
+                        );
+                        continue;
+                    }
                     let mut want = vec![0.0; rows * out];
                     assert!(linear_amx(&x, rows, Elems::BF16(w), inp, out, &mut want));
                     assert!(
