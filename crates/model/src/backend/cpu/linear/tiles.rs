@@ -45,16 +45,17 @@ impl std::fmt::Debug for Tiles {
 
 impl Tiles {
     /// No weight: fills unused slots of a fixed-size pass.
-    pub const EMPTY: Tiles = Tiles {
+    pub(crate) const EMPTY: Tiles = Tiles {
         lines: Vec::new(),
         out: 0,
         inp: 0,
     };
 
     /// Copies `w` (`out · inp` bf16) into tile order. None unless `inp` is a multiple of 32
-    /// and `w` holds `out · inp` elements.
+    /// and `w` holds `out · inp` elements. Only `linear::tiles_for` calls it, on CPUs with
+    /// AMX: the kernels that read tiles use AMX and AVX-512 without checking again.
     #[must_use]
-    pub fn pack(w: &[bf16], out: usize, inp: usize) -> Option<Tiles> {
+    pub(super) fn pack(w: &[bf16], out: usize, inp: usize) -> Option<Tiles> {
         if out == 0 || inp == 0 || !inp.is_multiple_of(TILE_INPUTS) || w.len() != out * inp {
             return None;
         }
