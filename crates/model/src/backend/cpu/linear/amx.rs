@@ -271,15 +271,7 @@ fn packed_pass(
     // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
     // group uses the start of its share.
     let group_len = inp * PARTS * JB;
-    // Each job's first task.
-    let mut firsts = [0; super::MAX_PARTS];
-    let mut total = 0;
-    let mut jobs = 0;
-    for (first, n) in firsts.iter_mut().zip(tasks) {
-        *first = total;
-        total += n;
-        jobs += 1;
-    }
+    let (firsts, jobs, total) = super::task_firsts(tasks);
     let firsts = &firsts[..jobs];
     with_scratch(&PACKED, rows.div_ceil(GROUP) * group_len, |packed| {
         let x = &x[..rows * inp];

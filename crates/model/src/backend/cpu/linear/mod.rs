@@ -183,11 +183,6 @@ pub fn tiles_for(w: Elems<'_>, out: usize) -> Option<Tiles> {
 /// one input width; any number of parts.
 pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
     #[cfg(target_arch = "x86_64")]
-    if rows < AMX_MIN_ROWS {
-        tiles_dot(x, rows, parts);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
     for chunk in parts.chunks_mut(MAX_PARTS) {
         let first: &Tiles = chunk[0].0;
         let mut jobs = [(first, SendPtr(std::ptr::null_mut())); MAX_PARTS];
@@ -199,60 +194,66 @@ pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) 
             assert!(y.len() >= rows * w.out() && x.len() >= rows * w.inp());
             *job = (*w, SendPtr(y.as_mut_ptr()));
         }
-        // SAFETY: Tiles exist only where `tiles_for` saw Isa::Amx (AMX granted); every output
-        // is borrowed mutably for the call and holds rows·out elements (asserted above).
-        unsafe { amx::linear_tiles(x, rows, &jobs[..chunk.len()]) };
+        let jobs = &jobs[..chunk.len()];
+        if rows < AMX_MIN_ROWS {
+            tiles_dot(x, rows, jobs);
+        } else {
+            // SAFETY: Tiles exist only where `tiles_for` saw Isa::Amx (AMX granted); every
+            // output is borrowed mutably for the call and holds rows·out elements (asserted
+            // above).
+            unsafe { amx::linear_tiles(x, rows, jobs) };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, rows, parts);
 }
 
-/// [`linear_tiles`] for fewer than [`AMX_MIN_ROWS`] rows: every band of every part is a task,
-/// which runs each token row in turn (the band stays in L2 between them).
+/// Each job's first task when jobs of `counts` tasks share one pass (at most [`MAX_PARTS`]),
+/// and the number of jobs and of tasks.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn task_firsts(counts: impl Iterator<Item = usize>) -> ([usize; MAX_PARTS], usize, usize) {
+    let (mut firsts, mut jobs, mut total) = ([0; MAX_PARTS], 0, 0);
+    for (first, n) in firsts.iter_mut().zip(counts) {
+        *first = total;
+        total += n;
+        jobs += 1;
+    }
+    (firsts, jobs, total)
+}
+
+/// [`linear_tiles`] for fewer than [`AMX_MIN_ROWS`] rows: every band of every job is a task of
+/// one pass, which runs each token row in turn (the band stays in L2 between them).
 #[cfg(target_arch = "x86_64")]
-fn tiles_dot(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
-    let Some(inp) = parts.first().map(|(w, _)| w.inp()) else {
+fn tiles_dot(x: &[f32], rows: usize, jobs: &[(&Tiles, SendPtr)]) {
+    let Some(inp) = jobs.first().map(|(w, _)| w.inp()) else {
         return;
     };
+    let (firsts, n, tasks) = task_firsts(jobs.iter().map(|(w, _)| w.out().div_ceil(tiles::BAND)));
+    let firsts = &firsts[..n];
     with_scratch(&PAIRS, rows * inp, |paired| {
         // SAFETY: Tiles exist only where the kernels are AMX, whose CPUs have AVX-512.
         unsafe { avx512::pair_rows(&x[..rows * inp], inp, paired) };
         let paired = &*paired;
-        for chunk in parts.chunks_mut(MAX_PARTS) {
-            // Per part: (weight, output, its first task), every band of every part one task of
-            // one pass.
-            let mut jobs = [(chunk[0].0, SendPtr(std::ptr::null_mut()), 0); MAX_PARTS];
-            let mut tasks = 0;
-            for (job, (w, y)) in jobs.iter_mut().zip(chunk.iter_mut()) {
-                assert!(w.inp() == inp, "tiled parts of different input widths");
-                assert!(y.len() >= rows * w.out());
-                *job = (*w, SendPtr(y.as_mut_ptr()), tasks);
-                tasks += w.out().div_ceil(tiles::BAND);
-            }
-            let jobs = &jobs[..chunk.len()];
-            (0..tasks).into_par_iter().for_each(|task| {
-                let Some(i) = jobs.iter().rposition(|j| j.2 <= task) else {
-                    return;
-                };
-                let (w, yp, first) = jobs[i];
-                let (t, out) = (task - first, w.out());
-                let j = t * tiles::BAND;
-                for r in 0..rows {
-                    // SAFETY: as above for the CPU; the band holds inp / 32 · 4 tiles, the
-                    // paired row inp elements, and rows j .. of token r's output are this
-                    // task's alone (y holds rows · out, asserted above).
-                    unsafe {
-                        avx512::band_dot(
-                            w.band(t).as_ptr(),
-                            inp / tiles::TILE_INPUTS,
-                            paired[r * inp..].as_ptr(),
-                            yp.get().add(r * out + j),
-                            (out - j).min(tiles::BAND),
-                        );
-                    }
+        (0..tasks).into_par_iter().for_each(|task| {
+            let i = firsts.iter().rposition(|&f| f <= task).unwrap_or(0);
+            let (w, yp) = jobs[i];
+            let (t, out) = (task - firsts[i], w.out());
+            let j = t * tiles::BAND;
+            for r in 0..rows {
+                // SAFETY: as above for the CPU; the band holds inp / 32 · 4 tiles, the paired
+                // row inp elements, and rows j .. of token r's output are this task's alone
+                // (the caller checked that y holds rows · out).
+                unsafe {
+                    avx512::band_dot(
+                        w.band(t).as_ptr(),
+                        inp / tiles::TILE_INPUTS,
+                        paired[r * inp..].as_ptr(),
+                        yp.get().add(r * out + j),
+                        (out - j).min(tiles::BAND),
+                    );
                 }
-            });
-        }
+            }
+        });
     });
 }
 
