@@ -200,33 +200,41 @@ impl<B: Backend> Mixtral<B> {
         let cfg = ck.config().clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut bytes = 0usize;
-        let mut take = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+        // `matrix`: only ever a linear's weight, so the backend may keep it in the layout its
+        // linears read fastest (`Backend::upload_matrix`). The attention projections and an
+        // untied LM head are; the embedding table is also read by row, and the router is tiny.
+        let mut take = |name: &str, shape: &[usize], matrix: bool| -> Result<B::Weight> {
             let t = ck.tensor(name, shape)?;
             let n = t.bytes().len();
             bytes += n;
-            let w = backend.upload(t)?;
+            let w = if matrix {
+                backend.upload_matrix(t)?
+            } else {
+                backend.upload(t)?
+            };
             progress.advance(n as u64);
             Ok(w)
         };
-        let embed = take(names::EMBED, &[v, h])?;
+        let embed = take(names::EMBED, &[v, h], false)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let n = |s: &str| names::layer(l, s);
             layers.push(LayerWeights {
-                input_norm: take(&n("input_layernorm.weight"), &[h])?,
-                q: take(&n("self_attn.q_proj.weight"), &[cfg.q_dim(), h])?,
-                k: take(&n("self_attn.k_proj.weight"), &[cfg.kv_dim(), h])?,
-                v: take(&n("self_attn.v_proj.weight"), &[cfg.kv_dim(), h])?,
-                o: take(&n("self_attn.o_proj.weight"), &[h, cfg.q_dim()])?,
-                post_norm: take(&n("post_attention_layernorm.weight"), &[h])?,
-                router: take(&names::router(l), &[cfg.num_local_experts, h])?,
+                input_norm: take(&n("input_layernorm.weight"), &[h], false)?,
+                q: take(&n("self_attn.q_proj.weight"), &[cfg.q_dim(), h], true)?,
+                k: take(&n("self_attn.k_proj.weight"), &[cfg.kv_dim(), h], true)?,
+                v: take(&n("self_attn.v_proj.weight"), &[cfg.kv_dim(), h], true)?,
+                o: take(&n("self_attn.o_proj.weight"), &[h, cfg.q_dim()], true)?,
+                post_norm: take(&n("post_attention_layernorm.weight"), &[h], false)?,
+                router: take(&names::router(l), &[cfg.num_local_experts, h], false)?,
             });
         }
-        let norm = take(names::FINAL_NORM, &[h])?;
+        let norm = take(names::FINAL_NORM, &[h], false)?;
         let lm_head = if cfg.tie_word_embeddings {
-            take(names::EMBED, &[v, h])?
+            // The same mapped table the embedding lookup reads by row: kept in place.
+            take(names::EMBED, &[v, h], false)?
         } else {
-            take(names::LM_HEAD, &[v, h])?
+            take(names::LM_HEAD, &[v, h], true)?
         };
         let (cos, sin) = crate::backend::cpu::ops::rope_tables(
             cfg.rope_theta,

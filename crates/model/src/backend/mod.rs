@@ -31,8 +31,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes a host tensor resident on the device (and pays its I/O now).
     fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
     /// [`Backend::upload`] for a `[out, in]` matrix that is only ever a linear's weight (the
-    /// experts'): a backend may keep it in another layout that its linears read faster (the
-    /// CPU's AMX tile order).
+    /// experts', the attention projections, an untied LM head): a backend may keep it in
+    /// another layout that its linears read faster (the CPU's AMX tile order).
     fn upload_matrix(&self, t: HostTensor) -> Result<Self::Weight> {
         self.upload(t)
     }

@@ -25,8 +25,9 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// A weight on the CPU: the tensor in its stored dtype, used in place from the memory map, and
-/// for expert matrices ([`Backend::upload_matrix`]) on CPUs with AMX a copy in AMX tile order,
-/// which every linear of it reads instead (see `linear/tiles.rs`). Derefs to the tensor.
+/// for matrices only linears read ([`Backend::upload_matrix`]) on CPUs with AMX a copy in AMX
+/// tile order, which every linear of it reads instead (see `linear/tiles.rs`). Derefs to the
+/// tensor.
 #[derive(Debug)]
 pub struct CpuWeight {
     tensor: HostTensor,
