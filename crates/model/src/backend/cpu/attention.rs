@@ -159,23 +159,27 @@ fn run_heads(h: &Heads<'_>, hd: usize, o: &mut [f32]) {
     });
 }
 
-/// Kv groups per task: all of a token's where there are enough tokens to keep every thread
-/// busy, fewer (a divisor of `kv_heads`) for steps of few tokens.
-fn groups_per_task(tokens: usize, kv_heads: usize, threads: usize) -> usize {
-    let groups = tokens * kv_heads;
-    (1..=kv_heads)
+/// Query heads per task: all of a token's where there are enough tokens to keep every thread
+/// busy (2 tasks a thread), fewer for steps of few tokens, down to one. Always a divisor of
+/// `heads` that is a whole number of kv groups or a whole fraction of one, so that a task's
+/// heads read either whole groups' columns or one group's.
+fn heads_per_task(tokens: usize, heads: usize, group: usize, threads: usize) -> usize {
+    let aligned = |d: &usize| {
+        heads.is_multiple_of(*d) && (d.is_multiple_of(group) || group.is_multiple_of(*d))
+    };
+    (1..=heads)
         .rev()
-        .filter(|d| kv_heads.is_multiple_of(*d))
-        .find(|d| groups / d >= 4 * threads)
+        .filter(aligned)
+        .find(|d| tokens * heads / d >= 2 * threads)
         .unwrap_or(1)
 }
 
 /// `out[t, h] = softmax(q[t,h] · K[g]ᵀ / √d) · V[g]` with `g = h / (heads / kv_heads)`, over the
 /// keys each query may see. Every key of every sequence must already be in the cache.
 ///
-/// A task takes a token's heads, whole kv groups of them, and reads each of its cache rows
-/// once (bench_attention, 32 sequences, 2 threads: with one task per (token, head) the cache
-/// was read at 2-6 GB/s).
+/// A task takes a token's heads, whole kv groups of them where the step has tokens enough, and
+/// reads each of its cache rows once for all of them (bench_attention, 32 sequences, 2
+/// threads: with one task per (token, head) the cache was read at 2-6 GB/s).
 pub fn attention(
     q: &[f32],
     k_cache: &[f32],
@@ -190,10 +194,10 @@ pub fn attention(
     let group = s.heads / s.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let total: usize = seqs.iter().map(|q| q.n_q).sum();
-    let per_task = groups_per_task(total, s.kv_heads, rayon::current_num_threads());
-    let tasks_per_token = s.kv_heads / per_task;
+    let per_task = heads_per_task(total, s.heads, group, rayon::current_num_threads());
+    let tasks_per_token = s.heads / per_task;
     out[..total * q_dim]
-        .par_chunks_mut(per_task * group * hd)
+        .par_chunks_mut(per_task * hd)
         .enumerate()
         .for_each(|(i, o)| {
             let (t, part) = (i / tasks_per_token, i % tasks_per_token);
@@ -201,17 +205,19 @@ pub fn attention(
             let si = seqs.partition_point(|sq| sq.q_row0 + sq.n_q <= t);
             let sq = &seqs[si];
             let pos = sq.pos0 + (t - sq.q_row0);
-            let q0 = t * q_dim + part * per_task * group * hd;
+            let h0 = part * per_task;
+            let q0 = t * q_dim + h0 * hd;
             let heads = Heads {
                 q: &q[q0..q0 + o.len()],
-                group,
+                // Part of one group: every head of the task reads that group's columns.
+                group: group.min(per_task),
                 k_cache,
                 v_cache,
                 blocks: sq.blocks,
                 block_size: s.block_size,
                 lo: s.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                 pos,
-                col: part * per_task * hd,
+                col: h0 / group * hd,
                 kv_dim,
                 scale,
             };
@@ -397,13 +403,60 @@ mod tests {
 
     #[test]
     fn tasks_take_whole_groups_and_keep_threads_busy() {
-        // Many tokens: a token's every group in one task.
-        assert_eq!(groups_per_task(32, 4, 2), 4);
-        // One token on two threads: one group per task.
-        assert_eq!(groups_per_task(1, 4, 2), 1);
-        // Two tokens, eight kv heads, two threads: 16 groups, 8 tasks wanted → 2 per task.
-        assert_eq!(groups_per_task(2, 8, 2), 2);
+        // Many tokens: a token's every head in one task.
+        assert_eq!(heads_per_task(32, 16, 4, 2), 16);
+        // One token on two threads: 4 tasks wanted, one kv group each.
+        assert_eq!(heads_per_task(1, 16, 4, 2), 4);
+        // One token on sixteen threads: one head each, as many tasks as there are heads.
+        assert_eq!(heads_per_task(1, 16, 4, 16), 1);
+        // One token, four threads: two heads, half a group each.
+        assert_eq!(heads_per_task(1, 16, 4, 4), 2);
+        // Six heads in groups of three: one group per task, or one head, never two heads
+        // (neither whole groups nor a whole fraction of one).
+        assert_eq!(heads_per_task(1, 6, 3, 1), 3);
+        assert_eq!(heads_per_task(1, 6, 3, 2), 1);
+        assert_eq!(heads_per_task(8, 6, 3, 1), 6);
         // No tokens: still a valid divisor.
-        assert_eq!(groups_per_task(0, 5, 4), 1);
+        assert_eq!(heads_per_task(0, 5, 1, 4), 1);
+    }
+
+    #[test]
+    fn the_split_of_heads_into_tasks_changes_no_bit() {
+        // The same call under pools of 1, 3 and 16 threads (tasks of 16, 2-4 and 1 heads).
+        let (heads, kv_heads, hd, bs) = (16, 4, 32, 8);
+        let kv_dim = kv_heads * hd;
+        let blocks = [2u32, 0, 3, 1];
+        let (k, v, q) = (
+            data(4 * bs * kv_dim, 13),
+            data(4 * bs * kv_dim, 14),
+            data(heads * hd, 15),
+        );
+        let s = AttnShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            block_size: bs,
+            window: None,
+        };
+        let seqs = [AttnSeq {
+            q_row0: 0,
+            n_q: 1,
+            pos0: 29,
+            blocks: &blocks,
+        }];
+        let outs: Vec<Vec<f32>> = [1, 3, 16]
+            .iter()
+            .map(|&n| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .expect("a thread pool");
+                let mut out = vec![0.0; heads * hd];
+                pool.install(|| attention(&q, &k, &v, &seqs, &s, &mut out));
+                out
+            })
+            .collect();
+        assert_eq!(outs[0], outs[1]);
+        assert_eq!(outs[0], outs[2]);
     }
 }
