@@ -4,7 +4,10 @@
 //! matrices (117 MB), more than most last-level caches hold, as a decode step's experts do; a
 //! CPU with a larger L3 measures compute rates, not memory ones.
 //!
-//!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot | --mats N]
+//!   cargo run --release -p switchyard-model --example bench_linear -- [ROWS,..] [--threads N] [--hot | --mats N] [--shape OUTxIN,..]
+//!
+//! `--shape` measures other weights than the experts' (e.g. `1024x1024` for a q projection,
+//! `32000x1024` for an LM head).
 //!
 //! `SWITCHYARD_CPU_KERNELS=avx2` (or scalar, avx512) measures a lower instruction set.
 //!
@@ -19,6 +22,11 @@ use switchyard_model::weights::Elems;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows_list = vec![1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64];
     let mut mats = 16;
+    // w1/w3 shape [3584, 1024] and w2 shape [1024, 3584] of a hidden-1024 Mixtral.
+    let mut shapes = vec![
+        ("w1 3584x1024".to_string(), 3584usize, 1024usize),
+        ("w2 1024x3584".to_string(), 1024, 3584),
+    ];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--hot" {
@@ -29,6 +37,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // More matrices than the last-level cache holds (some server CPUs have hundreds of
             // MB of L3): the memory rates a decode step over a whole model sees.
             mats = args.next().ok_or("--mats needs a count")?.parse()?;
+        } else if a == "--shape" {
+            let list = args.next().ok_or("--shape needs OUTxIN[,OUTxIN..]")?;
+            shapes = list
+                .split(',')
+                .map(|sh| {
+                    let (o, i) = sh
+                        .split_once('x')
+                        .ok_or_else(|| format!("shape {sh:?}: expected OUTxIN"))?;
+                    let (o, i): (usize, usize) = (
+                        o.parse().map_err(|e| format!("shape {sh:?}: {e}"))?,
+                        i.parse().map_err(|e| format!("shape {sh:?}: {e}"))?,
+                    );
+                    if o == 0 || i == 0 {
+                        return Err(format!("shape {sh:?}: zero dimension"));
+                    }
+                    Ok((sh.to_string(), o, i))
+                })
+                .collect::<Result<_, String>>()?;
         } else if a == "--threads" {
             let n: usize = args.next().ok_or("--threads needs a count")?.parse()?;
             rayon::ThreadPoolBuilder::new()
@@ -42,11 +68,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("rows {a:?}: {e}"))?;
         }
     }
-    // w1/w3 shape [3584, 1024] and w2 shape [1024, 3584] of a hidden-1024 Mixtral.
-    let shapes = [
-        ("w1 3584x1024", 3584usize, 1024usize),
-        ("w2 1024x3584", 1024, 3584),
-    ];
     println!("kernels: {}", linear::isa().as_str());
     println!(
         "{:>14} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -63,7 +84,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tiles GF/s",
         "tiles GB/s"
     );
-    for (name, out, inp) in shapes {
+    for (name, out, inp) in &shapes {
+        let (out, inp) = (*out, *inp);
         let ws: Vec<Vec<bf16>> = (0..mats)
             .map(|m| {
                 (0..out * inp)
