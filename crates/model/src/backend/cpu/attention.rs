@@ -50,12 +50,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Some query heads of one token, whole kv groups of them, against the keys they may see
-/// (positions `lo..=pos`).
+/// Some query heads of one token, whole kv groups of them or part of one group, against the
+/// keys they may see (positions `lo..=pos`).
 struct Heads<'a> {
     /// The heads' queries, back to back (`n · head_dim`).
     q: &'a [f32],
-    /// Query heads per kv group.
+    /// Query heads per kv group among these heads (all of them when they are part of one
+    /// group).
     group: usize,
     k_cache: &'a [f32],
     v_cache: &'a [f32],
@@ -69,8 +70,8 @@ struct Heads<'a> {
     scale: f32,
 }
 
-/// `o[n] = softmax(q[n] · Kᵀ · scale) · V` for every head of `h`; `sc` holds the scores, head
-/// after head.
+/// `o[n] = softmax(q[n] · Kᵀ · scale) · V` for every head of `h`; the scratch holds the
+/// scores, position after position, and the heads' maxima and sums.
 ///
 /// The loops run over cache rows outside and heads inside: the heads' keys and values of one
 /// position lie side by side in its row, so a call reads each row once, in order, and its dot

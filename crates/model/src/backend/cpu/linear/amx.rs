@@ -4,12 +4,13 @@
 //! cores of 512-bit FMAs do at most ~330 GFLOP/s, where one AMX unit's `tdpbf16ps` does
 //! ~2.5 TFLOP/s (measured on the Xeon this was written on: 6.4 ns per 16×16×32 tile product).
 //! Weights are bf16 as stored, loaded as A tiles (16 output rows × 32 inputs), from a few token
-//! rows: the experts' from a copy made at load in tile order (`tiles.rs`, [`linear_tiles`]: a
-//! tile load that misses the cache stalls the unit, and in place the prefetchers do not keep
-//! up), the others straight from the checkpoint map ([`linear_many`]). Activations are f32 and must stay so to meet the reference's tolerances, so
-//! each one is split into three bf16 parts, `x = h + m + l` (8 significant bits each, together
-//! all 24 of an f32), and every product is exact in the f32 accumulators: the result is as
-//! accurate as the FMA kernels', in another summation order.
+//! rows: the matrices only linears read (experts, attention projections, an untied LM head)
+//! from a copy made at load in tile order (`tiles.rs`, [`linear_tiles`]: a tile load that
+//! misses the cache stalls the unit, and in place the prefetchers do not keep up), the others
+//! straight from the checkpoint map ([`linear_many`]). Activations are f32 and must stay so to
+//! meet the reference's tolerances, so each one is split into three bf16 parts, `x = h + m + l`
+//! (8 significant bits each, together all 24 of an f32), and every product is exact in the f32
+//! accumulators: the result is as accurate as the FMA kernels', in another summation order.
 //!
 //! Tile registers: tmm5-7 hold one input block's activation tiles (its `h`, `m` and `l` parts)
 //! and serve up to four 16-row weight blocks, each loaded in turn into tmm4 and multiplied into

@@ -92,8 +92,8 @@ impl Tiles {
     }
 
     /// Bytes held, padding included.
-    #[must_use]
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.lines.len() * std::mem::size_of::<Line>()
     }
 
