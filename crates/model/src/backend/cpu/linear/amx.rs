@@ -24,7 +24,7 @@
 //! tile state through context switches.
 
 use super::tiles::{Tiles, BAND};
-use super::{with_scratch, SendPtr};
+use super::{with_scratch, Scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
 use std::arch::asm;
@@ -230,9 +230,9 @@ fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
 thread_local! {
     /// Packed activations (see [`super::with_scratch`]); each grows to the largest
     /// `groups · in · PARTS` once.
-    static PACKED: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
+    static PACKED: Scratch = const { RefCell::new(Vec::new()) };
     /// The last weight rows of a task, padded with zero rows to a whole tile.
-    static TAIL: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
+    static TAIL: Scratch = const { RefCell::new(Vec::new()) };
 }
 
 /// One weight of an AMX pass: its bf16 `[out, in]` elements, output count and output pointer.
@@ -274,7 +274,7 @@ fn packed_pass(
     let group_len = inp * PARTS * JB;
     let (firsts, jobs, total) = super::task_firsts(tasks);
     let firsts = &firsts[..jobs];
-    with_scratch(&PACKED, rows.div_ceil(GROUP) * group_len, |packed| {
+    with_scratch::<u16, _>(&PACKED, rows.div_ceil(GROUP) * group_len, |packed| {
         let x = &x[..rows * inp];
         if rows * inp >= PAR_PACK_ELEMS {
             packed
@@ -326,7 +326,7 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
         // The last rows of a weight whose output count is not a multiple of 16, padded with
         // zero rows to a whole tile.
         let jt = j0 + full * JB;
-        with_scratch(&TAIL, JB * inp, |pad| {
+        with_scratch::<u16, _>(&TAIL, JB * inp, |pad| {
             pad[..tail * inp].copy_from_slice(bytemuck::cast_slice(&job.w[jt * inp..j1 * inp]));
             pad[tail * inp..].fill(0);
             groups(pad.as_ptr(), 1, tail, jt);

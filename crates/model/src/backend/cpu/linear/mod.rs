@@ -40,6 +40,8 @@ macro_rules! with_tokens {
 mod kernels;
 mod tiles;
 
+use tiles::Line;
+
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -345,28 +347,37 @@ fn dot_plan(
 
 thread_local! {
     /// Paired activations for the AVX-512 bf16 tiles (see [`with_scratch`]); each grows to the
-    /// largest `rows · in` once.
-    static PAIRS: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    /// largest `rows · in` f32s once.
+    static PAIRS: Scratch = const { RefCell::new(Vec::new()) };
     /// Activations rounded to bf16 for the `vdpbf16ps` tiles, likewise.
-    static BF16_ROWS: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
+    static BF16_ROWS: Scratch = const { RefCell::new(Vec::new()) };
 }
+
+/// A thread's free scratch buffers of one kind, in whole cache lines.
+type Scratch = RefCell<Vec<Vec<Line>>>;
 
 /// Runs `f` with one of this thread's scratch buffers of kind `key`, grown to `n` elements
 /// (buffers keep their largest size). A linear that starts on this thread while another waits
 /// on it (a rayon worker taking a task during its own fork-join, which is common when a layer's
 /// experts run side by side) takes a second buffer from the same list, so after the first
 /// steps nothing allocates.
+///
+/// Buffers start on a cache line, which the allocator does not promise for a `Vec<f32>` (glibc
+/// gives 16 bytes): an AMX tile row or a 512-bit load that straddles two lines reads both, and
+/// a tile load from L1 took several times as long 16 bytes off a line (docs/performance.md).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn with_scratch<E: Copy + Default, T>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<Vec<E>>>>,
+fn with_scratch<E: bytemuck::Pod, T>(
+    key: &'static std::thread::LocalKey<Scratch>,
     n: usize,
     f: impl FnOnce(&mut [E]) -> T,
 ) -> T {
     let mut buf = key.with(|free| free.borrow_mut().pop()).unwrap_or_default();
-    if buf.len() < n {
-        buf.resize(n, E::default());
+    let lines = (n * std::mem::size_of::<E>()).div_ceil(std::mem::size_of::<Line>());
+    if buf.len() < lines {
+        buf.resize(lines, Line::default());
     }
-    let out = f(&mut buf[..n]);
+    let elems: &mut [E] = bytemuck::cast_slice_mut(&mut buf[..]);
+    let out = f(&mut elems[..n]);
     key.with(|free| free.borrow_mut().push(buf));
     out
 }
@@ -644,6 +655,35 @@ pub fn linear_gemm(x: &[f32], rows: usize, w: Elems<'_>, inp: usize, out: usize,
 mod tests {
     use super::*;
     use half::{bf16, f16};
+
+    #[test]
+    fn scratch_buffers_start_on_a_cache_line_and_are_reused() {
+        thread_local! {
+            static KIND: Scratch = const { RefCell::new(Vec::new()) };
+        }
+        let first = with_scratch(&KIND, 1000, |b: &mut [u16]| {
+            assert_eq!(b.len(), 1000);
+            b.fill(7);
+            b.as_ptr() as usize
+        });
+        assert_eq!(first % 64, 0, "u16 scratch at {first:#x}");
+        // A smaller request of another element type reuses the same lines, still aligned.
+        with_scratch(&KIND, 33, |b: &mut [f32]| {
+            assert_eq!(b.len(), 33);
+            assert_eq!(
+                b.as_ptr() as usize,
+                first,
+                "the freed buffer is taken again"
+            );
+        });
+        // One nested inside another takes a second buffer, aligned too.
+        with_scratch(&KIND, 10, |outer: &mut [f32]| {
+            with_scratch(&KIND, 10, |inner: &mut [f32]| {
+                assert_ne!(outer.as_ptr(), inner.as_ptr());
+                assert_eq!(inner.as_ptr() as usize % 64, 0);
+            });
+        });
+    }
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         // Deterministic values in [-1, 1).

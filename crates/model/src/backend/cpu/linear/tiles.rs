@@ -17,10 +17,11 @@ pub(super) const TILE_INPUTS: usize = 32;
 /// Weight rows of a band: four tiles' rows, one task's share of a linear.
 pub(super) const BAND: usize = 4 * TILE_ROWS;
 
-/// One 64-byte row of a weight tile: 32 bf16 inputs of one output row, cache-line aligned.
-#[derive(Clone, Copy)]
+/// One 64-byte tile row, 32 bf16 inputs of one output row, cache-line aligned (also the unit
+/// of the kernels' scratch buffers, `super::with_scratch`).
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
-struct Line([u16; TILE_INPUTS]);
+pub(super) struct Line([u16; TILE_INPUTS]);
 
 /// A bf16 `[out, in]` weight in AMX tile order.
 ///
