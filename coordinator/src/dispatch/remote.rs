@@ -126,7 +126,8 @@ struct Worker {
     instance: String,
     client: ExpertServiceClient<Channel>,
     stats: WorkerStats,
-    /// Tokens sent and not yet answered: the load measure for choosing among replicas.
+    /// Work sent and not yet answered, in [`assign`]'s measure: the load for choosing among
+    /// replicas.
     inflight: AtomicUsize,
     /// Out of routing until this instant (after a failure).
     down_until: Mutex<Option<Instant>>,
@@ -315,9 +316,43 @@ struct Dispatcher {
 /// One worker's share of a layer.
 struct Share {
     worker: usize,
+    /// Its work in [`assign`]'s measure, counted in flight while it is away.
+    cost: usize,
     /// Global row index of each row sent.
     rows: Vec<usize>,
     plan: RoutePlan,
+}
+
+/// What running one expert costs a worker beyond its tokens, in tokens. Each expert of a batch
+/// reads its weights once whatever its token count, and at decode batch sizes that read is
+/// most of the work: a CPU worker's AMX kernel takes up to 16 tokens per pass over a weight
+/// at about the cost of one, and an accelerator streams the weights once per batch too.
+const EXPERT_COST_TOKENS: usize = 16;
+
+/// Chooses a host for every expert with tokens (`count[e]` of them) among `hosts(e)`: heaviest
+/// expert first, each to the host with the least load, that is `base[w]` plus what this call
+/// gave it so far (lowest index on ties), where an expert of `c` tokens weighs
+/// `c + EXPERT_COST_TOKENS`. Returns each expert's host (`usize::MAX` where it has no tokens)
+/// and each worker's load given; `Err(e)`: expert `e` has tokens and no host.
+///
+/// Counting tokens alone, a layer of evenly used experts could give one worker five experts'
+/// weights to read and the other three; placing the heaviest first keeps the last choices
+/// small, so the loads end close.
+fn assign<I: Iterator<Item = usize>>(
+    count: &[usize],
+    hosts: impl Fn(usize) -> I,
+    base: &[usize],
+) -> Result<(Vec<usize>, Vec<usize>), usize> {
+    let mut order: Vec<usize> = (0..count.len()).filter(|&e| count[e] > 0).collect();
+    order.sort_by_key(|&e| (std::cmp::Reverse(count[e]), e));
+    let mut given = vec![0usize; base.len()];
+    let mut choice = vec![usize::MAX; count.len()];
+    for e in order {
+        let best = hosts(e).min_by_key(|&w| (base[w] + given[w], w)).ok_or(e)?;
+        choice[e] = best;
+        given[best] += count[e] + EXPERT_COST_TOKENS;
+    }
+    Ok((choice, given))
 }
 
 fn endpoint(addr: &str, cfg: &DispatchConfig) -> Result<Endpoint, tonic::transport::Error> {
@@ -651,9 +686,9 @@ impl Dispatcher {
             })
     }
 
-    /// Picks a worker for every expert used in `plan` (least tokens in flight plus tokens
-    /// already given to it in this layer; lowest index on ties), skipping workers in back-off,
-    /// and splits the plan into per-worker shares. Row `i` of `plan` is global row `global[i]`.
+    /// Picks a worker for every expert used in `plan` ([`assign`], over the hosts not in
+    /// back-off, with the work each has in flight) and splits the plan into per-worker shares.
+    /// Row `i` of `plan` is global row `global[i]`.
     fn split(
         &self,
         topo: &Topology,
@@ -666,32 +701,27 @@ impl Dispatcher {
         for &e in plan.experts() {
             count[e as usize] += 1;
         }
-        let mut assigned = vec![0usize; topo.workers.len()];
-        let mut choice = vec![usize::MAX; self.experts];
-        for (e, &c) in count.iter().enumerate() {
-            if c == 0 {
-                continue;
-            }
-            let best = topo
-                .table
-                .hosts(layer, e)
-                .iter()
-                .copied()
-                .filter(|&w| topo.workers[w].is_up(now))
-                .min_by_key(|&w| {
-                    (
-                        topo.workers[w].inflight.load(Ordering::Relaxed) + assigned[w],
-                        w,
-                    )
-                })
-                .ok_or(DispatchError::NoReplica {
-                    layer,
-                    expert: e,
-                    cause: None,
-                })?;
-            choice[e] = best;
-            assigned[best] += c;
-        }
+        let inflight: Vec<usize> = topo
+            .workers
+            .iter()
+            .map(|w| w.inflight.load(Ordering::Relaxed))
+            .collect();
+        let (choice, cost) = assign(
+            &count,
+            |e| {
+                topo.table
+                    .hosts(layer, e)
+                    .iter()
+                    .copied()
+                    .filter(|&w| topo.workers[w].is_up(now))
+            },
+            &inflight,
+        )
+        .map_err(|expert| DispatchError::NoReplica {
+            layer,
+            expert,
+            cause: None,
+        })?;
         let mut shares: Vec<Share> = Vec::new();
         let mut slot = vec![usize::MAX; topo.workers.len()];
         for (r, &g) in global.iter().enumerate().take(plan.rows()) {
@@ -707,6 +737,7 @@ impl Dispatcher {
                     slot[w] = shares.len();
                     shares.push(Share {
                         worker: w,
+                        cost: cost[w],
                         rows: Vec::new(),
                         plan: RoutePlan::new(),
                     });
@@ -785,7 +816,7 @@ impl Dispatcher {
         let span = tracing::debug_span!("dispatch", layer, worker = %w.id, rows = n);
         let _e = span.enter();
         let st = &w.stats;
-        w.inflight.fetch_add(n, Ordering::Relaxed);
+        w.inflight.fetch_add(share.cost, Ordering::Relaxed);
         let start = Instant::now();
         let res = match self.stream(w).await {
             Ok(Some(stream)) => {
@@ -801,7 +832,7 @@ impl Dispatcher {
             Ok(None) => w.client.clone().forward(req).await.map(|r| r.into_inner()),
             Err(s) => Err(s),
         };
-        w.inflight.fetch_sub(n, Ordering::Relaxed);
+        w.inflight.fetch_sub(share.cost, Ordering::Relaxed);
         st.calls.fetch_add(1, Ordering::Relaxed);
         let reply = match res {
             Ok(r) => r,
@@ -1028,5 +1059,61 @@ impl ExpertExecutor for RemoteExperts {
             "layer dispatched"
         );
         r.map_err(|e| ModelError::Dispatch(Box::new(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{assign, EXPERT_COST_TOKENS};
+
+    /// Hosts 0..n for every expert.
+    fn everywhere(n: usize) -> impl Fn(usize) -> std::ops::Range<usize> {
+        move |_| 0..n
+    }
+
+    #[test]
+    fn evenly_used_experts_split_evenly_over_replicas() {
+        // A decode step of 32 sequences: 64 picks over 8 experts, unevenly.
+        let count = [12, 5, 9, 6, 10, 7, 8, 7];
+        let (choice, given) = assign(&count, everywhere(2), &[0, 0]).unwrap();
+        let on0 = choice.iter().filter(|&&w| w == 0).count();
+        assert_eq!(on0, 4, "experts per worker: {choice:?}");
+        let total: usize = count.iter().map(|c| c + EXPERT_COST_TOKENS).sum();
+        assert_eq!(given.iter().sum::<usize>(), total);
+        assert!(
+            given[0].abs_diff(given[1]) <= 12 + EXPERT_COST_TOKENS,
+            "{given:?}"
+        );
+    }
+
+    #[test]
+    fn each_worker_reads_about_as_many_weights_whatever_the_token_counts() {
+        // Counting tokens alone, in index order, the first worker would take the big expert
+        // and the second six small ones.
+        let count = [30, 3, 3, 3, 3, 3, 3, 3];
+        let (choice, _) = assign(&count, everywhere(2), &[0, 0]).unwrap();
+        let on1 = choice.iter().filter(|&&w| w == 1).count();
+        assert!((3..=5).contains(&on1), "experts per worker: {choice:?}");
+    }
+
+    #[test]
+    fn load_in_flight_and_placement_steer_the_choice() {
+        let count = [1, 1, 0, 1];
+        // Expert 3 lives on worker 0 alone; the others anywhere; worker 0 is busy.
+        let hosts = |e: usize| if e == 3 { 0..1 } else { 0..2 };
+        let (choice, given) = assign(&count, hosts, &[1000, 0]).unwrap();
+        assert_eq!(choice, vec![1, 1, usize::MAX, 0]);
+        assert_eq!(
+            given,
+            vec![1 + EXPERT_COST_TOKENS, 2 * (1 + EXPERT_COST_TOKENS)]
+        );
+    }
+
+    #[test]
+    fn an_expert_with_tokens_and_no_host_is_named() {
+        let hosts = |e: usize| if e == 2 { 0..0 } else { 0..1 };
+        assert_eq!(assign(&[1, 0, 4], hosts, &[0]), Err(2));
+        // Without tokens it needs no host.
+        assert!(assign(&[1, 0, 0], hosts, &[0]).is_ok());
     }
 }
