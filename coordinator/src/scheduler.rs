@@ -123,6 +123,9 @@ pub enum SubmitError {
     QueueFull,
     #[error("the engine has stopped")]
     Stopped,
+    /// A request the engine cannot run (an empty prompt, no tokens to generate).
+    #[error("{0}")]
+    Invalid(&'static str),
 }
 
 impl SchedulerHandle {
@@ -134,6 +137,14 @@ impl SchedulerHandle {
 
     /// Queues a sequence, or refuses at once when the queue is full.
     pub fn submit(&self, req: SeqRequest) -> Result<(), SubmitError> {
+        // Caught here, not in the engine loop: a sequence with nothing to prefill would never
+        // produce its first token.
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt has no tokens"));
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1"));
+        }
         self.tx.try_send(req).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
@@ -544,6 +555,52 @@ mod tests {
     use super::*;
     use crate::engine::GenerateRequest;
     use switchyard_model::{weights::gen, NoProgress};
+
+    #[test]
+    fn requests_with_nothing_to_prefill_or_generate_are_refused_at_submit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = gen::GenSpec {
+            hidden: 64,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 64,
+            vocab: 300,
+            dtype: switchyard_model::DType::F32,
+            ..gen::GenSpec::default()
+        };
+        gen::generate(&spec, tmp.path(), &|_| {}).unwrap();
+        let engine = Arc::new(Engine::load_embedded(tmp.path(), &NoProgress).unwrap());
+        let handle = start(engine, SchedulerConfig::default()).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let req = |prompt: Vec<u32>, max_tokens| SeqRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            ignore_eos: true,
+            logprobs: None,
+            index: 0,
+            events: tx.clone(),
+            cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let err = handle.submit(req(vec![], 4)).unwrap_err();
+        assert!(matches!(err, SubmitError::Invalid(_)), "{err}");
+        let err = handle.submit(req(vec![1, 2], 0)).unwrap_err();
+        assert!(matches!(err, SubmitError::Invalid(_)), "{err}");
+        // The engine still serves a good request after both.
+        handle.submit(req(vec![1, 2], 2)).unwrap();
+        drop(tx);
+        let mut tokens = 0;
+        while let Some((_, ev)) = rx.blocking_recv() {
+            match ev {
+                SeqEvent::Token { .. } => tokens += 1,
+                SeqEvent::Finished { .. } => break,
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(tokens, 2);
+    }
 
     #[test]
     fn sliding_window_sequences_outgrow_the_cache_and_match_full_cache_generation() {

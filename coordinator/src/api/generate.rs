@@ -260,6 +260,7 @@ async fn run(
             state.scheduler.submit(req).map_err(|e| match e {
                 SubmitError::QueueFull => ApiError::queue_full(),
                 SubmitError::Stopped => ApiError::unavailable("the engine is shutting down"),
+                SubmitError::Invalid(m) => ApiError::invalid(m, None),
             })?;
             choices.push(Choice { prompt: pi, cancel });
         }
