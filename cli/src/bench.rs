@@ -29,7 +29,8 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Also run this many sequences at once through the continuous-batching scheduler, e.g.
-    /// 1,8,32: aggregate generated tok/s, time to first token and inter-token latency.
+    /// 1,8,32: aggregate generated tok/s, time to first token and inter-token latency. The
+    /// counts take turns run by run, so their ratios compare runs made side by side.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Prompt tokens of each sequence in the concurrency runs.
@@ -79,6 +80,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.runs >= 1 && a.prompt_tokens >= 1 && a.decode_tokens >= 2,
         "runs, prompt and decode tokens must be positive"
+    );
+    anyhow::ensure!(
+        a.concurrency.iter().all(|&n| n >= 1) && a.batch_prompt_tokens >= 1,
+        "--concurrency counts and --batch-prompt-tokens must be positive"
     );
     let own_cluster = a.cluster.workers.is_some()
         || a.cluster.placement.is_some()
@@ -335,11 +340,7 @@ fn measure(
             split.push(((*label).into(), ms));
         }
     }
-    let batched = a
-        .concurrency
-        .iter()
-        .map(|&n| concurrent(engine, n, a, bar))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let batched = concurrent(engine, &a.concurrency, a, bar)?;
     let decode_median = if decode.is_empty() {
         f64::NAN
     } else {
@@ -538,100 +539,163 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// `n` sequences submitted together to a scheduler of their own, `runs` times after a warm-up:
-/// the median aggregate tok/s (generated tokens over wall time, prefill included) and the
-/// latency percentiles of the median run.
+/// For each count `n` in `counts`, `n` sequences submitted together to a scheduler of their
+/// own, `runs` times after a warm-up: the median aggregate tok/s (generated tokens over wall
+/// time, prefill included) and the latency percentiles of the median run. The counts take
+/// turns run by run, in alternating order, so that their ratios compare runs made under the
+/// same conditions: a shared host's bandwidth drifts over minutes, and a block of one count's
+/// runs followed by another's would put that drift into the ratio.
 fn concurrent(
     engine: &std::sync::Arc<switchyard_coordinator::Engine>,
-    n: usize,
+    counts: &[usize],
     a: &Args,
     bar: &indicatif::ProgressBar,
-) -> anyhow::Result<serde_json::Value> {
-    use switchyard_coordinator::scheduler::{self, SchedulerConfig, SeqEvent, SeqRequest};
-    anyhow::ensure!(n >= 1, "concurrency must be positive");
-    let sched = scheduler::start(
-        engine.clone(),
-        SchedulerConfig {
-            max_running: n.max(1),
-            max_waiting: n.max(1),
-            ..SchedulerConfig::default()
-        },
-    )?;
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    use switchyard_coordinator::scheduler::{self, SchedulerConfig};
+    let scheds = counts
+        .iter()
+        .map(|&n| {
+            scheduler::start(
+                engine.clone(),
+                SchedulerConfig {
+                    max_running: n,
+                    max_waiting: n,
+                    ..SchedulerConfig::default()
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let vocab = engine.config().vocab_size as u32;
-    let mut runs = Vec::new();
-    let mut phase_s = [0.0f64; 4];
-    let mut wall_s = 0.0;
+    let mut results: Vec<CountRuns> = counts.iter().map(|_| CountRuns::default()).collect();
     for run in 0..=a.runs {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        switchyard_model::profile::reset();
-        switchyard_model::profile::enable(run > 0);
-        let start = Instant::now();
-        for i in 0..n {
-            let prompt = (0..a.batch_prompt_tokens as u32)
-                .map(|t| 5 + (t * 7919 + i as u32 * 104_729) % (vocab - 5))
-                .collect();
-            sched
-                .submit(SeqRequest {
-                    prompt,
-                    max_tokens: a.decode_tokens,
-                    sampling: SamplingParams::default(),
-                    stop_ids: vec![],
-                    ignore_eos: true,
-                    logprobs: None,
-                    index: i,
-                    events: tx.clone(),
-                    cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                })
-                .map_err(|e| anyhow::anyhow!("submitting sequence {i}: {e}"))?;
-        }
-        drop(tx);
-        let mut last = vec![None::<Instant>; n];
-        let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
-        while let Some((i, ev)) = rx.blocking_recv() {
-            match ev {
-                SeqEvent::Token { .. } => {
-                    let now = Instant::now();
-                    match last[i] {
-                        None => ttft.push((now - start).as_secs_f64() * 1e3),
-                        Some(t) => itl.push((now - t).as_secs_f64() * 1e3),
-                    }
-                    last[i] = Some(now);
-                    tokens += 1;
+        let order: Vec<usize> = if run % 2 == 0 {
+            (0..counts.len()).collect()
+        } else {
+            (0..counts.len()).rev().collect()
+        };
+        for c in order {
+            let measured = run_once(&scheds[c], counts[c], vocab, a, run > 0)?;
+            bar.inc(1);
+            if let Some((runs, phase_s, wall)) = measured {
+                let r = &mut results[c];
+                r.wall_s += wall;
+                for (acc, v) in r.phase_s.iter_mut().zip(phase_s) {
+                    *acc += v;
                 }
-                SeqEvent::Finished { .. } => {}
-                SeqEvent::Failed(f) => anyhow::bail!("sequence {i} failed: {f:?}"),
+                r.runs.push(runs);
             }
-        }
-        let wall = start.elapsed().as_secs_f64();
-        switchyard_model::profile::enable(false);
-        bar.inc(1);
-        if run > 0 {
-            wall_s += wall;
-            for (acc, v) in phase_s.iter_mut().zip(switchyard_model::profile::seconds()) {
-                *acc += v;
-            }
-            runs.push((tokens as f64 / wall, ttft, itl));
         }
     }
-    runs.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let tok_s: Vec<f64> = runs.iter().map(|r| r.0).collect();
-    let (median, mut ttft, mut itl) = runs.swap_remove(runs.len() / 2);
-    Ok(serde_json::json!({
-        "sequences": n,
-        "prompt_tokens": a.batch_prompt_tokens,
-        "decode_tokens": a.decode_tokens,
-        "tok_s_median": median,
-        "tok_s": tok_s,
-        "ttft_ms_p50": pct(&mut ttft, 0.5),
-        "ttft_ms_p99": pct(&mut ttft, 0.99),
-        "itl_ms_p50": pct(&mut itl, 0.5),
-        "itl_ms_p99": pct(&mut itl, 0.99),
-        // Share of the wall time each phase of the layer loop took (the rest: sampling,
-        // scheduling, embedding and LM head).
-        "wall_share": switchyard_model::profile::PHASES
-            .iter()
-            .zip(phase_s)
-            .map(|((_, name), s)| ((*name).to_string(), serde_json::json!(s / wall_s)))
-            .collect::<serde_json::Map<_, _>>(),
+    Ok(counts
+        .iter()
+        .zip(results)
+        .map(|(&n, r)| r.summary(n, a))
+        .collect())
+}
+
+/// One count's measured runs: (tok/s, TTFTs, ITLs) each, and the layer phases' seconds and
+/// the wall seconds summed over them.
+#[derive(Default)]
+struct CountRuns {
+    runs: Vec<(f64, Vec<f64>, Vec<f64>)>,
+    phase_s: [f64; 4],
+    wall_s: f64,
+}
+
+/// One run of `n` sequences through `sched`; `None` for the warm-up (`measured` false), else
+/// (tok/s, TTFTs, ITLs), the layer phases' seconds and the wall seconds.
+#[allow(clippy::type_complexity)]
+fn run_once(
+    sched: &switchyard_coordinator::scheduler::SchedulerHandle,
+    n: usize,
+    vocab: u32,
+    a: &Args,
+    measured: bool,
+) -> anyhow::Result<Option<((f64, Vec<f64>, Vec<f64>), [f64; 4], f64)>> {
+    use switchyard_coordinator::scheduler::{SeqEvent, SeqRequest};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    switchyard_model::profile::reset();
+    switchyard_model::profile::enable(measured);
+    let start = Instant::now();
+    for i in 0..n {
+        let prompt = (0..a.batch_prompt_tokens as u32)
+            .map(|t| 5 + (t * 7919 + i as u32 * 104_729) % (vocab - 5))
+            .collect();
+        sched
+            .submit(SeqRequest {
+                prompt,
+                max_tokens: a.decode_tokens,
+                sampling: SamplingParams::default(),
+                stop_ids: vec![],
+                ignore_eos: true,
+                logprobs: None,
+                index: i,
+                events: tx.clone(),
+                cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            })
+            .map_err(|e| anyhow::anyhow!("submitting sequence {i}: {e}"))?;
+    }
+    drop(tx);
+    let mut last = vec![None::<Instant>; n];
+    let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+    while let Some((i, ev)) = rx.blocking_recv() {
+        match ev {
+            SeqEvent::Token { .. } => {
+                let now = Instant::now();
+                match last[i] {
+                    None => ttft.push((now - start).as_secs_f64() * 1e3),
+                    Some(t) => itl.push((now - t).as_secs_f64() * 1e3),
+                }
+                last[i] = Some(now);
+                tokens += 1;
+            }
+            SeqEvent::Finished { .. } => {}
+            SeqEvent::Failed(f) => anyhow::bail!("sequence {i} of {n} failed: {f:?}"),
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    switchyard_model::profile::enable(false);
+    Ok(measured.then(|| {
+        (
+            (tokens as f64 / wall, ttft, itl),
+            switchyard_model::profile::seconds(),
+            wall,
+        )
     }))
+}
+
+impl CountRuns {
+    /// The JSON of one count: the median run's figures and every run's tok/s.
+    fn summary(self, n: usize, a: &Args) -> serde_json::Value {
+        let CountRuns {
+            mut runs,
+            phase_s,
+            wall_s,
+        } = self;
+        runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let tok_s: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let (median, mut ttft, mut itl) = if runs.is_empty() {
+            (f64::NAN, Vec::new(), Vec::new())
+        } else {
+            runs.swap_remove(runs.len() / 2)
+        };
+        serde_json::json!({
+            "sequences": n,
+            "prompt_tokens": a.batch_prompt_tokens,
+            "decode_tokens": a.decode_tokens,
+            "tok_s_median": median,
+            "tok_s": tok_s,
+            "ttft_ms_p50": pct(&mut ttft, 0.5),
+            "ttft_ms_p99": pct(&mut ttft, 0.99),
+            "itl_ms_p50": pct(&mut itl, 0.5),
+            "itl_ms_p99": pct(&mut itl, 0.99),
+            // Share of the wall time each phase of the layer loop took (the rest: sampling,
+            // scheduling, embedding and LM head).
+            "wall_share": switchyard_model::profile::PHASES
+                .iter()
+                .zip(phase_s)
+                .map(|((_, name), s)| ((*name).to_string(), serde_json::json!(s / wall_s)))
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    }
 }
