@@ -253,28 +253,72 @@ pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job
     debug_assert!(inp.is_multiple_of(KB) && x.len() >= rows * inp);
     debug_assert!(jobs.len() <= super::MAX_PARTS);
     let tasks = jobs.iter().map(|job| job.out.div_ceil(task_rows(inp)));
-    packed_pass(x, rows, inp, tasks, |packed, i, t| {
-        // SAFETY: the caller's contract; tasks own disjoint column ranges.
-        unsafe { task(packed, rows, inp, jobs[i], t) };
+    packed_pass(x, rows, inp, tasks, |block, i, t| {
+        // SAFETY: the caller's contract; tasks own disjoint (rows, columns) ranges.
+        unsafe { task(block, inp, jobs[i], t) };
     });
 }
 
+/// Token groups whose packed activations may share one task's L2 with a band of weights.
+const ROW_BLOCK_BYTES: usize = 512 << 10;
+
+/// Token groups per row block for activations of `inp` inputs: as many as [`ROW_BLOCK_BYTES`]
+/// hold, or every group (one block) where fewer than two fit.
+///
+/// Every task of a pass used to read every token group's activation tiles: with a prompt's
+/// hundreds of rows they outgrow L2, so each band of weights read them again from L3. A task
+/// now takes one band against one block of rows, and a pass lists a job's tasks block after
+/// block, so the tasks a thread runs in turn share a block in L2. The weights are read once
+/// per block instead of once in all: that pays where a block holds at least two groups (the
+/// activations' three parts are 96 bytes an input, a weight row's two bytes an input each
+/// of a band's 64 rows), hence one block below two.
+fn groups_per_block(inp: usize, groups: usize) -> usize {
+    let fit = ROW_BLOCK_BYTES / (inp * PARTS * JB * 2);
+    if fit < 2 {
+        groups
+    } else {
+        fit.min(groups)
+    }
+}
+
+/// Token rows of one task: the packed groups it runs and where their rows start.
+#[derive(Clone, Copy)]
+struct RowBlock<'a> {
+    packed: &'a [u16],
+    /// Rows in the block.
+    rows: usize,
+    /// Index of the block's first row among all rows.
+    row0: usize,
+}
+
 /// Packs `x`'s rows into activation tiles, then runs every job's tasks (`tasks` yields each
-/// job's count, at most [`super::MAX_PARTS`] jobs) as one parallel pass, `run(packed, job,
-/// task of that job)`.
+/// job's count, at most [`super::MAX_PARTS`] jobs) against every row block as one parallel
+/// pass, `run(rows, job, task of that job)`, a job's tasks listed block after block.
 fn packed_pass(
     x: &[f32],
     rows: usize,
     inp: usize,
     tasks: impl Iterator<Item = usize>,
-    run: impl Fn(&[u16], usize, usize) + Sync,
+    run: impl Fn(RowBlock<'_>, usize, usize) + Sync,
 ) {
     // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
     // group uses the start of its share.
     let group_len = inp * PARTS * JB;
-    let (firsts, jobs, total) = super::task_firsts(tasks);
+    let groups = rows.div_ceil(GROUP);
+    if groups == 0 {
+        return;
+    }
+    let per_block = groups_per_block(inp, groups);
+    let blocks = groups.div_ceil(per_block);
+    let mut counts = [0usize; super::MAX_PARTS];
+    let mut jobs = 0;
+    for (c, n) in counts.iter_mut().zip(tasks) {
+        *c = n;
+        jobs += 1;
+    }
+    let (firsts, jobs, total) = super::task_firsts(counts[..jobs].iter().map(|&n| n * blocks));
     let firsts = &firsts[..jobs];
-    with_scratch::<u16, _>(&PACKED, rows.div_ceil(GROUP) * group_len, |packed| {
+    with_scratch::<u16, _>(&PACKED, groups * group_len, |packed| {
         let x = &x[..rows * inp];
         if rows * inp >= PAR_PACK_ELEMS {
             packed
@@ -289,16 +333,24 @@ fn packed_pass(
         let packed = &*packed;
         (0..total).into_par_iter().for_each(|t| {
             let i = firsts.iter().rposition(|&f| f <= t).unwrap_or(0);
-            run(packed, i, t - firsts[i]);
+            let (b, k) = ((t - firsts[i]) / counts[i], (t - firsts[i]) % counts[i]);
+            let g0 = b * per_block;
+            let g1 = (g0 + per_block).min(groups);
+            let block = RowBlock {
+                packed: &packed[g0 * group_len..g1 * group_len],
+                rows: (g1 * GROUP).min(rows) - g0 * GROUP,
+                row0: g0 * GROUP,
+            };
+            run(block, i, k);
         });
     });
 }
 
-/// Output rows `task_rows(inp)·blk ..` of one job for every token.
+/// Output rows `task_rows(inp)·blk ..` of one job for the tokens of `rows`.
 ///
 /// # Safety
-/// As for [`linear_many`], with `packed` holding every token group's activation tiles.
-unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize) {
+/// As for [`linear_many`], with `rows` holding its token groups' activation tiles.
+unsafe fn task(rows: RowBlock<'_>, inp: usize, job: Job<'_>, blk: usize) {
     let j0 = blk * task_rows(inp);
     let j1 = (j0 + task_rows(inp)).min(job.out);
     let full = (j1 - j0) / JB;
@@ -310,8 +362,8 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
         // the weight or its padded copy), and rows j .. j + n_rows are this task's alone.
         unsafe {
             run_groups(
-                packed,
-                (rows, inp),
+                rows,
+                inp,
                 Walk::in_place(w, stride),
                 nb,
                 (job.y, job.out),
@@ -337,15 +389,15 @@ unsafe fn task(packed: &[u16], rows: usize, inp: usize, job: Job<'_>, blk: usize
 }
 
 /// `nb` (1 to 4) 16-row weight blocks laid out as `w` says, for output rows `js` of `(y, out)`,
-/// against every token group in `packed` (`rows` tokens of `inp` inputs). Leaves the tiles
-/// configured; the caller releases them.
+/// against every token group of `rows` (of `inp` inputs). Leaves the tiles configured; the
+/// caller releases them.
 ///
 /// # Safety
 /// [`available`] must be true; `w` must cover nb whole blocks of inp elements, `y` hold every
-/// token's `out` outputs, and rows `js` be the caller's alone.
+/// token's `out` outputs, and rows `js` of the block's tokens be the caller's alone.
 unsafe fn run_groups(
-    packed: &[u16],
-    (rows, inp): (usize, usize),
+    rows: RowBlock<'_>,
+    inp: usize,
     w: Walk,
     nb: usize,
     (y, out): (SendPtr, usize),
@@ -354,8 +406,8 @@ unsafe fn run_groups(
     let kbs = inp / KB;
     let mut acc = [0f32; ACC_LEN];
     let mut configured = 0;
-    for (g, xg) in packed.chunks_exact(inp * PARTS * JB).enumerate() {
-        let n = (rows - g * GROUP).min(GROUP);
+    for (g, xg) in rows.packed.chunks_exact(inp * PARTS * JB).enumerate() {
+        let n = (rows.rows - g * GROUP).min(GROUP);
         // SAFETY: the caller's contract; `xg` holds kbs·PARTS tiles of n tokens.
         unsafe {
             if n != configured {
@@ -368,7 +420,7 @@ unsafe fn run_groups(
                 2 => block::<2>(w, xg.as_ptr(), n, kbs, &mut acc),
                 _ => block::<1>(w, xg.as_ptr(), n, kbs, &mut acc),
             }
-            scatter(&acc, js.len(), n, g, (y, out), js.start);
+            scatter(&acc, js.len(), n, rows.row0 + g * GROUP, (y, out), js.start);
         }
     }
 }
@@ -376,17 +428,17 @@ unsafe fn run_groups(
 /// f32s of one token group's four C tiles: C0, C1, C2, C3, each 16 rows × 16 tokens.
 const ACC_LEN: usize = 4 * JB * GROUP;
 
-/// Writes `n_rows` output rows (from `j`, block b's in C tile b) of token group `g`'s first
-/// `n_tok` tokens.
+/// Writes `n_rows` output rows (from `j`, block b's in C tile b) of `n_tok` tokens from token
+/// `t0`.
 ///
 /// # Safety
-/// `y` must hold every token's `out` outputs, and rows `j .. j + n_rows` must be this
-/// task's alone.
+/// `y` must hold every token's `out` outputs, and rows `j .. j + n_rows` of those tokens must
+/// be this task's alone.
 unsafe fn scatter(
     c: &[f32; ACC_LEN],
     n_rows: usize,
     n_tok: usize,
-    g: usize,
+    t0: usize,
     (y, out): (SendPtr, usize),
     j: usize,
 ) {
@@ -395,9 +447,9 @@ unsafe fn scatter(
         let (b, r) = (m / JB, m % JB);
         for n in 0..n_tok {
             let v = c[b * T + r * GROUP + n];
-            // SAFETY: (token g·16 + n, row j + m) is inside this job's output and in the
-            // column range of this task alone.
-            unsafe { *y.get().add((g * GROUP + n) * out + j + m) = v };
+            // SAFETY: (token t0 + n, row j + m) is inside this job's output and in the
+            // range of this task alone.
+            unsafe { *y.get().add((t0 + n) * out + j + m) = v };
         }
     }
 }
@@ -538,25 +590,25 @@ pub(super) unsafe fn linear_tiles(x: &[f32], rows: usize, jobs: &[(&Tiles, SendP
         return;
     }
     let tasks = jobs.iter().map(|(w, _)| w.out().div_ceil(BAND));
-    packed_pass(x, rows, inp, tasks, |packed, i, t| {
+    packed_pass(x, rows, inp, tasks, |block, i, t| {
         let (w, y) = jobs[i];
-        // SAFETY: the caller's contract; tasks own disjoint bands of output rows.
-        unsafe { band(packed, rows, w, y, t) };
+        // SAFETY: the caller's contract; tasks own disjoint (rows, band) ranges.
+        unsafe { band(block, w, y, t) };
     });
 }
 
-/// Band `t` of `w` for every token group.
+/// Band `t` of `w` for the token groups of `rows`.
 ///
 /// # Safety
-/// As for [`linear_tiles`], with `packed` holding every token group's activation tiles.
-unsafe fn band(packed: &[u16], rows: usize, w: &Tiles, y: SendPtr, t: usize) {
+/// As for [`linear_tiles`], with `rows` holding its token groups' activation tiles.
+unsafe fn band(rows: RowBlock<'_>, w: &Tiles, y: SendPtr, t: usize) {
     let j = t * BAND;
-    // SAFETY: the caller's contract; the band holds kbs · 4 whole tiles, and its rows are this
-    // task's alone.
+    // SAFETY: the caller's contract; the band holds kbs · 4 whole tiles, and its rows of these
+    // tokens are this task's alone.
     unsafe {
         run_groups(
-            packed,
-            (rows, w.inp()),
+            rows,
+            w.inp(),
             Walk::band(w.band(t).as_ptr()),
             4,
             (y, w.out()),

@@ -1072,6 +1072,53 @@ mod tests {
     }
 
     #[test]
+    fn rows_in_blocks_give_the_bits_of_rows_one_group_at_a_time() {
+        // At in = 1024 a row block holds five token groups: 100 rows run as blocks of 80 and
+        // 20 (the last group partial), against the same rows sixteen at a time (one block
+        // each, in place); in tile order and in place, on and off a 64-row band.
+        let (inp, out, rows) = (1024, 80, 100);
+        let x = data(rows * inp, 31);
+        let w: Vec<bf16> = data(out * inp, 32)
+            .iter()
+            .map(|v| bf16::from_f32(*v))
+            .collect();
+        let Some(t) = tiles_for(Elems::BF16(&w), out) else {
+            return; // no AMX here
+        };
+        let mut tiled = vec![f32::NAN; rows * out];
+        linear_tiles(&x, rows, &mut [(&t, &mut tiled)]);
+        let mut in_place = vec![f32::NAN; rows * out];
+        assert!(linear_amx(
+            &x,
+            rows,
+            Elems::BF16(&w),
+            inp,
+            out,
+            &mut in_place
+        ));
+        let mut by_group = vec![f32::NAN; rows * out];
+        for (xg, yg) in x.chunks(16 * inp).zip(by_group.chunks_mut(16 * out)) {
+            assert!(linear_amx(
+                xg,
+                xg.len() / inp,
+                Elems::BF16(&w),
+                inp,
+                out,
+                yg
+            ));
+        }
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same(&tiled, &by_group), "tile order");
+        assert!(same(&in_place, &by_group), "in place");
+        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let want = naive(&x, rows, &wide, inp, out);
+        assert!(tiled
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs())));
+    }
+
+    #[test]
     fn span_kernels_equal_the_one_row_kernel_bit_for_bit() {
         // in = 100 leaves a tail after every kernel's vector steps.
         let (inp, out) = (100, 29);
