@@ -566,7 +566,7 @@ fn concurrent(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let vocab = engine.config().vocab_size as u32;
-    let mut results: Vec<CountRuns> = counts.iter().map(|_| CountRuns::default()).collect();
+    let mut measured: Vec<Vec<Run>> = counts.iter().map(|_| Vec::new()).collect();
     for run in 0..=a.runs {
         let order: Vec<usize> = if run % 2 == 0 {
             (0..counts.len()).collect()
@@ -574,48 +574,44 @@ fn concurrent(
             (0..counts.len()).rev().collect()
         };
         for c in order {
-            let measured = run_once(&scheds[c], counts[c], vocab, a, run > 0)?;
+            // Run 0 warms up, unmeasured.
+            let r = run_once(&scheds[c], counts[c], vocab, a, run > 0)?;
             bar.inc(1);
-            if let Some((runs, phase_s, wall)) = measured {
-                let r = &mut results[c];
-                r.wall_s += wall;
-                for (acc, v) in r.phase_s.iter_mut().zip(phase_s) {
-                    *acc += v;
-                }
-                r.runs.push(runs);
+            if run > 0 {
+                measured[c].push(r);
             }
         }
     }
     Ok(counts
         .iter()
-        .zip(results)
-        .map(|(&n, r)| r.summary(n, a))
+        .zip(measured)
+        .map(|(&n, runs)| summary(n, runs, a))
         .collect())
 }
 
-/// One count's measured runs: (tok/s, TTFTs, ITLs) each, and the layer phases' seconds and
-/// the wall seconds summed over them.
-#[derive(Default)]
-struct CountRuns {
-    runs: Vec<(f64, Vec<f64>, Vec<f64>)>,
+/// One run of a count's sequences.
+struct Run {
+    /// Generated tokens over wall time.
+    tok_s: f64,
+    ttft_ms: Vec<f64>,
+    itl_ms: Vec<f64>,
+    /// Seconds in each phase of the layer loop (where profiling was on).
     phase_s: [f64; 4],
     wall_s: f64,
 }
 
-/// One run of `n` sequences through `sched`; `None` for the warm-up (`measured` false), else
-/// (tok/s, TTFTs, ITLs), the layer phases' seconds and the wall seconds.
-#[allow(clippy::type_complexity)]
+/// One run of `n` sequences through `sched`, the layer phases profiled where `profiled`.
 fn run_once(
     sched: &switchyard_coordinator::scheduler::SchedulerHandle,
     n: usize,
     vocab: u32,
     a: &Args,
-    measured: bool,
-) -> anyhow::Result<Option<((f64, Vec<f64>, Vec<f64>), [f64; 4], f64)>> {
+    profiled: bool,
+) -> anyhow::Result<Run> {
     use switchyard_coordinator::scheduler::{SeqEvent, SeqRequest};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     switchyard_model::profile::reset();
-    switchyard_model::profile::enable(measured);
+    switchyard_model::profile::enable(profiled);
     let start = Instant::now();
     for i in 0..n {
         let prompt = (0..a.batch_prompt_tokens as u32)
@@ -655,47 +651,49 @@ fn run_once(
     }
     let wall = start.elapsed().as_secs_f64();
     switchyard_model::profile::enable(false);
-    Ok(measured.then(|| {
-        (
-            (tokens as f64 / wall, ttft, itl),
-            switchyard_model::profile::seconds(),
-            wall,
-        )
-    }))
+    Ok(Run {
+        tok_s: tokens as f64 / wall,
+        ttft_ms: ttft,
+        itl_ms: itl,
+        phase_s: switchyard_model::profile::seconds(),
+        wall_s: wall,
+    })
 }
 
-impl CountRuns {
-    /// The JSON of one count: the median run's figures and every run's tok/s.
-    fn summary(self, n: usize, a: &Args) -> serde_json::Value {
-        let CountRuns {
-            mut runs,
-            phase_s,
-            wall_s,
-        } = self;
-        runs.sort_by(|x, y| x.0.total_cmp(&y.0));
-        let tok_s: Vec<f64> = runs.iter().map(|r| r.0).collect();
-        let (median, mut ttft, mut itl) = if runs.is_empty() {
-            (f64::NAN, Vec::new(), Vec::new())
-        } else {
-            runs.swap_remove(runs.len() / 2)
-        };
-        serde_json::json!({
-            "sequences": n,
-            "prompt_tokens": a.batch_prompt_tokens,
-            "decode_tokens": a.decode_tokens,
-            "tok_s_median": median,
-            "tok_s": tok_s,
-            "ttft_ms_p50": pct(&mut ttft, 0.5),
-            "ttft_ms_p99": pct(&mut ttft, 0.99),
-            "itl_ms_p50": pct(&mut itl, 0.5),
-            "itl_ms_p99": pct(&mut itl, 0.99),
-            // Share of the wall time each phase of the layer loop took (the rest: sampling,
-            // scheduling, embedding and LM head).
-            "wall_share": switchyard_model::profile::PHASES
-                .iter()
-                .zip(phase_s)
-                .map(|((_, name), s)| ((*name).to_string(), serde_json::json!(s / wall_s)))
-                .collect::<serde_json::Map<_, _>>(),
-        })
+/// The JSON of one count's measured runs: the median run's figures, every run's tok/s, and
+/// each layer phase's share of their wall time.
+fn summary(n: usize, mut runs: Vec<Run>, a: &Args) -> serde_json::Value {
+    let wall_s: f64 = runs.iter().map(|r| r.wall_s).sum();
+    let mut phase_s = [0.0f64; 4];
+    for r in &runs {
+        for (acc, v) in phase_s.iter_mut().zip(r.phase_s) {
+            *acc += v;
+        }
     }
+    runs.sort_by(|x, y| x.tok_s.total_cmp(&y.tok_s));
+    let tok_s: Vec<f64> = runs.iter().map(|r| r.tok_s).collect();
+    let (median, mut ttft, mut itl) = if runs.is_empty() {
+        (f64::NAN, Vec::new(), Vec::new())
+    } else {
+        let m = runs.swap_remove(runs.len() / 2);
+        (m.tok_s, m.ttft_ms, m.itl_ms)
+    };
+    serde_json::json!({
+        "sequences": n,
+        "prompt_tokens": a.batch_prompt_tokens,
+        "decode_tokens": a.decode_tokens,
+        "tok_s_median": median,
+        "tok_s": tok_s,
+        "ttft_ms_p50": pct(&mut ttft, 0.5),
+        "ttft_ms_p99": pct(&mut ttft, 0.99),
+        "itl_ms_p50": pct(&mut itl, 0.5),
+        "itl_ms_p99": pct(&mut itl, 0.99),
+        // Share of the wall time each phase of the layer loop took (the rest: sampling,
+        // scheduling, embedding and LM head).
+        "wall_share": switchyard_model::profile::PHASES
+            .iter()
+            .zip(phase_s)
+            .map(|((_, name), s)| ((*name).to_string(), serde_json::json!(s / wall_s)))
+            .collect::<serde_json::Map<_, _>>(),
+    })
 }

@@ -556,22 +556,35 @@ mod tests {
     use crate::engine::GenerateRequest;
     use switchyard_model::{weights::gen, NoProgress};
 
-    #[test]
-    fn requests_with_nothing_to_prefill_or_generate_are_refused_at_submit() {
+    /// An embedded engine over a random f32 checkpoint of hidden 64, 4 heads over 2 kv heads,
+    /// vocabulary 300 and `layers` layers, shaped further by `spec`; the folder lives as long
+    /// as the returned guard.
+    fn random_engine(layers: usize, spec: gen::GenSpec) -> (tempfile::TempDir, Arc<Engine>) {
         let tmp = tempfile::tempdir().unwrap();
         let spec = gen::GenSpec {
             hidden: 64,
-            layers: 1,
+            layers,
             heads: 4,
             kv_heads: 2,
             intermediate: 64,
             vocab: 300,
             dtype: switchyard_model::DType::F32,
-            ..gen::GenSpec::default()
+            ..spec
         };
         gen::generate(&spec, tmp.path(), &|_| {}).unwrap();
         let engine = Arc::new(Engine::load_embedded(tmp.path(), &NoProgress).unwrap());
-        let handle = start(engine, SchedulerConfig::default()).unwrap();
+        (tmp, engine)
+    }
+
+    #[test]
+    fn requests_with_nothing_to_prefill_or_generate_are_refused_at_submit() {
+        let (_dir, engine) = random_engine(1, gen::GenSpec::default());
+        let mcfg = engine.config().clone();
+        let cfg = SchedulerConfig {
+            kv_cache_bytes: 4 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
+            ..SchedulerConfig::default()
+        };
+        let handle = start(engine, cfg).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let req = |prompt: Vec<u32>, max_tokens| SeqRequest {
             prompt,
@@ -604,21 +617,14 @@ mod tests {
 
     #[test]
     fn sliding_window_sequences_outgrow_the_cache_and_match_full_cache_generation() {
-        let tmp = tempfile::tempdir().unwrap();
-        let spec = gen::GenSpec {
-            hidden: 64,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            intermediate: 64,
-            vocab: 300,
-            sliding_window: Some(8),
-            max_position_embeddings: 256,
-            dtype: switchyard_model::DType::F32,
-            ..gen::GenSpec::default()
-        };
-        gen::generate(&spec, tmp.path(), &|_| {}).unwrap();
-        let engine = Arc::new(Engine::load_embedded(tmp.path(), &NoProgress).unwrap());
+        let (_dir, engine) = random_engine(
+            2,
+            gen::GenSpec {
+                sliding_window: Some(8),
+                max_position_embeddings: 256,
+                ..gen::GenSpec::default()
+            },
+        );
         let prompt: Vec<u32> = vec![1, 40, 41, 42, 43];
         let mut want = Vec::new();
         let req = GenerateRequest {

@@ -697,6 +697,11 @@ mod tests {
             .collect()
     }
 
+    /// [`data`] rounded to bf16, as a checkpoint's weights.
+    fn bf16_data(n: usize, seed: u32) -> Vec<bf16> {
+        data(n, seed).iter().map(|v| bf16::from_f32(*v)).collect()
+    }
+
     fn naive(x: &[f32], rows: usize, w: &[f32], inp: usize, out: usize) -> Vec<f64> {
         let mut y = vec![0.0; rows * out];
         for r in 0..rows {
@@ -992,14 +997,8 @@ mod tests {
         // Output counts on and off a 64-row band, both input widths of an expert, one to 37
         // tokens (three token groups); two weights in one pass as w1/w3 go.
         for (inp, out) in [(96, 40), (64, 128), (128, 200)] {
-            let wa: Vec<bf16> = data(out * inp, 21)
-                .iter()
-                .map(|v| bf16::from_f32(*v))
-                .collect();
-            let wb: Vec<bf16> = data(out * inp, 22)
-                .iter()
-                .map(|v| bf16::from_f32(*v))
-                .collect();
+            let wa = bf16_data(out * inp, 21);
+            let wb = bf16_data(out * inp, 22);
             let (Some(ta), Some(tb)) = (
                 tiles_for(Elems::BF16(&wa), out),
                 tiles_for(Elems::BF16(&wb), out),
@@ -1040,10 +1039,7 @@ mod tests {
         // any group position: the first 20 of 37 tokens give the bits they give alone.
         let (inp, out, rows) = (96, 40, 37);
         let x = data(rows * inp, 13);
-        let wb: Vec<bf16> = data(out * inp, 14)
-            .iter()
-            .map(|v| bf16::from_f32(*v))
-            .collect();
+        let wb = bf16_data(out * inp, 14);
         let mut all = vec![0.0; rows * out];
         if !linear_amx(&x, rows, Elems::BF16(&wb), inp, out, &mut all) {
             return;
@@ -1078,10 +1074,7 @@ mod tests {
         // each, in place); in tile order and in place, on and off a 64-row band.
         let (inp, out, rows) = (1024, 80, 100);
         let x = data(rows * inp, 31);
-        let w: Vec<bf16> = data(out * inp, 32)
-            .iter()
-            .map(|v| bf16::from_f32(*v))
-            .collect();
+        let w = bf16_data(out * inp, 32);
         let Some(t) = tiles_for(Elems::BF16(&w), out) else {
             return; // no AMX here
         };
