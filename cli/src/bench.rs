@@ -4,6 +4,8 @@
 //! token), the per-layer time split of decode, and with `--concurrency 1,8,32` runs of that many
 //! sequences through the continuous-batching scheduler. It measures embedded mode, and with
 //! `--local-workers N` also a cluster of N loopback workers it starts itself, in the same run.
+//! Modes and counts take turns run by run, so every ratio the report gives compares runs made
+//! side by side.
 //! Results go to stdout and `--out` as JSON, with a PNG plot.
 
 use anyhow::Context;
@@ -37,7 +39,8 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch_prompt_tokens: usize,
     /// Also measure a cluster of this many worker processes on loopback, started by the bench
-    /// (experts split evenly), after embedded mode.
+    /// (experts split evenly). Its runs take turns with embedded mode's, so both engines (and
+    /// the workers) are in memory at once.
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
     /// Compute threads of each local worker (default: --threads). Workers and coordinator
@@ -102,7 +105,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         vec![a.cluster.overlap]
     };
     let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
-    let modes = if own_cluster {
+    let n_modes = if own_cluster {
         overlaps.len()
     } else {
         1 + if a.local_workers > 0 {
@@ -113,9 +116,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let bytes = decode_bytes_per_token(&a.model)?;
     let probe = BandwidthProbe::new();
-    let bar = progress_bar((per_mode * modes) as u64);
-    let mut results = Vec::new();
-    // Measures the cluster of `base`'s workers once per overlap setting.
+    let bar = progress_bar((per_mode * n_modes) as u64);
+    // Every mode is loaded first, then the modes take turns run by run (below): a ratio
+    // between modes then compares runs made side by side, not runs minutes apart on a host
+    // whose bandwidth drifts.
+    let mut loaded: Vec<(String, crate::cluster::Loaded)> = Vec::new();
+    // Loads the cluster of `base`'s workers once per overlap setting.
     let mut clusters = |base: &crate::cluster::ClusterArgs, label: &str| -> anyhow::Result<()> {
         for &overlap in &overlaps {
             let mut cluster = base.clone();
@@ -127,18 +133,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 format!("{label}, overlap off")
             };
-            bar.set_message(name.clone());
-            let loaded = cluster.load(&a.model)?;
-            results.push(measure(&name, loaded, &a, &probe, bytes, &bar)?);
+            bar.set_message(format!("loading {name}"));
+            loaded.push((name, cluster.load(&a.model)?));
         }
         Ok(())
     };
+    // Local workers live until every run is done.
+    let mut _workers = None;
     if own_cluster {
         clusters(&a.cluster, "cluster")?;
     } else {
-        bar.set_message("embedded");
-        let loaded = a.cluster.load(&a.model)?;
-        let embedded = measure("embedded", loaded, &a, &probe, bytes, &bar)?;
+        bar.set_message("loading embedded");
+        let embedded = a.cluster.load(&a.model)?;
         if a.local_workers > 0 {
             let ck = switchyard_model::Checkpoint::open(&a.model)?;
             let threads = a.worker_threads.unwrap_or(rayon::current_num_threads());
@@ -151,6 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             )?;
             let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
             cluster.workers = Some(workers.spec.clone());
+            _workers = Some(workers);
             let mut label = format!("cluster ({} workers", a.local_workers);
             if a.replicate_experts {
                 label.push_str(", experts replicated");
@@ -163,10 +170,43 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             label.push(')');
             clusters(&cluster, &label)?;
-            drop(workers);
         }
-        results.insert(0, embedded);
+        loaded.insert(0, ("embedded".to_string(), embedded));
     }
+    let mut modes = loaded
+        .into_iter()
+        .map(|(name, l)| Mode::new(name, l, &a.concurrency))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // A run's cells: each mode's single sequence, then its concurrency counts. Run 0 warms up,
+    // unmeasured; the order alternates run by run so that neither end of a run is favoured.
+    let cells: Vec<(usize, Option<usize>)> = (0..modes.len())
+        .flat_map(|m| {
+            std::iter::once((m, None)).chain((0..a.concurrency.len()).map(move |c| (m, Some(c))))
+        })
+        .collect();
+    for run in 0..=a.runs {
+        let measured = run > 0;
+        let order: Box<dyn Iterator<Item = &(usize, Option<usize>)>> = if run % 2 == 0 {
+            Box::new(cells.iter())
+        } else {
+            Box::new(cells.iter().rev())
+        };
+        for &(m, count) in order {
+            let mode = &mut modes[m];
+            bar.set_message(mode.name.clone());
+            match count {
+                None => mode.single(&a, &probe, bytes, measured)?,
+                Some(c) => mode.concurrent(c, &a, measured)?,
+            }
+            bar.inc(1);
+        }
+    }
+    let first_decode = modes[0].decode.clone();
+    let results = modes
+        .into_iter()
+        .map(|m| m.finish(&a, &first_decode))
+        .collect::<Vec<_>>();
+    drop(_workers);
     bar.finish_and_clear();
 
     let samples: Vec<f64> = results
@@ -176,12 +216,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let bandwidth = 1e9 * median(samples.clone());
     let bound = bandwidth / bytes as f64;
     let embedded_decode = results[0].decode_median;
-    let mut modes_json = Vec::new();
-    for r in &results {
-        let mut j = r.json.clone();
-        j["decode_vs_first_mode"] = serde_json::json!(r.decode_median / embedded_decode);
-        modes_json.push(j);
-    }
+    let modes_json: Vec<_> = results.iter().map(|r| r.json.clone()).collect();
     let kernels = switchyard_model::backend::cpu::linear::isa().as_str();
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
@@ -246,149 +281,240 @@ struct ModeResult {
     figures: crate::plot::ModeFigures,
 }
 
-/// Batch-1 prefill and decode, the decode's per-layer time split and the concurrency runs of
-/// one loaded engine. Each decode run is set against the bandwidth sampled just before and
-/// after it (`bytes` read per token): a shared machine's bandwidth drifts by tens of percent
-/// over minutes, and a bound taken at another moment would misstate how close a run came.
-fn measure(
-    name: &str,
-    loaded: crate::cluster::Loaded,
-    a: &Args,
-    probe: &BandwidthProbe,
-    bytes: u64,
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<ModeResult> {
-    use switchyard_model::profile;
-    let remote = loaded.remote.clone();
-    let engine = std::sync::Arc::new(loaded.engine);
-    let engine = &engine;
-    let cfg = engine.config().clone();
-    let vocab = cfg.vocab_size as u32;
-    // Deterministic token ids spread over the vocabulary (skipping the low special ids).
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
-        .map(|i| 5 + (i * 7919) % (vocab - 5))
-        .collect();
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let (mut phase_s, mut decoded) = ([0.0f64; 4], 0usize);
-    let (mut compute_us, mut calls_us) = (0u64, 0u64);
-    let (mut read_gb_s, mut pct_of_bound) = (Vec::new(), Vec::new());
-    for run in 0..=a.runs {
-        let read_before = if run > 0 { probe.sample() } else { 0.0 };
+/// One mode under measurement (embedded, or a cluster): its engine, a scheduler per
+/// concurrency count, and what its measured runs have gathered so far.
+struct Mode {
+    name: String,
+    engine: std::sync::Arc<switchyard_coordinator::Engine>,
+    remote: Option<std::sync::Arc<switchyard_coordinator::dispatch::RemoteExperts>>,
+    /// The registry watcher, in etcd mode (runs while this lives).
+    _membership: Option<switchyard_coordinator::membership::Membership>,
+    scheds: Vec<switchyard_coordinator::scheduler::SchedulerHandle>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    /// Seconds in each layer phase over the measured decode steps, and their count.
+    phase_s: [f64; 4],
+    decoded: usize,
+    /// Over a cluster: the workers' reported compute and the calls' wall time, µs.
+    compute_us: u64,
+    calls_us: u64,
+    read_gb_s: Vec<f64>,
+    pct_of_bound: Vec<f64>,
+    /// Measured runs of each concurrency count.
+    runs: Vec<Vec<Run>>,
+}
+
+impl Mode {
+    /// Takes `loaded`'s engine and starts one scheduler per count in `counts`, sized for it.
+    fn new(name: String, loaded: crate::cluster::Loaded, counts: &[usize]) -> anyhow::Result<Self> {
+        use switchyard_coordinator::scheduler::{self, SchedulerConfig};
+        let engine = std::sync::Arc::new(loaded.engine);
+        let scheds = counts
+            .iter()
+            .map(|&n| {
+                scheduler::start(
+                    engine.clone(),
+                    SchedulerConfig {
+                        max_running: n,
+                        max_waiting: n,
+                        ..SchedulerConfig::default()
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name,
+            engine,
+            remote: loaded.remote,
+            _membership: loaded._membership,
+            scheds,
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            phase_s: [0.0; 4],
+            decoded: 0,
+            compute_us: 0,
+            calls_us: 0,
+            read_gb_s: Vec::new(),
+            pct_of_bound: Vec::new(),
+            runs: counts.iter().map(|_| Vec::new()).collect(),
+        })
+    }
+
+    /// One batch-1 run straight on the engine: prefill of `--prompt-tokens`, then decode,
+    /// recorded where `measured`. The decode is set against the bandwidth sampled just before
+    /// and after it (`bytes` read per token): a shared machine's bandwidth drifts by tens of
+    /// percent over minutes, and a bound taken at another moment would misstate how close a
+    /// run came.
+    fn single(
+        &mut self,
+        a: &Args,
+        probe: &BandwidthProbe,
+        bytes: u64,
+        measured: bool,
+    ) -> anyhow::Result<()> {
+        use switchyard_model::profile;
+        let vocab = self.engine.config().vocab_size as u32;
+        // Deterministic token ids spread over the vocabulary (skipping the low special ids).
+        let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
+            .map(|i| 5 + (i * 7919) % (vocab - 5))
+            .collect();
+        let read_before = if measured { probe.sample() } else { 0.0 };
         let req = GenerateRequest {
-            prompt: prompt.clone(),
+            prompt,
             max_tokens: a.decode_tokens,
             sampling: SamplingParams::default(),
             stop_ids: vec![],
             ignore_eos: true,
             logprobs: false,
         };
-        let before = remote.as_ref().map(|r| r.snapshot());
+        let before = self.remote.as_ref().map(|r| r.snapshot());
         let start = Instant::now();
         let mut first = None;
         let mut n = 0usize;
-        engine.generate(&req, |_| {
+        self.engine.generate(&req, |_| {
             n += 1;
             if first.is_none() {
                 first = Some(Instant::now());
                 // Time only the decode steps.
                 profile::reset();
-                profile::enable(run > 0);
+                profile::enable(measured);
             }
             true
         })?;
         let end = Instant::now();
         profile::enable(false);
-        bar.inc(1);
         let first = first.context("no token generated")?;
-        if run == 0 {
-            continue;
+        if !measured {
+            return Ok(());
         }
         let read = (read_before + probe.sample()) / 2.0;
-        read_gb_s.push(read / 1e9);
-        let s = profile::seconds();
-        for (acc, v) in phase_s.iter_mut().zip(s) {
+        self.read_gb_s.push(read / 1e9);
+        for (acc, v) in self.phase_s.iter_mut().zip(profile::seconds()) {
             *acc += v;
         }
-        decoded += n - 1;
-        if let (Some(r), Some(b)) = (&remote, before) {
+        self.decoded += n - 1;
+        if let (Some(r), Some(b)) = (&self.remote, before) {
             for (w1, w0) in r.snapshot().iter().zip(&b) {
-                compute_us += w1.compute_micros - w0.compute_micros;
-                calls_us += w1.latency_micros - w0.latency_micros;
+                self.compute_us += w1.compute_micros - w0.compute_micros;
+                self.calls_us += w1.latency_micros - w0.latency_micros;
             }
         }
-        prefill.push(a.prompt_tokens as f64 / (first - start).as_secs_f64());
+        self.prefill
+            .push(a.prompt_tokens as f64 / (first - start).as_secs_f64());
         if n > 1 {
             let tok_s = (n - 1) as f64 / (end - first).as_secs_f64();
-            decode.push(tok_s);
-            pct_of_bound.push(100.0 * tok_s * bytes as f64 / read);
+            self.decode.push(tok_s);
+            self.pct_of_bound.push(100.0 * tok_s * bytes as f64 / read);
         }
+        Ok(())
     }
-    // ms per layer per decoded token; over a cluster the expert stage splits into the workers'
-    // reported compute and the rest of the calls' time (network, queueing, codec). Shares of
-    // one layer run in parallel, so both are scaled to the stage's wall time.
-    let per = 1e3 / (decoded.max(1) * cfg.num_hidden_layers) as f64;
-    let mut split: Vec<(String, f64)> = Vec::new();
-    for (i, (_, label)) in profile::PHASES.iter().enumerate() {
-        let ms = phase_s[i] * per;
-        if *label == "experts" && calls_us > 0 {
-            let compute = ms * compute_us as f64 / calls_us as f64;
-            split.push(("dispatch".into(), ms - compute));
-            split.push(("expert".into(), compute));
-        } else if *label == "experts" {
-            split.push(("expert".into(), ms));
+
+    /// One run of the `c`th concurrency count through its scheduler, kept where `measured`.
+    fn concurrent(&mut self, c: usize, a: &Args, measured: bool) -> anyhow::Result<()> {
+        let vocab = self.engine.config().vocab_size as u32;
+        let r = run_once(&self.scheds[c], a.concurrency[c], vocab, a, measured)?;
+        if measured {
+            self.runs[c].push(r);
+        }
+        Ok(())
+    }
+
+    /// The mode's report: medians, the decode's per-layer split, the concurrency summaries,
+    /// and its decode against the first mode's run by run (`first_decode`, in run order).
+    fn finish(self, a: &Args, first_decode: &[f64]) -> ModeResult {
+        let cfg = self.engine.config();
+        // ms per layer per decoded token; over a cluster the expert stage splits into the
+        // workers' reported compute and the rest of the calls' time (network, queueing, codec).
+        // Shares of one layer run in parallel, so both are scaled to the stage's wall time.
+        let per = 1e3 / (self.decoded.max(1) * cfg.num_hidden_layers) as f64;
+        let mut split: Vec<(String, f64)> = Vec::new();
+        for (i, (_, label)) in switchyard_model::profile::PHASES.iter().enumerate() {
+            let ms = self.phase_s[i] * per;
+            if *label == "experts" && self.calls_us > 0 {
+                let compute = ms * self.compute_us as f64 / self.calls_us as f64;
+                split.push(("dispatch".into(), ms - compute));
+                split.push(("expert".into(), compute));
+            } else if *label == "experts" {
+                split.push(("expert".into(), ms));
+            } else {
+                split.push(((*label).into(), ms));
+            }
+        }
+        let first_runs = self.runs.first().map(Vec::as_slice).unwrap_or_default();
+        let first_tok_s: Vec<f64> = first_runs.iter().map(|r| r.tok_s).collect();
+        let batched: Vec<serde_json::Value> = a
+            .concurrency
+            .iter()
+            .zip(self.runs)
+            .map(|(&n, runs)| summary(n, runs, &first_tok_s, a))
+            .collect();
+        let decode_median = if self.decode.is_empty() {
+            f64::NAN
         } else {
-            split.push(((*label).into(), ms));
+            median(self.decode.clone())
+        };
+        let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+        let figures = crate::plot::ModeFigures {
+            name: self.name.clone(),
+            throughput: std::iter::once((1, decode_median))
+                .filter(|_| !a.concurrency.contains(&1))
+                .chain(batched.iter().map(|j| {
+                    (
+                        j["sequences"].as_u64().unwrap_or(0) as usize,
+                        num(j, "tok_s_median"),
+                    )
+                }))
+                .collect(),
+            split: split.clone(),
+            latency: batched
+                .iter()
+                .map(|j| {
+                    (
+                        j["sequences"].as_u64().unwrap_or(0) as usize,
+                        num(j, "ttft_ms_p50"),
+                        num(j, "ttft_ms_p99"),
+                        num(j, "itl_ms_p50"),
+                        num(j, "itl_ms_p99"),
+                    )
+                })
+                .collect(),
+        };
+        let vs_first = paired_ratios(&self.decode, first_decode);
+        let json = serde_json::json!({
+            "mode": self.name,
+            "prefill_tok_s_median": median(self.prefill.clone()),
+            "decode_tok_s_median": decode_median,
+            "prefill_tok_s": self.prefill,
+            "decode_tok_s": self.decode,
+            // Each run's decode over the first mode's in the same run, and their median: a
+            // ratio of runs made side by side.
+            "decode_vs_first_mode_per_run": vs_first,
+            "decode_vs_first_mode": median_or_nan(vs_first.clone()),
+            "decode_read_gb_s": self.read_gb_s,
+            "decode_pct_of_bandwidth_bound": median_or_nan(self.pct_of_bound),
+            "decode_ms_per_layer": split.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "concurrency": batched,
+        });
+        ModeResult {
+            decode_median,
+            read_gb_s: self.read_gb_s,
+            json,
+            figures,
         }
     }
-    let batched = concurrent(engine, &a.concurrency, a, bar)?;
-    let decode_median = if decode.is_empty() {
+}
+
+/// `xs[i] / ys[i]` run by run (both in run order).
+fn paired_ratios(xs: &[f64], ys: &[f64]) -> Vec<f64> {
+    xs.iter().zip(ys).map(|(x, y)| x / y).collect()
+}
+
+fn median_or_nan(v: Vec<f64>) -> f64 {
+    if v.is_empty() {
         f64::NAN
     } else {
-        median(decode.clone())
-    };
-    let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
-    let figures = crate::plot::ModeFigures {
-        name: name.to_string(),
-        throughput: std::iter::once((1, decode_median))
-            .filter(|_| !a.concurrency.contains(&1))
-            .chain(batched.iter().map(|j| {
-                (
-                    j["sequences"].as_u64().unwrap_or(0) as usize,
-                    num(j, "tok_s_median"),
-                )
-            }))
-            .collect(),
-        split: split.clone(),
-        latency: batched
-            .iter()
-            .map(|j| {
-                (
-                    j["sequences"].as_u64().unwrap_or(0) as usize,
-                    num(j, "ttft_ms_p50"),
-                    num(j, "ttft_ms_p99"),
-                    num(j, "itl_ms_p50"),
-                    num(j, "itl_ms_p99"),
-                )
-            })
-            .collect(),
-    };
-    let json = serde_json::json!({
-        "mode": name,
-        "prefill_tok_s_median": median(prefill.clone()),
-        "decode_tok_s_median": decode_median,
-        "prefill_tok_s": prefill,
-        "decode_tok_s": decode,
-        "decode_read_gb_s": read_gb_s,
-        "decode_pct_of_bandwidth_bound": if pct_of_bound.is_empty() { f64::NAN } else { median(pct_of_bound) },
-        "decode_ms_per_layer": split.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-        "concurrency": batched,
-    });
-    Ok(ModeResult {
-        decode_median,
-        read_gb_s,
-        json,
-        figures,
-    })
+        median(v)
+    }
 }
 
 /// Worker processes on loopback, each with an even share of the experts; stopped on drop.
@@ -539,56 +665,6 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// For each count `n` in `counts`, `n` sequences submitted together to a scheduler of their
-/// own, `runs` times after a warm-up: the median aggregate tok/s (generated tokens over wall
-/// time, prefill included) and the latency percentiles of the median run. The counts take
-/// turns run by run, in alternating order, so that their ratios compare runs made under the
-/// same conditions: a shared host's bandwidth drifts over minutes, and a block of one count's
-/// runs followed by another's would put that drift into the ratio.
-fn concurrent(
-    engine: &std::sync::Arc<switchyard_coordinator::Engine>,
-    counts: &[usize],
-    a: &Args,
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    use switchyard_coordinator::scheduler::{self, SchedulerConfig};
-    let scheds = counts
-        .iter()
-        .map(|&n| {
-            scheduler::start(
-                engine.clone(),
-                SchedulerConfig {
-                    max_running: n,
-                    max_waiting: n,
-                    ..SchedulerConfig::default()
-                },
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let vocab = engine.config().vocab_size as u32;
-    let mut measured: Vec<Vec<Run>> = counts.iter().map(|_| Vec::new()).collect();
-    for run in 0..=a.runs {
-        let order: Vec<usize> = if run % 2 == 0 {
-            (0..counts.len()).collect()
-        } else {
-            (0..counts.len()).rev().collect()
-        };
-        for c in order {
-            // Run 0 warms up, unmeasured.
-            let r = run_once(&scheds[c], counts[c], vocab, a, run > 0)?;
-            bar.inc(1);
-            if run > 0 {
-                measured[c].push(r);
-            }
-        }
-    }
-    Ok(counts
-        .iter()
-        .zip(measured)
-        .map(|(&n, runs)| summary(n, runs, a))
-        .collect())
-}
-
 /// One run of a count's sequences.
 struct Run {
     /// Generated tokens over wall time.
@@ -660,9 +736,10 @@ fn run_once(
     })
 }
 
-/// The JSON of one count's measured runs: the median run's figures, every run's tok/s, and
+/// The JSON of one count's measured runs: the median run's figures, every run's tok/s (in
+/// run order) and its ratio to the first count's run of the same round (`first_tok_s`), and
 /// each layer phase's share of their wall time.
-fn summary(n: usize, mut runs: Vec<Run>, a: &Args) -> serde_json::Value {
+fn summary(n: usize, mut runs: Vec<Run>, first_tok_s: &[f64], a: &Args) -> serde_json::Value {
     let wall_s: f64 = runs.iter().map(|r| r.wall_s).sum();
     let mut phase_s = [0.0f64; 4];
     for r in &runs {
@@ -670,8 +747,9 @@ fn summary(n: usize, mut runs: Vec<Run>, a: &Args) -> serde_json::Value {
             *acc += v;
         }
     }
-    runs.sort_by(|x, y| x.tok_s.total_cmp(&y.tok_s));
     let tok_s: Vec<f64> = runs.iter().map(|r| r.tok_s).collect();
+    let vs_first = paired_ratios(&tok_s, first_tok_s);
+    runs.sort_by(|x, y| x.tok_s.total_cmp(&y.tok_s));
     let (median, mut ttft, mut itl) = if runs.is_empty() {
         (f64::NAN, Vec::new(), Vec::new())
     } else {
@@ -684,6 +762,9 @@ fn summary(n: usize, mut runs: Vec<Run>, a: &Args) -> serde_json::Value {
         "decode_tokens": a.decode_tokens,
         "tok_s_median": median,
         "tok_s": tok_s,
+        // Each run's tok/s over the first count's run in the same round, and their median.
+        "tok_s_vs_first_count_per_run": vs_first,
+        "tok_s_vs_first_count": median_or_nan(vs_first.clone()),
         "ttft_ms_p50": pct(&mut ttft, 0.5),
         "ttft_ms_p99": pct(&mut ttft, 0.99),
         "itl_ms_p50": pct(&mut itl, 0.5),

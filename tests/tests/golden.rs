@@ -399,6 +399,22 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
             assert!(r["tok_s_median"].as_f64().unwrap() > 0.0, "{r}");
             assert!(r["itl_ms_p50"].as_f64().unwrap() > 0.0, "{r}");
         }
+        // Ratios pair runs of the same round: three sequences' run over one sequence's.
+        let first = |r: &Value, k: &str| r[k].as_array().unwrap()[0].as_f64().unwrap();
+        let ratio = first(&runs[1], "tok_s_vs_first_count_per_run");
+        let want = first(&runs[1], "tok_s") / first(&runs[0], "tok_s");
+        assert!((ratio - want).abs() < 1e-9 * want, "{ratio} vs {want}");
+        assert_eq!(runs[1]["tok_s_vs_first_count"].as_f64().unwrap(), ratio);
+    }
+    // Each mode's decode over embedded mode's in the same round.
+    let decode0 = |m: &Value| m["decode_tok_s"].as_array().unwrap()[0].as_f64().unwrap();
+    for m in modes {
+        let per_run = m["decode_vs_first_mode_per_run"].as_array().unwrap();
+        assert_eq!(per_run.len(), 1, "{m}");
+        let want = decode0(m) / decode0(&modes[0]);
+        let got = per_run[0].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        assert_eq!(m["decode_vs_first_mode"].as_f64().unwrap(), got);
     }
     let saved: Value =
         serde_json::from_str(&std::fs::read_to_string(plots.path().join("bench.json")).unwrap())
