@@ -4,6 +4,9 @@ use super::super::{AttnSeq, AttnShape};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 thread_local! {
     /// A task's attention scores, and its heads' running maxima and sums; each grows to the
     /// largest seen, once per thread.
@@ -148,7 +151,23 @@ unsafe fn heads_into_avx2(h: &Heads<'_>, hd: usize, scratch: Scratch<'_>, o: &mu
     heads_into(h, hd, scratch, o);
 }
 
+/// Whether [`run_heads`] takes the AVX-512 kernel for head size `hd`: where the CPU has it and
+/// `SWITCHYARD_CPU_KERNELS` does not ask for less.
+#[cfg(target_arch = "x86_64")]
+fn use_avx512(hd: usize) -> bool {
+    use super::linear::{isa, Isa};
+    isa() >= Isa::Avx512 && avx512::supports(hd)
+}
+
 fn run_heads(h: &Heads<'_>, hd: usize, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512(hd) {
+        thread_local! {
+            static AVX512: RefCell<avx512::Scratch> = RefCell::default();
+        }
+        // SAFETY: the CPU has AVX-512F and the kernel takes `hd`, checked above.
+        return AVX512.with(|s| unsafe { avx512::heads(h, hd, &mut s.borrow_mut(), o) });
+    }
     SCRATCH.with(|cell| {
         let (sc, stats) = &mut *cell.borrow_mut();
         #[cfg(target_arch = "x86_64")]
@@ -343,62 +362,116 @@ mod tests {
 
     #[test]
     fn the_avx2_build_equals_the_baseline_bit_for_bit() {
-        let (hd, kv_dim, bs) = (64, 128, 16);
-        let blocks = [2u32, 0, 1];
-        let (k, v, q) = (
-            data(3 * bs * kv_dim, 4),
-            data(3 * bs * kv_dim, 5),
-            data(8 * hd, 6),
-        );
-        let h = Heads {
-            q: &q,
-            group: 4,
-            k_cache: &k,
-            v_cache: &v,
-            blocks: &blocks,
-            block_size: bs,
-            lo: 5,
-            pos: 40,
-            col: 0,
-            kv_dim,
-            scale: 0.125,
-        };
-        let (mut base, mut best) = (vec![0.0; 8 * hd], vec![0.0; 8 * hd]);
-        heads_into(&h, hd, (&mut Vec::new(), &mut Vec::new()), &mut base);
-        run_heads(&h, hd, &mut best);
-        assert_eq!(base, best);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let (hd, kv_dim, bs) = (64, 128, 16);
+            let blocks = [2u32, 0, 1];
+            let (k, v, q) = (
+                data(3 * bs * kv_dim, 4),
+                data(3 * bs * kv_dim, 5),
+                data(8 * hd, 6),
+            );
+            let h = Heads {
+                q: &q,
+                group: 4,
+                k_cache: &k,
+                v_cache: &v,
+                blocks: &blocks,
+                block_size: bs,
+                lo: 5,
+                pos: 40,
+                col: 0,
+                kv_dim,
+                scale: 0.125,
+            };
+            let (mut base, mut avx2) = (vec![0.0; 8 * hd], vec![0.0; 8 * hd]);
+            heads_into(&h, hd, (&mut Vec::new(), &mut Vec::new()), &mut base);
+            // SAFETY: the CPU has AVX2, checked above.
+            unsafe { heads_into_avx2(&h, hd, (&mut Vec::new(), &mut Vec::new()), &mut avx2) };
+            assert_eq!(base, avx2);
+        }
+    }
+
+    /// The AVX-512 kernel against the naive f64 attention, over head sizes it takes, kv
+    /// groups, windows and key counts on either side of its chunks of 16.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_kernel_matches_a_naive_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let bs = 8;
+        let blocks = [6u32, 2, 0, 5, 3, 1, 4, 7];
+        for (hd, heads, kv_heads) in [(16, 4, 2), (32, 6, 3), (64, 16, 4), (128, 8, 1), (48, 2, 2)]
+        {
+            let kv_dim = kv_heads * hd;
+            let (k, v) = (data(8 * bs * kv_dim, 21), data(8 * bs * kv_dim, 22));
+            for (pos0, n_q, window) in [
+                (0, 1, None),
+                (14, 3, None),
+                (40, 1, Some(17)),
+                (62, 2, None),
+            ] {
+                let s = AttnShape {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    block_size: bs,
+                    window,
+                };
+                let seqs = [AttnSeq {
+                    q_row0: 0,
+                    n_q,
+                    pos0,
+                    blocks: &blocks,
+                }];
+                let q = data(n_q * heads * hd, 23);
+                let want = naive(&q, &k, &v, &seqs, &s);
+                let mut out = vec![0.0; n_q * heads * hd];
+                attention(&q, &k, &v, &seqs, &s, &mut out);
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(*a) - b).abs() < 2e-6 * (1.0 + b.abs()),
+                        "hd {hd}, pos0 {pos0}, window {window:?}, element {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn a_head_has_the_same_bits_alone_as_among_others() {
-        // Two kv groups of three heads each: every head equals that head computed alone.
-        let (hd, kv_dim, bs, group) = (40, 80, 8, 3);
-        let blocks = [3u32, 1, 0, 2];
-        let (k, v, q) = (
-            data(4 * bs * kv_dim, 7),
-            data(4 * bs * kv_dim, 8),
-            data(2 * group * hd, 9),
-        );
-        let heads = |q, group, col| Heads {
-            q,
-            group,
-            k_cache: &k,
-            v_cache: &v,
-            blocks: &blocks,
-            block_size: bs,
-            lo: 2,
-            pos: 29,
-            col,
-            kv_dim,
-            scale: 0.2,
-        };
-        let mut all = vec![0.0; 2 * group * hd];
-        run_heads(&heads(&q, group, 0), hd, &mut all);
-        for n in 0..2 * group {
-            let mut one = vec![0.0; hd];
-            let col = n / group * hd;
-            run_heads(&heads(&q[n * hd..(n + 1) * hd], 1, col), hd, &mut one);
-            assert_eq!(one, all[n * hd..(n + 1) * hd], "head {n}");
+        // Two kv groups of three heads each: every head equals that head computed alone, for
+        // a head size only the portable kernel takes (40) and two the AVX-512 one takes.
+        for hd in [40, 32, 64] {
+            let (kv_dim, bs, group) = (2 * hd, 8, 3);
+            let blocks = [3u32, 1, 0, 2];
+            let (k, v, q) = (
+                data(4 * bs * kv_dim, 7),
+                data(4 * bs * kv_dim, 8),
+                data(2 * group * hd, 9),
+            );
+            let heads = |q, group, col| Heads {
+                q,
+                group,
+                k_cache: &k,
+                v_cache: &v,
+                blocks: &blocks,
+                block_size: bs,
+                lo: 2,
+                pos: 29,
+                col,
+                kv_dim,
+                scale: 0.2,
+            };
+            let mut all = vec![0.0; 2 * group * hd];
+            run_heads(&heads(&q, group, 0), hd, &mut all);
+            for n in 0..2 * group {
+                let mut one = vec![0.0; hd];
+                let col = n / group * hd;
+                run_heads(&heads(&q[n * hd..(n + 1) * hd], 1, col), hd, &mut one);
+                assert_eq!(one, all[n * hd..(n + 1) * hd], "hd {hd}, head {n}");
+            }
         }
     }
 
