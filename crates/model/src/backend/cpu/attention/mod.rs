@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+mod simd;
 
 thread_local! {
     /// A task's attention scores, and its heads' running maxima and sums; each grows to the
@@ -151,22 +151,24 @@ unsafe fn heads_into_avx2(h: &Heads<'_>, hd: usize, scratch: Scratch<'_>, o: &mu
     heads_into(h, hd, scratch, o);
 }
 
-/// Whether [`run_heads`] takes the AVX-512 kernel for head size `hd`: where the CPU has it and
-/// `SWITCHYARD_CPU_KERNELS` does not ask for less.
-#[cfg(target_arch = "x86_64")]
-fn use_avx512(hd: usize) -> bool {
-    use super::linear::{isa, Isa};
-    isa() >= Isa::Avx512 && avx512::supports(hd)
-}
-
 fn run_heads(h: &Heads<'_>, hd: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if use_avx512(hd) {
+    {
+        use super::linear::{isa, Isa};
         thread_local! {
-            static AVX512: RefCell<avx512::Scratch> = RefCell::default();
+            static SIMD: RefCell<simd::Scratch> = RefCell::default();
         }
-        // SAFETY: the CPU has AVX-512F and the kernel takes `hd`, checked above.
-        return AVX512.with(|s| unsafe { avx512::heads(h, hd, &mut s.borrow_mut(), o) });
+        // The register kernels where the CPU has them and `SWITCHYARD_CPU_KERNELS` does not
+        // ask for less (Isa::Avx2 includes FMA).
+        let isa = isa();
+        if isa >= Isa::Avx512 && simd::avx512::supports(hd) {
+            // SAFETY: the CPU has AVX-512F and the kernel takes `hd`, checked above.
+            return SIMD.with(|s| unsafe { simd::avx512::heads(h, hd, &mut s.borrow_mut(), o) });
+        }
+        if isa >= Isa::Avx2 && simd::avx2::supports(hd) {
+            // SAFETY: the CPU has AVX2 and FMA and the kernel takes `hd`, checked above.
+            return SIMD.with(|s| unsafe { simd::avx2::heads(h, hd, &mut s.borrow_mut(), o) });
+        }
     }
     SCRATCH.with(|cell| {
         let (sc, stats) = &mut *cell.borrow_mut();
@@ -274,43 +276,31 @@ mod tests {
             .collect()
     }
 
-    /// Softmax attention in f64, one position at a time through the block table.
+    /// Softmax attention in f64 of every token's heads, one position at a time through the
+    /// block table.
     fn naive(q: &[f32], k: &[f32], v: &[f32], seqs: &[AttnSeq<'_>], s: &AttnShape) -> Vec<f64> {
-        let (hd, kv_dim) = (s.head_dim, s.kv_heads * s.head_dim);
+        let (hd, q_dim) = (s.head_dim, s.heads * s.head_dim);
         let mut out = Vec::new();
         for sq in seqs {
             for t in 0..sq.n_q {
                 let pos = sq.pos0 + t;
-                let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                for h in 0..s.heads {
-                    let g = h / (s.heads / s.kv_heads);
-                    let qv = &q[(sq.q_row0 + t) * s.heads * hd + h * hd..][..hd];
-                    let sc: Vec<f64> = (lo..=pos)
-                        .map(|j| {
-                            let r = phys(sq.blocks, s.block_size, j);
-                            let kv = &k[r * kv_dim + g * hd..][..hd];
-                            qv.iter()
-                                .zip(kv)
-                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for d in 0..hd {
-                        out.push(
-                            (lo..=pos)
-                                .zip(&e)
-                                .map(|(j, p)| {
-                                    let r = phys(sq.blocks, s.block_size, j);
-                                    p / sum * f64::from(v[r * kv_dim + g * hd + d])
-                                })
-                                .sum(),
-                        );
-                    }
-                }
+                let row = (sq.q_row0 + t) * q_dim;
+                out.extend(naive_heads(
+                    &Heads {
+                        q: &q[row..row + q_dim],
+                        group: s.heads / s.kv_heads,
+                        k_cache: k,
+                        v_cache: v,
+                        blocks: sq.blocks,
+                        block_size: s.block_size,
+                        lo: s.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                        pos,
+                        col: 0,
+                        kv_dim: s.kv_heads * hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    },
+                    hd,
+                ));
             }
         }
         out
@@ -392,50 +382,126 @@ mod tests {
         }
     }
 
-    /// The AVX-512 kernel against the naive f64 attention, over head sizes it takes, kv
-    /// groups, windows and key counts on either side of its chunks of 16.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_avx512_kernel_matches_a_naive_one() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
+    /// `h`'s heads in f64, one position at a time.
+    fn naive_heads(h: &Heads<'_>, hd: usize) -> Vec<f64> {
+        let nh = h.q.len() / hd;
+        let mut out = Vec::new();
+        for n in 0..nh {
+            let col = h.col + n / h.group * hd;
+            let q = &h.q[n * hd..(n + 1) * hd];
+            let at = |p: usize| phys(h.blocks, h.block_size, p) * h.kv_dim + col;
+            let sc: Vec<f64> = (h.lo..=h.pos)
+                .map(|p| {
+                    let k = &h.k_cache[at(p)..at(p) + hd];
+                    q.iter()
+                        .zip(k)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                        * f64::from(h.scale)
+                })
+                .collect();
+            let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                out.push(
+                    (h.lo..=h.pos)
+                        .zip(&e)
+                        .map(|(p, w)| w / sum * f64::from(h.v_cache[at(p) + d]))
+                        .sum(),
+                );
+            }
         }
+        out
+    }
+
+    /// Every kernel this CPU runs against the naive f64 attention, over head sizes, kv groups
+    /// (whole ones, and part of one), windows and key counts on either side of the register
+    /// kernels' chunks.
+    #[test]
+    fn every_kernel_matches_a_naive_one() {
+        type Kernel = Box<dyn Fn(&Heads<'_>, usize, &mut [f32])>;
+        let mut kernels: Vec<(&str, Kernel)> = vec![(
+            "portable",
+            Box::new(|h, hd, o| heads_into(h, hd, (&mut Vec::new(), &mut Vec::new()), o)),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                kernels.push((
+                    "avx512",
+                    Box::new(|h, hd, o| {
+                        if simd::avx512::supports(hd) {
+                            // SAFETY: the CPU has AVX-512F and the kernel takes `hd`.
+                            unsafe { simd::avx512::heads(h, hd, &mut Default::default(), o) }
+                        }
+                    }),
+                ));
+            }
+            if has!("avx2") && has!("fma") {
+                kernels.push((
+                    "avx2",
+                    Box::new(|h, hd, o| {
+                        if simd::avx2::supports(hd) {
+                            // SAFETY: the CPU has AVX2 and FMA and the kernel takes `hd`.
+                            unsafe { simd::avx2::heads(h, hd, &mut Default::default(), o) }
+                        }
+                    }),
+                ));
+            }
+        }
+        let mut checked = vec![0usize; kernels.len()];
         let bs = 8;
         let blocks = [6u32, 2, 0, 5, 3, 1, 4, 7];
-        for (hd, heads, kv_heads) in [(16, 4, 2), (32, 6, 3), (64, 16, 4), (128, 8, 1), (48, 2, 2)]
-        {
+        // (head size, kv heads in a row, heads in the task, heads per kv group among them)
+        for (hd, kv_heads, nh, group) in [
+            (8, 2, 4, 2),
+            (16, 2, 4, 2),
+            (32, 3, 6, 2),
+            (64, 4, 16, 4),
+            (64, 4, 2, 2),
+            (128, 1, 8, 8),
+            (48, 2, 2, 1),
+            (40, 2, 4, 2),
+        ] {
             let kv_dim = kv_heads * hd;
             let (k, v) = (data(8 * bs * kv_dim, 21), data(8 * bs * kv_dim, 22));
-            for (pos0, n_q, window) in [
-                (0, 1, None),
-                (14, 3, None),
-                (40, 1, Some(17)),
-                (62, 2, None),
-            ] {
-                let s = AttnShape {
-                    heads,
-                    kv_heads,
-                    head_dim: hd,
-                    block_size: bs,
-                    window,
-                };
-                let seqs = [AttnSeq {
-                    q_row0: 0,
-                    n_q,
-                    pos0,
+            let q = data(nh * hd, 23);
+            for (lo, pos) in [(0, 0), (0, 6), (3, 18), (0, 16), (9, 40), (0, 63)] {
+                let h = Heads {
+                    q: &q,
+                    group,
+                    k_cache: &k,
+                    v_cache: &v,
                     blocks: &blocks,
-                }];
-                let q = data(n_q * heads * hd, 23);
-                let want = naive(&q, &k, &v, &seqs, &s);
-                let mut out = vec![0.0; n_q * heads * hd];
-                attention(&q, &k, &v, &seqs, &s, &mut out);
-                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (f64::from(*a) - b).abs() < 2e-6 * (1.0 + b.abs()),
-                        "hd {hd}, pos0 {pos0}, window {window:?}, element {i}: {a} vs {b}"
-                    );
+                    block_size: bs,
+                    lo,
+                    pos,
+                    col: (kv_heads - nh.div_ceil(group)) * hd,
+                    kv_dim,
+                    scale: 0.3,
+                };
+                let want = naive_heads(&h, hd);
+                for ((name, kernel), checked) in kernels.iter().zip(&mut checked) {
+                    let mut out = vec![f32::NAN; nh * hd];
+                    kernel(&h, hd, &mut out);
+                    if out[0].is_nan() {
+                        continue; // a head size this kernel does not take
+                    }
+                    *checked += 1;
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (f64::from(*a) - b).abs() < 2e-6 * (1.0 + b.abs()),
+                            "{name}: hd {hd}, keys {lo}..={pos}, element {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
+        }
+        // Seven of the eight head sizes are whole AVX2 registers, six whole AVX-512 ones.
+        for ((name, _), n) in kernels.iter().zip(checked) {
+            assert!(n >= 6 * 6, "{name} ran {n} cases");
         }
     }
 

@@ -183,7 +183,9 @@ pub fn bf16_activations() -> bool {
             "auto" => auto_bf16_activations(),
             "bf16" if has_avx512_bf16() => true,
             "bf16" => {
-                tracing::warn!("SWITCHYARD_CPU_ACTIVATIONS=bf16 needs AVX-512 BF16; keeping f32");
+                tracing::warn!(
+                    "SWITCHYARD_CPU_ACTIVATIONS=bf16 needs AVX-512 BF16 kernels; keeping f32"
+                );
                 false
             }
             other => {
@@ -216,7 +218,9 @@ static ACTIVATIONS: OnceLock<bool> = OnceLock::new();
 pub fn set_bf16_activations(on: bool) -> crate::Result<()> {
     if on && !has_avx512_bf16() {
         return Err(crate::ModelError::Input(
-            "bf16 CPU activations need AVX-512 BF16, which this CPU lacks".into(),
+            "bf16 CPU activations need AVX-512 BF16 kernels: this CPU lacks them, or \
+             SWITCHYARD_CPU_KERNELS asks for lower ones"
+                .into(),
         ));
     }
     let now = *ACTIVATIONS.get_or_init(|| on);
@@ -229,11 +233,13 @@ pub fn set_bf16_activations(on: bool) -> crate::Result<()> {
     Ok(())
 }
 
-/// Whether this CPU runs the `vdpbf16ps` tiles.
+/// Whether the `vdpbf16ps` tiles run here: the CPU has AVX-512 BF16, and the kernels in use
+/// are the AVX-512 ones or AMX (not lowered by `SWITCHYARD_CPU_KERNELS`, whose lower kernels
+/// have no bf16 plans: the mode would be on in name only).
 pub fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Isa::best() >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
+        isa() >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
