@@ -44,6 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shape.kv_heads * shape.head_dim,
     );
     println!(
+        "kernel: {}",
+        switchyard_model::backend::cpu::attention::Kernel::for_head_size(shape.head_dim).as_str()
+    );
+    println!(
         "{:>6} {:>6} {:>10} {:>12} {:>10}",
         "seqs", "ctx", "ms/call", "ns/head-key", "KV GB/s"
     );

@@ -151,32 +151,80 @@ unsafe fn heads_into_avx2(h: &Heads<'_>, hd: usize, scratch: Scratch<'_>, o: &mu
     heads_into(h, hd, scratch, o);
 }
 
+/// The kernels [`attention`] may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `heads_into`, compiled for the baseline target.
+    Portable,
+    /// `heads_into` compiled for AVX2 (no FMA), bit-identical to the portable one.
+    PortableAvx2,
+    /// The register kernel of `simd.rs` on AVX2 and FMA.
+    Avx2,
+    /// The register kernel of `simd.rs` on AVX-512F.
+    Avx512,
+}
+
+impl Kernel {
+    /// The kernel for head size `hd` on this CPU: the register kernels where the CPU has them,
+    /// `SWITCHYARD_CPU_KERNELS` does not ask for less and the head is whole registers.
+    #[must_use]
+    pub fn for_head_size(hd: usize) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::linear::{isa, Isa};
+            let isa = isa();
+            if isa >= Isa::Avx512 && simd::avx512::supports(hd) {
+                return Kernel::Avx512;
+            }
+            // Isa::Avx2 includes FMA.
+            if isa >= Isa::Avx2 && simd::avx2::supports(hd) {
+                return Kernel::Avx2;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Kernel::PortableAvx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::PortableAvx2 => "portable (avx2)",
+            Kernel::Avx2 => "avx2+fma",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+}
+
 fn run_heads(h: &Heads<'_>, hd: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::linear::{isa, Isa};
         thread_local! {
             static SIMD: RefCell<simd::Scratch> = RefCell::default();
         }
-        // The register kernels where the CPU has them and `SWITCHYARD_CPU_KERNELS` does not
-        // ask for less (Isa::Avx2 includes FMA).
-        let isa = isa();
-        if isa >= Isa::Avx512 && simd::avx512::supports(hd) {
-            // SAFETY: the CPU has AVX-512F and the kernel takes `hd`, checked above.
-            return SIMD.with(|s| unsafe { simd::avx512::heads(h, hd, &mut s.borrow_mut(), o) });
-        }
-        if isa >= Isa::Avx2 && simd::avx2::supports(hd) {
-            // SAFETY: the CPU has AVX2 and FMA and the kernel takes `hd`, checked above.
-            return SIMD.with(|s| unsafe { simd::avx2::heads(h, hd, &mut s.borrow_mut(), o) });
+        match Kernel::for_head_size(hd) {
+            // SAFETY: `for_head_size` chose it: the CPU has AVX-512F and the kernel takes `hd`.
+            Kernel::Avx512 => {
+                return SIMD.with(|s| unsafe { simd::avx512::heads(h, hd, &mut s.borrow_mut(), o) })
+            }
+            // SAFETY: `for_head_size` chose it: the CPU has AVX2 and FMA, the kernel takes `hd`.
+            Kernel::Avx2 => {
+                return SIMD.with(|s| unsafe { simd::avx2::heads(h, hd, &mut s.borrow_mut(), o) })
+            }
+            Kernel::PortableAvx2 => {
+                return SCRATCH.with(|cell| {
+                    let (sc, stats) = &mut *cell.borrow_mut();
+                    // SAFETY: `for_head_size` chose it: the CPU has AVX2.
+                    unsafe { heads_into_avx2(h, hd, (sc, stats), o) }
+                });
+            }
+            Kernel::Portable => {}
         }
     }
     SCRATCH.with(|cell| {
         let (sc, stats) = &mut *cell.borrow_mut();
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked above.
-            return unsafe { heads_into_avx2(h, hd, (sc, stats), o) };
-        }
         heads_into(h, hd, (sc, stats), o);
     });
 }
