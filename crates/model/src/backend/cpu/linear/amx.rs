@@ -420,7 +420,11 @@ unsafe fn run_groups(
                 2 => block::<2>(w, xg.as_ptr(), n, kbs, &mut acc),
                 _ => block::<1>(w, xg.as_ptr(), n, kbs, &mut acc),
             }
-            scatter(&acc, js.len(), n, rows.row0 + g * GROUP, (y, out), js.start);
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                scatter_avx512(&acc, js.len(), n, rows.row0 + g * GROUP, (y, out), js.start);
+            } else {
+                scatter(&acc, js.len(), n, rows.row0 + g * GROUP, (y, out), js.start);
+            }
         }
     }
 }
@@ -450,6 +454,73 @@ unsafe fn scatter(
             // SAFETY: (token t0 + n, row j + m) is inside this job's output and in the
             // range of this task alone.
             unsafe { *y.get().add((t0 + n) * out + j + m) = v };
+        }
+    }
+}
+
+/// [`scatter`] sixteen rows at a time: each C tile (16 rows × 16 tokens) transposed in
+/// registers, then one masked 16-row store per token, where the scalar loop stores each value
+/// on its own, a token's row apart (perf: 13 % of `run_groups`' samples on a 32-prompt
+/// prefill). The same values to the same places.
+///
+/// # Safety
+/// As [`scatter`], and the CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn scatter_avx512(
+    c: &[f32; ACC_LEN],
+    n_rows: usize,
+    n_tok: usize,
+    t0: usize,
+    (y, out): (SendPtr, usize),
+    j: usize,
+) {
+    use std::arch::x86_64::*;
+    const T: usize = JB * GROUP;
+    for b in 0..n_rows.div_ceil(JB) {
+        let rows = (n_rows - b * JB).min(JB);
+        let mask: __mmask16 = if rows == JB { !0 } else { (1u16 << rows) - 1 };
+        // SAFETY (block): c holds 4 tiles of 16 × 16 floats; each store writes only the
+        // `rows` lanes of (token t0 + n, rows j + b·16 ..) that scatter would, this task's.
+        unsafe {
+            let r: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_loadu_ps(c.as_ptr().add(b * T + i * GROUP)));
+            // Pairs of rows, then fours: u[4q + k] holds rows 4q..4q+3 of tokens k, k+4,
+            // k+8, k+12 (one per 128-bit lane).
+            let mut u = [_mm512_setzero_ps(); 16];
+            for q in 0..4 {
+                let t0 = _mm512_unpacklo_ps(r[4 * q], r[4 * q + 1]);
+                let t1 = _mm512_unpackhi_ps(r[4 * q], r[4 * q + 1]);
+                let t2 = _mm512_unpacklo_ps(r[4 * q + 2], r[4 * q + 3]);
+                let t3 = _mm512_unpackhi_ps(r[4 * q + 2], r[4 * q + 3]);
+                let pd = |v| _mm512_castps_pd(v);
+                let ps = |v| _mm512_castpd_ps(v);
+                u[4 * q] = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+                u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+                u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+                u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+            }
+            // Eights of rows: for rows 8h..8h+7, v[8h + k] holds tokens k and k+8 and
+            // v[8h + 4 + k] tokens k+4 and k+12 (k < 4).
+            let mut v = [_mm512_setzero_ps(); 16];
+            for h in 0..2 {
+                for k in 0..4 {
+                    let (a, bb) = (u[8 * h + k], u[8 * h + 4 + k]);
+                    v[8 * h + k] = _mm512_shuffle_f32x4::<0x88>(a, bb);
+                    v[8 * h + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(a, bb);
+                }
+            }
+            // All sixteen rows: token k from the even 128-bit lanes of v[k] and v[8 + k],
+            // token k + 8 from their odd ones.
+            for k in 0..8 {
+                let lo = _mm512_shuffle_f32x4::<0x88>(v[k], v[8 + k]);
+                let hi = _mm512_shuffle_f32x4::<0xdd>(v[k], v[8 + k]);
+                for (tok, w) in [(k, lo), (k + 8, hi)] {
+                    if tok < n_tok {
+                        let dst = y.get().add((t0 + tok) * out + j + b * JB);
+                        _mm512_mask_storeu_ps(dst, mask, w);
+                    }
+                }
+            }
         }
     }
 }
@@ -653,6 +724,35 @@ mod tests {
                 bf16::from_f32(v).to_bits(),
                 "h is the rounded value"
             );
+        }
+    }
+
+    #[test]
+    fn the_transposing_scatter_writes_what_the_scalar_one_does() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let c: [f32; ACC_LEN] = std::array::from_fn(|i| i as f32 * 0.5 - 300.0);
+        let (out, t0, j) = (150, 3, 21);
+        for n_rows in [64, 50, 17, 16, 7, 1] {
+            for n_tok in [16, 11, 1] {
+                // Unwritten places keep their NaN: each scatter writes exactly its own.
+                let mut a = vec![f32::NAN; (t0 + 16) * out];
+                let mut b = a.clone();
+                // SAFETY: both outputs hold t0 + 16 tokens of `out` values, rows j + 64 ≤ out;
+                // the CPU has AVX-512F, checked above.
+                unsafe {
+                    scatter(&c, n_rows, n_tok, t0, (SendPtr(a.as_mut_ptr()), out), j);
+                    scatter_avx512(&c, n_rows, n_tok, t0, (SendPtr(b.as_mut_ptr()), out), j);
+                }
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{n_rows} rows, {n_tok} tokens");
+                assert_eq!(
+                    a.iter().filter(|v| !v.is_nan()).count(),
+                    n_rows * n_tok,
+                    "{n_rows} rows, {n_tok} tokens"
+                );
+            }
         }
     }
 }
