@@ -201,10 +201,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bar.inc(1);
         }
     }
-    let first_decode = modes[0].decode.clone();
+    let baseline = modes[0].baseline();
     let results = modes
         .into_iter()
-        .map(|m| m.finish(&a, &first_decode))
+        .map(|m| m.finish(&a, &baseline))
         .collect::<Vec<_>>();
     drop(_workers);
     bar.finish_and_clear();
@@ -419,9 +419,21 @@ impl Mode {
         Ok(())
     }
 
+    /// This mode's figures run by run, for the modes after it to be set against.
+    fn baseline(&self) -> Baseline {
+        Baseline {
+            decode: self.decode.clone(),
+            tok_s: self
+                .runs
+                .iter()
+                .map(|runs| runs.iter().map(|r| r.tok_s).collect())
+                .collect(),
+        }
+    }
+
     /// The mode's report: medians, the decode's per-layer split, the concurrency summaries,
-    /// and its decode against the first mode's run by run (`first_decode`, in run order).
-    fn finish(self, a: &Args, first_decode: &[f64]) -> ModeResult {
+    /// and its figures against the first mode's run by run (`first`).
+    fn finish(self, a: &Args, first: &Baseline) -> ModeResult {
         let cfg = self.engine.config();
         // ms per layer per decoded token; over a cluster the expert stage splits into the
         // workers' reported compute and the rest of the calls' time (network, queueing, codec).
@@ -440,13 +452,17 @@ impl Mode {
                 split.push(((*label).into(), ms));
             }
         }
-        let first_runs = self.runs.first().map(Vec::as_slice).unwrap_or_default();
-        let first_tok_s: Vec<f64> = first_runs.iter().map(|r| r.tok_s).collect();
+        let first_count: Vec<f64> = self
+            .runs
+            .first()
+            .map(|runs| runs.iter().map(|r| r.tok_s).collect())
+            .unwrap_or_default();
         let batched: Vec<serde_json::Value> = a
             .concurrency
             .iter()
             .zip(self.runs)
-            .map(|(&n, runs)| summary(n, runs, &first_tok_s, a))
+            .zip(&first.tok_s)
+            .map(|((&n, runs), first_mode)| summary(n, runs, &first_count, first_mode, a))
             .collect();
         let decode_median = if self.decode.is_empty() {
             f64::NAN
@@ -479,7 +495,7 @@ impl Mode {
                 })
                 .collect(),
         };
-        let vs_first = paired_ratios(&self.decode, first_decode);
+        let vs_first = paired_ratios(&self.decode, &first.decode);
         let json = serde_json::json!({
             "mode": self.name,
             "prefill_tok_s_median": median(self.prefill.clone()),
@@ -502,6 +518,13 @@ impl Mode {
             figures,
         }
     }
+}
+
+/// The first mode's figures run by run (in run order): its batch-1 decode tok/s, and each
+/// concurrency count's tok/s.
+struct Baseline {
+    decode: Vec<f64>,
+    tok_s: Vec<Vec<f64>>,
 }
 
 /// `xs[i] / ys[i]` run by run (both in run order).
@@ -737,9 +760,16 @@ fn run_once(
 }
 
 /// The JSON of one count's measured runs: the median run's figures, every run's tok/s (in
-/// run order) and its ratio to the first count's run of the same round (`first_tok_s`), and
-/// each layer phase's share of their wall time.
-fn summary(n: usize, mut runs: Vec<Run>, first_tok_s: &[f64], a: &Args) -> serde_json::Value {
+/// run order) and its ratios to the runs of the same round of the first count of this mode
+/// (`first_count`) and of this count in the first mode (`first_mode`), and each layer phase's
+/// share of their wall time.
+fn summary(
+    n: usize,
+    mut runs: Vec<Run>,
+    first_count: &[f64],
+    first_mode: &[f64],
+    a: &Args,
+) -> serde_json::Value {
     let wall_s: f64 = runs.iter().map(|r| r.wall_s).sum();
     let mut phase_s = [0.0f64; 4];
     for r in &runs {
@@ -748,7 +778,8 @@ fn summary(n: usize, mut runs: Vec<Run>, first_tok_s: &[f64], a: &Args) -> serde
         }
     }
     let tok_s: Vec<f64> = runs.iter().map(|r| r.tok_s).collect();
-    let vs_first = paired_ratios(&tok_s, first_tok_s);
+    let vs_count = paired_ratios(&tok_s, first_count);
+    let vs_mode = paired_ratios(&tok_s, first_mode);
     runs.sort_by(|x, y| x.tok_s.total_cmp(&y.tok_s));
     let (median, mut ttft, mut itl) = if runs.is_empty() {
         (f64::NAN, Vec::new(), Vec::new())
@@ -762,9 +793,12 @@ fn summary(n: usize, mut runs: Vec<Run>, first_tok_s: &[f64], a: &Args) -> serde
         "decode_tokens": a.decode_tokens,
         "tok_s_median": median,
         "tok_s": tok_s,
-        // Each run's tok/s over the first count's run in the same round, and their median.
-        "tok_s_vs_first_count_per_run": vs_first,
-        "tok_s_vs_first_count": median_or_nan(vs_first.clone()),
+        // Each run's tok/s over the first count's run in the same round, and over this count's
+        // run in the first mode, with their medians.
+        "tok_s_vs_first_count_per_run": vs_count,
+        "tok_s_vs_first_count": median_or_nan(vs_count.clone()),
+        "tok_s_vs_first_mode_per_run": vs_mode,
+        "tok_s_vs_first_mode": median_or_nan(vs_mode.clone()),
         "ttft_ms_p50": pct(&mut ttft, 0.5),
         "ttft_ms_p99": pct(&mut ttft, 0.99),
         "itl_ms_p50": pct(&mut itl, 0.5),

@@ -406,9 +406,21 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
         assert!((ratio - want).abs() < 1e-9 * want, "{ratio} vs {want}");
         assert_eq!(runs[1]["tok_s_vs_first_count"].as_f64().unwrap(), ratio);
     }
-    // Each mode's decode over embedded mode's in the same round.
+    // Each mode's decode, and each count's tok/s, over embedded mode's in the same round.
     let decode0 = |m: &Value| m["decode_tok_s"].as_array().unwrap()[0].as_f64().unwrap();
+    let tok_s0 = |m: &Value, c: usize| {
+        m["concurrency"][c]["tok_s"].as_array().unwrap()[0]
+            .as_f64()
+            .unwrap()
+    };
     for m in modes {
+        for c in 0..2 {
+            let got = m["concurrency"][c]["tok_s_vs_first_mode_per_run"][0]
+                .as_f64()
+                .unwrap();
+            let want = tok_s0(m, c) / tok_s0(&modes[0], c);
+            assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        }
         let per_run = m["decode_vs_first_mode_per_run"].as_array().unwrap();
         assert_eq!(per_run.len(), 1, "{m}");
         let want = decode0(m) / decode0(&modes[0]);
