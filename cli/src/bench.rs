@@ -39,8 +39,8 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     batch_prompt_tokens: usize,
     /// Also measure a cluster of this many worker processes on loopback, started by the bench
-    /// (experts split evenly). Its runs take turns with embedded mode's, so both engines (and
-    /// the workers) are in memory at once.
+    /// (experts split evenly). Its runs take turns with embedded mode's, so both engines and
+    /// the workers are in memory at once (see --one-mode-at-a-time).
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
     /// Compute threads of each local worker (default: --threads). Workers and coordinator
@@ -53,6 +53,12 @@ pub struct Args {
     /// on two workers, one core each. Costs one copy of the experts per worker.
     #[arg(long)]
     replicate_experts: bool,
+    /// Measure each mode to the end, and drop it, before loading the next (embedded mode
+    /// first, then the workers and each cluster): memory for one engine at a time, for
+    /// checkpoints too large to hold twice, but ratios between modes then compare runs
+    /// minutes apart.
+    #[arg(long)]
+    one_mode_at_a_time: bool,
     /// Measure every cluster twice, with dual-batch overlap on and off (see --overlap).
     #[arg(long)]
     compare_overlap: bool,
@@ -104,109 +110,75 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         vec![a.cluster.overlap]
     };
-    let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
-    let n_modes = if own_cluster {
-        overlaps.len()
+    // The modes: embedded (unless the cluster is the user's own), then each cluster once per
+    // overlap setting.
+    let mut specs = Vec::new();
+    let (base, label, local) = if own_cluster {
+        (&a.cluster, "cluster".to_string(), false)
     } else {
-        1 + if a.local_workers > 0 {
-            overlaps.len()
-        } else {
-            0
-        }
+        specs.push(ModeSpec {
+            name: "embedded".into(),
+            cluster: a.cluster.clone(),
+            local: false,
+        });
+        (&a.cluster, local_label(&a), true)
     };
-    let bytes = decode_bytes_per_token(&a.model)?;
-    let probe = BandwidthProbe::new();
-    let bar = progress_bar((per_mode * n_modes) as u64);
-    // Every mode is loaded first, then the modes take turns run by run (below): a ratio
-    // between modes then compares runs made side by side, not runs minutes apart on a host
-    // whose bandwidth drifts.
-    let mut loaded: Vec<(String, crate::cluster::Loaded)> = Vec::new();
-    // Loads the cluster of `base`'s workers once per overlap setting.
-    let mut clusters = |base: &crate::cluster::ClusterArgs, label: &str| -> anyhow::Result<()> {
+    if own_cluster || a.local_workers > 0 {
         for &overlap in &overlaps {
             let mut cluster = base.clone();
             cluster.overlap = overlap;
             let name = if overlaps.len() == 1 {
-                label.to_string()
+                label.clone()
             } else if overlap {
                 format!("{label}, overlap on")
             } else {
                 format!("{label}, overlap off")
             };
-            bar.set_message(format!("loading {name}"));
-            loaded.push((name, cluster.load(&a.model)?));
+            specs.push(ModeSpec {
+                name,
+                cluster,
+                local,
+            });
         }
-        Ok(())
-    };
-    // Local workers live until every run is done.
-    let mut _workers = None;
-    if own_cluster {
-        clusters(&a.cluster, "cluster")?;
+    }
+    let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
+    let bytes = decode_bytes_per_token(&a.model)?;
+    let probe = BandwidthProbe::new();
+    let bar = progress_bar((per_mode * specs.len()) as u64);
+    // By default every mode is loaded first and the modes take turns run by run: a ratio
+    // between modes then compares runs made side by side, not runs minutes apart on a host
+    // whose bandwidth drifts. One at a time, each mode is dropped before the next loads.
+    let groups: Vec<Vec<usize>> = if a.one_mode_at_a_time {
+        (0..specs.len()).map(|i| vec![i]).collect()
     } else {
-        bar.set_message("loading embedded");
-        let embedded = a.cluster.load(&a.model)?;
-        if a.local_workers > 0 {
-            let ck = switchyard_model::Checkpoint::open(&a.model)?;
-            let threads = a.worker_threads.unwrap_or(rayon::current_num_threads());
-            let workers = LocalWorkers::start(
-                &a.model,
-                a.local_workers,
-                ck.config().num_local_experts,
-                threads,
-                a.replicate_experts,
-            )?;
-            let mut cluster = crate::cluster::ClusterArgs::clone(&a.cluster);
-            cluster.workers = Some(workers.spec.clone());
-            _workers = Some(workers);
-            let mut label = format!("cluster ({} workers", a.local_workers);
-            if a.replicate_experts {
-                label.push_str(", experts replicated");
+        vec![(0..specs.len()).collect()]
+    };
+    // Local workers start before the first cluster mode loads and live until every run is
+    // done.
+    let mut workers: Option<LocalWorkers> = None;
+    let mut baseline = None;
+    let mut results = Vec::new();
+    for group in groups {
+        let mut modes = Vec::new();
+        for &i in &group {
+            let spec = &specs[i];
+            let mut cluster = spec.cluster.clone();
+            if spec.local {
+                if workers.is_none() {
+                    bar.set_message("starting local workers");
+                    workers = Some(LocalWorkers::for_args(&a)?);
+                }
+                cluster.workers = workers.as_ref().map(|w| w.spec.clone());
             }
-            if let Some(t) = a.worker_threads {
-                label.push_str(&format!(
-                    ", {t} thread{} each",
-                    if t == 1 { "" } else { "s" }
-                ));
-            }
-            label.push(')');
-            clusters(&cluster, &label)?;
+            bar.set_message(format!("loading {}", spec.name));
+            let loaded = cluster.load(&a.model)?;
+            modes.push(Mode::new(spec.name.clone(), loaded, &a.concurrency)?);
         }
-        loaded.insert(0, ("embedded".to_string(), embedded));
+        rounds(&mut modes, &a, &probe, bytes, &bar)?;
+        let first = baseline.get_or_insert_with(|| modes[0].baseline());
+        results.extend(modes.into_iter().map(|m| m.finish(&a, first)));
     }
-    let mut modes = loaded
-        .into_iter()
-        .map(|(name, l)| Mode::new(name, l, &a.concurrency))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // A run's cells: each mode's single sequence, then its concurrency counts. Run 0 warms up,
-    // unmeasured; the order alternates run by run so that neither end of a run is favoured.
-    let cells: Vec<(usize, Option<usize>)> = (0..modes.len())
-        .flat_map(|m| {
-            std::iter::once((m, None)).chain((0..a.concurrency.len()).map(move |c| (m, Some(c))))
-        })
-        .collect();
-    for run in 0..=a.runs {
-        let measured = run > 0;
-        let order: Box<dyn Iterator<Item = &(usize, Option<usize>)>> = if run % 2 == 0 {
-            Box::new(cells.iter())
-        } else {
-            Box::new(cells.iter().rev())
-        };
-        for &(m, count) in order {
-            let mode = &mut modes[m];
-            bar.set_message(mode.name.clone());
-            match count {
-                None => mode.single(&a, &probe, bytes, measured)?,
-                Some(c) => mode.concurrent(c, &a, measured)?,
-            }
-            bar.inc(1);
-        }
-    }
-    let baseline = modes[0].baseline();
-    let results = modes
-        .into_iter()
-        .map(|m| m.finish(&a, &baseline))
-        .collect::<Vec<_>>();
-    drop(_workers);
+    drop(workers);
     bar.finish_and_clear();
 
     let samples: Vec<f64> = results
@@ -256,6 +228,65 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         let figures: Vec<_> = results.into_iter().map(|r| r.figures).collect();
         crate::plot::write(&dir.join("bench.png"), &title, &figures, a.font.as_deref())?;
+    }
+    Ok(())
+}
+
+/// A mode to measure: its name, and the flags its engine loads with (`local`: over the
+/// bench's own loopback workers, whose addresses are filled in once they run).
+struct ModeSpec {
+    name: String,
+    cluster: crate::cluster::ClusterArgs,
+    local: bool,
+}
+
+/// The name of the cluster of `--local-workers`.
+fn local_label(a: &Args) -> String {
+    let mut label = format!("cluster ({} workers", a.local_workers);
+    if a.replicate_experts {
+        label.push_str(", experts replicated");
+    }
+    if let Some(t) = a.worker_threads {
+        label.push_str(&format!(
+            ", {t} thread{} each",
+            if t == 1 { "" } else { "s" }
+        ));
+    }
+    label.push(')');
+    label
+}
+
+/// Rounds of runs over `modes`: in each, every mode's single sequence, then its concurrency
+/// counts, in an order that alternates round by round so that neither end of a round is
+/// favoured. Round 0 warms up, unmeasured.
+fn rounds(
+    modes: &mut [Mode],
+    a: &Args,
+    probe: &BandwidthProbe,
+    bytes: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let cells: Vec<(usize, Option<usize>)> = (0..modes.len())
+        .flat_map(|m| {
+            std::iter::once((m, None)).chain((0..a.concurrency.len()).map(move |c| (m, Some(c))))
+        })
+        .collect();
+    for run in 0..=a.runs {
+        let measured = run > 0;
+        let order: Box<dyn Iterator<Item = &(usize, Option<usize>)>> = if run % 2 == 0 {
+            Box::new(cells.iter())
+        } else {
+            Box::new(cells.iter().rev())
+        };
+        for &(m, count) in order {
+            let mode = &mut modes[m];
+            bar.set_message(mode.name.clone());
+            match count {
+                None => mode.single(a, probe, bytes, measured)?,
+                Some(c) => mode.concurrent(c, a, measured)?,
+            }
+            bar.inc(1);
+        }
     }
     Ok(())
 }
@@ -548,6 +579,18 @@ struct LocalWorkers {
 }
 
 impl LocalWorkers {
+    /// The workers `--local-workers`, `--worker-threads` and `--replicate-experts` ask for.
+    fn for_args(a: &Args) -> anyhow::Result<Self> {
+        let ck = switchyard_model::Checkpoint::open(&a.model)?;
+        Self::start(
+            &a.model,
+            a.local_workers,
+            ck.config().num_local_experts,
+            a.worker_threads.unwrap_or(rayon::current_num_threads()),
+            a.replicate_experts,
+        )
+    }
+
     /// `n` workers of `threads` compute threads, each hosting every expert where `replicate`,
     /// an even share otherwise.
     fn start(

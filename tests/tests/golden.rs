@@ -437,7 +437,7 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
 }
 
 #[test]
-fn bench_runs_a_local_cluster_of_one_thread_workers_that_each_host_every_expert() {
+fn bench_runs_one_mode_at_a_time_over_one_thread_workers_that_each_host_every_expert() {
     let model = fixtures().join("tiny-mixtral-trained");
     let out = run_ok(&[
         "bench",
@@ -454,10 +454,13 @@ fn bench_runs_a_local_cluster_of_one_thread_workers_that_each_host_every_expert(
         "--worker-threads",
         "1",
         "--replicate-experts",
+        // Embedded mode measured and dropped before the workers start.
+        "--one-mode-at-a-time",
     ]);
     let v: Value = serde_json::from_str(&out).unwrap();
     let modes = v["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2, "{v}");
+    assert_eq!(modes[0]["mode"], "embedded");
     assert_eq!(
         modes[1]["mode"],
         "cluster (2 workers, experts replicated, 1 thread each)"
