@@ -113,19 +113,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // The modes: embedded (unless the cluster is the user's own), then each cluster once per
     // overlap setting.
     let mut specs = Vec::new();
-    let (base, label, local) = if own_cluster {
-        (&a.cluster, "cluster".to_string(), false)
+    let (label, local) = if own_cluster {
+        ("cluster".to_string(), false)
     } else {
         specs.push(ModeSpec {
             name: "embedded".into(),
             cluster: a.cluster.clone(),
             local: false,
         });
-        (&a.cluster, local_label(&a), true)
+        (local_label(&a), true)
     };
     if own_cluster || a.local_workers > 0 {
         for &overlap in &overlaps {
-            let mut cluster = base.clone();
+            let mut cluster = a.cluster.clone();
             cluster.overlap = overlap;
             let name = if overlaps.len() == 1 {
                 label.clone()
