@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod linear;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use super::{AttnSeq, AttnShape, Backend};
 use crate::{

@@ -70,16 +70,68 @@ pub fn rope_tables(theta: f64, head_dim: usize, max_pos: usize) -> (Vec<f32>, Ve
     (cos, sin)
 }
 
-/// `gate = silu(gate) ⊙ up`.
+/// `gate = silu(gate) ⊙ up`, in registers where the CPU has AVX-512F or AVX2+FMA (and
+/// `SWITCHYARD_CPU_KERNELS` does not ask for less): one scalar `exp` per element cost a
+/// 1,024-token prompt's prefill about 8 % of its time on a 2-core Xeon.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     gate.par_chunks_mut(4096)
         .zip(up.par_chunks(4096))
         .for_each(|(g, u)| {
-            for (gv, uv) in g.iter_mut().zip(u) {
-                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            #[cfg(target_arch = "x86_64")]
+            {
+                use super::linear::{isa, Isa};
+                let isa = isa();
+                if isa >= Isa::Avx512 {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { silu_mul_avx512(g, u) };
+                }
+                if isa >= Isa::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (Isa::Avx2 includes FMA).
+                    return unsafe { silu_mul_avx2(g, u) };
+                }
             }
+            silu_mul_scalar(g, u);
         });
 }
+
+fn silu_mul_scalar(g: &mut [f32], u: &[f32]) {
+    for (gv, uv) in g.iter_mut().zip(u) {
+        *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+    }
+}
+
+/// [`silu_mul`] of one chunk, a register at a time, the tail scalar.
+#[cfg(target_arch = "x86_64")]
+macro_rules! silu_mul_simd {
+    ($name:ident, $S:ty, $features:literal) => {
+        /// # Safety
+        /// The CPU must have the instruction set.
+        #[target_feature(enable = $features)]
+        unsafe fn $name(g: &mut [f32], u: &[f32]) {
+            use super::simd::Simd;
+            type S = $S;
+            let n = g.len().min(u.len());
+            let whole = n - n % S::LANES;
+            // SAFETY: the loads and stores stay inside the first `whole` elements of both.
+            unsafe {
+                let one = S::splat(1.0);
+                for i in (0..whole).step_by(S::LANES) {
+                    let x = S::load(g.as_ptr().add(i));
+                    // x / (1 + e^−x): e^−x saturates at e^88.3 for x below −88.3, where the
+                    // scalar form's inf gives −0 and this a value under 1e−36 in size.
+                    let e = S::exp(S::sub(S::zero(), x));
+                    let s = S::div(x, S::add(one, e));
+                    S::store(g.as_mut_ptr().add(i), S::mul(s, S::load(u.as_ptr().add(i))));
+                }
+            }
+            silu_mul_scalar(&mut g[whole..n], &u[whole..n]);
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+silu_mul_simd!(silu_mul_avx512, super::simd::Avx512, "avx512f");
+#[cfg(target_arch = "x86_64")]
+silu_mul_simd!(silu_mul_avx2, super::simd::Avx2, "avx2,fma");
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
@@ -126,6 +178,42 @@ mod tests {
         let n0: f32 = [1.0f32, 2.0, 3.0, 4.0].iter().map(|v| v * v).sum();
         let n1: f32 = y.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-4);
+    }
+
+    /// Every silu_mul this CPU runs against f64, from far below the exp floor to far above,
+    /// with a scalar tail.
+    #[test]
+    fn silu_mul_matches_f64_over_the_range() {
+        let n = 1003;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 - 501.0) * 0.2).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        type Kernel = fn(&mut [f32], &[f32]);
+        let mut kernels: Vec<(&str, Kernel)> =
+            vec![("scalar", silu_mul_scalar), ("dispatched", silu_mul)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                kernels.push(("avx512", |g, u| unsafe { silu_mul_avx512(g, u) }));
+            }
+            if has!("avx2") && has!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                kernels.push(("avx2", |g, u| unsafe { silu_mul_avx2(g, u) }));
+            }
+        }
+        for (name, kernel) in kernels {
+            let mut got = g.clone();
+            kernel(&mut got, &u);
+            for (i, ((x, w), v)) in g.iter().zip(&u).zip(&got).enumerate() {
+                let x = f64::from(*x);
+                let want = x / (1.0 + (-x).exp()) * f64::from(*w);
+                assert!(
+                    (f64::from(*v) - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                    "{name}: element {i}, silu({x}) · {w} = {v}, want {want}"
+                );
+            }
+        }
     }
 
     #[test]
