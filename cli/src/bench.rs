@@ -80,9 +80,10 @@ fn activations() -> &'static str {
     }
 }
 
+/// The median of `v` (the upper one of an even count), NaN for none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -495,11 +496,7 @@ impl Mode {
             .zip(&first.tok_s)
             .map(|((&n, runs), first_mode)| summary(n, runs, &first_count, first_mode, a))
             .collect();
-        let decode_median = if self.decode.is_empty() {
-            f64::NAN
-        } else {
-            median(self.decode.clone())
-        };
+        let decode_median = median(self.decode.clone());
         let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
         let figures = crate::plot::ModeFigures {
             name: self.name.clone(),
@@ -536,9 +533,9 @@ impl Mode {
             // Each run's decode over the first mode's in the same run, and their median: a
             // ratio of runs made side by side.
             "decode_vs_first_mode_per_run": vs_first,
-            "decode_vs_first_mode": median_or_nan(vs_first.clone()),
+            "decode_vs_first_mode": median(vs_first.clone()),
             "decode_read_gb_s": self.read_gb_s,
-            "decode_pct_of_bandwidth_bound": median_or_nan(self.pct_of_bound),
+            "decode_pct_of_bandwidth_bound": median(self.pct_of_bound),
             "decode_ms_per_layer": split.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
             "concurrency": batched,
         });
@@ -561,14 +558,6 @@ struct Baseline {
 /// `xs[i] / ys[i]` run by run (both in run order).
 fn paired_ratios(xs: &[f64], ys: &[f64]) -> Vec<f64> {
     xs.iter().zip(ys).map(|(x, y)| x / y).collect()
-}
-
-fn median_or_nan(v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        median(v)
-    }
 }
 
 /// Worker processes on loopback, each with an even share of the experts; stopped on drop.
@@ -824,7 +813,7 @@ fn summary(
     let vs_count = paired_ratios(&tok_s, first_count);
     let vs_mode = paired_ratios(&tok_s, first_mode);
     runs.sort_by(|x, y| x.tok_s.total_cmp(&y.tok_s));
-    let (median, mut ttft, mut itl) = if runs.is_empty() {
+    let (median_tok_s, mut ttft, mut itl) = if runs.is_empty() {
         (f64::NAN, Vec::new(), Vec::new())
     } else {
         let m = runs.swap_remove(runs.len() / 2);
@@ -834,14 +823,14 @@ fn summary(
         "sequences": n,
         "prompt_tokens": a.batch_prompt_tokens,
         "decode_tokens": a.decode_tokens,
-        "tok_s_median": median,
+        "tok_s_median": median_tok_s,
         "tok_s": tok_s,
         // Each run's tok/s over the first count's run in the same round, and over this count's
         // run in the first mode, with their medians.
         "tok_s_vs_first_count_per_run": vs_count,
-        "tok_s_vs_first_count": median_or_nan(vs_count.clone()),
+        "tok_s_vs_first_count": median(vs_count.clone()),
         "tok_s_vs_first_mode_per_run": vs_mode,
-        "tok_s_vs_first_mode": median_or_nan(vs_mode.clone()),
+        "tok_s_vs_first_mode": median(vs_mode.clone()),
         "ttft_ms_p50": pct(&mut ttft, 0.5),
         "ttft_ms_p99": pct(&mut ttft, 0.99),
         "itl_ms_p50": pct(&mut itl, 0.5),

@@ -198,13 +198,15 @@ impl Kernel {
     }
 }
 
-fn run_heads(h: &Heads<'_>, hd: usize, o: &mut [f32]) {
+/// `h`'s heads on `kernel`, which must be [`Kernel::for_head_size`]`(hd)` (chosen once per
+/// call of [`attention`], not per task).
+fn run_heads(kernel: Kernel, h: &Heads<'_>, hd: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         thread_local! {
             static SIMD: RefCell<simd::Scratch> = RefCell::default();
         }
-        match Kernel::for_head_size(hd) {
+        match kernel {
             // SAFETY: `for_head_size` chose it: the CPU has AVX-512F and the kernel takes `hd`.
             Kernel::Avx512 => {
                 return SIMD.with(|s| unsafe { simd::avx512::heads(h, hd, &mut s.borrow_mut(), o) })
@@ -265,6 +267,7 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let total: usize = seqs.iter().map(|q| q.n_q).sum();
     let per_task = heads_per_task(total, s.heads, group, rayon::current_num_threads());
+    let kernel = Kernel::for_head_size(hd);
     let tasks_per_token = s.heads / per_task;
     out[..total * q_dim]
         .par_chunks_mut(per_task * hd)
@@ -291,7 +294,7 @@ pub fn attention(
                 kv_dim,
                 scale,
             };
-            run_heads(&heads, hd, o);
+            run_heads(kernel, &heads, hd, o);
         });
 }
 
@@ -579,11 +582,17 @@ mod tests {
                 scale: 0.2,
             };
             let mut all = vec![0.0; 2 * group * hd];
-            run_heads(&heads(&q, group, 0), hd, &mut all);
+            let kernel = Kernel::for_head_size(hd);
+            run_heads(kernel, &heads(&q, group, 0), hd, &mut all);
             for n in 0..2 * group {
                 let mut one = vec![0.0; hd];
                 let col = n / group * hd;
-                run_heads(&heads(&q[n * hd..(n + 1) * hd], 1, col), hd, &mut one);
+                run_heads(
+                    kernel,
+                    &heads(&q[n * hd..(n + 1) * hd], 1, col),
+                    hd,
+                    &mut one,
+                );
                 assert_eq!(one, all[n * hd..(n + 1) * hd], "hd {hd}, head {n}");
             }
         }

@@ -13,9 +13,9 @@
 //! of its task or the other tokens of the step, as with the portable kernel.
 //!
 //! The kernel is written once, as a macro over the [`Simd`](crate::backend::cpu::simd::Simd)
-//! operations, and stamped out per
-//! instruction set: a `#[target_feature]` function must not be generic over the set it runs
-//! on, or the AVX2 copy could be compiled with AVX-512 instructions.
+//! operations, and stamped out per instruction set: a `#[target_feature]` function must not
+//! be generic over the set it runs on, or the AVX2 copy could be compiled with AVX-512
+//! instructions.
 
 /// A task's scratch, grown to the largest task seen: scores (head after head, each padded to
 /// whole chunks of keys), the offsets of the keys' cache rows in position order, and each
