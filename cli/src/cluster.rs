@@ -25,6 +25,12 @@ pub struct ClusterArgs {
     /// `--features cuda`).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     pub device: switchyard_model::Device,
+    /// KV-cache element type: f32 (attention within the reference's tolerances) or bf16 (half
+    /// the memory, so twice the positions in --kv-cache-mib, and half the bytes decode
+    /// attention reads; logits move by under 1 % of their range, greedy choices as f32's
+    /// except near ties). CPU only for now.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: switchyard_model::KvDtype,
     /// Activation dtype on the wire: bf16 (half the bytes; greedy choices as in embedded mode
     /// except near ties) or f32 (bit-exact with embedded mode).
     #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "bf16")]
@@ -173,8 +179,20 @@ impl ClusterArgs {
         })
     }
 
-    /// Loads `model` embedded or against the placement's workers.
+    /// Loads `model` embedded or against the placement's workers, with the KV-cache dtype
+    /// asked for (refused before the weights load where the device lacks it).
     pub fn load(&self, model: &Path) -> anyhow::Result<Loaded> {
+        if self.kv_cache_dtype != switchyard_model::KvDtype::default() {
+            let backend = switchyard_model::AnyBackend::new(self.device)?;
+            switchyard_coordinator::engine::check_kv_dtype(&backend, self.kv_cache_dtype)
+                .context("--kv-cache-dtype")?;
+        }
+        let mut loaded = self.load_engine(model)?;
+        loaded.engine = loaded.engine.with_kv_dtype(self.kv_cache_dtype)?;
+        Ok(loaded)
+    }
+
+    fn load_engine(&self, model: &Path) -> anyhow::Result<Loaded> {
         let bar = crate::progress::Bar::new("loading");
         if let Some(m) = self.membership(None)? {
             let (engine, remote, membership) = Engine::load_registry(

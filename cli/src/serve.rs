@@ -92,6 +92,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
         device: a.cluster.device,
+        kv_dtype: a.cluster.kv_cache_dtype,
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = cfg.api_key.is_some(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

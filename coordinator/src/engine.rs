@@ -5,7 +5,7 @@
 use std::{path::Path, sync::Arc};
 use switchyard_model::{
     sampling, AnyBackend, Backend, Checkpoint, Cpu, Device, ExpertExecutor, ExpertSet, KvCache,
-    LoadProgress, LocalExperts, Logits, Mixtral, MixtralConfig, ModelError, Sampler,
+    KvDtype, LoadProgress, LocalExperts, Logits, Mixtral, MixtralConfig, ModelError, Sampler,
     SamplingParams, SeqKv, SeqStep, StepOutput, StepScratch, Tokenizer,
 };
 
@@ -69,11 +69,19 @@ pub struct GenerateEvent {
     pub finish: Option<FinishReason>,
 }
 
+/// Whether `backend` keeps a KV cache of `dtype`: asks it for a one-element pool, so that a
+/// dtype the device lacks is refused at start-up, before the weights load.
+pub fn check_kv_dtype<B: Backend>(backend: &B, dtype: KvDtype) -> Result<(), EngineError> {
+    backend.alloc_kv(1, dtype)?;
+    Ok(())
+}
+
 /// A model ready to run on backend `B` with its experts wherever `experts` puts them.
 pub struct Engine<B: Backend = AnyBackend> {
     model: Mixtral<B>,
     experts: Arc<dyn ExpertExecutor>,
     tokenizer: Tokenizer,
+    kv_dtype: KvDtype,
 }
 
 impl Engine<AnyBackend> {
@@ -187,7 +195,22 @@ impl<B: Backend> Engine<B> {
             model,
             experts,
             tokenizer,
+            kv_dtype: KvDtype::F32,
         })
+    }
+
+    /// Keeps every KV cache this engine makes (the scheduler's included) in `dtype`; an error
+    /// where the backend has no kernels for it.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Result<Self, EngineError> {
+        check_kv_dtype(self.model.backend(), dtype)?;
+        self.kv_dtype = dtype;
+        Ok(self)
+    }
+
+    /// The element type of this engine's KV caches.
+    #[must_use]
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The model's config.
@@ -215,6 +238,7 @@ impl<B: Backend> Engine<B> {
             self.config(),
             bs,
             positions.div_ceil(bs).max(1),
+            self.kv_dtype,
         )?)
     }
 

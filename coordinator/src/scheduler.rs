@@ -32,7 +32,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Requests queued before new ones are refused.
     pub max_waiting: usize,
-    /// Bytes of KV cache (f32 keys and values, all layers).
+    /// Bytes of KV cache (keys and values of all layers, in the engine's KV dtype: bf16 fits
+    /// twice the positions of f32).
     pub kv_cache_bytes: usize,
     pub block_size: usize,
 }
@@ -185,7 +186,9 @@ impl Seq {
 /// Starts the engine thread; it stops when every handle is dropped.
 pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandle, ModelError> {
     let mcfg = engine.config().clone();
-    let block_bytes = KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, cfg.block_size);
+    let kv_dtype = engine.kv_dtype();
+    let block_bytes =
+        KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, cfg.block_size, kv_dtype);
     let num_blocks = (cfg.kv_cache_bytes / block_bytes).max(1);
     let max_seq_len = max_seq_len(&mcfg, num_blocks, cfg.block_size);
     let (tx, rx) = mpsc::channel(cfg.max_waiting.max(1));
@@ -196,10 +199,12 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandl
         &mcfg,
         cfg.block_size,
         num_blocks,
+        kv_dtype,
     )?;
     tracing::info!(
         num_blocks,
         block_size = cfg.block_size,
+        dtype = %kv_dtype,
         max_seq_len,
         "KV cache allocated"
     );
@@ -554,7 +559,7 @@ fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
 mod tests {
     use super::*;
     use crate::engine::GenerateRequest;
-    use switchyard_model::{weights::gen, NoProgress};
+    use switchyard_model::{weights::gen, KvDtype, NoProgress};
 
     /// An embedded engine over a random f32 checkpoint of hidden 64, 4 heads over 2 kv heads,
     /// vocabulary 300 and `layers` layers, shaped further by `spec`; the folder lives as long
@@ -576,12 +581,51 @@ mod tests {
         (tmp, engine)
     }
 
+    /// Submits one greedy request that ignores eos and waits for it: its tokens, why it
+    /// finished and how many tokens it reported.
+    fn run_one(
+        handle: &SchedulerHandle,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+    ) -> (Vec<u32>, FinishReason, usize) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        handle
+            .submit(SeqRequest {
+                prompt,
+                max_tokens,
+                sampling: SamplingParams::default(),
+                stop_ids: vec![],
+                ignore_eos: true,
+                logprobs: None,
+                index: 0,
+                events: tx,
+                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            })
+            .unwrap();
+        let mut got = Vec::new();
+        loop {
+            match rx.blocking_recv().unwrap().1 {
+                SeqEvent::Token { id, .. } => got.push(id),
+                SeqEvent::Finished {
+                    reason,
+                    completion_tokens,
+                    ..
+                } => return (got, reason, completion_tokens),
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+    }
+
     #[test]
     fn requests_with_nothing_to_prefill_or_generate_are_refused_at_submit() {
         let (_dir, engine) = random_engine(1, gen::GenSpec::default());
         let mcfg = engine.config().clone();
         let cfg = SchedulerConfig {
-            kv_cache_bytes: 4 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
+            kv_cache_bytes: 4 * KvCache::<switchyard_model::AnyBackend>::block_bytes(
+                &mcfg,
+                16,
+                KvDtype::F32,
+            ),
             ..SchedulerConfig::default()
         };
         let handle = start(engine, cfg).unwrap();
@@ -645,41 +689,59 @@ mod tests {
         // Room for 6 blocks of 16 positions: far less than the 155 positions generated.
         let mcfg = engine.config().clone();
         let cfg = SchedulerConfig {
-            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(
+                &mcfg,
+                16,
+                KvDtype::F32,
+            ),
             ..SchedulerConfig::default()
         };
         let handle = start(engine, cfg).unwrap();
         assert_eq!(handle.max_seq_len, 256);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        handle
-            .submit(SeqRequest {
-                prompt,
-                max_tokens: 150,
-                sampling: SamplingParams::default(),
-                stop_ids: vec![],
-                ignore_eos: true,
-                logprobs: None,
-                index: 0,
-                events: tx,
-                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        let (got, reason, completion_tokens) = run_one(&handle, prompt, 150);
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(completion_tokens, 150);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_bf16_cache_holds_twice_the_positions_and_generates_as_the_engine_alone() {
+        let (dir, _) = random_engine(2, gen::GenSpec::default());
+        let engine = Arc::new(
+            Engine::load_embedded(dir.path(), &NoProgress)
+                .unwrap()
+                .with_kv_dtype(KvDtype::Bf16)
+                .unwrap(),
+        );
+        let prompt: Vec<u32> = vec![1, 40, 41, 42, 43];
+        let req = GenerateRequest {
+            prompt: prompt.clone(),
+            max_tokens: 40,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            ignore_eos: true,
+            logprobs: false,
+        };
+        let mut want = Vec::new();
+        engine
+            .generate(&req, |e| {
+                want.push(e.id);
+                true
             })
             .unwrap();
-        let mut got = Vec::new();
-        loop {
-            match rx.blocking_recv().unwrap().1 {
-                SeqEvent::Token { id, .. } => got.push(id),
-                SeqEvent::Finished {
-                    reason,
-                    completion_tokens,
-                    ..
-                } => {
-                    assert_eq!(reason, FinishReason::Length);
-                    assert_eq!(completion_tokens, 150);
-                    break;
-                }
-                SeqEvent::Failed(f) => panic!("{f:?}"),
-            }
-        }
+        // The bytes of 4 f32 blocks hold 8 bf16 ones.
+        let mcfg = engine.config().clone();
+        let f32_block =
+            KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16, KvDtype::F32);
+        let cfg = SchedulerConfig {
+            kv_cache_bytes: 4 * f32_block,
+            ..SchedulerConfig::default()
+        };
+        let handle = start(engine, cfg).unwrap();
+        assert_eq!(handle.stats.kv_blocks_total.load(Ordering::Relaxed), 8);
+        assert_eq!(handle.max_seq_len, 8 * 16);
+        let (got, reason, _) = run_one(&handle, prompt, 40);
+        assert_eq!(reason, FinishReason::Length);
         assert_eq!(got, want);
     }
 
@@ -717,7 +779,11 @@ mod tests {
         // 6 blocks of 16 positions for three sequences of ~63 positions each.
         let mcfg = engine.config().clone();
         let cfg = SchedulerConfig {
-            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16),
+            kv_cache_bytes: 6 * KvCache::<switchyard_model::AnyBackend>::block_bytes(
+                &mcfg,
+                16,
+                KvDtype::F32,
+            ),
             ..SchedulerConfig::default()
         };
         let handle = start(engine, cfg).unwrap();

@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub ready_file: Option<PathBuf>,
     /// Where the dense layers (and, embedded, the experts) run.
     pub device: switchyard_model::Device,
+    /// The KV cache's element type.
+    pub kv_dtype: switchyard_model::KvDtype,
 }
 
 /// Errors starting or running the server.
@@ -66,6 +68,7 @@ pub struct Loaded {
 /// Loads everything (blocking; call before entering the async runtime).
 pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, ServeError> {
     let backend = AnyBackend::new(cfg.device).map_err(EngineError::from)?;
+    crate::engine::check_kv_dtype(&backend, cfg.kv_dtype)?;
     let ck = Checkpoint::open(&cfg.model).map_err(EngineError::from)?;
     let mc = ck.config();
     let counts = Arc::new(ExpertCounts::new(
@@ -114,7 +117,8 @@ pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, Se
         inner,
         counts: counts.clone(),
     });
-    let engine = Arc::new(Engine::load_with(backend, &ck, experts, progress)?);
+    let engine =
+        Arc::new(Engine::load_with(backend, &ck, experts, progress)?.with_kv_dtype(cfg.kv_dtype)?);
     progress.finish();
     Ok(Loaded {
         engine,

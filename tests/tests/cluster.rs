@@ -578,7 +578,7 @@ fn overlapped_micro_batches_over_workers_equal_embedded_mode() {
     let prompts: [&[u32]; 3] = [&[1, 415, 2936, 906], &[1, 22, 7], &[1, 5, 6, 7, 8, 9, 10]];
     // Three sequences: a prefill step, then two decode steps, all logits traced.
     let run = |experts: &dyn ExpertExecutor| {
-        let mut kv = KvCache::new(&Cpu, &cfg, 16, 8).unwrap();
+        let mut kv = KvCache::new(&Cpu, &cfg, 16, 8, switchyard_model::KvDtype::F32).unwrap();
         let mut seqs = [SeqKv::default(), SeqKv::default(), SeqKv::default()];
         let mut scratch = StepScratch::new(&Cpu).unwrap();
         let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();

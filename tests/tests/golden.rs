@@ -5,6 +5,22 @@
 use serde_json::Value;
 use switchyard_tests::{fixtures, run, run_ok};
 
+/// A golden's token id array.
+fn golden_ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// The index of a logits row's largest value.
+fn argmax(row: &[f64]) -> u64 {
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+        .unwrap_or(0) as u64
+}
+
 fn ids_arg(ids: &[u64]) -> String {
     ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
@@ -111,27 +127,11 @@ fn the_default_activation_mode_follows_the_bf16_fixtures_greedy_continuations() 
     let dir = fixtures().join("tiny-mixtral-bf16-sharded");
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids = |v: &Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap())
-            .collect()
-    };
-    let argmax = |row: &Value| -> u64 {
-        row.as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
-            .unwrap()
-            .0 as u64
-    };
     let bf16 = switchyard_model::backend::cpu::linear::auto_bf16_activations();
     let (mut agree, mut total, mut differs) = (0usize, 0usize, false);
     for case in golden["cases"].as_array().unwrap() {
-        let prompt = ids(&case["input_ids"]);
-        let cont = ids(&case["greedy"]["ids"]);
+        let prompt = golden_ids(&case["input_ids"]);
+        let cont = golden_ids(&case["greedy"]["ids"]);
         let seq: Vec<u64> = prompt.iter().chain(&cont).copied().collect();
         let seq = ids_arg(&seq);
         let forward = |mode: &[&str]| -> Value {
@@ -147,7 +147,13 @@ fn the_default_activation_mode_follows_the_bf16_fixtures_greedy_continuations() 
         let logits = default["logits"].as_array().unwrap();
         // Position p predicts seq[p + 1]; the continuation starts after the prompt's last.
         for (i, &want) in cont.iter().enumerate() {
-            agree += usize::from(argmax(&logits[prompt.len() - 1 + i]) == want);
+            let row: Vec<f64> = logits[prompt.len() - 1 + i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            agree += usize::from(argmax(&row) == want);
             total += 1;
         }
     }
@@ -166,6 +172,72 @@ fn the_default_activation_mode_follows_the_bf16_fixtures_greedy_continuations() 
         "auto picks {} here, so its logits should {} f32's",
         if bf16 { "bf16" } else { "f32" },
         if bf16 { "differ from" } else { "equal" }
+    );
+}
+
+/// `--kv-cache-dtype bf16` end to end: `forward` over each case's prompt and golden
+/// continuation (one prefill, whose attention reads the rounded cache) picks the golden's next
+/// token almost everywhere, and its logits differ from the f32 cache's (the flag took effect)
+/// by under 1 % of their range.
+#[test]
+fn a_bf16_kv_cache_follows_the_trained_fixtures_greedy_continuations() {
+    let dir = fixtures().join("tiny-mixtral-trained");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let rows = |v: &Value| -> Vec<Vec<f64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let (mut agree, mut total, mut worst, mut scale) = (0usize, 0usize, 0.0f64, 0.0f64);
+    for case in golden["cases"].as_array().unwrap() {
+        let prompt = golden_ids(&case["input_ids"]);
+        let cont = golden_ids(&case["greedy"]["ids"]);
+        let seq: Vec<u64> = prompt.iter().chain(&cont).copied().collect();
+        let seq = ids_arg(&seq);
+        let forward = |dtype: &str| -> Vec<Vec<f64>> {
+            let out = run_ok(&[
+                "forward",
+                "--model",
+                dir.to_str().unwrap(),
+                "--kv-cache-dtype",
+                dtype,
+                "--ids",
+                &seq,
+            ]);
+            rows(&serde_json::from_str::<Value>(&out).unwrap()["logits"])
+        };
+        let (exact, rounded) = (forward("f32"), forward("bf16"));
+        for (a, b) in exact.iter().flatten().zip(rounded.iter().flatten()) {
+            worst = worst.max((a - b).abs());
+            scale = scale.max(a.abs());
+        }
+        for (i, &want) in cont.iter().enumerate() {
+            agree += usize::from(argmax(&rounded[prompt.len() - 1 + i]) == want);
+            total += 1;
+        }
+    }
+    eprintln!("bf16 KV cache: {agree} of {total} golden greedy tokens, max |Δlogits| {worst:.3e} of {scale:.1}");
+    assert!(total >= 50, "too few golden tokens ({total}) to judge");
+    assert!(
+        agree * 100 >= total * 95,
+        "{agree} of {total} golden greedy tokens"
+    );
+    assert!(
+        worst > 0.0,
+        "the bf16 cache gave the f32 cache's logits exactly"
+    );
+    assert!(
+        worst < 0.01 * scale,
+        "logits off by {worst}, against logits up to {scale}"
     );
 }
 
@@ -220,6 +292,18 @@ fn cli_errors_are_clear_and_not_panics() {
         (
             vec!["worker", "--model", d, "--device", "cuda:99"],
             "\"cuda:99\" is not available",
+        ),
+        (
+            vec![
+                "forward",
+                "--model",
+                d,
+                "--ids",
+                "1",
+                "--kv-cache-dtype",
+                "fp8",
+            ],
+            "unknown KV-cache dtype \"fp8\" (f32 or bf16)",
         ),
         (
             vec![

@@ -1,7 +1,11 @@
 //! Paged KV cache: fixed-size blocks in one pool per layer, a free list, and per-sequence block
 //! tables. Sequences grow block by block; nothing is copied when they do.
 
-use crate::{backend::Backend, config::MixtralConfig, ModelError, Result};
+use crate::{
+    backend::{Backend, KvDtype},
+    config::MixtralConfig,
+    ModelError, Result,
+};
 
 /// Positions per block. 16 keeps the waste of a half-used last block small while making block
 /// tables short.
@@ -12,8 +16,9 @@ pub struct KvCache<B: Backend> {
     block_size: usize,
     num_blocks: usize,
     kv_dim: usize,
+    dtype: KvDtype,
     /// Per layer: (keys, values), each `[num_blocks * block_size, kv_dim]`.
-    layers: Vec<(B::Buf, B::Buf)>,
+    layers: Vec<(B::KvBuf, B::KvBuf)>,
     free: Vec<u32>,
 }
 
@@ -50,22 +55,25 @@ impl SeqKv {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// A cache of `num_blocks` blocks of `block_size` positions for every layer.
+    /// A cache of `num_blocks` blocks of `block_size` positions for every layer, holding
+    /// `dtype` elements.
     pub fn new(
         backend: &B,
         cfg: &MixtralConfig,
         block_size: usize,
         num_blocks: usize,
+        dtype: KvDtype,
     ) -> Result<Self> {
         let kv_dim = cfg.kv_dim();
-        let rows = num_blocks * block_size;
+        let len = num_blocks * block_size * kv_dim;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| Ok((backend.alloc(rows * kv_dim)?, backend.alloc(rows * kv_dim)?)))
+            .map(|_| Ok((backend.alloc_kv(len, dtype)?, backend.alloc_kv(len, dtype)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             block_size,
             num_blocks,
             kv_dim,
+            dtype,
             layers,
             free: (0..num_blocks as u32).rev().collect(),
         })
@@ -79,8 +87,8 @@ impl<B: Backend> KvCache<B> {
 
     /// Bytes of one block over all layers (keys and values).
     #[must_use]
-    pub fn block_bytes(cfg: &MixtralConfig, block_size: usize) -> usize {
-        2 * cfg.num_hidden_layers * block_size * cfg.kv_dim() * std::mem::size_of::<f32>()
+    pub fn block_bytes(cfg: &MixtralConfig, block_size: usize, dtype: KvDtype) -> usize {
+        2 * cfg.num_hidden_layers * block_size * cfg.kv_dim() * dtype.size()
     }
 
     /// Grows `seq`'s block table to hold `positions` positions.
@@ -150,8 +158,14 @@ impl<B: Backend> KvCache<B> {
         self.kv_dim
     }
 
+    /// The element type the cache holds.
+    #[must_use]
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
     /// Layer `l`'s pools.
-    pub(crate) fn layer_mut(&mut self, l: usize) -> &mut (B::Buf, B::Buf) {
+    pub(crate) fn layer_mut(&mut self, l: usize) -> &mut (B::KvBuf, B::KvBuf) {
         &mut self.layers[l]
     }
 }
@@ -170,7 +184,7 @@ mod tests {
 
     #[test]
     fn reserve_and_release_blocks() {
-        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 3).unwrap();
+        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 3, KvDtype::F32).unwrap();
         let mut a = SeqKv::default();
         kv.reserve(&mut a, 5).unwrap();
         assert_eq!(a.blocks().len(), 2);
@@ -190,7 +204,7 @@ mod tests {
 
     #[test]
     fn trim_window_frees_only_blocks_no_query_can_see() {
-        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 8).unwrap();
+        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 8, KvDtype::F32).unwrap();
         let mut s = SeqKv::default();
         kv.reserve(&mut s, 13).unwrap();
         s.set_len(13);

@@ -23,7 +23,7 @@ mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{any::AnyBackend, cpu::Cpu, Backend, Device};
+pub use backend::{any::AnyBackend, cpu::Cpu, Backend, Device, KvDtype};
 pub use config::MixtralConfig;
 pub use error::{ModelError, Result};
 pub use executor::{combine, ExpertExecutor, ExpertJob, Finished, LocalExperts, PendingExperts};

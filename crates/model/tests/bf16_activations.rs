@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use switchyard_model::backend::cpu::linear;
 use switchyard_model::{
-    sampling::argmax, Checkpoint, Cpu, ExpertSet, KvCache, LocalExperts, Logits, Mixtral,
+    sampling::argmax, Checkpoint, Cpu, ExpertSet, KvCache, KvDtype, LocalExperts, Logits, Mixtral,
     NoProgress, SeqKv, SeqStep, StepOutput, StepScratch,
 };
 
@@ -53,7 +53,8 @@ fn bf16_activations_follow_the_bf16_fixtures_greedy_continuations() {
         let prompt = ids(&case["input_ids"]);
         let cont = ids(&case["greedy"]["ids"]);
         let seq: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
-        let mut kv = KvCache::new(&Cpu, ck.config(), 4, seq.len().div_ceil(4) + 1).unwrap();
+        let blocks = seq.len().div_ceil(4) + 1;
+        let mut kv = KvCache::new(&Cpu, ck.config(), 4, blocks, KvDtype::F32).unwrap();
         let mut skv = SeqKv::default();
         let mut scratch = StepScratch::new(&Cpu).unwrap();
         let mut out = StepOutput::new(Logits::All);

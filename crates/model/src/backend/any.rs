@@ -3,7 +3,10 @@
 //! next to the op itself. Without the `cuda` feature the enums have one variant and every match
 //! is irrefutable.
 
-use super::{cpu::Cpu, AttnSeq, AttnShape, Backend, Device};
+use super::{
+    cpu::{Cpu, CpuKv},
+    AttnSeq, AttnShape, Backend, Device, KvDtype,
+};
 use crate::{moe::RoutePlan, weights::HostTensor, Result};
 
 #[cfg(feature = "cuda")]
@@ -20,6 +23,13 @@ pub enum AnyBackend {
 /// Activations on the device of an [`AnyBackend`].
 pub enum AnyBuf {
     Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<f32>),
+}
+
+/// A KV-cache pool on the device of an [`AnyBackend`].
+pub enum AnyKv {
+    Cpu(CpuKv),
     #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaSlice<f32>),
 }
@@ -91,6 +101,7 @@ macro_rules! accessors {
 }
 accessors!(AnyBuf, Vec<f32>, cudarc::driver::CudaSlice<f32>);
 accessors!(AnyWeight, crate::backend::cpu::CpuWeight, CudaWeight);
+accessors!(AnyKv, CpuKv, cudarc::driver::CudaSlice<f32>);
 
 /// `on!(self, b => expr)`: runs `expr` with `b` bound to the concrete backend; inside, `cpu` /
 /// `cuda` name the accessor of that device.
@@ -135,6 +146,7 @@ macro_rules! on {
 impl Backend for AnyBackend {
     type Buf = AnyBuf;
     type Weight = AnyWeight;
+    type KvBuf = AnyKv;
 
     fn describe(&self) -> String {
         on!(self, |b, r, m| b.describe())
@@ -165,6 +177,14 @@ impl Backend for AnyBackend {
             Self::Cpu(b) => b.alloc(len).map(AnyBuf::Cpu),
             #[cfg(feature = "cuda")]
             Self::Cuda(b) => b.alloc(len).map(AnyBuf::Cuda),
+        }
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<AnyKv> {
+        match self {
+            Self::Cpu(b) => b.alloc_kv(len, dtype).map(AnyKv::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => b.alloc_kv(len, dtype).map(AnyKv::Cuda),
         }
     }
 
@@ -244,7 +264,7 @@ impl Backend for AnyBackend {
 
     fn kv_write(
         &self,
-        cache: &mut AnyBuf,
+        cache: &mut AnyKv,
         src: &AnyBuf,
         src_row0: usize,
         rows: usize,
@@ -268,8 +288,8 @@ impl Backend for AnyBackend {
     fn attention(
         &self,
         q: &AnyBuf,
-        k_cache: &AnyBuf,
-        v_cache: &AnyBuf,
+        k_cache: &AnyKv,
+        v_cache: &AnyKv,
         seqs: &[AttnSeq<'_>],
         shape: &AttnShape,
         out: &mut AnyBuf,

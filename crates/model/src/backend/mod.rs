@@ -19,6 +19,8 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     /// A device-resident weight tensor in its stored dtype (shape `[out, in]` for matrices).
     type Weight: Send + Sync;
+    /// One layer's keys or values in the KV cache, in the cache's [`KvDtype`].
+    type KvBuf: Send + Sync;
 
     /// A human-readable description for logs ("cpu (2 threads)").
     fn describe(&self) -> String;
@@ -40,6 +42,9 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Grows `buf` to at least `len` elements (contents may be lost).
     fn ensure_len(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
+    /// A zeroed KV-cache pool of `len` elements of `dtype`; an error where this backend has no
+    /// kernels for that dtype.
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<Self::KvBuf>;
     /// Copies `src` into the start of `dst`.
     fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     /// Copies the first `dst.len()` elements of `src` to the host: the one way off the device.
@@ -89,11 +94,12 @@ pub trait Backend: Send + Sync + 'static {
         sin: &Self::Weight,
     ) -> Result<()>;
     /// Writes rows `src_row0..src_row0+rows` of `src` into a paged cache at positions
-    /// `pos0..pos0+rows` of the sequence whose block table is `blocks`.
+    /// `pos0..pos0+rows` of the sequence whose block table is `blocks`, rounded to the cache's
+    /// dtype.
     #[allow(clippy::too_many_arguments)]
     fn kv_write(
         &self,
-        cache: &mut Self::Buf,
+        cache: &mut Self::KvBuf,
         src: &Self::Buf,
         src_row0: usize,
         rows: usize,
@@ -106,8 +112,8 @@ pub trait Backend: Send + Sync + 'static {
     fn attention(
         &self,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::KvBuf,
+        v_cache: &Self::KvBuf,
         seqs: &[AttnSeq<'_>],
         shape: &AttnShape,
         out: &mut Self::Buf,
@@ -150,6 +156,55 @@ pub struct AttnShape {
     pub block_size: usize,
     /// Keys a query may see, itself included (`None`: all earlier positions).
     pub window: Option<usize>,
+}
+
+/// The element type of the KV cache, from `--kv-cache-dtype`.
+///
+/// f32 keeps attention within the reference's tolerances. bf16 halves the cache: twice the
+/// positions in the same memory, and half the bytes that decode attention reads per key, which
+/// is what it waits on at long contexts. Keys and values are rounded to bf16 once, when
+/// written; attention widens them back and computes in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    #[must_use]
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown KV-cache dtype {s:?} (f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where a process runs its math, parsed from `--device`.

@@ -7,7 +7,7 @@ pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-use super::{AttnSeq, AttnShape, Backend};
+use super::{AttnSeq, AttnShape, Backend, KvDtype};
 use crate::{
     weights::{Elems, HostTensor},
     Result,
@@ -49,6 +49,19 @@ impl std::ops::Deref for CpuWeight {
     fn deref(&self) -> &HostTensor {
         &self.tensor
     }
+}
+
+/// One layer's keys or values on the CPU, in the cache's dtype.
+#[derive(Debug)]
+pub enum CpuKv {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+/// The error for a key pool and a value pool of different dtypes (the cache allocates both
+/// alike, so only a bug gets here).
+fn mixed_kv() -> crate::ModelError {
+    crate::ModelError::Input("the KV cache's keys and values differ in dtype (internal)".into())
 }
 
 /// An empty tile set, to fill unused slots of a pass.
@@ -101,6 +114,7 @@ pub struct Cpu;
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Weight = CpuWeight;
+    type KvBuf = CpuKv;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -139,6 +153,13 @@ impl Backend for Cpu {
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<CpuKv> {
+        Ok(match dtype {
+            KvDtype::F32 => CpuKv::F32(vec![0.0; len]),
+            KvDtype::Bf16 => CpuKv::Bf16(vec![half::bf16::ZERO; len]),
+        })
     }
 
     fn ensure_len(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
@@ -226,7 +247,7 @@ impl Backend for Cpu {
 
     fn kv_write(
         &self,
-        cache: &mut Vec<f32>,
+        cache: &mut CpuKv,
         src: &Vec<f32>,
         src_row0: usize,
         rows: usize,
@@ -235,28 +256,28 @@ impl Backend for Cpu {
         blocks: &[u32],
         block_size: usize,
     ) -> Result<()> {
-        attention::kv_write(
-            cache,
-            &src[src_row0 * kv_dim..],
-            rows,
-            kv_dim,
-            pos0,
-            blocks,
-            block_size,
-        );
+        let src = &src[src_row0 * kv_dim..];
+        match cache {
+            CpuKv::F32(c) => attention::kv_write(c, src, rows, kv_dim, pos0, blocks, block_size),
+            CpuKv::Bf16(c) => attention::kv_write(c, src, rows, kv_dim, pos0, blocks, block_size),
+        }
         Ok(())
     }
 
     fn attention(
         &self,
         q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        k_cache: &CpuKv,
+        v_cache: &CpuKv,
         seqs: &[AttnSeq<'_>],
         shape: &AttnShape,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        attention::attention(q, k_cache, v_cache, seqs, shape, out);
+        match (k_cache, v_cache) {
+            (CpuKv::F32(k), CpuKv::F32(v)) => attention::attention(q, k, v, seqs, shape, out),
+            (CpuKv::Bf16(k), CpuKv::Bf16(v)) => attention::attention(q, k, v, seqs, shape, out),
+            _ => return Err(mixed_kv()),
+        }
         Ok(())
     }
 

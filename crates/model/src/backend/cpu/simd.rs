@@ -14,6 +14,8 @@ pub(crate) trait Simd {
     unsafe fn zero() -> Self::V;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
+    /// `LANES` bf16 (as their bit patterns) widened to f32, exactly.
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     /// `a · b + c`, rounded once.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
@@ -65,6 +67,13 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m512 {
         unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {
@@ -183,6 +192,13 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m256 {
         unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        unsafe {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {

@@ -4,7 +4,7 @@
 
 use super::kernels::{self, AttnRows, Launch};
 use crate::{
-    backend::{AttnSeq, AttnShape, Backend},
+    backend::{AttnSeq, AttnShape, Backend, KvDtype},
     weights::{Elems, HostTensor},
     ModelError, Result,
 };
@@ -338,6 +338,8 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
     type Weight = CudaWeight;
+    /// f32 only: the kernels in `kernels.cu` read an f32 cache.
+    type KvBuf = CudaSlice<f32>;
 
     fn describe(&self) -> String {
         format!("cuda:{} ({})", self.inner.ordinal, self.inner.name)
@@ -370,6 +372,16 @@ impl Backend for Cuda {
         self.stream()
             .alloc_zeros(len.max(1))
             .map_err(|e| self.err(e))
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<CudaSlice<f32>> {
+        match dtype {
+            KvDtype::F32 => self.alloc(len),
+            KvDtype::Bf16 => Err(ModelError::Device(
+                self.describe(),
+                "the CUDA backend keeps its KV cache in f32 (--kv-cache-dtype f32)".into(),
+            )),
+        }
     }
 
     fn ensure_len(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {

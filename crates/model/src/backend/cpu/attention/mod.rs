@@ -1,8 +1,50 @@
 //! Grouped-query attention over a paged KV cache, causal with an optional sliding window.
+//!
+//! The cache holds f32 or bf16 ([`KvElem`]); every kernel is generic over which, widens keys
+//! and values as it reads them, and computes in f32.
 
-use super::super::{AttnSeq, AttnShape};
+use super::super::{AttnSeq, AttnShape, KvDtype};
+use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type of the KV cache: f32, or bf16 (rounded to nearest, ties to even, when
+/// written). Sealed: the register kernels load by [`KvElem::DTYPE`].
+pub trait KvElem: sealed::Sealed + Copy + Send + Sync + 'static {
+    const DTYPE: KvDtype;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+}
+
+impl KvElem for bf16 {
+    const DTYPE: KvDtype = KvDtype::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -36,33 +78,33 @@ fn rows(
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     // Eight lanes of partial sums let the compiler vectorise without reassociating.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.to_f32();
     }
     s
 }
 
 /// Some query heads of one token, whole kv groups of them or part of one group, against the
 /// keys they may see (positions `lo..=pos`).
-struct Heads<'a> {
+struct Heads<'a, E> {
     /// The heads' queries, back to back (`n · head_dim`).
     q: &'a [f32],
     /// Query heads per kv group among these heads (all of them when they are part of one
     /// group).
     group: usize,
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [E],
+    v_cache: &'a [E],
     blocks: &'a [u32],
     block_size: usize,
     lo: usize,
@@ -81,7 +123,7 @@ struct Heads<'a> {
 /// products are independent chains the core overlaps. Every head sums the same terms in the
 /// same order as it would alone, so how heads are grouped into calls changes no bit.
 #[inline(always)]
-fn heads_into(h: &Heads<'_>, hd: usize, (sc, stats): Scratch<'_>, o: &mut [f32]) {
+fn heads_into<E: KvElem>(h: &Heads<'_, E>, hd: usize, (sc, stats): Scratch<'_>, o: &mut [f32]) {
     let nh = o.len() / hd;
     let len = h.pos + 1 - h.lo;
     let width = nh / h.group * hd;
@@ -132,7 +174,7 @@ fn heads_into(h: &Heads<'_>, hd: usize, (sc, stats): Scratch<'_>, o: &mut [f32])
         {
             let p = s * inv;
             for (ov, x) in on.iter_mut().zip(v) {
-                *ov += p * x;
+                *ov += p * x.to_f32();
             }
         }
     }
@@ -147,7 +189,12 @@ type Scratch<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>);
 /// projections.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn heads_into_avx2(h: &Heads<'_>, hd: usize, scratch: Scratch<'_>, o: &mut [f32]) {
+unsafe fn heads_into_avx2<E: KvElem>(
+    h: &Heads<'_, E>,
+    hd: usize,
+    scratch: Scratch<'_>,
+    o: &mut [f32],
+) {
     heads_into(h, hd, scratch, o);
 }
 
@@ -200,7 +247,7 @@ impl Kernel {
 
 /// `h`'s heads on `kernel`, which must be [`Kernel::for_head_size`]`(hd)` (chosen once per
 /// call of [`attention`], not per task).
-fn run_heads(kernel: Kernel, h: &Heads<'_>, hd: usize, o: &mut [f32]) {
+fn run_heads<E: KvElem>(kernel: Kernel, h: &Heads<'_, E>, hd: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         thread_local! {
@@ -252,10 +299,10 @@ fn heads_per_task(tokens: usize, heads: usize, group: usize, threads: usize) -> 
 /// A task takes a token's heads, whole kv groups of them where the step has tokens enough, and
 /// reads each of its cache rows once for all of them (bench_attention, 32 sequences, 2
 /// threads: with one task per (token, head) the cache was read at 2-6 GB/s).
-pub fn attention(
+pub fn attention<E: KvElem>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     seqs: &[AttnSeq<'_>],
     s: &AttnShape,
     out: &mut [f32],
@@ -298,9 +345,10 @@ pub fn attention(
         });
 }
 
-/// Writes `rows` rows of `src` (`[rows, kv_dim]`) into the cache at positions `pos0..pos0+rows`.
-pub fn kv_write(
-    cache: &mut [f32],
+/// Writes `rows` rows of `src` (`[rows, kv_dim]`) into the cache at positions `pos0..pos0+rows`,
+/// rounded to the cache's element type.
+pub fn kv_write<E: KvElem>(
+    cache: &mut [E],
     src: &[f32],
     rows: usize,
     kv_dim: usize,
@@ -310,7 +358,10 @@ pub fn kv_write(
 ) {
     for i in 0..rows {
         let r = phys(blocks, block_size, pos0 + i);
-        cache[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&src[i * kv_dim..(i + 1) * kv_dim]);
+        let dst = &mut cache[r * kv_dim..(r + 1) * kv_dim];
+        for (d, &x) in dst.iter_mut().zip(&src[i * kv_dim..(i + 1) * kv_dim]) {
+            *d = E::from_f32(x);
+        }
     }
 }
 
@@ -434,7 +485,7 @@ mod tests {
     }
 
     /// `h`'s heads in f64, one position at a time.
-    fn naive_heads(h: &Heads<'_>, hd: usize) -> Vec<f64> {
+    fn naive_heads<E: KvElem>(h: &Heads<'_, E>, hd: usize) -> Vec<f64> {
         let nh = h.q.len() / hd;
         let mut out = Vec::new();
         for n in 0..nh {
@@ -446,7 +497,7 @@ mod tests {
                     let k = &h.k_cache[at(p)..at(p) + hd];
                     q.iter()
                         .zip(k)
-                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .map(|(a, b)| f64::from(*a) * f64::from(b.to_f32()))
                         .sum::<f64>()
                         * f64::from(h.scale)
                 })
@@ -458,7 +509,7 @@ mod tests {
                 out.push(
                     (h.lo..=h.pos)
                         .zip(&e)
-                        .map(|(p, w)| w / sum * f64::from(h.v_cache[at(p) + d]))
+                        .map(|(p, w)| w / sum * f64::from(h.v_cache[at(p) + d].to_f32()))
                         .sum(),
                 );
             }
@@ -468,11 +519,17 @@ mod tests {
 
     /// Every kernel this CPU runs against the naive f64 attention, over head sizes, kv groups
     /// (whole ones, and part of one), windows and key counts on either side of the register
-    /// kernels' chunks.
+    /// kernels' chunks; on an f32 cache and a bf16 one (whose values the naive attention reads
+    /// widened, as the kernels do, so the same bound holds).
     #[test]
     fn every_kernel_matches_a_naive_one() {
-        type Kernel = Box<dyn Fn(&Heads<'_>, usize, &mut [f32])>;
-        let mut kernels: Vec<(&str, Kernel)> = vec![(
+        every_kernel_matches_a_naive_one_on::<f32>();
+        every_kernel_matches_a_naive_one_on::<bf16>();
+    }
+
+    fn every_kernel_matches_a_naive_one_on<E: KvElem>() {
+        type Kernel<E> = Box<dyn Fn(&Heads<'_, E>, usize, &mut [f32])>;
+        let mut kernels: Vec<(&str, Kernel<E>)> = vec![(
             "portable",
             Box::new(|h, hd, o| heads_into(h, hd, (&mut Vec::new(), &mut Vec::new()), o)),
         )];
@@ -517,7 +574,10 @@ mod tests {
             (40, 2, 4, 2),
         ] {
             let kv_dim = kv_heads * hd;
-            let (k, v) = (data(8 * bs * kv_dim, 21), data(8 * bs * kv_dim, 22));
+            let (k, v) = (
+                cache_of::<E>(&data(8 * bs * kv_dim, 21)),
+                cache_of::<E>(&data(8 * bs * kv_dim, 22)),
+            );
             let q = data(nh * hd, 23);
             for (lo, pos) in [(0, 0), (0, 6), (3, 18), (0, 16), (9, 40), (0, 63)] {
                 let h = Heads {
@@ -544,7 +604,8 @@ mod tests {
                     for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (f64::from(*a) - b).abs() < 2e-6 * (1.0 + b.abs()),
-                            "{name}: hd {hd}, keys {lo}..={pos}, element {i}: {a} vs {b}"
+                            "{name} on {}: hd {hd}, keys {lo}..={pos}, element {i}: {a} vs {b}",
+                            E::DTYPE
                         );
                     }
                 }
@@ -552,8 +613,34 @@ mod tests {
         }
         // Seven of the eight head sizes are whole AVX2 registers, six whole AVX-512 ones.
         for ((name, _), n) in kernels.iter().zip(checked) {
-            assert!(n >= 6 * 6, "{name} ran {n} cases");
+            assert!(n >= 6 * 6, "{name} on {} ran {n} cases", E::DTYPE);
         }
+    }
+
+    /// `x` rounded to a cache of `E`, as `kv_write` stores it.
+    fn cache_of<E: KvElem>(x: &[f32]) -> Vec<E> {
+        x.iter().map(|&v| E::from_f32(v)).collect()
+    }
+
+    #[test]
+    fn kv_write_rounds_to_the_caches_dtype_through_the_block_table() {
+        // Positions 2..6 of a sequence whose blocks (of 2 rows) are 3, 0 and 2.
+        let (kv_dim, bs, blocks) = (3, 2, [3u32, 0, 2]);
+        let src: Vec<f32> = (0..4 * kv_dim).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let mut f = vec![0.0f32; 4 * bs * kv_dim];
+        let mut h = vec![bf16::ZERO; 4 * bs * kv_dim];
+        kv_write(&mut f, &src, 4, kv_dim, 2, &blocks, bs);
+        kv_write(&mut h, &src, 4, kv_dim, 2, &blocks, bs);
+        for (i, row) in src.chunks(kv_dim).enumerate() {
+            let r = phys(&blocks, bs, 2 + i);
+            assert_eq!(&f[r * kv_dim..(r + 1) * kv_dim], row, "position {}", 2 + i);
+            for (got, want) in h[r * kv_dim..(r + 1) * kv_dim].iter().zip(row) {
+                assert_eq!(*got, bf16::from_f32(*want));
+            }
+        }
+        // Block 1 (rows 2-3) belongs to nobody and stays zero.
+        assert!(f[2 * kv_dim..4 * kv_dim].iter().all(|&x| x == 0.0));
+        assert!(h[2 * kv_dim..4 * kv_dim].iter().all(|x| x.to_f32() == 0.0));
     }
 
     #[test]

@@ -18,19 +18,20 @@
 //! instructions.
 
 /// A task's scratch, grown to the largest task seen: scores (head after head, each padded to
-/// whole chunks of keys), the offsets of the keys' cache rows in position order, and each
-/// head's reciprocal softmax sum.
+/// whole chunks of keys), the offsets of the keys' cache rows in position order, each head's
+/// reciprocal softmax sum, and one chunk's rows of a bf16 cache widened to f32.
 #[derive(Default)]
 pub(super) struct Scratch {
     scores: Vec<f32>,
     rows: Vec<usize>,
     inv: Vec<f32>,
+    chunk: Vec<f32>,
 }
 
 /// Pointers to the cache rows of a chunk's keys (`offsets` into `cache`); a chunk of fewer
 /// keys than the array repeats its first row, whose scores are masked out.
 #[inline(always)]
-fn key_ptrs(cache: &[f32], offsets: &[usize]) -> [*const f32; 16] {
+fn key_ptrs<E>(cache: &[E], offsets: &[usize]) -> [*const E; 16] {
     let first = cache[offsets[0]..].as_ptr();
     let mut p = [first; 16];
     for (p, &off) in p.iter_mut().zip(offsets) {
@@ -39,16 +40,115 @@ fn key_ptrs(cache: &[f32], offsets: &[usize]) -> [*const f32; 16] {
     p
 }
 
-/// Stamps out the kernel for one instruction set: `heads` picks the copy for the head size,
-/// `heads_nc::<NC>` is the kernel for heads of `NC` registers.
+/// Stamps out the kernel for one instruction set with `$regs` vector registers: `heads` picks
+/// the copy for the head size, `heads_nc::<E, NC>` is the kernel for heads of `NC` registers
+/// over a cache of `E`.
 macro_rules! kernel {
-    ($module:ident, $S:ty, $features:literal) => {
+    ($module:ident, $S:ty, $features:literal, $regs:literal) => {
         pub(super) mod $module {
             use super::{key_ptrs, Scratch};
-            use crate::backend::cpu::attention::{rows, Heads};
+            use crate::backend::cpu::attention::{rows, Heads, KvElem};
             use crate::backend::cpu::simd::Simd;
+            use crate::backend::KvDtype;
             type S = $S;
             const L: usize = <S as Simd>::LANES;
+
+            /// f32 rows of a chunk's keys (or values), `width` floats from each of `offsets`
+            /// into `cache`: the cache's own rows where it holds f32; for bf16, the rows
+            /// widened once into `buf` (`L · width` floats), so that the heads that share a
+            /// row (a kv group's) read it as f32 from L1 rather than each widening it again.
+            ///
+            /// # Safety
+            /// Every offset plus `width` must lie inside `cache`, `width` be whole registers.
+            #[inline(always)]
+            unsafe fn chunk_rows<E: KvElem>(
+                cache: &[E],
+                offsets: &[usize],
+                width: usize,
+                buf: &mut [f32],
+            ) -> [*const f32; 16] {
+                // SAFETY: the caller's bounds; `buf` holds `L` rows of `width`.
+                unsafe {
+                    match E::DTYPE {
+                        KvDtype::F32 => key_ptrs(cache, offsets).map(<*const E>::cast),
+                        KvDtype::Bf16 => {
+                            let mut p = [buf.as_ptr(); 16];
+                            for (j, &off) in offsets.iter().enumerate() {
+                                let src = cache.as_ptr().add(off).cast::<u16>();
+                                let dst = buf.as_mut_ptr().add(j * width);
+                                for c in (0..width).step_by(L) {
+                                    S::store(dst.add(c), S::load_bf16(src.add(c)));
+                                }
+                                p[j] = dst;
+                            }
+                            p
+                        }
+                    }
+                }
+            }
+
+            /// Heads whose values [`values`] takes at once, for heads of `nc` registers, `group`
+            /// heads per kv group and `nh` heads in the task: 4, 2 or 1, as many as share a
+            /// group and keep their accumulators, score broadcasts and a value register
+            /// within the register file.
+            fn heads_at_once(nc: usize, group: usize, nh: usize) -> usize {
+                [4, 2]
+                    .into_iter()
+                    .find(|&b| {
+                        b * nc + b + 2 <= $regs && group.is_multiple_of(b) && nh.is_multiple_of(b)
+                    })
+                    .unwrap_or(1)
+            }
+
+            /// Where [`values`] reads and writes: `HB` heads from the first, whose value
+            /// columns start at `off` in each row, whose scores for this chunk start at
+            /// `scores` (a head's `stride` after the previous head's), and whose outputs
+            /// start at `out` (`hd` apart).
+            struct Heads4 {
+                off: usize,
+                scores: *const f32,
+                stride: usize,
+                out: *mut f32,
+                hd: usize,
+            }
+
+            /// Adds one chunk's `n` values, weighted by the heads' scores, to `HB` heads'
+            /// outputs of `NC` registers each, held in registers for the chunk.
+            ///
+            /// # Safety
+            /// `v[..n]` must hold `off + NC · L` floats each; the scores `n` each, the outputs
+            /// `NC · L` each.
+            #[inline(always)]
+            unsafe fn values<const NC: usize, const HB: usize>(
+                v: &[*const f32; 16],
+                n: usize,
+                at: &Heads4,
+            ) {
+                // SAFETY: the caller's bounds.
+                unsafe {
+                    let mut acc = [[S::zero(); NC]; HB];
+                    for (b, acc) in acc.iter_mut().enumerate() {
+                        for (d, a) in acc.iter_mut().enumerate() {
+                            *a = S::load(at.out.add(b * at.hd + L * d));
+                        }
+                    }
+                    for (j, vp) in v.iter().enumerate().take(n) {
+                        let p: [_; HB] =
+                            std::array::from_fn(|b| S::splat(*at.scores.add(b * at.stride + j)));
+                        for d in 0..NC {
+                            let x = S::load(vp.add(at.off + L * d));
+                            for (acc, p) in acc.iter_mut().zip(&p) {
+                                acc[d] = S::fma(*p, x, acc[d]);
+                            }
+                        }
+                    }
+                    for (b, acc) in acc.iter().enumerate() {
+                        for (d, a) in acc.iter().enumerate() {
+                            S::store(at.out.add(b * at.hd + L * d), *a);
+                        }
+                    }
+                }
+            }
 
             /// Whether this copy takes head size `hd`: whole registers, 1 to 16 of them.
             pub(in crate::backend::cpu::attention) fn supports(hd: usize) -> bool {
@@ -60,8 +160,8 @@ macro_rules! kernel {
             /// # Safety
             /// The CPU must have the instruction set, and `supports(hd)` must hold.
             #[target_feature(enable = $features)]
-            pub(in crate::backend::cpu::attention) unsafe fn heads(
-                h: &Heads<'_>,
+            pub(in crate::backend::cpu::attention) unsafe fn heads<E: KvElem>(
+                h: &Heads<'_, E>,
                 hd: usize,
                 s: &mut Scratch,
                 o: &mut [f32],
@@ -69,31 +169,36 @@ macro_rules! kernel {
                 // SAFETY: the caller's guarantees are the kernel's.
                 unsafe {
                     match hd / L {
-                        1 => heads_nc::<1>(h, s, o),
-                        2 => heads_nc::<2>(h, s, o),
-                        3 => heads_nc::<3>(h, s, o),
-                        4 => heads_nc::<4>(h, s, o),
-                        5 => heads_nc::<5>(h, s, o),
-                        6 => heads_nc::<6>(h, s, o),
-                        7 => heads_nc::<7>(h, s, o),
-                        8 => heads_nc::<8>(h, s, o),
-                        9 => heads_nc::<9>(h, s, o),
-                        10 => heads_nc::<10>(h, s, o),
-                        11 => heads_nc::<11>(h, s, o),
-                        12 => heads_nc::<12>(h, s, o),
-                        13 => heads_nc::<13>(h, s, o),
-                        14 => heads_nc::<14>(h, s, o),
-                        15 => heads_nc::<15>(h, s, o),
-                        _ => heads_nc::<16>(h, s, o),
+                        1 => heads_nc::<E, 1>(h, s, o),
+                        2 => heads_nc::<E, 2>(h, s, o),
+                        3 => heads_nc::<E, 3>(h, s, o),
+                        4 => heads_nc::<E, 4>(h, s, o),
+                        5 => heads_nc::<E, 5>(h, s, o),
+                        6 => heads_nc::<E, 6>(h, s, o),
+                        7 => heads_nc::<E, 7>(h, s, o),
+                        8 => heads_nc::<E, 8>(h, s, o),
+                        9 => heads_nc::<E, 9>(h, s, o),
+                        10 => heads_nc::<E, 10>(h, s, o),
+                        11 => heads_nc::<E, 11>(h, s, o),
+                        12 => heads_nc::<E, 12>(h, s, o),
+                        13 => heads_nc::<E, 13>(h, s, o),
+                        14 => heads_nc::<E, 14>(h, s, o),
+                        15 => heads_nc::<E, 15>(h, s, o),
+                        _ => heads_nc::<E, 16>(h, s, o),
                     }
                 }
             }
 
             /// [`heads`] for head size `L · NC`.
             #[target_feature(enable = $features)]
-            unsafe fn heads_nc<const NC: usize>(h: &Heads<'_>, s: &mut Scratch, o: &mut [f32]) {
+            unsafe fn heads_nc<E: KvElem, const NC: usize>(
+                h: &Heads<'_, E>,
+                s: &mut Scratch,
+                o: &mut [f32],
+            ) {
                 // SAFETY (whole body): every key row offset plus the heads' width lies inside
-                // both caches (asserted below), queries and outputs hold `nh · hd` floats,
+                // both caches (asserted below, in elements of `E`), queries and outputs hold
+                // `nh · hd` floats,
                 // scores `nh · padded`.
                 unsafe {
                     let hd = L * NC;
@@ -118,13 +223,16 @@ macro_rules! kernel {
                     let padded = len.next_multiple_of(L);
                     s.scores.clear();
                     s.scores.resize(nh * padded, 0.0);
+                    if E::DTYPE != KvDtype::F32 {
+                        s.chunk.resize(L * width, 0.0);
+                    }
                     let scale = S::splat(h.scale);
                     let neg_inf = S::splat(f32::NEG_INFINITY);
 
                     // Scores, chunk after chunk of keys: a chunk's rows (16 KiB for 16 keys
                     // of 4 kv heads of 64) stay in L1 while every head reads them.
                     for (c, chunk) in s.rows.chunks(L).enumerate() {
-                        let k = key_ptrs(h.k_cache, chunk);
+                        let k = chunk_rows(h.k_cache, chunk, width, &mut s.chunk);
                         for n in 0..nh {
                             let off = n / h.group * hd;
                             let q = h.q.as_ptr().add(n * hd);
@@ -164,24 +272,27 @@ macro_rules! kernel {
                     // The values, chunk after chunk as the keys, into outputs held in
                     // registers for the chunk; divided by the sums at the end.
                     o.fill(0.0);
+                    // Heads of one kv group read the same value rows: `hb` of them at once
+                    // load each row once and keep `hb · NC` independent accumulator chains
+                    // in flight, where one head alone waits on its NC chains (an FMA's
+                    // latency per key). Each head still adds its keys in the same order.
+                    let hb = heads_at_once(NC, h.group, nh);
                     for (c, chunk) in s.rows.chunks(L).enumerate() {
-                        let v = key_ptrs(h.v_cache, chunk);
-                        for n in 0..nh {
-                            let off = n / h.group * hd;
-                            let out = o.as_mut_ptr().add(n * hd);
-                            let mut acc = [S::zero(); NC];
-                            for (d, a) in acc.iter_mut().enumerate() {
-                                *a = S::load(out.add(L * d));
-                            }
-                            let p = s.scores.as_ptr().add(n * padded + L * c);
-                            for (j, vp) in v.iter().enumerate().take(chunk.len()) {
-                                let pj = S::splat(*p.add(j));
-                                for (d, a) in acc.iter_mut().enumerate() {
-                                    *a = S::fma(pj, S::load(vp.add(off + L * d)), *a);
-                                }
-                            }
-                            for (d, a) in acc.iter().enumerate() {
-                                S::store(out.add(L * d), *a);
+                        let v = chunk_rows(h.v_cache, chunk, width, &mut s.chunk);
+                        let p = s.scores.as_ptr().add(L * c);
+                        let o = o.as_mut_ptr();
+                        for n in (0..nh).step_by(hb) {
+                            let at = Heads4 {
+                                off: n / h.group * hd,
+                                scores: p.add(n * padded),
+                                stride: padded,
+                                out: o.add(n * hd),
+                                hd,
+                            };
+                            match hb {
+                                4 => values::<NC, 4>(&v, chunk.len(), &at),
+                                2 => values::<NC, 2>(&v, chunk.len(), &at),
+                                _ => values::<NC, 1>(&v, chunk.len(), &at),
                             }
                         }
                     }
@@ -198,5 +309,5 @@ macro_rules! kernel {
     };
 }
 
-kernel!(avx512, crate::backend::cpu::simd::Avx512, "avx512f");
-kernel!(avx2, crate::backend::cpu::simd::Avx2, "avx2,fma");
+kernel!(avx512, crate::backend::cpu::simd::Avx512, "avx512f", 32);
+kernel!(avx2, crate::backend::cpu::simd::Avx2, "avx2,fma", 16);
