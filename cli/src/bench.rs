@@ -12,7 +12,7 @@ use anyhow::Context;
 use std::io::Write;
 use std::{path::PathBuf, time::Instant};
 use switchyard_coordinator::GenerateRequest;
-use switchyard_model::SamplingParams;
+use switchyard_model::{KvDtype, SamplingParams};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,6 +62,10 @@ pub struct Args {
     /// Measure every cluster twice, with dual-batch overlap on and off (see --overlap).
     #[arg(long)]
     compare_overlap: bool,
+    /// Measure embedded mode twice, with an f32 and a bf16 KV cache (see --kv-cache-dtype),
+    /// side by side; clusters keep --kv-cache-dtype.
+    #[arg(long)]
+    compare_kv_dtypes: bool,
     /// Write bench.json and bench.png into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -103,6 +107,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "--local-workers starts its own workers; leave out --workers, --placement and --etcd"
     );
     anyhow::ensure!(
+        !(own_cluster && a.compare_kv_dtypes),
+        "--compare-kv-dtypes compares embedded mode; leave out --workers, --placement and --etcd"
+    );
+    anyhow::ensure!(
         a.local_workers > 0 || (a.worker_threads.is_none() && !a.replicate_experts),
         "--worker-threads and --replicate-experts shape the workers of --local-workers"
     );
@@ -117,11 +125,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (label, local) = if own_cluster {
         ("cluster".to_string(), false)
     } else {
-        specs.push(ModeSpec {
-            name: "embedded".into(),
-            cluster: a.cluster.clone(),
-            local: false,
-        });
+        if a.compare_kv_dtypes {
+            for dtype in [KvDtype::F32, KvDtype::Bf16] {
+                let mut cluster = a.cluster.clone();
+                cluster.kv_cache_dtype = dtype;
+                specs.push(ModeSpec {
+                    name: format!("embedded, {dtype} KV"),
+                    cluster,
+                    local: false,
+                });
+            }
+        } else {
+            specs.push(ModeSpec {
+                name: "embedded".into(),
+                cluster: a.cluster.clone(),
+                local: false,
+            });
+        }
         (local_label(&a), true)
     };
     if own_cluster || a.local_workers > 0 {
@@ -173,7 +193,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             bar.set_message(format!("loading {}", spec.name));
             let loaded = cluster.load(&a.model)?;
-            modes.push(Mode::new(spec.name.clone(), loaded, &a.concurrency)?);
+            let positions = a.batch_prompt_tokens + a.decode_tokens;
+            modes.push(Mode::new(
+                spec.name.clone(),
+                loaded,
+                &a.concurrency,
+                positions,
+            )?);
         }
         rounds(&mut modes, &a, &probe, bytes, &bar)?;
         let first = baseline.get_or_insert_with(|| modes[0].baseline());
@@ -337,10 +363,25 @@ struct Mode {
 }
 
 impl Mode {
-    /// Takes `loaded`'s engine and starts one scheduler per count in `counts`, sized for it.
-    fn new(name: String, loaded: crate::cluster::Loaded, counts: &[usize]) -> anyhow::Result<Self> {
+    /// Takes `loaded`'s engine and starts one scheduler per count in `counts`, sized for it:
+    /// a KV cache that holds every sequence's `positions` at once (at least the default), so
+    /// that no run is slowed by preemption.
+    fn new(
+        name: String,
+        loaded: crate::cluster::Loaded,
+        counts: &[usize],
+        positions: usize,
+    ) -> anyhow::Result<Self> {
         use switchyard_coordinator::scheduler::{self, SchedulerConfig};
+        use switchyard_model::KvCache;
         let engine = std::sync::Arc::new(loaded.engine);
+        let defaults = SchedulerConfig::default();
+        let block_bytes = KvCache::<switchyard_model::AnyBackend>::block_bytes(
+            engine.config(),
+            defaults.block_size,
+            engine.kv_dtype(),
+        );
+        let per_seq = positions.div_ceil(defaults.block_size) * block_bytes;
         let scheds = counts
             .iter()
             .map(|&n| {
@@ -349,7 +390,8 @@ impl Mode {
                     SchedulerConfig {
                         max_running: n,
                         max_waiting: n,
-                        ..SchedulerConfig::default()
+                        kv_cache_bytes: defaults.kv_cache_bytes.max(n * per_seq),
+                        ..defaults.clone()
                     },
                 )
             })
@@ -526,6 +568,7 @@ impl Mode {
         let vs_first = paired_ratios(&self.decode, &first.decode);
         let json = serde_json::json!({
             "mode": self.name,
+            "kv_cache_dtype": self.engine.kv_dtype().as_str(),
             "prefill_tok_s_median": median(self.prefill.clone()),
             "decode_tok_s_median": decode_median,
             "prefill_tok_s": self.prefill,

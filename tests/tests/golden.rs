@@ -575,6 +575,60 @@ fn bench_runs_one_mode_at_a_time_over_one_thread_workers_that_each_host_every_ex
 }
 
 #[test]
+fn bench_compares_an_f32_and_a_bf16_kv_cache_side_by_side() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let out = run_ok(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        "2",
+        "--prompt-tokens",
+        "4",
+        "--decode-tokens",
+        "3",
+        "--concurrency",
+        "2",
+        "--batch-prompt-tokens",
+        "40",
+        "--compare-kv-dtypes",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let modes = v["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2, "{v}");
+    for (m, dtype) in modes.iter().zip(["f32", "bf16"]) {
+        assert_eq!(m["mode"], format!("embedded, {dtype} KV"));
+        assert_eq!(m["kv_cache_dtype"], dtype);
+        assert_eq!(m["concurrency"][0]["tok_s"].as_array().unwrap().len(), 2);
+    }
+    // bf16 against f32, run by run: each ratio is that round's two decode rates.
+    let (f, b) = (&modes[0]["decode_tok_s"], &modes[1]["decode_tok_s"]);
+    for (i, r) in modes[1]["decode_vs_first_mode_per_run"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let want = b[i].as_f64().unwrap() / f[i].as_f64().unwrap();
+        assert!((r.as_f64().unwrap() - want).abs() < 1e-9, "{v}");
+    }
+    // The comparison is of embedded mode alone.
+    let bad = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--workers",
+        "127.0.0.1:1=0-7",
+        "--compare-kv-dtypes",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("--compare-kv-dtypes"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bench_dispatch_reports_the_round_trip_against_the_workers_compute_and_the_loopback_floor() {
     let model = fixtures().join("tiny-mixtral-trained");
     let out = run_ok(&[

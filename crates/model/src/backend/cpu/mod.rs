@@ -158,7 +158,9 @@ impl Backend for Cpu {
     fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<CpuKv> {
         Ok(match dtype {
             KvDtype::F32 => CpuKv::F32(vec![0.0; len]),
-            KvDtype::Bf16 => CpuKv::Bf16(vec![half::bf16::ZERO; len]),
+            // Zeroed as u16 so that the allocator hands out untouched zero pages, as it does
+            // for the f32 pool, rather than writing every element of a large cache up front.
+            KvDtype::Bf16 => CpuKv::Bf16(bytemuck::cast_vec(vec![0u16; len])),
         })
     }
 
