@@ -53,6 +53,9 @@ pub enum ModelError {
     Dispatch(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
+    /// A setting this device has no kernels for.
+    #[error("{device} does not support {what}")]
+    Unsupported { device: String, what: String },
 }
 
 impl ModelError {

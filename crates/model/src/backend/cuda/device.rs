@@ -377,10 +377,10 @@ impl Backend for Cuda {
     fn alloc_kv(&self, len: usize, dtype: KvDtype) -> Result<CudaSlice<f32>> {
         match dtype {
             KvDtype::F32 => self.alloc(len),
-            KvDtype::Bf16 => Err(ModelError::Device(
-                self.describe(),
-                "the CUDA backend keeps its KV cache in f32 (--kv-cache-dtype f32)".into(),
-            )),
+            KvDtype::Bf16 => Err(ModelError::Unsupported {
+                device: self.describe(),
+                what: "a bf16 KV cache: its kernels read f32 (--kv-cache-dtype f32)".into(),
+            }),
         }
     }
 

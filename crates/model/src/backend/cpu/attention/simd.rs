@@ -104,7 +104,7 @@ macro_rules! kernel {
             /// columns start at `off` in each row, whose scores for this chunk start at
             /// `scores` (a head's `stride` after the previous head's), and whose outputs
             /// start at `out` (`hd` apart).
-            struct Heads4 {
+            struct ValueHeads {
                 off: usize,
                 scores: *const f32,
                 stride: usize,
@@ -122,7 +122,7 @@ macro_rules! kernel {
             unsafe fn values<const NC: usize, const HB: usize>(
                 v: &[*const f32; 16],
                 n: usize,
-                at: &Heads4,
+                at: &ValueHeads,
             ) {
                 // SAFETY: the caller's bounds.
                 unsafe {
@@ -198,8 +198,7 @@ macro_rules! kernel {
             ) {
                 // SAFETY (whole body): every key row offset plus the heads' width lies inside
                 // both caches (asserted below, in elements of `E`), queries and outputs hold
-                // `nh · hd` floats,
-                // scores `nh · padded`.
+                // `nh · hd` floats, scores `nh · padded`.
                 unsafe {
                     let hd = L * NC;
                     let nh = o.len() / hd;
@@ -282,7 +281,7 @@ macro_rules! kernel {
                         let p = s.scores.as_ptr().add(L * c);
                         let o = o.as_mut_ptr();
                         for n in (0..nh).step_by(hb) {
-                            let at = Heads4 {
+                            let at = ValueHeads {
                                 off: n / h.group * hd,
                                 scores: p.add(n * padded),
                                 stride: padded,
