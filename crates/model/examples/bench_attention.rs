@@ -3,9 +3,10 @@
 //! over a paged KV cache, by context length and cache dtype (f32 and bf16 in turn, each
 //! context's two rows side by side): the GQA shape of a hidden-1024 Mixtral (16 query heads, 4
 //! kv heads, head_dim 64), sequences' blocks interleaved in the cache as a running server's
-//! are.
+//! are. With `--prompt`, each sequence is instead a whole prompt of CTX tokens at once (the
+//! attention of a prefill step).
 //!
-//!   cargo run --release -p switchyard-model --example bench_attention -- [CTX,..] [--seqs N] [--threads N] [--kv f32|bf16]
+//!   cargo run --release -p switchyard-model --example bench_attention -- [CTX,..] [--seqs N] [--threads N] [--kv f32|bf16] [--prompt]
 
 use half::bf16;
 use std::time::Instant;
@@ -19,10 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ctxs = vec![64usize, 256, 1024, 4096];
     let mut seqs = 32usize;
     let mut dtypes = vec![KvDtype::F32, KvDtype::Bf16];
+    let mut prompt = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seqs" => seqs = args.next().ok_or("--seqs needs a count")?.parse()?,
+            "--prompt" => prompt = true,
             "--kv" => dtypes = vec![args.next().ok_or("--kv needs a dtype")?.parse()?],
             "--threads" => {
                 let n: usize = args.next().ok_or("--threads needs a count")?.parse()?;
@@ -80,23 +83,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             fill(n_blocks * bs * kv_dim, 1),
             fill(n_blocks * bs * kv_dim, 2),
         );
-        let q = fill(seqs * q_dim, 3);
+        // A decode step's one query row a sequence at position ctx - 1, or a prompt's ctx rows
+        // from position 0.
+        let n_q = if prompt { ctx } else { 1 };
+        let q = fill(seqs * n_q * q_dim, 3);
         let attn: Vec<AttnSeq<'_>> = tables
             .iter()
             .enumerate()
             .map(|(s, t)| AttnSeq {
-                q_row0: s,
-                n_q: 1,
-                pos0: ctx - 1,
+                q_row0: s * n_q,
+                n_q,
+                pos0: ctx - n_q,
                 blocks: t,
             })
             .collect();
+        let keys_per_seq = if prompt { ctx * (ctx + 1) / 2 } else { ctx };
         for &dtype in &dtypes {
             let t = match dtype {
-                KvDtype::F32 => time::<f32>(&q, &k, &v, &attn, &shape),
-                KvDtype::Bf16 => time::<bf16>(&q, &k, &v, &attn, &shape),
+                KvDtype::F32 => time::<f32>(&q, &k, &v, &attn, &shape, keys_per_seq),
+                KvDtype::Bf16 => time::<bf16>(&q, &k, &v, &attn, &shape, keys_per_seq),
             };
-            let head_keys = (seqs * ctx * shape.heads) as f64;
+            let head_keys = (seqs * keys_per_seq * shape.heads) as f64;
             let kv_bytes = (2 * seqs * ctx * kv_dim * dtype.size()) as f64;
             println!(
                 "{:>6} {:>6} {:>5} {:>10.3} {:>12.2} {:>10.1}",
@@ -120,12 +127,13 @@ fn time<E: KvElem>(
     v: &[f32],
     attn: &[AttnSeq<'_>],
     shape: &AttnShape,
+    keys_per_seq: usize,
 ) -> f64 {
     let k: Vec<E> = k.iter().map(|&x| E::from_f32(x)).collect();
     let v: Vec<E> = v.iter().map(|&x| E::from_f32(x)).collect();
     let mut out = vec![0f32; q.len()];
-    let ctx = attn.first().map_or(1, |a| a.pos0 + 1);
-    let iters = (100_000_000 / (ctx * q.len()).max(1)).clamp(3, 1000);
+    let work = attn.len() * keys_per_seq * shape.heads * shape.head_dim;
+    let iters = (100_000_000 / work.max(1)).clamp(3, 1000);
     let mut best = f64::INFINITY;
     for _ in 0..9 {
         let t0 = Instant::now();

@@ -198,18 +198,20 @@ macro_rules! kernel {
             ) {
                 // SAFETY (whole body): every key row offset plus the heads' width lies inside
                 // both caches (asserted below, in elements of `E`), queries and outputs hold
-                // `nh · hd` floats, scores `nh · padded`.
+                // `tokens · nh · hd` floats, scores `tokens · nh · stride`.
                 unsafe {
                     let hd = L * NC;
-                    let nh = o.len() / hd;
+                    let nt = h.tokens.max(1);
+                    let nh = o.len() / hd / nt;
                     if nh == 0 {
                         return;
                     }
+                    // The keys of the last token, whose range holds every other token's.
                     s.rows.clear();
                     s.rows.extend(
-                        rows(h.blocks, h.block_size, h.lo, h.pos).map(|r| r * h.kv_dim + h.col),
+                        rows(h.blocks, h.block_size, h.lo, h.pos + nt - 1)
+                            .map(|r| r * h.kv_dim + h.col),
                     );
-                    let len = s.rows.len();
                     // Every head reads `hd` floats at its group's column of each row: the
                     // bounds the raw loads below rely on, checked once per task.
                     let width = (nh - 1) / h.group * hd + hd;
@@ -219,9 +221,12 @@ macro_rules! kernel {
                             .all(|&r| r + width <= h.k_cache.len() && r + width <= h.v_cache.len()),
                         "attention reads past the KV cache"
                     );
-                    let padded = len.next_multiple_of(L);
+                    // Token i sees the first `len(i)` keys; its heads' scores are rows of
+                    // `stride` floats, token after token.
+                    let len = |i: usize| h.pos + i + 1 - h.lo;
+                    let stride = s.rows.len().next_multiple_of(L);
                     s.scores.clear();
-                    s.scores.resize(nh * padded, 0.0);
+                    s.scores.resize(nt * nh * stride, 0.0);
                     if E::DTYPE != KvDtype::F32 {
                         s.chunk.resize(L * width, 0.0);
                     }
@@ -229,30 +234,40 @@ macro_rules! kernel {
                     let neg_inf = S::splat(f32::NEG_INFINITY);
 
                     // Scores, chunk after chunk of keys: a chunk's rows (16 KiB for 16 keys
-                    // of 4 kv heads of 64) stay in L1 while every head reads them.
+                    // of 4 kv heads of 64) stay in L1 while every head of every token reads
+                    // them. A token takes the keys of a chunk it sees, as it would alone.
                     for (c, chunk) in s.rows.chunks(L).enumerate() {
                         let k = chunk_rows(h.k_cache, chunk, width, &mut s.chunk);
-                        for n in 0..nh {
-                            let off = n / h.group * hd;
-                            let q = h.q.as_ptr().add(n * hd);
-                            let mut acc = [S::zero(); 16];
-                            for d in 0..NC {
-                                let qd = S::load(q.add(L * d));
-                                for (a, kp) in acc.iter_mut().zip(&k).take(L) {
-                                    *a = S::fma(qd, S::load(kp.add(off + L * d)), *a);
-                                }
+                        for i in 0..nt {
+                            let seen = len(i).saturating_sub(L * c).min(chunk.len());
+                            if seen == 0 {
+                                continue;
                             }
-                            let sc = S::mul(S::transpose_sum(&acc), scale);
-                            let sc = S::first(chunk.len(), sc, neg_inf);
-                            S::store(s.scores.as_mut_ptr().add(n * padded + L * c), sc);
+                            for n in 0..nh {
+                                let off = n / h.group * hd;
+                                let q = h.q.as_ptr().add((i * nh + n) * hd);
+                                let mut acc = [S::zero(); 16];
+                                for d in 0..NC {
+                                    let qd = S::load(q.add(L * d));
+                                    for (a, kp) in acc.iter_mut().zip(&k).take(L) {
+                                        *a = S::fma(qd, S::load(kp.add(off + L * d)), *a);
+                                    }
+                                }
+                                let sc = S::mul(S::transpose_sum(&acc), scale);
+                                let sc = S::first(seen, sc, neg_inf);
+                                let row = s.scores.as_mut_ptr().add((i * nh + n) * stride);
+                                S::store(row.add(L * c), sc);
+                            }
                         }
                     }
 
                     // Softmax numerators in place, and each head's reciprocal sum.
                     s.inv.clear();
-                    s.inv.resize(nh, 0.0);
-                    for (n, inv) in s.inv.iter_mut().enumerate() {
-                        let row = s.scores.as_mut_ptr().add(n * padded);
+                    s.inv.resize(nt * nh, 0.0);
+                    for (r, inv) in s.inv.iter_mut().enumerate() {
+                        let len = len(r / nh);
+                        let padded = len.next_multiple_of(L);
+                        let row = s.scores.as_mut_ptr().add(r * stride);
                         let mut m = neg_inf;
                         for c in (0..padded).step_by(L) {
                             m = S::max(m, S::load(row.add(c)));
@@ -278,28 +293,34 @@ macro_rules! kernel {
                     let hb = heads_at_once(NC, h.group, nh);
                     for (c, chunk) in s.rows.chunks(L).enumerate() {
                         let v = chunk_rows(h.v_cache, chunk, width, &mut s.chunk);
-                        let p = s.scores.as_ptr().add(L * c);
-                        let o = o.as_mut_ptr();
-                        for n in (0..nh).step_by(hb) {
-                            let at = ValueHeads {
-                                off: n / h.group * hd,
-                                scores: p.add(n * padded),
-                                stride: padded,
-                                out: o.add(n * hd),
-                                hd,
-                            };
-                            match hb {
-                                4 => values::<NC, 4>(&v, chunk.len(), &at),
-                                2 => values::<NC, 2>(&v, chunk.len(), &at),
-                                _ => values::<NC, 1>(&v, chunk.len(), &at),
+                        for i in 0..nt {
+                            let seen = len(i).saturating_sub(L * c).min(chunk.len());
+                            if seen == 0 {
+                                continue;
+                            }
+                            let p = s.scores.as_ptr().add(i * nh * stride + L * c);
+                            let o = o.as_mut_ptr().add(i * nh * hd);
+                            for n in (0..nh).step_by(hb) {
+                                let at = ValueHeads {
+                                    off: n / h.group * hd,
+                                    scores: p.add(n * stride),
+                                    stride,
+                                    out: o.add(n * hd),
+                                    hd,
+                                };
+                                match hb {
+                                    4 => values::<NC, 4>(&v, seen, &at),
+                                    2 => values::<NC, 2>(&v, seen, &at),
+                                    _ => values::<NC, 1>(&v, seen, &at),
+                                }
                             }
                         }
                     }
-                    for (n, &r) in s.inv.iter().enumerate() {
-                        let r = S::splat(r);
-                        let out = o.as_mut_ptr().add(n * hd);
+                    for (r, &inv) in s.inv.iter().enumerate() {
+                        let inv = S::splat(inv);
+                        let out = o.as_mut_ptr().add(r * hd);
                         for d in 0..NC {
-                            S::store(out.add(L * d), S::mul(S::load(out.add(L * d)), r));
+                            S::store(out.add(L * d), S::mul(S::load(out.add(L * d)), inv));
                         }
                     }
                 }
