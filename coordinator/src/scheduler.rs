@@ -581,6 +581,25 @@ mod tests {
         (tmp, engine)
     }
 
+    /// A greedy request that ignores eos, reporting to `events`.
+    fn greedy(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        events: mpsc::UnboundedSender<(usize, SeqEvent)>,
+    ) -> SeqRequest {
+        SeqRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            ignore_eos: true,
+            logprobs: None,
+            index: 0,
+            events,
+            cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
     /// Submits one greedy request that ignores eos and waits for it: its tokens, why it
     /// finished and how many tokens it reported.
     fn run_one(
@@ -589,19 +608,7 @@ mod tests {
         max_tokens: usize,
     ) -> (Vec<u32>, FinishReason, usize) {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        handle
-            .submit(SeqRequest {
-                prompt,
-                max_tokens,
-                sampling: SamplingParams::default(),
-                stop_ids: vec![],
-                ignore_eos: true,
-                logprobs: None,
-                index: 0,
-                events: tx,
-                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            })
-            .unwrap();
+        handle.submit(greedy(prompt, max_tokens, tx)).unwrap();
         let mut got = Vec::new();
         loop {
             match rx.blocking_recv().unwrap().1 {
@@ -630,17 +637,7 @@ mod tests {
         };
         let handle = start(engine, cfg).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let req = |prompt: Vec<u32>, max_tokens| SeqRequest {
-            prompt,
-            max_tokens,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![],
-            ignore_eos: true,
-            logprobs: None,
-            index: 0,
-            events: tx.clone(),
-            cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        };
+        let req = |prompt: Vec<u32>, max_tokens| greedy(prompt, max_tokens, tx.clone());
         let err = handle.submit(req(vec![], 4)).unwrap_err();
         assert!(matches!(err, SubmitError::Invalid(_)), "{err}");
         let err = handle.submit(req(vec![1, 2], 0)).unwrap_err();

@@ -251,7 +251,7 @@ impl Kernel {
 /// call of [`attention`], not per task).
 fn run_heads<E: KvElem>(kernel: Kernel, h: &Heads<'_, E>, hd: usize, o: &mut [f32]) {
     if h.tokens > 1 && !matches!(kernel, Kernel::Avx512 | Kernel::Avx2) {
-        // The portable kernel takes one token at a time.
+        // The portable kernel takes one token at a time; the register kernels a whole run.
         let per = o.len() / h.tokens;
         for (i, (q, o)) in
             h.q.chunks_exact(per)
@@ -351,7 +351,7 @@ pub fn attention<E: KvElem>(
     };
     let out = &mut out[..total * q_dim];
     let block = rows_per_task(seqs, total, threads);
-    if per_task == s.heads && block > 1 && matches!(kernel, Kernel::Avx512 | Kernel::Avx2) {
+    if per_task == s.heads && block > 1 {
         return attention_blocks(kernel, (block, hd), &all, q, seqs, s.window, out);
     }
     let tasks_per_token = s.heads / per_task;
@@ -724,6 +724,22 @@ mod tests {
         }
     }
 
+    /// `f` run into a zeroed output of `len` floats in a pool of each of `threads` sizes.
+    fn in_pools(threads: &[usize], len: usize, f: impl Fn(&mut [f32]) + Sync) -> Vec<Vec<f32>> {
+        threads
+            .iter()
+            .map(|&n| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .expect("a thread pool");
+                let mut out = vec![0.0; len];
+                pool.install(|| f(&mut out));
+                out
+            })
+            .collect()
+    }
+
     /// `x` rounded to a cache of `E`, as `kv_write` stores it.
     fn cache_of<E: KvElem>(x: &[f32]) -> Vec<E> {
         x.iter().map(|&v| E::from_f32(v)).collect()
@@ -839,18 +855,9 @@ mod tests {
                 block_size: bs,
                 window,
             };
-            let outs: Vec<Vec<f32>> = [1, 16]
-                .iter()
-                .map(|&n| {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(n)
-                        .build()
-                        .expect("a thread pool");
-                    let mut out = vec![0.0; rows * heads * hd];
-                    pool.install(|| attention(&q, &k, &v, &seqs, &s, &mut out));
-                    out
-                })
-                .collect();
+            let outs = in_pools(&[1, 16], rows * heads * hd, |out| {
+                attention(&q, &k, &v, &seqs, &s, out)
+            });
             assert_eq!(outs[0], outs[1], "window {window:?}");
             for (i, (a, b)) in outs[0].iter().zip(naive(&q, &k, &v, &seqs, &s)).enumerate() {
                 assert!(
@@ -905,18 +912,9 @@ mod tests {
             pos0: 29,
             blocks: &blocks,
         }];
-        let outs: Vec<Vec<f32>> = [1, 3, 16]
-            .iter()
-            .map(|&n| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build()
-                    .expect("a thread pool");
-                let mut out = vec![0.0; heads * hd];
-                pool.install(|| attention(&q, &k, &v, &seqs, &s, &mut out));
-                out
-            })
-            .collect();
+        let outs = in_pools(&[1, 3, 16], heads * hd, |out| {
+            attention(&q, &k, &v, &seqs, &s, out)
+        });
         assert_eq!(outs[0], outs[1]);
         assert_eq!(outs[0], outs[2]);
     }
