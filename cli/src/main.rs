@@ -27,9 +27,10 @@ struct Cli {
     #[arg(long, global = true, env = "SWITCHYARD_THREADS")]
     threads: Option<usize>,
     /// Activations the CPU kernels meet bf16 weights with: f32 (exact widening, within the
-    /// reference's tolerances), bf16 (rounded once per linear for `vdpbf16ps`, twice the
-    /// multiply-adds an instruction, at every batch size; needs AVX-512 BF16), or auto: bf16
-    /// where the CPU has AVX-512 BF16 and no AMX, f32 elsewhere. f32 weights always meet f32.
+    /// reference's tolerances), bf16 (rounded once per linear: `vdpbf16ps` tiles, twice the
+    /// multiply-adds an instruction, or on CPUs with AMX one AMX part instead of f32's three; at
+    /// every batch size; needs AVX-512 BF16), or auto: bf16 where the CPU has AVX-512 BF16, f32
+    /// elsewhere. f32 weights always meet f32.
     #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
     cpu_activations: String,
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.

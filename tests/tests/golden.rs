@@ -117,7 +117,7 @@ fn forward_matches_every_golden_case() {
 }
 
 /// The binary's default activation mode, `auto`, rounds activations to bf16 for bf16 weights on
-/// CPUs with AVX-512 BF16 and no AMX. That leaves the f32 tolerances, so the check is the
+/// CPUs with AVX-512 BF16. That leaves the f32 tolerances, so the check is the
 /// statistical one the fixtures' README asks of bf16-compute paths: fed each case's prompt and
 /// golden continuation, the argmax at each position is the golden's next token almost
 /// everywhere. Where `auto` picks bf16 the logits must also differ from `--cpu-activations f32`'s

@@ -11,8 +11,10 @@
 //!
 //! `SWITCHYARD_CPU_KERNELS=avx2` (or scalar, avx512) measures a lower instruction set.
 //!
-//! On CPUs with AVX-512 BF16 a last column measures the dot path with activations rounded to
-//! bf16 for its tiles (`vdpbf16ps`, what `SWITCHYARD_CPU_ACTIVATIONS=bf16` selects).
+//! On CPUs with AVX-512 BF16 the bf16x columns measure the dot path with activations rounded to
+//! bf16 for its tiles (`vdpbf16ps`). The tiles columns (AMX CPUs: weights in tile order) follow
+//! `SWITCHYARD_CPU_ACTIVATIONS`: f32 (the default here) runs three AMX parts from 4 rows and
+//! a dot kernel below, bf16 one AMX part at every row count.
 
 use half::bf16;
 use std::time::Instant;

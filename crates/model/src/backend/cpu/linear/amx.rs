@@ -11,6 +11,9 @@
 //! meet the reference's tolerances, so each one is split into three bf16 parts, `x = h + m + l`
 //! (8 significant bits each, together all 24 of an f32), and every product is exact in the f32
 //! accumulators: the result is as accurate as the FMA kernels', in another summation order.
+//! With `--cpu-activations bf16` an activation is its first part alone ([`BF16_PARTS`]), the
+//! rounding the `vdpbf16ps` kernels make, at a third of the products: every row count goes
+//! through the tiles then, so a token's result does not depend on its step.
 //!
 //! Tile registers: tmm5-7 hold one input block's activation tiles (its `h`, `m` and `l` parts)
 //! and serve up to four 16-row weight blocks, each loaded in turn into tmm4 and multiplied into
@@ -31,8 +34,10 @@ use std::arch::asm;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-/// Parts each activation is split into (`h`, `m`, `l`).
-const PARTS: usize = 3;
+/// Parts each f32 activation is split into (`h`, `m`, `l`): the exact path.
+pub(super) const PARTS: usize = 3;
+/// Parts of an activation rounded to bf16 (`--cpu-activations bf16`): `h` alone.
+pub(super) const BF16_PARTS: usize = 1;
 /// Tokens per tile (a B tile's 16 columns of bf16 pairs).
 const GROUP: usize = 16;
 /// Inputs per tile: 32 bf16, one 64-byte tile row. The AMX path needs `in` to be a multiple.
@@ -185,17 +190,17 @@ fn widen(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// Splits 32 activations into their three bf16 parts.
+/// Splits 32 activations into their first `P` bf16 parts: each part the rounded remainder
+/// of the ones before (with one part, the activation rounded to bf16).
 #[inline(always)]
-fn split(x: &[f32], parts: &mut [[u16; KB]; PARTS]) {
+fn split<const P: usize>(x: &[f32], parts: &mut [[u16; KB]; P]) {
     for (k, &v) in x.iter().enumerate().take(KB) {
-        let h = round_bf16(v);
-        let r = v - widen(h);
-        let m = round_bf16(r);
-        let l = round_bf16(r - widen(m));
-        parts[0][k] = h;
-        parts[1][k] = m;
-        parts[2][k] = l;
+        let mut r = v;
+        for part in parts.iter_mut() {
+            let h = round_bf16(r);
+            part[k] = h;
+            r -= widen(h);
+        }
     }
 }
 
@@ -206,16 +211,16 @@ fn tile_len(n: usize) -> usize {
 }
 
 /// Lays out one token group's rows (n ≤ 16 of `x`'s rows of `inp`) as B tiles: for input block
-/// b and part p, the tile at `(b·PARTS + p)·tile_len(n)` whose row q holds, for each token t,
-/// the pair (x_p[t][32b + 2q], x_p[t][32b + 2q + 1]).
-fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
+/// b and part p (of `P`), the tile at `(b·P + p)·tile_len(n)` whose row q holds, for each token
+/// t, the pair (x_p[t][32b + 2q], x_p[t][32b + 2q + 1]).
+fn pack_group<const P: usize>(x: &[f32], inp: usize, out: &mut [u16]) {
     let n = x.len() / inp;
     let tl = tile_len(n);
-    let mut parts = [[0u16; KB]; PARTS];
+    let mut parts = [[0u16; KB]; P];
     for (t, xr) in x.chunks_exact(inp).enumerate() {
         for (b, xb) in xr.chunks_exact(KB).enumerate() {
             split(xb, &mut parts);
-            let base = b * PARTS * tl + t * 2;
+            let base = b * P * tl + t * 2;
             for (p, part) in parts.iter().enumerate() {
                 let tile = &mut out[base + p * tl..];
                 for q in 0..KB / 2 {
@@ -237,12 +242,12 @@ fn pack_group(x: &[f32], inp: usize, out: &mut [u16]) {
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512BW; as [`pack_group`] otherwise.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_group_avx512(x: &[f32], inp: usize, out: &mut [u16]) {
+unsafe fn pack_group_avx512<const P: usize>(x: &[f32], inp: usize, out: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = x.len() / inp;
     debug_assert!((1..=GROUP).contains(&n) && inp.is_multiple_of(KB));
     let tl = tile_len(n);
-    assert!(out.len() >= inp / KB * PARTS * tl, "packed tiles too short");
+    assert!(out.len() >= inp / KB * P * tl, "packed tiles too short");
     // The high halves of the 32 lanes of two registers, in order: each lane's bf16 bits.
     const HIGH: [u16; 32] = {
         let mut h = [0u16; 32];
@@ -267,15 +272,16 @@ unsafe fn pack_group_avx512(x: &[f32], inp: usize, out: &mut [u16]) {
             let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
             _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
         };
-        let split = |v: __m512| -> [__m512i; PARTS] {
-            let h = round(v);
-            let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
-            let m = round(r);
-            let l = round(_mm512_sub_ps(r, _mm512_castsi512_ps(m)));
-            [h, m, l]
+        let split = |v: __m512| -> [__m512i; P] {
+            let mut r = v;
+            std::array::from_fn(|_| {
+                let h = round(r);
+                r = _mm512_sub_ps(r, _mm512_castsi512_ps(h));
+                h
+            })
         };
         for b in 0..inp / KB {
-            let mut rows = [[_mm512_setzero_ps(); GROUP]; PARTS];
+            let mut rows = [[_mm512_setzero_ps(); GROUP]; P];
             for t in 0..n {
                 let xp = x.as_ptr().add(t * inp + b * KB);
                 let lo = split(_mm512_loadu_ps(xp));
@@ -285,7 +291,7 @@ unsafe fn pack_group_avx512(x: &[f32], inp: usize, out: &mut [u16]) {
                 }
             }
             for (p, part) in rows.iter().enumerate() {
-                let tile = out.as_mut_ptr().add((b * PARTS + p) * tl);
+                let tile = out.as_mut_ptr().add((b * P + p) * tl);
                 for (q, row) in transpose16(part).into_iter().enumerate() {
                     _mm512_mask_storeu_ps(tile.add(q * 2 * n).cast(), tokens, row);
                 }
@@ -296,20 +302,20 @@ unsafe fn pack_group_avx512(x: &[f32], inp: usize, out: &mut [u16]) {
 
 /// Packs one token group with [`pack_group_avx512`] where the CPU has it, [`pack_group`]
 /// otherwise.
-fn pack(x: &[f32], inp: usize, out: &mut [u16]) {
+fn pack<const P: usize>(x: &[f32], inp: usize, out: &mut [u16]) {
     if std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
     {
         // SAFETY: the CPU has both, checked above.
-        unsafe { pack_group_avx512(x, inp, out) }
+        unsafe { pack_group_avx512::<P>(x, inp, out) }
     } else {
-        pack_group(x, inp, out);
+        pack_group::<P>(x, inp, out);
     }
 }
 
 thread_local! {
     /// Packed activations (see [`super::with_scratch`]); each grows to the largest
-    /// `groups · in · PARTS` once.
+    /// `groups · in · parts` once.
     static PACKED: Scratch = const { RefCell::new(Vec::new()) };
     /// The last weight rows of a task, padded with zero rows to a whole tile.
     static TAIL: Scratch = const { RefCell::new(Vec::new()) };
@@ -324,18 +330,24 @@ pub(super) struct Job<'a> {
 }
 
 /// `ys[i] = x · ws[i]ᵀ` for every job, all of input width `inp` (a multiple of [`KB`]), as one
-/// parallel pass over blocks of [`task_rows`] output rows. At most [`super::MAX_PARTS`] jobs.
+/// parallel pass over blocks of [`task_rows`] output rows, the activations split into `P`
+/// bf16 parts ([`PARTS`] or [`BF16_PARTS`]). At most [`super::MAX_PARTS`] jobs.
 ///
 /// # Safety
 /// [`available`] must be true; each job's `y` must point to `rows · out` writable f32s that no
 /// one else touches during the call, and its `w` must hold `out · inp` elements.
-pub(super) unsafe fn linear_many(x: &[f32], rows: usize, inp: usize, jobs: &[Job<'_>]) {
+pub(super) unsafe fn linear_many<const P: usize>(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    jobs: &[Job<'_>],
+) {
     debug_assert!(inp.is_multiple_of(KB) && x.len() >= rows * inp);
     debug_assert!(jobs.len() <= super::MAX_PARTS);
     let tasks = jobs.iter().map(|job| job.out.div_ceil(task_rows(inp)));
-    packed_pass(x, rows, inp, tasks, |block, i, t| {
+    packed_pass::<P>(x, rows, inp, tasks, |block, i, t| {
         // SAFETY: the caller's contract; tasks own disjoint (rows, columns) ranges.
-        unsafe { task(block, inp, jobs[i], t) };
+        unsafe { task::<P>(block, inp, jobs[i], t) };
     });
 }
 
@@ -351,9 +363,9 @@ const ROW_BLOCK_BYTES: usize = 512 << 10;
 /// block, so the tasks a thread runs in turn share a block in L2. The weights are read once
 /// per block instead of once in all: that pays where a block holds at least two groups (the
 /// activations' three parts are 96 bytes an input, a weight row's two bytes an input each
-/// of a band's 64 rows), hence one block below two.
-fn groups_per_block(inp: usize, groups: usize) -> usize {
-    let fit = ROW_BLOCK_BYTES / (inp * PARTS * JB * 2);
+/// of a band's 64 rows), hence one block below two. `parts`: the activations' bf16 parts.
+fn groups_per_block(inp: usize, parts: usize, groups: usize) -> usize {
+    let fit = ROW_BLOCK_BYTES / (inp * parts * JB * 2);
     if fit < 2 {
         groups
     } else {
@@ -371,24 +383,24 @@ struct RowBlock<'a> {
     row0: usize,
 }
 
-/// Packs `x`'s rows into activation tiles, then runs every job's tasks (`tasks` yields each
-/// job's count, at most [`super::MAX_PARTS`] jobs) against every row block as one parallel
-/// pass, `run(rows, job, task of that job)`, a job's tasks listed block after block.
-fn packed_pass(
+/// Packs `x`'s rows into activation tiles of `P` parts, then runs every job's tasks (`tasks`
+/// yields each job's count, at most [`super::MAX_PARTS`] jobs) against every row block as one
+/// parallel pass, `run(rows, job, task of that job)`, a job's tasks listed block after block.
+fn packed_pass<const P: usize>(
     x: &[f32],
     rows: usize,
     inp: usize,
     tasks: impl Iterator<Item = usize>,
     run: impl Fn(RowBlock<'_>, usize, usize) + Sync,
 ) {
-    // A full group's tiles (inp / 32 blocks × PARTS × 16 rows × 16 pairs); a last, partial
-    // group uses the start of its share.
-    let group_len = inp * PARTS * JB;
+    // A full group's tiles (inp / 32 blocks × P × 16 rows × 16 pairs); a last, partial group
+    // uses the start of its share.
+    let group_len = inp * P * JB;
     let groups = rows.div_ceil(GROUP);
     if groups == 0 {
         return;
     }
-    let per_block = groups_per_block(inp, groups);
+    let per_block = groups_per_block(inp, P, groups);
     let blocks = groups.div_ceil(per_block);
     let mut counts = [0usize; super::MAX_PARTS];
     let mut jobs = 0;
@@ -404,10 +416,10 @@ fn packed_pass(
             packed
                 .par_chunks_mut(group_len)
                 .zip(x.par_chunks(GROUP * inp))
-                .for_each(|(out, xg)| pack(xg, inp, out));
+                .for_each(|(out, xg)| pack::<P>(xg, inp, out));
         } else {
             for (out, xg) in packed.chunks_mut(group_len).zip(x.chunks(GROUP * inp)) {
-                pack(xg, inp, out);
+                pack::<P>(xg, inp, out);
             }
         }
         let packed = &*packed;
@@ -430,7 +442,7 @@ fn packed_pass(
 ///
 /// # Safety
 /// As for [`linear_many`], with `rows` holding its token groups' activation tiles.
-unsafe fn task(rows: RowBlock<'_>, inp: usize, job: Job<'_>, blk: usize) {
+unsafe fn task<const P: usize>(rows: RowBlock<'_>, inp: usize, job: Job<'_>, blk: usize) {
     let j0 = blk * task_rows(inp);
     let j1 = (j0 + task_rows(inp)).min(job.out);
     let full = (j1 - j0) / JB;
@@ -441,7 +453,7 @@ unsafe fn task(rows: RowBlock<'_>, inp: usize, job: Job<'_>, blk: usize) {
         // SAFETY: the caller's contract; `w` covers nb whole 16-row blocks of inp elements (of
         // the weight or its padded copy), and rows j .. j + n_rows are this task's alone.
         unsafe {
-            run_groups(
+            run_groups::<P>(
                 rows,
                 inp,
                 Walk::in_place(w, stride),
@@ -475,7 +487,7 @@ unsafe fn task(rows: RowBlock<'_>, inp: usize, job: Job<'_>, blk: usize) {
 /// # Safety
 /// [`available`] must be true; `w` must cover nb whole blocks of inp elements, `y` hold every
 /// token's `out` outputs, and rows `js` of the block's tokens be the caller's alone.
-unsafe fn run_groups(
+unsafe fn run_groups<const P: usize>(
     rows: RowBlock<'_>,
     inp: usize,
     w: Walk,
@@ -486,19 +498,19 @@ unsafe fn run_groups(
     let kbs = inp / KB;
     let mut acc = [0f32; ACC_LEN];
     let mut configured = 0;
-    for (g, xg) in rows.packed.chunks_exact(inp * PARTS * JB).enumerate() {
+    for (g, xg) in rows.packed.chunks_exact(inp * P * JB).enumerate() {
         let n = (rows.rows - g * GROUP).min(GROUP);
-        // SAFETY: the caller's contract; `xg` holds kbs·PARTS tiles of n tokens.
+        // SAFETY: the caller's contract; `xg` holds kbs·P tiles of n tokens.
         unsafe {
             if n != configured {
                 configure(&TileConfig::new(n));
                 configured = n;
             }
             match nb {
-                4 => block::<4>(w, xg.as_ptr(), n, kbs, &mut acc),
-                3 => block::<3>(w, xg.as_ptr(), n, kbs, &mut acc),
-                2 => block::<2>(w, xg.as_ptr(), n, kbs, &mut acc),
-                _ => block::<1>(w, xg.as_ptr(), n, kbs, &mut acc),
+                4 => block::<4, P>(w, xg.as_ptr(), n, kbs, &mut acc),
+                3 => block::<3, P>(w, xg.as_ptr(), n, kbs, &mut acc),
+                2 => block::<2, P>(w, xg.as_ptr(), n, kbs, &mut acc),
+                _ => block::<1, P>(w, xg.as_ptr(), n, kbs, &mut acc),
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
                 scatter_avx512(&acc, js.len(), n, rows.row0 + g * GROUP, (y, out), js.start);
@@ -654,19 +666,20 @@ impl Walk {
 }
 
 /// NB (1 to 4) 16-row weight blocks laid out as `w` says against one group of `n` tokens'
-/// packed activations `x`, over `kbs` input blocks; the C tiles are stored into `c` (tile i at
-/// `i·256`, 16 rows × n at a 16-token stride). The tiles must be configured for `n`.
+/// packed activations `x` of `P` parts (3 or 1), over `kbs` input blocks; the C tiles are
+/// stored into `c` (tile i at `i·256`, 16 rows × n at a 16-token stride). The tiles must be
+/// configured for `n`.
 ///
-/// Per input block the three activation tiles are loaded once (tmm5-7) and serve every weight
-/// block, each loaded in turn into tmm4 and multiplied into its own C tile (tmm0-3) with the
-/// `h`, `m` and `l` parts in that order, so every element sums the same products in the same
-/// order whatever NB and wherever its weights lie.
+/// Per input block the activation tiles are loaded once (tmm5-7: `h`, `m`, `l`; or tmm5
+/// alone) and serve every weight block, each loaded in turn into tmm4 and multiplied into its
+/// own C tile (tmm0-3) with the parts in that order, so every element sums the same products
+/// in the same order whatever NB and wherever its weights lie.
 ///
 /// In place, prefetching the rows ahead into L1 or L2, or the next block into L2, and copying
 /// rows into tile order on every call were each tried and gained nothing outside noise; a copy
 /// made once at load ([`Tiles`]) did.
 #[inline(always)]
-unsafe fn block<const NB: usize>(
+unsafe fn block<const NB: usize, const P: usize>(
     w: Walk,
     x: *const u16,
     n: usize,
@@ -676,7 +689,7 @@ unsafe fn block<const NB: usize>(
     const T: usize = JB * GROUP;
     let (tl, xs) = (tile_len(n), 4 * n);
     // SAFETY (whole body): tiles configured by the caller; `w` covers NB blocks of kbs tiles
-    // (prefetches never fault) and `x` kbs·PARTS tiles of n tokens.
+    // (prefetches never fault) and `x` kbs·P tiles of n tokens.
     unsafe {
         zero::<0>();
         if NB > 1 {
@@ -689,10 +702,12 @@ unsafe fn block<const NB: usize>(
             zero::<3>();
         }
         for b in 0..kbs {
-            let xt = x.add(b * PARTS * tl);
+            let xt = x.add(b * P * tl);
             load::<5>(xt, xs);
-            load::<6>(xt.add(tl), xs);
-            load::<7>(xt.add(2 * tl), xs);
+            if P > 1 {
+                load::<6>(xt.add(tl), xs);
+                load::<7>(xt.add(2 * tl), xs);
+            }
             let k = w.base.add(b * w.k_step);
             // Weight block $c's tile into tmm4, times the h, m and l parts into C tile $c.
             macro_rules! weights_into {
@@ -706,8 +721,10 @@ unsafe fn block<const NB: usize>(
                     }
                     load::<4>(t.cast(), w.row_stride);
                     dot::<$c, 4, 5>();
-                    dot::<$c, 4, 6>();
-                    dot::<$c, 4, 7>();
+                    if P > 1 {
+                        dot::<$c, 4, 6>();
+                        dot::<$c, 4, 7>();
+                    }
                 }};
             }
             weights_into!(0);
@@ -741,7 +758,11 @@ unsafe fn block<const NB: usize>(
 /// # Safety
 /// [`available`] must be true; each `ys[i]` must point to `rows · ws[i].out` writable f32s that
 /// no one else touches during the call; `x` must hold `rows · inp` elements.
-pub(super) unsafe fn linear_tiles(x: &[f32], rows: usize, jobs: &[(&Tiles, SendPtr)]) {
+pub(super) unsafe fn linear_tiles<const P: usize>(
+    x: &[f32],
+    rows: usize,
+    jobs: &[(&Tiles, SendPtr)],
+) {
     debug_assert!(jobs.len() <= super::MAX_PARTS);
     let Some(inp) = jobs.first().map(|(w, _)| w.inp()) else {
         return;
@@ -751,10 +772,10 @@ pub(super) unsafe fn linear_tiles(x: &[f32], rows: usize, jobs: &[(&Tiles, SendP
         return;
     }
     let tasks = jobs.iter().map(|(w, _)| w.out().div_ceil(BAND));
-    packed_pass(x, rows, inp, tasks, |block, i, t| {
+    packed_pass::<P>(x, rows, inp, tasks, |block, i, t| {
         let (w, y) = jobs[i];
         // SAFETY: the caller's contract; tasks own disjoint (rows, band) ranges.
-        unsafe { band(block, w, y, t) };
+        unsafe { band::<P>(block, w, y, t) };
     });
 }
 
@@ -762,12 +783,12 @@ pub(super) unsafe fn linear_tiles(x: &[f32], rows: usize, jobs: &[(&Tiles, SendP
 ///
 /// # Safety
 /// As for [`linear_tiles`], with `rows` holding its token groups' activation tiles.
-unsafe fn band(rows: RowBlock<'_>, w: &Tiles, y: SendPtr, t: usize) {
+unsafe fn band<const P: usize>(rows: RowBlock<'_>, w: &Tiles, y: SendPtr, t: usize) {
     let j = t * BAND;
     // SAFETY: the caller's contract; the band holds kbs · 4 whole tiles, and its rows of these
     // tokens are this task's alone.
     unsafe {
-        run_groups(
+        run_groups::<P>(
             rows,
             w.inp(),
             Walk::band(w.band(t).as_ptr()),
@@ -805,6 +826,9 @@ mod tests {
             .collect();
         let mut parts = [[0u16; KB]; PARTS];
         split(&xs, &mut parts);
+        let mut one = [[0u16; KB]; BF16_PARTS];
+        split(&xs, &mut one);
+        assert_eq!(one[0], parts[0], "one part is the first of three");
         for (k, &v) in xs.iter().enumerate() {
             let sum =
                 widen(parts[0][k]) as f64 + widen(parts[1][k]) as f64 + widen(parts[2][k]) as f64;
@@ -850,10 +874,16 @@ mod tests {
                     .collect();
                 let len = inp * PARTS * JB;
                 let (mut want, mut got) = (vec![0xABCDu16; len], vec![0xABCDu16; len]);
-                pack_group(&x, inp, &mut want);
+                pack_group::<PARTS>(&x, inp, &mut want);
                 // SAFETY: the CPU has AVX-512F and BW, checked above.
-                unsafe { pack_group_avx512(&x, inp, &mut got) };
+                unsafe { pack_group_avx512::<PARTS>(&x, inp, &mut got) };
                 assert_eq!(got, want, "in {inp}, {n} tokens");
+                let len = inp * BF16_PARTS * JB;
+                let (mut want, mut got) = (vec![0xABCDu16; len], vec![0xABCDu16; len]);
+                pack_group::<BF16_PARTS>(&x, inp, &mut want);
+                // SAFETY: as above.
+                unsafe { pack_group_avx512::<BF16_PARTS>(&x, inp, &mut got) };
+                assert_eq!(got, want, "one part: in {inp}, {n} tokens");
             }
         }
     }

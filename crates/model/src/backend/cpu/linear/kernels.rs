@@ -165,14 +165,18 @@ pub fn isa() -> Isa {
 }
 
 /// Whether bf16 weights meet activations rounded to bf16 (`vdpbf16ps`, 32
-/// multiply-adds an instruction against a 512-bit FMA's 16): `SWITCHYARD_CPU_ACTIVATIONS=bf16`,
-/// or `auto` where [`auto_bf16_activations`] says so, on CPUs with AVX-512 BF16. Off for a
-/// library user who sets nothing: rounding moves a product by up to 2⁻⁹ of itself, past the
-/// reference's f32 tolerances (the `switchyard` binary defaults to `auto`). Its plans tile from
-/// one row and `linear` never sends them to the gemm path, so a token's result does not depend
-/// on its step's size. On a Zen 4 VM (`bench_linear`, 2 threads) the tiles ran 2-3× the f32
-/// ones at 4-8 rows, as fast as the single-row kernel at one, 1.3-2.3× the gemm path at
-/// 128-2048; whole-model, 32 sequences went from 220 to 355-364 tok/s.
+/// multiply-adds an instruction against a 512-bit FMA's 16; on CPUs with AMX, AMX tiles with
+/// one bf16 part where f32 needs three): `SWITCHYARD_CPU_ACTIVATIONS=bf16`, or `auto` where
+/// [`auto_bf16_activations`] says so, on CPUs with AVX-512 BF16. Off for a library user who
+/// sets nothing: rounding moves a product by up to 2⁻⁹ of itself, past the reference's f32
+/// tolerances (the `switchyard` binary defaults to `auto`). Its plans tile from one row,
+/// `linear` never sends them to the gemm path, and with AMX every row count takes the AMX
+/// tiles, so a token's result does not depend on its step's size. On a Zen 4 VM
+/// (`bench_linear`, 2 threads) the tiles ran 2-3× the f32 ones at 4-8 rows, as fast as the
+/// single-row kernel at one, 1.3-2.3× the gemm path at 128-2048; whole-model, 32 sequences
+/// went from 220 to 355-364 tok/s. On an AMX Xeon the one-part tiles ran 2-3× the three-part
+/// ones at 256 rows and as fast as the dot kernel at one; whole-model, prefill 1.2-1.6× and 32
+/// sequences 1.2× f32's.
 pub fn bf16_activations() -> bool {
     *ACTIVATIONS.get_or_init(|| {
         let Ok(v) = std::env::var("SWITCHYARD_CPU_ACTIVATIONS") else {
@@ -199,13 +203,12 @@ pub fn bf16_activations() -> bool {
     })
 }
 
-/// What `auto` picks: bf16 activations where the kernels are the AVX-512 ones and the CPU has
-/// AVX-512 BF16 (Zen 4 and 5, Cooper Lake), f32 elsewhere. Not on AMX CPUs: there steps of
-/// [`super::AMX_MIN_ROWS`] rows or more take the AMX tiles, exact and faster still, so a
-/// token's result would depend on its step's size; nor where `SWITCHYARD_CPU_KERNELS` asks for
-/// lower kernels, which have no bf16 plans.
+/// What `auto` picks: bf16 activations where the CPU has AVX-512 BF16 and the kernels in use
+/// are the AVX-512 ones (Zen 4 and 5, Cooper Lake) or AMX (Sapphire Rapids and later, where
+/// the rounded activation is one AMX part against f32's three), f32 elsewhere: not where
+/// `SWITCHYARD_CPU_KERNELS` asks for lower kernels, which have no bf16 plans.
 pub fn auto_bf16_activations() -> bool {
-    isa() == Isa::Avx512 && has_avx512_bf16()
+    has_avx512_bf16()
 }
 
 /// The activation mode, fixed on first use: by [`set_bf16_activations`], or else from the

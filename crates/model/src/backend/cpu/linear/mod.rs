@@ -16,7 +16,8 @@
 //!
 //! - **CPUs with AMX** (`amx.rs`): bf16 weights of inputs a multiple of 32 against
 //!   [`AMX_MIN_ROWS`] token rows or more go through AMX tiles instead of either path, with the
-//!   activations split into three bf16 parts so nothing is rounded.
+//!   activations split into three bf16 parts so nothing is rounded. With bf16 activations they
+//!   go there at every row count, one part each (a third of the products).
 //!
 //! The dot kernels come per instruction set ([`Isa`]: AMX, AVX-512, AVX2, scalar), chosen once
 //! at run time; `SWITCHYARD_CPU_KERNELS` picks a lower one for comparisons.
@@ -127,7 +128,7 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
     if rows == 0 || out == 0 {
         return;
     }
-    if amx_for(isa(), rows) && try_amx(x, rows, &mut [(w, out, y)]) {
+    if amx_for(isa(), rows) && try_amx(x, rows, &mut [(w, out, y)], bf16_activations()) {
         return;
     }
     let plan = kernels::plan_for(isa(), w, rows);
@@ -139,11 +140,11 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
 }
 
 /// Whether bf16 weights read in place go through AMX at `rows` token rows: on CPUs with AMX, from
-/// [`AMX_MIN_ROWS`], unless activations are rounded to bf16 ([`bf16_activations`]), whose
-/// `vdpbf16ps` tiles then serve every row count so that a token's result does not depend on
-/// its step.
+/// [`AMX_MIN_ROWS`]; with activations rounded to bf16 ([`bf16_activations`]), at every row
+/// count, one row included, so that a token's result does not depend on its step (the rounded
+/// activation is one bf16 part, where f32 needs three).
 fn amx_for(isa: Isa, rows: usize) -> bool {
-    isa >= Isa::Amx && rows >= AMX_MIN_ROWS && !bf16_activations()
+    isa >= Isa::Amx && (rows >= AMX_MIN_ROWS || bf16_activations())
 }
 
 /// The AMX path, public for parity tests and benches. Returns false, computing nothing, where
@@ -158,18 +159,17 @@ pub fn linear_amx(
     y: &mut [f32],
 ) -> bool {
     assert!(x.len() >= rows * inp && y.len() >= rows * out);
-    Isa::best() >= Isa::Amx && w.len() == out * inp && try_amx(x, rows, &mut [(w, out, y)])
+    Isa::best() >= Isa::Amx && w.len() == out * inp && try_amx(x, rows, &mut [(w, out, y)], false)
 }
 
 /// `w` (`[out, in]`) copied into AMX tile order, where the linears of a weight read often
-/// should use it: the selected kernels are AMX ([`isa`]), activations stay f32, `w` is bf16 and
-/// `in` a multiple of 32. None elsewhere.
+/// should use it: the selected kernels are AMX ([`isa`]), `w` is bf16 and `in` a multiple of 32.
+/// None elsewhere.
 #[must_use]
 pub fn tiles_for(w: Elems<'_>, out: usize) -> Option<Tiles> {
     #[cfg(target_arch = "x86_64")]
     if let Elems::BF16(w) = w {
-        // With bf16 activations every row count runs the `vdpbf16ps` tiles instead.
-        if isa() >= Isa::Amx && out > 0 && !bf16_activations() {
+        if isa() >= Isa::Amx && out > 0 {
             return Tiles::pack(w, out, w.len() / out);
         }
     }
@@ -181,8 +181,10 @@ pub fn tiles_for(w: Elems<'_>, out: usize) -> Option<Tiles> {
 /// AMX tiles, the same bits as [`linear_many`] gives for the same weights; fewer rows through
 /// an AVX-512 dot kernel over the same layout (`avx512::band_dot`), which streams a band as
 /// fast as the single-row kernel streams rows in place, where the AMX tiles read one row's
-/// weights ~10 % slower (whole-model batch-1 decode, interleaved runs). All weights must have
-/// one input width; any number of parts.
+/// weights ~10 % slower (whole-model batch-1 decode, interleaved runs). With activations
+/// rounded to bf16 ([`bf16_activations`]) every row count goes through the AMX tiles, so that
+/// a token's result does not depend on its step. All weights must have one input width; any
+/// number of parts.
 pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) {
     #[cfg(target_arch = "x86_64")]
     for chunk in parts.chunks_mut(MAX_PARTS) {
@@ -197,13 +199,15 @@ pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) 
             *job = (*w, SendPtr(y.as_mut_ptr()));
         }
         let jobs = &jobs[..chunk.len()];
-        if rows < AMX_MIN_ROWS {
+        // SAFETY (both AMX calls): Tiles exist only where `tiles_for` saw Isa::Amx (AMX
+        // granted); every output is borrowed mutably for the call and holds rows·out elements
+        // (asserted above).
+        if bf16_activations() {
+            unsafe { amx::linear_tiles::<{ amx::BF16_PARTS }>(x, rows, jobs) };
+        } else if rows < AMX_MIN_ROWS {
             tiles_dot(x, rows, jobs);
         } else {
-            // SAFETY: Tiles exist only where `tiles_for` saw Isa::Amx (AMX granted); every
-            // output is borrowed mutably for the call and holds rows·out elements (asserted
-            // above).
-            unsafe { amx::linear_tiles(x, rows, jobs) };
+            unsafe { amx::linear_tiles::<{ amx::PARTS }>(x, rows, jobs) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -260,10 +264,16 @@ fn tiles_dot(x: &[f32], rows: usize, jobs: &[(&Tiles, SendPtr)]) {
 }
 
 /// Runs `parts` (at most [`MAX_PARTS`]) through the AMX tiles if they all can go there: bf16
-/// weights of one input width, a multiple of 32. Returns false, computing nothing, otherwise.
-/// The caller has checked that the CPU has AMX (an [`Isa::Amx`] choice).
+/// weights of one input width, a multiple of 32; the activations rounded to bf16 where `bf16`,
+/// exact otherwise. Returns false, computing nothing, otherwise. The caller has checked that
+/// the CPU has AMX (an [`Isa::Amx`] choice).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn try_amx(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])]) -> bool {
+fn try_amx(
+    x: &[f32],
+    rows: usize,
+    parts: &mut [(Elems<'_>, usize, &mut [f32])],
+    bf16: bool,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let inp = parts
@@ -292,7 +302,13 @@ fn try_amx(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut [f32])])
         }
         // SAFETY: the caller saw Isa::Amx (AMX granted); every output is borrowed mutably for
         // the call and holds rows·out elements; weights hold out·inp, checked above.
-        unsafe { amx::linear_many(x, rows, inp, &jobs[..parts.len()]) };
+        unsafe {
+            if bf16 {
+                amx::linear_many::<{ amx::BF16_PARTS }>(x, rows, inp, &jobs[..parts.len()]);
+            } else {
+                amx::linear_many::<{ amx::PARTS }>(x, rows, inp, &jobs[..parts.len()]);
+            }
+        }
         return true;
     }
     #[allow(unreachable_code)]
@@ -464,7 +480,7 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
         }
         return;
     }
-    if amx_for(isa, rows) && try_amx(x, rows, parts) {
+    if amx_for(isa, rows) && try_amx(x, rows, parts, bf16_activations()) {
         return;
     }
     // Per weight: (weight, input width, output width, output, its first task).
@@ -1029,6 +1045,70 @@ mod tests {
                         "in {inp} out {out} rows {rows}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn amx_with_bf16_activations_rounds_once_and_gives_a_token_its_bits_at_any_step() {
+        // One bf16 part: the sums of the rounded activations' products, in place and in tile
+        // order alike, and each token's bits the same alone as among 37 (three token groups),
+        // as `--cpu-activations bf16` promises on every path.
+        for (inp, out) in [(96, 40), (64, 128), (128, 200)] {
+            let w = bf16_data(out * inp, 31);
+            let Some(tiles) = tiles_for(Elems::BF16(&w), out) else {
+                return; // no AMX here
+            };
+            let rows = 37;
+            let x = data(rows * inp, 32);
+            let mut all = vec![f32::NAN; rows * out];
+            // The tiles exist, so the CPU has AMX: `try_amx` may run.
+            assert!(try_amx(
+                &x,
+                rows,
+                &mut [(Elems::BF16(&w), out, &mut all)],
+                true
+            ));
+            let rounded: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let want = naive(&rounded, rows, &wide, inp, out);
+            let exact = naive(&x, rows, &wide, inp, out);
+            let near = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs());
+            assert!(all.iter().zip(&want).all(|(a, b)| near(*a, *b)), "in {inp}");
+            assert!(
+                all.iter().zip(&exact).any(|(a, b)| !near(*a, *b)),
+                "in {inp}: the activations were not rounded"
+            );
+            let mut tiled = vec![f32::NAN; rows * out];
+            // SAFETY: the tiles exist, so AMX was granted; `tiled` holds rows · out.
+            unsafe {
+                amx::linear_tiles::<{ amx::BF16_PARTS }>(
+                    &x,
+                    rows,
+                    &[(&tiles, SendPtr(tiled.as_mut_ptr()))],
+                );
+            }
+            assert!(
+                tiled
+                    .iter()
+                    .zip(&all)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "in {inp}: tile order against in place"
+            );
+            for r in [0, 15, 16, 36] {
+                let mut one = vec![f32::NAN; out];
+                let xr = &x[r * inp..(r + 1) * inp];
+                assert!(try_amx(
+                    xr,
+                    1,
+                    &mut [(Elems::BF16(&w), out, &mut one)],
+                    true
+                ));
+                let row = &all[r * out..(r + 1) * out];
+                assert!(
+                    one.iter().zip(row).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "in {inp}: token {r} alone"
+                );
             }
         }
     }
