@@ -15,8 +15,8 @@
 //! rounding the `vdpbf16ps` kernels make, at a third of the products: every row count goes
 //! through the tiles then, so a token's result does not depend on its step.
 //!
-//! Tile registers: tmm5-7 hold one input block's activation tiles (its `h`, `m` and `l` parts)
-//! and serve up to four 16-row weight blocks, each loaded in turn into tmm4 and multiplied into
+//! Tile registers: tmm5-7 hold one input block's activation tiles (its `h`, `m` and `l` parts;
+//! tmm5 alone with one part) and serve up to four 16-row weight blocks, each loaded in turn into tmm4 and multiplied into
 //! its own accumulator (tmm0-3). Every (output row, token) element runs the same sequence of
 //! products whatever block, task or token group it falls in, so a row's result depends on its
 //! inputs alone, as on the other paths.
