@@ -720,7 +720,8 @@ fn decode_bytes_per_token(model: &std::path::Path) -> anyhow::Result<u64> {
     Ok(dense + cfg.num_experts_per_tok as u64 * per_expert)
 }
 
-/// Reads 1 GiB with every compute thread, summing it: the bytes per second this machine's
+/// Reads 1 GiB with every compute thread, summing it as the decode kernels read weights
+/// (`linear::stream_sum`: their loads and prefetch): the bytes per second this machine's
 /// threads stream from memory now. Allocated once, so a sample costs one pass (tens of ms).
 struct BandwidthProbe {
     buf: Vec<u64>,
@@ -745,7 +746,7 @@ impl BandwidthProbe {
             let sum = self
                 .buf
                 .par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .map(switchyard_model::backend::cpu::linear::stream_sum)
                 .reduce(|| 0, u64::wrapping_add);
             let secs = start.elapsed().as_secs_f64();
             std::hint::black_box(sum);

@@ -287,7 +287,7 @@ macro_rules! tile_kernel {
 /// How far ahead of its loads the single-row kernel prefetches weights, in bytes. The
 /// hardware prefetcher alone left batch-1 GEMVs at ~70 % of the bandwidth; 4-16 KiB
 /// ahead measured alike and ~15 % faster than none (bench_linear, rows 1).
-const PREFETCH_BYTES: usize = 8192;
+pub(super) const PREFETCH_BYTES: usize = 8192;
 
 /// Prefetches the weights `PREFETCH_BYTES` past element k of `w` (rows are contiguous,
 /// so near a row's end that is the next row). A hint: it cannot fault, even past the end.

@@ -252,7 +252,7 @@ pub fn has_avx512_bf16() -> bool {
 /// at `avx512::INTEL_AHEAD`) and whether the AVX-512 tiles pay ([`avx512_tile_min_rows`]).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prefetcher {
+pub(super) enum Prefetcher {
     /// Intel and anything not AMD.
     Intel,
     /// AMD family 0x19 (Zen 3 and 4) and older.
@@ -262,7 +262,7 @@ enum Prefetcher {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn prefetcher() -> Prefetcher {
+pub(super) fn prefetcher() -> Prefetcher {
     static KIND: OnceLock<Prefetcher> = OnceLock::new();
     *KIND.get_or_init(|| {
         // SAFETY: cpuid leaves 0 and 1 exist on every x86_64 CPU (newer toolchains call it safe).

@@ -39,6 +39,7 @@ macro_rules! with_tokens {
 }
 
 mod kernels;
+mod stream;
 mod tiles;
 
 use tiles::Line;
@@ -54,6 +55,7 @@ pub use kernels::{
     auto_bf16_activations, bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa,
 };
 
+pub use stream::stream_sum;
 pub use tiles::Tiles;
 
 use crate::weights::Elems;
