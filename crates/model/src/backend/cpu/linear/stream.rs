@@ -2,7 +2,7 @@
 //! arithmetic: the bench's bandwidth probe.
 //!
 //! A plain `fold` over a buffer, compiled for the baseline x86_64 target, reads it with
-//! 16-byte loads and only the hardware prefetcher; on a 2-core Xeon VM that streamed 19-21
+//! 16-byte loads and only the hardware prefetcher; on a 2-core Xeon VM that streamed 16-21
 //! GB/s where the decode kernels, with 64-byte loads and software prefetch, streamed 26-30
 //! (bench_linear, one row, 2 threads, 294 MB and 1.5 GB of weights alike), so decode showed
 //! 139 % of a bound it does not have. Each CPU's loads and prefetch (distance and cache) here
@@ -32,6 +32,11 @@ pub fn stream_sum(words: &[u64]) -> u64 {
             return unsafe { avx2_sum::<{ avx2::PREFETCH_BYTES }>(words) };
         }
     }
+    plain_sum(words)
+}
+
+/// The wrapping sum one word at a time: the reference, the fallback and the SIMD paths' tails.
+fn plain_sum(words: &[u64]) -> u64 {
     words.iter().fold(0, |a, &w| a.wrapping_add(w))
 }
 
@@ -67,10 +72,7 @@ unsafe fn avx512_sum<const L1: bool, const AHEAD: usize>(words: &[u64]) -> u64 {
             _mm512_add_epi64(acc[0], acc[1]),
             _mm512_add_epi64(acc[2], acc[3]),
         );
-        let tail = words[32 * steps..]
-            .iter()
-            .fold(0u64, |a, &w| a.wrapping_add(w));
-        (_mm512_reduce_add_epi64(sum) as u64).wrapping_add(tail)
+        (_mm512_reduce_add_epi64(sum) as u64).wrapping_add(plain_sum(&words[32 * steps..]))
     }
 }
 
@@ -101,10 +103,7 @@ unsafe fn avx2_sum<const AHEAD: usize>(words: &[u64]) -> u64 {
             _mm256_add_epi64(acc[2], acc[3]),
         );
         _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sum);
-        let tail = words[16 * steps..]
-            .iter()
-            .fold(0u64, |a, &w| a.wrapping_add(w));
-        lanes.iter().fold(tail, |a, &w| a.wrapping_add(w))
+        plain_sum(&lanes).wrapping_add(plain_sum(&words[16 * steps..]))
     }
 }
 
@@ -119,7 +118,7 @@ mod tests {
             let words: Vec<u64> = (0..n as u64)
                 .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
                 .collect();
-            let want = words.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+            let want = plain_sum(&words);
             assert_eq!(stream_sum(&words), want, "{n} words");
             #[cfg(target_arch = "x86_64")]
             {
