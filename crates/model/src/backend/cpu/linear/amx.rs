@@ -677,7 +677,10 @@ impl Walk {
 ///
 /// In place, prefetching the rows ahead into L1 or L2, or the next block into L2, and copying
 /// rows into tile order on every call were each tried and gained nothing outside noise; a copy
-/// made once at load ([`Tiles`]) did.
+/// made once at load ([`Tiles`]) did. A tile load costs about three products (20 ns against
+/// 6.3), so two token groups against two weight blocks at a time load fewer tiles per
+/// product: faster with the weights in cache, but 15-30 % slower streaming them from memory,
+/// as a prompt's experts do (docs/performance.md, eighth Xeon sitting).
 #[inline(always)]
 unsafe fn block<const NB: usize, const P: usize>(
     w: Walk,

@@ -1054,14 +1054,17 @@ mod tests {
     #[test]
     fn amx_with_bf16_activations_rounds_once_and_gives_a_token_its_bits_at_any_step() {
         // One bf16 part: the sums of the rounded activations' products, in place and in tile
-        // order alike, and each token's bits the same alone as among 37 (three token groups),
-        // as `--cpu-activations bf16` promises on every path.
-        for (inp, out) in [(96, 40), (64, 128), (128, 200)] {
+        // order alike, and each token's bits the same alone as among 37 (three token groups)
+        // or 86 (six: the second to fifth run in pairs), as `--cpu-activations bf16` promises
+        // on every path.
+        for ((inp, out), rows) in [(96, 40), (64, 128), (128, 200), (1088, 72)]
+            .into_iter()
+            .flat_map(|shape| [(shape, 37), (shape, 86)])
+        {
             let w = bf16_data(out * inp, 31);
             let Some(tiles) = tiles_for(Elems::BF16(&w), out) else {
                 return; // no AMX here
             };
-            let rows = 37;
             let x = data(rows * inp, 32);
             let mut all = vec![f32::NAN; rows * out];
             // The tiles exist, so the CPU has AMX: `try_amx` may run.
@@ -1097,7 +1100,7 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "in {inp}: tile order against in place"
             );
-            for r in [0, 15, 16, 36] {
+            for r in [0, 15, 16, 36, rows - 1] {
                 let mut one = vec![f32::NAN; out];
                 let xr = &x[r * inp..(r + 1) * inp];
                 assert!(try_amx(
