@@ -531,13 +531,20 @@ impl Mode {
             .first()
             .map(|runs| runs.iter().map(|r| r.tok_s).collect())
             .unwrap_or_default();
-        let batched: Vec<serde_json::Value> = a
+        let mut batched: Vec<serde_json::Value> = a
             .concurrency
             .iter()
             .zip(self.runs)
             .zip(&first.tok_s)
             .map(|((&n, runs), first_mode)| summary(n, runs, &first_count, first_mode, a))
             .collect();
+        let steady = |j: &serde_json::Value| j["decode_tok_s_from_itl_p50"].as_f64();
+        if let Some(first) = batched.first().and_then(steady) {
+            for j in &mut batched {
+                let ratio = steady(j).map(|v| v / first);
+                j["decode_tok_s_from_itl_p50_vs_first_count"] = serde_json::json!(ratio);
+            }
+        }
         let decode_median = median(self.decode.clone());
         let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
         let figures = crate::plot::ModeFigures {
@@ -550,6 +557,15 @@ impl Mode {
                         num(j, "tok_s_median"),
                     )
                 }))
+                .collect(),
+            steady: batched
+                .iter()
+                .map(|j| {
+                    (
+                        j["sequences"].as_u64().unwrap_or(0) as usize,
+                        num(j, "decode_tok_s_from_itl_p50"),
+                    )
+                })
                 .collect(),
             split: split.clone(),
             latency: batched
@@ -863,6 +879,7 @@ fn summary(
         let m = runs.swap_remove(runs.len() / 2);
         (m.tok_s, m.ttft_ms, m.itl_ms)
     };
+    let itl_p50 = pct(&mut itl, 0.5);
     serde_json::json!({
         "sequences": n,
         "prompt_tokens": a.batch_prompt_tokens,
@@ -877,7 +894,11 @@ fn summary(
         "tok_s_vs_first_mode": median(vs_mode.clone()),
         "ttft_ms_p50": pct(&mut ttft, 0.5),
         "ttft_ms_p99": pct(&mut ttft, 0.99),
-        "itl_ms_p50": pct(&mut itl, 0.5),
+        "itl_ms_p50": itl_p50,
+        // The rate between the prompts and the end: every sequence gets a token each ITL p50
+        // (the median step). `tok_s_median` counts the whole run, the prompts' prefill
+        // included; this one is llama-batched-bench's S_TG.
+        "decode_tok_s_from_itl_p50": n as f64 * 1e3 / itl_p50,
         "itl_ms_p99": pct(&mut itl, 0.99),
         // Share of the wall time each phase of the layer loop took (the rest: sampling,
         // scheduling, embedding and LM head).

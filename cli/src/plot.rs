@@ -1,4 +1,5 @@
-//! `switchyard bench`'s PNG: aggregate tok/s against concurrency, the per-layer time split of
+//! `switchyard bench`'s PNG: aggregate tok/s against concurrency (over the whole run, and the
+//! steady decode rate between the prompts and the end), the per-layer time split of
 //! batch-1 decode, and time-to-first-token / inter-token latency percentiles, one series per
 //! mode (embedded, cluster).
 
@@ -9,8 +10,10 @@ use std::path::Path;
 /// One mode's figures, as the bench measured them.
 pub struct ModeFigures {
     pub name: String,
-    /// (sequences, aggregate tok/s)
+    /// (sequences, aggregate tok/s over the whole run, the prompts' prefill included)
     pub throughput: Vec<(usize, f64)>,
+    /// (sequences, steady decode tok/s: n tokens every median inter-token latency)
+    pub steady: Vec<(usize, f64)>,
     /// (phase, ms per layer per decoded token)
     pub split: Vec<(String, f64)>,
     pub latency: Vec<LatencyRow>,
@@ -92,11 +95,12 @@ pub fn write(
     let x_max = (max_n as f64).log2() + 0.15;
     let max_tok = modes
         .iter()
-        .flat_map(|m| m.throughput.iter().map(|p| p.1))
+        .flat_map(|m| m.throughput.iter().chain(&m.steady).map(|p| p.1))
+        .filter(|t| t.is_finite())
         .fold(1.0f64, f64::max);
     let mut c = ChartBuilder::on(&panels[0])
         .caption(
-            "aggregate tok/s (generated tokens / wall)",
+            "tok/s: whole run (solid), steady decode (dashed)",
             ("sans-serif", 16),
         )
         .margin(12)
@@ -126,6 +130,14 @@ pub fn write(
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
         c.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .map_err(err)?;
+        let steady: Vec<(f64, f64)> = m
+            .steady
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(n, t)| ((n as f64).log2(), t))
+            .collect();
+        c.draw_series(DashedLineSeries::new(steady, 6, 4, color.stroke_width(1)))
             .map_err(err)?;
     }
     c.configure_series_labels()
@@ -267,6 +279,7 @@ mod tests {
         let mode = |name: &str, k: f64| ModeFigures {
             name: name.into(),
             throughput: vec![(1, 40.0 * k), (8, 150.0 * k), (32, 400.0 * k)],
+            steady: vec![(1, 41.0 * k), (8, 170.0 * k), (32, f64::NAN)],
             split: vec![
                 ("attention".into(), 0.2),
                 ("router".into(), 0.01),

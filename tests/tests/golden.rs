@@ -481,8 +481,22 @@ fn bench_measures_embedded_and_a_local_cluster_and_writes_json_and_a_plot() {
         for (r, n) in runs.iter().zip([1, 3]) {
             assert_eq!(r["sequences"], n);
             assert!(r["tok_s_median"].as_f64().unwrap() > 0.0, "{r}");
-            assert!(r["itl_ms_p50"].as_f64().unwrap() > 0.0, "{r}");
+            let itl = r["itl_ms_p50"].as_f64().unwrap();
+            assert!(itl > 0.0, "{r}");
+            // The steady decode rate: n tokens every median step.
+            let steady = r["decode_tok_s_from_itl_p50"].as_f64().unwrap();
+            let want = n as f64 * 1e3 / itl;
+            assert!((steady - want).abs() < 1e-9 * want, "{r}");
         }
+        let steady = |r: &Value, k: &str| r[k].as_f64().unwrap();
+        assert_eq!(
+            steady(&runs[0], "decode_tok_s_from_itl_p50_vs_first_count"),
+            1.0
+        );
+        let ratio = steady(&runs[1], "decode_tok_s_from_itl_p50_vs_first_count");
+        let want = steady(&runs[1], "decode_tok_s_from_itl_p50")
+            / steady(&runs[0], "decode_tok_s_from_itl_p50");
+        assert!((ratio - want).abs() < 1e-9 * want, "{ratio} vs {want}");
         // Ratios pair runs of the same round: three sequences' run over one sequence's.
         let first = |r: &Value, k: &str| r[k].as_array().unwrap()[0].as_f64().unwrap();
         let ratio = first(&runs[1], "tok_s_vs_first_count_per_run");
