@@ -38,6 +38,15 @@ pub struct Args {
     /// Prompt tokens of each sequence in the concurrency runs.
     #[arg(long, default_value_t = 32)]
     batch_prompt_tokens: usize,
+    /// Tokens that every concurrency-run prompt starts with (a shared system prompt), before
+    /// its own --batch-prompt-tokens. With the prefix cache on, runs after the first find them
+    /// cached, as a server does once the first request with that system prompt has run.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_tokens: usize,
+    /// Run the concurrency runs' schedulers without the prefix cache. Each run's own tokens
+    /// differ from every other run's, so the cache only ever serves --shared-prefix-tokens.
+    #[arg(long)]
+    no_prefix_caching: bool,
     /// Also measure a cluster of this many worker processes on loopback, started by the bench
     /// (experts split evenly). Its runs take turns with embedded mode's, so both engines and
     /// the workers are in memory at once (see --one-mode-at-a-time).
@@ -193,12 +202,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             bar.set_message(format!("loading {}", spec.name));
             let loaded = cluster.load(&a.model)?;
-            let positions = a.batch_prompt_tokens + a.decode_tokens;
+            let positions = a.shared_prefix_tokens + a.batch_prompt_tokens + a.decode_tokens;
             modes.push(Mode::new(
                 spec.name.clone(),
                 loaded,
                 &a.concurrency,
                 positions,
+                !a.no_prefix_caching,
             )?);
         }
         rounds(&mut modes, &a, &probe, bytes, &bar)?;
@@ -226,6 +236,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
         "decode_bytes_per_token": bytes,
+        "prefix_caching": !a.no_prefix_caching,
         "memory_read_bandwidth_gb_s": bandwidth / 1e9,
         "memory_read_bandwidth_gb_s_range": [
             samples.iter().copied().fold(f64::INFINITY, f64::min),
@@ -360,6 +371,8 @@ struct Mode {
     pct_of_bound: Vec<f64>,
     /// Measured runs of each concurrency count.
     runs: Vec<Vec<Run>>,
+    /// Sequences submitted so far, warm-up included: numbers each sequence's own tokens.
+    submitted: usize,
 }
 
 impl Mode {
@@ -371,6 +384,7 @@ impl Mode {
         loaded: crate::cluster::Loaded,
         counts: &[usize],
         positions: usize,
+        prefix_caching: bool,
     ) -> anyhow::Result<Self> {
         use switchyard_coordinator::scheduler::{self, SchedulerConfig};
         use switchyard_model::KvCache;
@@ -391,6 +405,7 @@ impl Mode {
                         max_running: n,
                         max_waiting: n,
                         kv_cache_bytes: defaults.kv_cache_bytes.max(n * per_seq),
+                        prefix_caching,
                         ..defaults.clone()
                     },
                 )
@@ -411,6 +426,7 @@ impl Mode {
             read_gb_s: Vec::new(),
             pct_of_bound: Vec::new(),
             runs: counts.iter().map(|_| Vec::new()).collect(),
+            submitted: 0,
         })
     }
 
@@ -486,7 +502,9 @@ impl Mode {
     /// One run of the `c`th concurrency count through its scheduler, kept where `measured`.
     fn concurrent(&mut self, c: usize, a: &Args, measured: bool) -> anyhow::Result<()> {
         let vocab = self.engine.config().vocab_size as u32;
-        let r = run_once(&self.scheds[c], a.concurrency[c], vocab, a, measured)?;
+        let first = self.submitted;
+        self.submitted += a.concurrency[c];
+        let r = run_once(&self.scheds[c], a.concurrency[c], first, vocab, a, measured)?;
         if measured {
             self.runs[c].push(r);
         }
@@ -791,10 +809,13 @@ struct Run {
     wall_s: f64,
 }
 
-/// One run of `n` sequences through `sched`, the layer phases profiled where `profiled`.
+/// One run of `n` sequences through `sched`, numbered from `first`, the layer phases profiled
+/// where `profiled`. Each prompt is the shared prefix, then tokens of its own: no two
+/// sequences of the bench share more than the prefix, so the prefix cache flatters nothing.
 fn run_once(
     sched: &switchyard_coordinator::scheduler::SchedulerHandle,
     n: usize,
+    first: usize,
     vocab: u32,
     a: &Args,
     profiled: bool,
@@ -805,8 +826,14 @@ fn run_once(
     switchyard_model::profile::enable(profiled);
     let start = Instant::now();
     for i in 0..n {
-        let prompt = (0..a.batch_prompt_tokens as u32)
-            .map(|t| 5 + (t * 7919 + i as u32 * 104_729) % (vocab - 5))
+        let seq = (first + i) as u64;
+        let prompt = (0..a.shared_prefix_tokens as u64)
+            .map(|t| 5 + (t * 7919 + 17) % (u64::from(vocab) - 5))
+            .chain(
+                (0..a.batch_prompt_tokens as u64)
+                    .map(|t| 5 + (t * 7919 + (seq + 1) * 104_729) % (u64::from(vocab) - 5)),
+            )
+            .map(|t| t as u32)
             .collect();
         sched
             .submit(SeqRequest {
@@ -819,6 +846,7 @@ fn run_once(
                 index: i,
                 events: tx.clone(),
                 cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                cached_tokens: std::sync::Arc::default(),
             })
             .map_err(|e| anyhow::anyhow!("submitting sequence {i}: {e}"))?;
     }
@@ -883,6 +911,7 @@ fn summary(
     serde_json::json!({
         "sequences": n,
         "prompt_tokens": a.batch_prompt_tokens,
+        "shared_prefix_tokens": a.shared_prefix_tokens,
         "decode_tokens": a.decode_tokens,
         "tok_s_median": median_tok_s,
         "tok_s": tok_s,

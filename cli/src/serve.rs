@@ -38,6 +38,9 @@ pub struct Args {
     /// KV-cache memory in MiB.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_MIB", default_value_t = 1024)]
     kv_cache_mib: usize,
+    /// Do not reuse the KV-cache blocks of earlier requests' identical prompt beginnings.
+    #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
     /// Largest request body in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -84,6 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_running: a.max_running.max(1),
             max_waiting: a.max_waiting.max(1),
             kv_cache_bytes: a.kv_cache_mib << 20,
+            prefix_caching: !a.no_prefix_caching,
             ..SchedulerConfig::default()
         },
         api_key: a.api_key,

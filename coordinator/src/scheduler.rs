@@ -2,7 +2,10 @@
 //! and each iteration runs one step over all of them: a decode token for each sequence that has
 //! finished its prompt, plus prompt chunks of sequences still prefilling, up to a token budget
 //! (so a long prompt never stalls the decodes). New requests join at the next iteration; when
-//! cache blocks run out, the youngest sequence is preempted and later recomputed.
+//! cache blocks run out, the youngest sequence is preempted and later recomputed. With prefix
+//! caching on (the default), a sequence starts from the cached blocks of any earlier sequence
+//! that began with the same tokens, so shared prompt beginnings and recomputes after preemption
+//! cost only their new tokens.
 //!
 //! Requests arrive on a bounded channel (a full queue is the caller's 429) and answer on their
 //! own event channel; a closed event channel (the client went away) cancels the sequence and
@@ -36,6 +39,8 @@ pub struct SchedulerConfig {
     /// twice the positions of f32).
     pub kv_cache_bytes: usize,
     pub block_size: usize,
+    /// Reuse the KV blocks of earlier sequences' identical prompt beginnings.
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -46,6 +51,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             kv_cache_bytes: 1 << 30,
             block_size: switchyard_model::DEFAULT_BLOCK_SIZE,
+            prefix_caching: true,
         }
     }
 }
@@ -68,6 +74,10 @@ pub struct SeqRequest {
     pub events: mpsc::UnboundedSender<(usize, SeqEvent)>,
     /// Set to end this one sequence early (e.g. a stop string matched).
     pub cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the sequence starts: how many of its prompt tokens came from the prefix cache
+    /// (the API's `usage.prompt_tokens_details.cached_tokens`). Shared rather than sent as an
+    /// event because a choice ended by a stop string stops listening before it finishes.
+    pub cached_tokens: Arc<AtomicUsize>,
 }
 
 /// What a sequence reports, in order: tokens, then exactly one `Finished` or `Failed`.
@@ -166,6 +176,9 @@ struct Seq {
     index: usize,
     events: mpsc::UnboundedSender<(usize, SeqEvent)>,
     cancel: Arc<std::sync::atomic::AtomicBool>,
+    cached_tokens: Arc<AtomicUsize>,
+    /// Whether it has run before (a preempted sequence's cache hits are not its prompt's).
+    started: bool,
     arrived: Instant,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
@@ -194,17 +207,21 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandl
     let (tx, rx) = mpsc::channel(cfg.max_waiting.max(1));
     let stats = Arc::new(SchedulerStats::default());
     stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
-    let kv = KvCache::new(
+    let mut kv = KvCache::new(
         engine.parts().0.backend(),
         &mcfg,
         cfg.block_size,
         num_blocks,
         kv_dtype,
     )?;
+    if cfg.prefix_caching {
+        kv = kv.with_prefix_cache();
+    }
     tracing::info!(
         num_blocks,
         block_size = cfg.block_size,
         dtype = %kv_dtype,
+        prefix_caching = cfg.prefix_caching,
         max_seq_len,
         "KV cache allocated"
     );
@@ -269,6 +286,8 @@ impl Loop {
             index: r.index,
             events: r.events,
             cancel: r.cancel,
+            cached_tokens: r.cached_tokens,
+            started: false,
             arrived: Instant::now(),
             first_token: None,
             last_token: None,
@@ -341,6 +360,30 @@ impl Loop {
         true
     }
 
+    /// Gives a sequence about to run the cached blocks its tokens begin with.
+    fn start_from_cache(&mut self, s: &mut Seq) {
+        let hit = if self.kv.prefix_cache_enabled() {
+            let hit = self.kv.attach_prefix(&mut s.kv, &s.tokens);
+            metrics::counter!("switchyard_prefix_cache_queries_total")
+                .increment(s.tokens.len() as u64);
+            metrics::counter!("switchyard_prefix_cache_hits_total").increment(hit as u64);
+            hit
+        } else {
+            0
+        };
+        if !s.started {
+            s.cached_tokens.store(hit, Ordering::Relaxed);
+            s.started = true;
+        }
+        if hit > 0 {
+            tracing::debug!(
+                tokens = s.tokens.len(),
+                cached = hit,
+                "sequence starts from the prefix cache"
+            );
+        }
+    }
+
     fn iterate(&mut self) {
         // Admit waiting sequences while there is room for their first chunk.
         while self.running.len() < self.cfg.max_running {
@@ -349,7 +392,8 @@ impl Loop {
             if self.kv.blocks_for(first) > self.kv.free_blocks() && !self.running.is_empty() {
                 break;
             }
-            if let Some(s) = self.waiting.pop_front() {
+            if let Some(mut s) = self.waiting.pop_front() {
+                self.start_from_cache(&mut s);
                 self.running.push(s);
             }
         }
@@ -444,6 +488,11 @@ impl Loop {
             return;
         }
 
+        // Blocks that filled in this step become findable by later sequences.
+        for &i in &in_step {
+            let s = &mut self.running[i];
+            self.kv.commit(&mut s.kv, &s.tokens);
+        }
         // Sliding-window models: blocks no future query can see go back to the pool.
         if let Some(w) = self.engine.config().sliding_window {
             for &i in &in_step {
@@ -597,6 +646,7 @@ mod tests {
             index: 0,
             events,
             cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            cached_tokens: Arc::default(),
         }
     }
 
@@ -797,6 +847,7 @@ mod tests {
                     index,
                     events: tx.clone(),
                     cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                    cached_tokens: Arc::default(),
                 })
                 .unwrap();
         }
@@ -828,5 +879,97 @@ mod tests {
             0,
             "every block returned"
         );
+    }
+
+    /// Runs one greedy request with logprobs: its tokens, their logprobs and how many prompt
+    /// tokens came from the prefix cache.
+    fn run_logged(
+        handle: &SchedulerHandle,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+    ) -> (Vec<u32>, Vec<f32>, usize) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cached = Arc::new(AtomicUsize::new(usize::MAX));
+        let req = SeqRequest {
+            logprobs: Some(0),
+            cached_tokens: cached.clone(),
+            ..greedy(prompt, max_tokens, tx)
+        };
+        handle.submit(req).unwrap();
+        let (mut ids, mut lps) = (Vec::new(), Vec::new());
+        loop {
+            match rx.blocking_recv().unwrap().1 {
+                SeqEvent::Token { id, logprob, .. } => {
+                    ids.push(id);
+                    lps.push(logprob.unwrap());
+                }
+                SeqEvent::Finished { .. } => break,
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        (ids, lps, cached.load(Ordering::Relaxed))
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} against {b}");
+        }
+    }
+
+    #[test]
+    fn prompts_that_share_a_beginning_reuse_its_blocks_and_generate_the_same() {
+        let (dir, engine) = random_engine(2, gen::GenSpec::default());
+        let mcfg = engine.config().clone();
+        let cfg = |prefix_caching| SchedulerConfig {
+            kv_cache_bytes: 32
+                * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16, KvDtype::F32),
+            prefix_caching,
+            ..SchedulerConfig::default()
+        };
+        let cached = start(engine, cfg(true)).unwrap();
+        let plain = start(
+            Arc::new(Engine::load_embedded(dir.path(), &NoProgress).unwrap()),
+            cfg(false),
+        )
+        .unwrap();
+        let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37) % 299).collect();
+
+        let (ids, lps, hit) = run_logged(&cached, prompt.clone(), 20);
+        assert_eq!(hit, 0, "nothing cached yet");
+        assert_eq!(
+            run_logged(&plain, prompt.clone(), 20),
+            (ids.clone(), lps.clone(), 0)
+        );
+
+        // The same prompt again: its two full blocks come from the cache and only the last 8
+        // tokens are computed, in a step of another shape (so the sums may round differently,
+        // as between any two batch shapes).
+        let (ids1, lps1, hit1) = run_logged(&cached, prompt.clone(), 20);
+        assert_eq!((&ids1, hit1), (&ids, 32));
+        assert_close(&lps1, &lps);
+
+        // The next turn of a conversation: the prompt and its answer, then a new question. The
+        // blocks filled while decoding are found too.
+        let mut turn: Vec<u32> = prompt.iter().chain(&ids).copied().collect();
+        turn.extend([7, 8, 9]);
+        let (ids2, lps2, hit2) = run_logged(&cached, turn.clone(), 12);
+        assert_eq!(hit2, 48, "(63 - 1) / 16 whole blocks");
+        let (want_ids, want_lps, _) = run_logged(&plain, turn.clone(), 12);
+        assert_eq!(ids2, want_ids);
+        assert_close(&lps2, &want_lps);
+
+        // A prompt that differs in its first token shares nothing.
+        let mut other = prompt.clone();
+        other[0] = 2;
+        assert_eq!(run_logged(&cached, other, 4).2, 0);
+        // Blocks are held only while their sequences run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while cached.stats.kv_blocks_used.load(Ordering::Relaxed) != 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(cached.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 }

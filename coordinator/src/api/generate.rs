@@ -18,7 +18,10 @@ use axum::{
     Json,
 };
 use serde_json::{json, Value};
-use std::sync::{atomic::AtomicBool, Arc};
+use std::sync::{
+    atomic::{AtomicBool, AtomicUsize},
+    Arc,
+};
 use tokio::sync::mpsc;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -201,6 +204,22 @@ pub async fn chat(
 struct Choice {
     prompt: usize,
     cancel: Arc<AtomicBool>,
+    /// Its prompt tokens found in the prefix cache, set when it starts.
+    cached: Arc<AtomicUsize>,
+}
+
+/// The response's `usage`: each prompt counts once however many choices it has, and its cached
+/// tokens are those of its choice that found the most.
+fn usage(choices: &[Choice], prompt_tokens: usize, completion_tokens: usize) -> Value {
+    let mut cached = std::collections::BTreeMap::<usize, usize>::new();
+    for c in choices {
+        let n = c.cached.load(std::sync::atomic::Ordering::Relaxed);
+        let e = cached.entry(c.prompt).or_default();
+        *e = (*e).max(n);
+    }
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached.values().sum::<usize>()}})
 }
 
 async fn run(
@@ -243,6 +262,7 @@ async fn run(
         for i in 0..v.n {
             let index = choices.len();
             let cancel = Arc::new(AtomicBool::new(false));
+            let cached = Arc::new(AtomicUsize::new(0));
             let mut sampling = v.sampling.clone();
             // Distinct but reproducible choices under one seed.
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -256,13 +276,18 @@ async fn run(
                 index,
                 events: tx.clone(),
                 cancel: cancel.clone(),
+                cached_tokens: cached.clone(),
             };
             state.scheduler.submit(req).map_err(|e| match e {
                 SubmitError::QueueFull => ApiError::queue_full(),
                 SubmitError::Stopped => ApiError::unavailable("the engine is shutting down"),
                 SubmitError::Invalid(m) => ApiError::invalid(m, None),
             })?;
-            choices.push(Choice { prompt: pi, cancel });
+            choices.push(Choice {
+                prompt: pi,
+                cancel,
+                cached,
+            });
         }
     }
     drop(tx);
@@ -411,8 +436,7 @@ async fn collect(
         "created": now_secs(),
         "model": state.model_name,
         "choices": out,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(&choices, prompt_tokens, completion_tokens),
     }))
     .into_response())
 }
@@ -525,8 +549,7 @@ fn stream(
         if v.include_usage {
             let completion_tokens: usize = texts.iter().map(|c| c.completion_tokens).sum();
             let usage = json!({"id": id, "object": object, "created": created, "model": state.model_name, "choices": [],
-                               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                         "total_tokens": prompt_tokens + completion_tokens}});
+                               "usage": usage(&choices, prompt_tokens, completion_tokens)});
             let _ = out.send(Ok(Event::default().data(usage.to_string()))).await;
         }
         let _ = out.send(Ok(Event::default().data("[DONE]"))).await;
