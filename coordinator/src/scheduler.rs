@@ -360,6 +360,29 @@ impl Loop {
         true
     }
 
+    /// Whether a running sequence is still prefilling whole blocks that `s`'s tokens begin
+    /// with: once it has, `s` finds them in the prefix cache.
+    fn awaits_prefill_of_running(&self, s: &Seq) -> bool {
+        if !self.kv.prefix_cache_enabled() {
+            return false;
+        }
+        let bs = self.kv.block_size();
+        // Blocks `s` could take: whole ones before its last token.
+        let usable = (s.tokens.len() - 1) / bs * bs;
+        self.running.iter().any(|r| {
+            let done = r.kv.len() / bs * bs;
+            if done >= usable || r.kv.len() >= r.prompt_len {
+                return false;
+            }
+            let common = s.tokens[..usable]
+                .iter()
+                .zip(&r.tokens[..r.prompt_len])
+                .take_while(|(a, b)| a == b)
+                .count();
+            common / bs * bs > done
+        })
+    }
+
     /// Gives a sequence about to run the cached blocks its tokens begin with.
     fn start_from_cache(&mut self, s: &mut Seq) {
         let hit = if self.kv.prefix_cache_enabled() {
@@ -385,17 +408,29 @@ impl Loop {
     }
 
     fn iterate(&mut self) {
-        // Admit waiting sequences while there is room for their first chunk.
+        // Admit waiting sequences while there is room for their first chunk. One whose prompt
+        // begins like that of a running sequence still prefilling waits for those blocks
+        // instead of computing them too (a request's `n` choices, a burst of requests with one
+        // system prompt); sequences behind it may go first.
+        let mut held = Vec::new();
         while self.running.len() < self.cfg.max_running {
             let Some(s) = self.waiting.front() else { break };
             let first = s.tokens.len().min(self.cfg.max_batch_tokens);
             if self.kv.blocks_for(first) > self.kv.free_blocks() && !self.running.is_empty() {
                 break;
             }
-            if let Some(mut s) = self.waiting.pop_front() {
-                self.start_from_cache(&mut s);
-                self.running.push(s);
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.awaits_prefill_of_running(&s) {
+                held.push(s);
+                continue;
             }
+            self.start_from_cache(&mut s);
+            self.running.push(s);
+        }
+        for s in held.into_iter().rev() {
+            self.waiting.push_front(s);
         }
         if self.running.is_empty() {
             return;
@@ -971,5 +1006,45 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(cached.stats.kv_blocks_used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn sequences_arriving_together_with_one_prompt_compute_it_once() {
+        let (_dir, engine) = random_engine(2, gen::GenSpec::default());
+        let mcfg = engine.config().clone();
+        let cfg = SchedulerConfig {
+            kv_cache_bytes: 32
+                * KvCache::<switchyard_model::AnyBackend>::block_bytes(&mcfg, 16, KvDtype::F32),
+            ..SchedulerConfig::default()
+        };
+        let handle = start(engine, cfg).unwrap();
+        let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37) % 299).collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cached: Vec<_> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        for (index, c) in cached.iter().enumerate() {
+            let req = SeqRequest {
+                index,
+                cached_tokens: c.clone(),
+                ..greedy(prompt.clone(), 6, tx.clone())
+            };
+            handle.submit(req).unwrap();
+        }
+        drop(tx);
+        let mut got = vec![Vec::new(); 3];
+        while let Some((i, ev)) = rx.blocking_recv() {
+            match ev {
+                SeqEvent::Token { id, .. } => got[i].push(id),
+                SeqEvent::Finished { .. } => {}
+                SeqEvent::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        let mut hits: Vec<usize> = cached.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        hits.sort_unstable();
+        assert_eq!(
+            hits,
+            [0, 32, 32],
+            "one computes the prompt, the others wait for its blocks"
+        );
+        assert!(got.iter().all(|g| g.len() == 6 && *g == got[0]), "{got:?}");
     }
 }
