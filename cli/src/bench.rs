@@ -841,6 +841,7 @@ fn run_once(
                 max_tokens: a.decode_tokens,
                 sampling: SamplingParams::default(),
                 stop_ids: vec![],
+                min_tokens: 0,
                 ignore_eos: true,
                 logprobs: None,
                 index: i,

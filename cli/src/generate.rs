@@ -28,6 +28,9 @@ pub struct Args {
     top_k: usize,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long, default_value_t = 1.0)]
@@ -71,6 +74,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             repetition_penalty: a.repetition_penalty,
             presence_penalty: a.presence_penalty,
             frequency_penalty: a.frequency_penalty,
+            min_p: a.min_p,
+            logit_bias: Vec::new(),
             seed: a.seed,
         },
         stop_ids: vec![],

@@ -63,6 +63,8 @@ pub struct SeqRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop_ids: Vec<u32>,
+    /// Until this many tokens are generated, eos and `stop_ids` cannot be chosen.
+    pub min_tokens: usize,
     pub ignore_eos: bool,
     /// Report each chosen token's logprob and this many most likely alternatives (0: the
     /// chosen one alone). None reports none and skips the log-softmax over the vocabulary they
@@ -170,6 +172,7 @@ struct Seq {
     max_tokens: usize,
     sampler: Sampler,
     stop_ids: Vec<u32>,
+    min_tokens: usize,
     ignore_eos: bool,
     logprobs: Option<usize>,
     kv: SeqKv,
@@ -280,6 +283,7 @@ impl Loop {
             max_tokens: r.max_tokens,
             sampler,
             stop_ids: r.stop_ids,
+            min_tokens: r.min_tokens,
             ignore_eos: r.ignore_eos,
             logprobs: r.logprobs,
             kv: SeqKv::default(),
@@ -546,6 +550,17 @@ impl Loop {
             }
             let logits = &mut self.out.logits[row * vocab..(row + 1) * vocab];
             s.sampler.apply_penalties(logits);
+            if s.generated() < s.min_tokens {
+                let ends = s
+                    .stop_ids
+                    .iter()
+                    .chain(if s.ignore_eos { &[][..] } else { &eos });
+                for &t in ends {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let id = s.sampler.sample(logits);
             let (logprob, top) = match s.logprobs {
                 None => (None, Vec::new()),
@@ -676,6 +691,7 @@ mod tests {
             max_tokens,
             sampling: SamplingParams::default(),
             stop_ids: vec![],
+            min_tokens: 0,
             ignore_eos: true,
             logprobs: None,
             index: 0,
@@ -877,6 +893,7 @@ mod tests {
                     max_tokens: 60,
                     sampling: SamplingParams::default(),
                     stop_ids: vec![],
+                    min_tokens: 0,
                     ignore_eos: true,
                     logprobs: None,
                     index,

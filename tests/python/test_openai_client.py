@@ -95,6 +95,34 @@ def test_stop_strings_and_stop_token_ids(client, server):
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= 3
 
 
+def test_logit_bias_min_p_and_min_tokens(client, server):
+    ids = post(server, "/tokenize", {"prompt": PROMPT})["tokens"]
+    out = subprocess.run([BIN, "forward", "--model", str(MODEL), "--ids", ",".join(map(str, ids)), "--greedy", "8"],
+                         check=True, capture_output=True, text=True)
+    greedy_ids = json.loads(out.stdout)["greedy"]
+    # A bias of +100 on one token makes greedy decoding choose it every time.
+    forced = greedy_ids[1]
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == post(server, "/detokenize", {"tokens": [forced] * 4})["prompt"]
+    # -100 on the greedy first token makes the choice something else.
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1, temperature=0,
+                                  logit_bias={str(greedy_ids[0]): -100})
+    assert r.choices[0].text != post(server, "/detokenize", {"tokens": greedy_ids[:1]})["prompt"]
+    # min_p 1 keeps only the most likely token: sampling at any temperature is greedy.
+    want = greedy(client, PROMPT, 8).choices[0].text
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=3,
+                                  extra_body={"min_p": 1.0})
+    assert r.choices[0].text == want
+    # The first greedy token as a stop id ends the choice at once, unless min_tokens holds it off.
+    stop = {"stop_token_ids": [greedy_ids[0]]}
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0, extra_body=stop)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                  extra_body={**stop, "min_tokens": 3})
+    assert r.usage.completion_tokens >= 3
+
+
 def test_logprobs(client):
     r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs

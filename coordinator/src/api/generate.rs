@@ -271,6 +271,7 @@ async fn run(
                 max_tokens: v.max_tokens.unwrap_or(max_len - p.len()),
                 sampling,
                 stop_ids: v.stop_ids.clone(),
+                min_tokens: v.min_tokens,
                 ignore_eos: v.ignore_eos,
                 logprobs,
                 index,

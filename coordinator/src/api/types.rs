@@ -48,6 +48,8 @@ pub struct CommonFields {
     pub repetition_penalty: Option<f32>,
     pub ignore_eos: Option<bool>,
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    pub min_p: Option<f32>,
+    pub min_tokens: Option<i64>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -113,6 +115,8 @@ pub struct Validated {
     pub sampling: SamplingParams,
     pub stop_strings: Vec<String>,
     pub stop_ids: Vec<u32>,
+    /// Tokens generated before eos or a stop token id may end the choice.
+    pub min_tokens: usize,
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
@@ -198,10 +202,35 @@ impl CommonFields {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        let logit_bias = self
+            .logit_bias
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                let bad = |m: String| ApiError::invalid(m, Some("logit_bias"));
+                let id = k
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&t| (t as usize) < limits.vocab_size)
+                    .ok_or_else(|| bad(format!("logit_bias: {k:?} is not a token id")))?;
+                let b = v
+                    .as_f64()
+                    .filter(|b| (-100.0..=100.0).contains(b))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "logit_bias: the bias of token {k} must be a number in [-100, 100], got {v}"
+                        ))
+                    })?;
+                Ok((id, b as f32))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let min_p = float_in(self.min_p, "min_p", 0.0, 1.0)?.unwrap_or(0.0);
+        let min_tokens = int_in(self.min_tokens, "min_tokens", 0, limits.max_seq_len as i64)?
+            .unwrap_or(0) as usize;
+        if max_tokens.is_some_and(|m| min_tokens > m) {
             return Err(ApiError::invalid(
-                "logit_bias is not supported",
-                Some("logit_bias"),
+                "min_tokens must not exceed max_tokens",
+                Some("min_tokens"),
             ));
         }
         let seed = match self.seed {
@@ -227,10 +256,13 @@ impl CommonFields {
                 repetition_penalty: repetition,
                 presence_penalty: presence,
                 frequency_penalty: frequency,
+                min_p,
+                logit_bias,
                 seed,
             },
             stop_strings,
             stop_ids,
+            min_tokens,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stream,
             include_usage: self

@@ -1,5 +1,6 @@
-//! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded RNG, and the
-//! repetition / presence / frequency penalties of transformers and OpenAI.
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, seeded RNG,
+//! the repetition / presence / frequency penalties of transformers and OpenAI, and OpenAI's
+//! logit bias.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +21,11 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// OpenAI: subtracted per occurrence in the output (0 = off).
     pub frequency_penalty: f32,
+    /// Drops tokens less likely than this fraction of the most likely one (0 = off), after
+    /// the temperature, before top-p (as vLLM and llama.cpp).
+    pub min_p: f32,
+    /// OpenAI: added to these tokens' logits before anything else sees them.
+    pub logit_bias: Vec<(u32, f32)>,
     /// RNG seed; `None` draws one.
     pub seed: Option<u64>,
 }
@@ -33,6 +39,8 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
             seed: None,
         }
     }
@@ -49,6 +57,18 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
+        {
+            return Err(format!(
+                "logit_bias of token {t} must be in [-100, 100], got {b}"
+            ));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(format!(
@@ -97,9 +117,15 @@ impl Sampler {
         }
     }
 
-    /// Applies the penalties to `logits` in place (what the choice and logprobs see).
+    /// Applies the logit bias and the penalties to `logits` in place (what the choice and
+    /// logprobs see).
     pub fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let seen = self.prompt.iter().chain(self.counts.keys());
             for &t in seen {
@@ -159,6 +185,11 @@ impl Sampler {
         for c in self.cand.iter_mut() {
             c.1 = (c.1 - max).exp();
             sum += c.1 as f64;
+        }
+        if p.min_p > 0.0 {
+            // Probabilities relative to the most likely token's, which is exp(0) = 1.
+            self.cand.retain(|c| c.1 >= p.min_p);
+            sum = self.cand.iter().map(|c| c.1 as f64).sum();
         }
         if p.top_p < 1.0 {
             let keep = nucleus(&mut self.cand, sum, p.top_p as f64);
@@ -348,6 +379,66 @@ mod tests {
             let got = *c as f64 / 6000.0;
             assert!((got - want).abs() < 0.025, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_its_share_of_the_most_likely() {
+        // p ∝ 1, 2, 4, 8: relative to the top 1/8, 1/4, 1/2, 1. min_p 0.3 keeps the last two,
+        // in the proportion 1 : 2.
+        let logits = [0.0, 2f32.ln(), 4f32.ln(), 8f32.ln()];
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 0.3,
+                ..params(1.0, 0, 1.0, 9)
+            },
+            &[],
+        );
+        let mut counts = [0usize; 4];
+        for _ in 0..6000 {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(counts[..2], [0, 0], "{counts:?}");
+        let share = counts[3] as f64 / 6000.0;
+        assert!((share - 2.0 / 3.0).abs() < 0.025, "{counts:?}");
+        // min_p 1 keeps only the most likely: greedy.
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 1.0,
+                ..params(1.5, 0, 1.0, 9)
+            },
+            &[],
+        );
+        assert!((0..50).all(|_| s.sample(&logits) == 3));
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_and_is_validated() {
+        let p = SamplingParams {
+            logit_bias: vec![(0, 100.0), (2, -100.0), (7, 5.0)],
+            ..Default::default()
+        };
+        p.validate().unwrap();
+        let mut s = Sampler::new(p, &[]);
+        let mut logits = [1.0, 2.0, 3.0];
+        s.apply_penalties(&mut logits);
+        assert_eq!(
+            logits,
+            [101.0, 2.0, -97.0],
+            "ids past the vocabulary are ignored"
+        );
+        assert_eq!(s.sample(&logits), 0);
+        for bad in [f32::NAN, 100.5, -101.0] {
+            let p = SamplingParams {
+                logit_bias: vec![(1, bad)],
+                ..Default::default()
+            };
+            assert!(p.validate().is_err(), "{bad}");
+        }
+        let p = SamplingParams {
+            min_p: 1.5,
+            ..Default::default()
+        };
+        assert!(p.validate().is_err());
     }
 
     #[test]
