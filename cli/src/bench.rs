@@ -842,6 +842,7 @@ fn run_once(
                 sampling: SamplingParams::default(),
                 stop_ids: vec![],
                 min_tokens: 0,
+                json: None,
                 ignore_eos: true,
                 logprobs: None,
                 index: i,

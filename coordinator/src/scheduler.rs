@@ -21,8 +21,9 @@ use std::{
     time::Instant,
 };
 use switchyard_model::{
-    sampling, KvCache, Logits, ModelError, Sampler, SamplingParams, SeqKv, SeqStep, StepOutput,
-    StepScratch,
+    sampling,
+    structured::{JsonConstraint, TokenBytes},
+    KvCache, Logits, ModelError, Sampler, SamplingParams, SeqKv, SeqStep, StepOutput, StepScratch,
 };
 use tokio::sync::mpsc;
 
@@ -65,6 +66,8 @@ pub struct SeqRequest {
     pub stop_ids: Vec<u32>,
     /// Until this many tokens are generated, eos and `stop_ids` cannot be chosen.
     pub min_tokens: usize,
+    /// Constrains the output to a JSON object (`response_format: json_object`).
+    pub json: Option<JsonConstraint>,
     pub ignore_eos: bool,
     /// Report each chosen token's logprob and this many most likely alternatives (0: the
     /// chosen one alone). None reports none and skips the log-softmax over the vocabulary they
@@ -173,6 +176,7 @@ struct Seq {
     sampler: Sampler,
     stop_ids: Vec<u32>,
     min_tokens: usize,
+    json: Option<JsonConstraint>,
     ignore_eos: bool,
     logprobs: Option<usize>,
     kv: SeqKv,
@@ -251,6 +255,8 @@ struct Loop {
     scratch: StepScratch<switchyard_model::AnyBackend>,
     out: StepOutput,
     logprobs: Vec<f32>,
+    /// Every token's bytes, built when the first sequence with a JSON constraint arrives.
+    token_bytes: Option<TokenBytes>,
 }
 
 impl Loop {
@@ -271,10 +277,15 @@ impl Loop {
             scratch,
             out: StepOutput::new(Logits::Last),
             logprobs: Vec::new(),
+            token_bytes: None,
         }
     }
 
     fn admit(&mut self, r: SeqRequest) {
+        if r.json.is_some() && self.token_bytes.is_none() {
+            let vocab = self.engine.config().vocab_size;
+            self.token_bytes = Some(TokenBytes::new(self.engine.tokenizer(), vocab));
+        }
         metrics::counter!("switchyard_prompt_tokens_total").increment(r.prompt.len() as u64);
         let sampler = Sampler::new(r.sampling, &r.prompt);
         self.waiting.push_back(Seq {
@@ -284,6 +295,7 @@ impl Loop {
             sampler,
             stop_ids: r.stop_ids,
             min_tokens: r.min_tokens,
+            json: r.json,
             ignore_eos: r.ignore_eos,
             logprobs: r.logprobs,
             kv: SeqKv::default(),
@@ -561,7 +573,17 @@ impl Loop {
                     }
                 }
             }
+            if let (Some(c), Some(vocab)) = (&mut s.json, &self.token_bytes) {
+                if !c.mask(vocab, &eos, logits) {
+                    // Nothing can continue the JSON (the vocabulary lacks the bytes): end here.
+                    finished.push((i, Some(FinishReason::Stop)));
+                    continue;
+                }
+            }
             let id = s.sampler.sample(logits);
+            if let (Some(c), Some(vocab)) = (&mut s.json, &self.token_bytes) {
+                c.advance(vocab, id);
+            }
             let (logprob, top) = match s.logprobs {
                 None => (None, Vec::new()),
                 Some(n) => {
@@ -692,6 +714,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stop_ids: vec![],
             min_tokens: 0,
+            json: None,
             ignore_eos: true,
             logprobs: None,
             index: 0,
@@ -894,6 +917,7 @@ mod tests {
                     sampling: SamplingParams::default(),
                     stop_ids: vec![],
                     min_tokens: 0,
+                    json: None,
                     ignore_eos: true,
                     logprobs: None,
                     index,
@@ -1063,5 +1087,50 @@ mod tests {
             "one computes the prompt, the others wait for its blocks"
         );
         assert!(got.iter().all(|g| g.len() == 6 && *g == got[0]), "{got:?}");
+    }
+
+    #[test]
+    fn a_json_constraint_keeps_every_choice_a_valid_json_object() {
+        use switchyard_model::structured::JsonMachine;
+        let (_dir, engine) = random_engine(2, gen::GenSpec::default());
+        let vocab = TokenBytes::new(engine.tokenizer(), engine.config().vocab_size);
+        let handle = start(engine, SchedulerConfig::default()).unwrap();
+        let mut stopped = 0;
+        for seed in 0..6u64 {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let req = SeqRequest {
+                sampling: SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..SamplingParams::default()
+                },
+                json: Some(JsonConstraint::default()),
+                ignore_eos: false,
+                ..greedy(vec![1, 40, 41, 42], 60, tx)
+            };
+            handle.submit(req).unwrap();
+            let mut machine = JsonMachine::object();
+            loop {
+                match rx.blocking_recv().unwrap().1 {
+                    SeqEvent::Token { id, .. } => {
+                        if let Some(b) = vocab.get(id) {
+                            assert!(machine.feed_all(b), "token {id} breaks the JSON");
+                        } else {
+                            assert!(machine.is_complete(), "a special token mid-object");
+                        }
+                    }
+                    SeqEvent::Finished { reason, .. } => {
+                        if reason == FinishReason::Stop {
+                            assert!(machine.is_complete());
+                            stopped += 1;
+                        }
+                        break;
+                    }
+                    SeqEvent::Failed(f) => panic!("{f:?}"),
+                }
+            }
+        }
+        // Random weights ramble, but some choices close their object and stop.
+        assert!(stopped > 0);
     }
 }

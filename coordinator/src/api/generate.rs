@@ -22,6 +22,7 @@ use std::sync::{
     atomic::{AtomicBool, AtomicUsize},
     Arc,
 };
+use switchyard_model::structured::JsonConstraint;
 use tokio::sync::mpsc;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -160,14 +161,23 @@ pub async fn chat(
             Some("tools"),
         ));
     }
-    if let Some(f) = &req.response_format {
-        if f.get("type").and_then(Value::as_str) != Some("text") {
+    let json_object = match req
+        .response_format
+        .as_ref()
+        .map(|f| f.get("type").and_then(Value::as_str))
+    {
+        None | Some(Some("text")) => false,
+        Some(Some("json_object")) => true,
+        Some(other) => {
             return Err(ApiError::invalid(
-                "only response_format {\"type\": \"text\"} is supported",
+                format!(
+                    "response_format type {} is not supported (text or json_object)",
+                    other.map_or("missing".into(), |t| format!("{t:?}"))
+                ),
                 Some("response_format"),
-            ));
+            ))
         }
-    }
+    };
     let messages = req.messages()?;
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(t)) if !(0..=20).contains(&t) => {
@@ -185,10 +195,11 @@ pub async fn chat(
         }
         _ => None,
     };
-    let v = req.common.validate(
+    let mut v = req.common.validate(
         req.max_completion_tokens.or(req.common.max_tokens),
         &state.limits,
     )?;
+    v.json_object = json_object;
     let tok = state.engine.tokenizer();
     let text = tok
         .apply_chat_template(&messages, true)
@@ -272,6 +283,7 @@ async fn run(
                 sampling,
                 stop_ids: v.stop_ids.clone(),
                 min_tokens: v.min_tokens,
+                json: v.json_object.then(JsonConstraint::default),
                 ignore_eos: v.ignore_eos,
                 logprobs,
                 index,

@@ -120,6 +120,8 @@ pub struct Validated {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Constrain each choice to a JSON object (chat's `response_format: json_object`).
+    pub json_object: bool,
 }
 
 fn int_in(v: Option<i64>, name: &'static str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
@@ -269,6 +271,7 @@ impl CommonFields {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            json_object: false,
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod model;
 pub mod moe;
 pub mod profile;
 pub mod sampling;
+pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 

@@ -880,8 +880,9 @@ mod broken_checkpoints {
     }
 }
 
-#[test]
-fn builtin_tokenizer_round_trips_and_renders_chat() {
+/// A one-layer `small_spec` checkpoint with gen-model's built-in tokenizer, in a folder that
+/// lives as long as the guard.
+fn one_layer_checkpoint() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     generate(
         &GenSpec {
@@ -892,6 +893,12 @@ fn builtin_tokenizer_round_trips_and_renders_chat() {
         &|_| {},
     )
     .unwrap();
+    tmp
+}
+
+#[test]
+fn builtin_tokenizer_round_trips_and_renders_chat() {
+    let tmp = one_layer_checkpoint();
     let tok = crate::Tokenizer::from_dir(tmp.path()).unwrap();
     let text = "héllo, wörld [INST] ok";
     let ids = tok.encode(text, true).unwrap();
@@ -1140,5 +1147,118 @@ fn two_lanes_with_overlap_equal_one_lane() {
         }
         let d = max_abs(l1, l2.iter().map(|&v| v as f64));
         assert!(d < 1e-4, "logits differ by {d}");
+    }
+}
+
+/// Structured output reads each token's bytes from the vocabulary: concatenated over an
+/// encoding they must give back the text, for the fixtures' tokenizers and gen-model's.
+#[test]
+fn token_bytes_spell_the_text_they_encode() {
+    let tmp = one_layer_checkpoint();
+    let dirs = [
+        fixtures().join("tiny-mixtral"),
+        fixtures().join("tiny-mixtral-trained"),
+        tmp.path().to_path_buf(),
+    ];
+    for dir in dirs {
+        let tok = crate::Tokenizer::from_dir(&dir).unwrap();
+        let bytes = tok.token_bytes();
+        let text = "{\"name\": \"héllo wörld\", \"n\": [1, 2.5e3],\n  \"ok\": true} ✓";
+        let ids = tok.encode(text, false).unwrap();
+        let spelled: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| bytes[id as usize].clone().unwrap())
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&spelled), text, "{}", dir.display());
+        let bos = tok.encode("", true).unwrap();
+        assert!(
+            bos.iter().all(|&id| bytes[id as usize].is_none()),
+            "special tokens add no bytes"
+        );
+    }
+}
+
+/// The SentencePiece layout of Mistral's own tokenizers: `▁` for a space and `<0xXX>` byte
+/// fallback tokens.
+#[test]
+fn token_bytes_read_sentencepiece_vocabularies() {
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let spec = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                  "byte_fallback": true, "ignore_merges": false,
+                  "vocab": {"<unk>": 0, "<s>": 1, "<0x0A>": 2, "<0xC3>": 3, "<0xA9>": 4,
+                            "\u{2581}": 5, "a": 6, "\u{2581}a": 7, "b": 8},
+                  "merges": ["\u{2581} a"]}
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("tokenizer.json"), spec.to_string()).unwrap();
+    let tok = crate::Tokenizer::from_dir(tmp.path()).unwrap();
+    let bytes = tok.token_bytes();
+    let ids = tok.encode("a b\né", false).unwrap();
+    let spelled: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| bytes[id as usize].clone().unwrap())
+        .collect();
+    // SentencePiece's leading space is the decoder's to strip, not the token's.
+    assert_eq!(String::from_utf8(spelled).unwrap(), " a b\né", "{ids:?}");
+    assert_eq!(bytes[2].as_deref(), Some(&b"\n"[..]));
+    assert!(bytes[0].is_none() && bytes[1].is_none());
+}
+
+/// The JSON mask over a real vocabulary equals running every token through the grammar, in
+/// and out of strings (where masking takes a shortcut).
+#[test]
+fn json_mask_matches_the_grammar_token_by_token() {
+    use crate::structured::{JsonConstraint, JsonMachine, TokenBytes};
+    let dir = fixtures().join("tiny-mixtral-trained");
+    let tok = crate::Tokenizer::from_dir(&dir).unwrap();
+    let n = 4096;
+    let vocab = TokenBytes::new(&tok, n);
+    for prefix in [
+        "",
+        "{",
+        "{\"key",
+        "{\"k\\",
+        "{\"k\": \"v",
+        "{\"k\": [1",
+        "{\"k\": {}}",
+    ] {
+        let mut c = JsonConstraint::default();
+        let mut machine = JsonMachine::object();
+        for id in tok.encode(prefix, false).unwrap() {
+            c.advance(&vocab, id);
+            assert!(machine.feed_all(vocab.get(id).unwrap()));
+        }
+        let mut logits = vec![0.0f32; n];
+        c.mask(&vocab, &[2], &mut logits);
+        for id in 0..n as u32 {
+            let want = if id == 2 {
+                machine.is_complete()
+            } else {
+                vocab.get(id).is_some_and(|b| {
+                    let mut m = machine.clone();
+                    !b.is_empty() && m.feed_all(b)
+                })
+            };
+            assert_eq!(
+                logits[id as usize].is_finite(),
+                want,
+                "{prefix:?} token {id}"
+            );
+        }
     }
 }

@@ -21,6 +21,24 @@ pub struct Tokenizer {
     eos_token: String,
 }
 
+/// The inverse of GPT-2's byte-to-character table, which byte-level BPE vocabularies spell
+/// their tokens in: printable bytes stand for themselves, the other 68 for U+0100 onwards.
+fn byte_level_decoding() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or(char::REPLACEMENT_CHARACTER)
+            };
+            (c, b)
+        })
+        .collect()
+}
+
 /// `"<s>"` or `{"content": "<s>", ...}` in tokenizer_config.json.
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
@@ -90,6 +108,50 @@ impl Tokenizer {
     #[must_use]
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The bytes each token id adds to the text, `None` for special tokens: what structured
+    /// output runs through its grammar. Byte-level BPE vocabularies (GPT-2's byte-to-character
+    /// table) and SentencePiece ones (`▁` for a space, `<0xXX>` byte fallback) are both read.
+    #[must_use]
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let byte_level = serde_json::to_string(&self.inner.get_decoder())
+            .is_ok_and(|d| d.contains("\"ByteLevel\""));
+        let special: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        let unbyte = byte_level_decoding();
+        (0..self.inner.get_vocab_size(true) as u32)
+            .map(|id| {
+                if special.contains(&id) {
+                    return None;
+                }
+                let t = self.inner.id_to_token(id)?;
+                Some(if byte_level {
+                    let mut out = Vec::with_capacity(t.len());
+                    for c in t.chars() {
+                        match unbyte.get(&c) {
+                            Some(&b) => out.push(b),
+                            None => out.extend_from_slice(c.to_string().as_bytes()),
+                        }
+                    }
+                    out
+                } else if let Some(b) = t
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    vec![b]
+                } else {
+                    t.replace('\u{2581}', " ").into_bytes()
+                })
+            })
+            .collect()
     }
 
     /// Whether tokenizer_config.json has a chat template.
