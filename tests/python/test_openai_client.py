@@ -141,6 +141,12 @@ def test_json_object_response_format_writes_json_objects(client):
             else:
                 assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 200
     assert stopped >= 4
+    # Completions take it too (as vLLM).
+    r = client.completions.create(model=MODEL_NAME, prompt="A file as JSON:", max_tokens=200, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text), dict)
+    assert r.choices[0].text.lstrip().startswith("{")
     # Streamed, the pieces add up to the same object.
     kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Describe a file as JSON."}], max_tokens=200,
               temperature=0, response_format={"type": "json_object"})

@@ -161,23 +161,6 @@ pub async fn chat(
             Some("tools"),
         ));
     }
-    let json_object = match req
-        .response_format
-        .as_ref()
-        .map(|f| f.get("type").and_then(Value::as_str))
-    {
-        None | Some(Some("text")) => false,
-        Some(Some("json_object")) => true,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!(
-                    "response_format type {} is not supported (text or json_object)",
-                    other.map_or("missing".into(), |t| format!("{t:?}"))
-                ),
-                Some("response_format"),
-            ))
-        }
-    };
     let messages = req.messages()?;
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(t)) if !(0..=20).contains(&t) => {
@@ -195,11 +178,10 @@ pub async fn chat(
         }
         _ => None,
     };
-    let mut v = req.common.validate(
+    let v = req.common.validate(
         req.max_completion_tokens.or(req.common.max_tokens),
         &state.limits,
     )?;
-    v.json_object = json_object;
     let tok = state.engine.tokenizer();
     let text = tok
         .apply_chat_template(&messages, true)

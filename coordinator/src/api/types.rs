@@ -50,6 +50,9 @@ pub struct CommonFields {
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     pub min_p: Option<f32>,
     pub min_tokens: Option<i64>,
+    /// `{"type": "text"}` or `{"type": "json_object"}` (chat in OpenAI's API; completions too,
+    /// as vLLM).
+    pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -95,7 +98,6 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
-    pub response_format: Option<serde_json::Value>,
 }
 
 /// Limits validation needs.
@@ -120,7 +122,7 @@ pub struct Validated {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
-    /// Constrain each choice to a JSON object (chat's `response_format: json_object`).
+    /// Constrain each choice to a JSON object (`response_format: json_object`).
     pub json_object: bool,
 }
 
@@ -227,6 +229,23 @@ impl CommonFields {
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
         let min_p = float_in(self.min_p, "min_p", 0.0, 1.0)?.unwrap_or(0.0);
+        let json_object = match self
+            .response_format
+            .as_ref()
+            .map(|f| f.get("type").and_then(serde_json::Value::as_str))
+        {
+            None | Some(Some("text")) => false,
+            Some(Some("json_object")) => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "response_format type {} is not supported (text or json_object)",
+                        other.map_or("missing".into(), |t| format!("{t:?}"))
+                    ),
+                    Some("response_format"),
+                ))
+            }
+        };
         let min_tokens = int_in(self.min_tokens, "min_tokens", 0, limits.max_seq_len as i64)?
             .unwrap_or(0) as usize;
         if max_tokens.is_some_and(|m| min_tokens > m) {
@@ -271,7 +290,7 @@ impl CommonFields {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
-            json_object: false,
+            json_object,
         })
     }
 }
