@@ -1091,7 +1091,8 @@ mod tests {
 
     #[test]
     fn a_json_constraint_keeps_every_choice_a_valid_json_object() {
-        use switchyard_model::structured::JsonMachine;
+        use switchyard_model::structured::{JsonMachine, Schema};
+        let any = Schema::any_object();
         let (_dir, engine) = random_engine(2, gen::GenSpec::default());
         let vocab = TokenBytes::new(engine.tokenizer(), engine.config().vocab_size);
         let handle = start(engine, SchedulerConfig::default()).unwrap();
@@ -1109,12 +1110,12 @@ mod tests {
                 ..greedy(vec![1, 40, 41, 42], 60, tx)
             };
             handle.submit(req).unwrap();
-            let mut machine = JsonMachine::object();
+            let mut machine = JsonMachine::default();
             loop {
                 match rx.blocking_recv().unwrap().1 {
                     SeqEvent::Token { id, .. } => {
                         if let Some(b) = vocab.get(id) {
-                            assert!(machine.feed_all(b), "token {id} breaks the JSON");
+                            assert!(machine.feed_all(&any, b), "token {id} breaks the JSON");
                         } else {
                             assert!(machine.is_complete(), "a special token mid-object");
                         }

@@ -76,7 +76,9 @@ BAD = [
     ("image content", CHAT, {"model": M, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "invalid_request_error"),
     ("tools", CHAT, {"model": M, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_request_error"),
     ("top_logprobs without logprobs", CHAT, {"model": M, "messages": MSG, "top_logprobs": 2}, 400, "invalid_request_error"),
-    ("json_schema response_format", CHAT, {"model": M, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400, "invalid_request_error"),
+    ("json_schema whose root is not an object", CHAT, {"model": M, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400, "invalid_request_error"),
+    ("json_schema with a pattern", CHAT, {"model": M, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}}}}}, 400, "invalid_request_error"),
+    ("json_schema without a schema", CHAT, {"model": M, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "invalid_request_error"),
     ("response_format without a type", CHAT, {"model": M, "messages": MSG, "response_format": {}}, 400, "invalid_request_error"),
     ("unknown route", "/v1/embeddings", {"model": M, "input": "a"}, 404, "invalid_request_error"),
 ]

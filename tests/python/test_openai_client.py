@@ -155,6 +155,35 @@ def test_json_object_response_format_writes_json_objects(client):
     assert streamed == whole
 
 
+def test_json_schema_response_format_follows_the_schema(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "size": {"type": "integer"},
+            "kind": {"enum": ["file", "folder"]},
+            "hidden": {"type": "boolean"},
+        },
+        "required": ["kind", "size"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "entry", "schema": schema, "strict": True}}
+    stopped = 0
+    for temperature, seed in [(0, None), (0.9, 1), (0.9, 2), (0.9, 3)]:
+        r = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Describe a file as JSON."}],
+            max_tokens=120, temperature=temperature, seed=seed, response_format=fmt,
+        )
+        text = r.choices[0].message.content
+        if r.choices[0].finish_reason != "stop":
+            continue
+        stopped += 1
+        obj = json.loads(text)
+        assert set(obj) <= set(schema["properties"]) and {"kind", "size"} <= set(obj), text
+        assert obj["kind"] in ("file", "folder") and isinstance(obj["size"], int), text
+        assert isinstance(obj.get("name", ""), str) and isinstance(obj.get("hidden", False), bool), text
+    assert stopped >= 2
+
+
 def test_logprobs(client):
     r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs

@@ -265,7 +265,7 @@ async fn run(
                 sampling,
                 stop_ids: v.stop_ids.clone(),
                 min_tokens: v.min_tokens,
-                json: v.json_object.then(JsonConstraint::default),
+                json: v.json.clone().map(JsonConstraint::new),
                 ignore_eos: v.ignore_eos,
                 logprobs,
                 index,

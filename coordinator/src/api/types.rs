@@ -2,7 +2,7 @@
 
 use super::error::ApiError;
 use serde::Deserialize;
-use switchyard_model::{ChatMessage, SamplingParams};
+use switchyard_model::{structured::Schema, ChatMessage, SamplingParams};
 
 /// `prompt`: a string, several strings, token ids, or several lists of ids.
 #[derive(Deserialize, Debug)]
@@ -122,8 +122,9 @@ pub struct Validated {
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
-    /// Constrain each choice to a JSON object (`response_format: json_object`).
-    pub json_object: bool,
+    /// Constrain each choice to JSON this schema allows (`response_format`: `json_object` is
+    /// any object).
+    pub json: Option<std::sync::Arc<Schema>>,
 }
 
 fn int_in(v: Option<i64>, name: &'static str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
@@ -143,6 +144,30 @@ fn float_in(v: Option<f32>, name: &'static str, lo: f32, hi: f32) -> Result<Opti
             Some(name),
         )),
         other => Ok(other),
+    }
+}
+
+/// `response_format`: None for text, else the schema every choice is held to.
+fn response_format(f: &serde_json::Value) -> Result<Option<Schema>, ApiError> {
+    let bad = |m: String| ApiError::invalid(m, Some("response_format"));
+    match f.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Schema::any_object())),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(
+                    || bad("response_format json_schema needs json_schema.schema".into()),
+                )?;
+            Schema::compile(schema)
+                .map(Some)
+                .map_err(|e| bad(format!("response_format json_schema: {e}")))
+        }
+        other => Err(bad(format!(
+            "response_format type {} is not supported (text, json_object or json_schema)",
+            other.map_or("missing".into(), |t| format!("{t:?}"))
+        ))),
     }
 }
 
@@ -229,23 +254,13 @@ impl CommonFields {
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
         let min_p = float_in(self.min_p, "min_p", 0.0, 1.0)?.unwrap_or(0.0);
-        let json_object = match self
+        let json = self
             .response_format
             .as_ref()
-            .map(|f| f.get("type").and_then(serde_json::Value::as_str))
-        {
-            None | Some(Some("text")) => false,
-            Some(Some("json_object")) => true,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!(
-                        "response_format type {} is not supported (text or json_object)",
-                        other.map_or("missing".into(), |t| format!("{t:?}"))
-                    ),
-                    Some("response_format"),
-                ))
-            }
-        };
+            .map(response_format)
+            .transpose()?
+            .flatten()
+            .map(std::sync::Arc::new);
         let min_tokens = int_in(self.min_tokens, "min_tokens", 0, limits.max_seq_len as i64)?
             .unwrap_or(0) as usize;
         if max_tokens.is_some_and(|m| min_tokens > m) {
@@ -290,7 +305,7 @@ impl CommonFields {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
-            json_object,
+            json,
         })
     }
 }

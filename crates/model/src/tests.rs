@@ -1223,7 +1223,7 @@ fn token_bytes_read_sentencepiece_vocabularies() {
 /// and out of strings (where masking takes a shortcut).
 #[test]
 fn json_mask_matches_the_grammar_token_by_token() {
-    use crate::structured::{JsonConstraint, JsonMachine, TokenBytes};
+    use crate::structured::{JsonConstraint, JsonMachine, Schema, TokenBytes};
     let dir = fixtures().join("tiny-mixtral-trained");
     let tok = crate::Tokenizer::from_dir(&dir).unwrap();
     let n = 4096;
@@ -1238,10 +1238,11 @@ fn json_mask_matches_the_grammar_token_by_token() {
         "{\"k\": {}}",
     ] {
         let mut c = JsonConstraint::default();
-        let mut machine = JsonMachine::object();
+        let any = Schema::any_object();
+        let mut machine = JsonMachine::default();
         for id in tok.encode(prefix, false).unwrap() {
             c.advance(&vocab, id);
-            assert!(machine.feed_all(vocab.get(id).unwrap()));
+            assert!(machine.feed_all(&any, vocab.get(id).unwrap()));
         }
         let mut logits = vec![0.0f32; n];
         c.mask(&vocab, &[2], &mut logits);
@@ -1251,7 +1252,7 @@ fn json_mask_matches_the_grammar_token_by_token() {
             } else {
                 vocab.get(id).is_some_and(|b| {
                     let mut m = machine.clone();
-                    !b.is_empty() && m.feed_all(b)
+                    !b.is_empty() && m.feed_all(&any, b)
                 })
             };
             assert_eq!(

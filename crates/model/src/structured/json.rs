@@ -1,17 +1,24 @@
-//! A byte-at-a-time JSON recogniser (RFC 8259): it accepts exactly the prefixes of valid JSON
-//! texts whose top-level value is an object, and says when the text so far is complete. The
-//! constraint in the parent module runs every vocabulary token's bytes through a copy of it to
-//! find the tokens that keep the output valid.
+//! A byte-at-a-time JSON recogniser (RFC 8259) guided by a [`Schema`]: it accepts exactly
+//! the prefixes of JSON texts that the schema allows, and says when the text so far is
+//! complete. The constraint in the parent module runs every vocabulary token's bytes through a
+//! copy of it to find the tokens that keep the output valid.
+
+use super::schema::{Node, NodeId, Schema, ANY, ANY_ARRAY, ANY_LITERAL, ANY_OBJECT};
 
 /// Consecutive whitespace bytes allowed between tokens of the grammar: enough for
 /// pretty-printing a few levels deep, while a model that would loop on whitespace is made to
 /// write structure instead.
 pub const MAX_WHITESPACE_RUN: u8 = 12;
 
+/// An open object or array, and the schema node it follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Frame {
-    Object,
-    Array,
+struct Frame {
+    node: NodeId,
+    /// Objects: the properties written so far (closed objects), and the one whose value is
+    /// being written.
+    seen: u64,
+    key: u8,
+    is_object: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,36 +42,48 @@ impl Num {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    /// Before the top-level object.
+    /// Before the root object.
     Start,
-    /// A value is expected.
-    Value,
+    /// A value of this node is expected.
+    Value(NodeId),
     /// Right after `[`: a value or `]`.
     ArrayFirst,
     /// Right after `{`: a key or `}`.
     ObjectFirst,
     /// After `,` in an object: a key.
     Key,
+    /// Inside a key of a closed object: the properties still matching, `pos` bytes in.
+    KeyName {
+        candidates: u64,
+        pos: u8,
+    },
     /// After a key: `:`.
     Colon,
     /// After a value inside a container: `,` or the container's end.
     AfterValue,
-    /// Inside a string; `key` says whether it is an object key; `escape` is 0 outside an
-    /// escape, 1 right after `\`, and 5..2 while `\u`'s four hex digits come.
+    /// Inside a string; `key` says whether it is a key of an open object; `escape` is 0
+    /// outside an escape, 1 right after `\`, and 5..2 while `\u`'s four hex digits come.
     Str {
         key: bool,
         escape: u8,
     },
-    Num(Num),
-    /// Inside `true`, `false` or `null`: the bytes still to come.
-    Literal {
-        rest: &'static [u8],
+    Num {
+        num: Num,
+        integer: bool,
     },
-    /// The top-level object is closed: nothing may follow.
+    /// Inside one of a node's exact texts: those still matching, `pos` bytes in.
+    Choice {
+        node: NodeId,
+        candidates: u64,
+        pos: u16,
+    },
+    /// The root object is closed: nothing may follow.
     Done,
 }
 
-/// The recogniser's state: the open containers and where in the grammar it stands.
+/// The recogniser's state: the open containers and where in the grammar it stands. The
+/// schema is passed to every call rather than held, so that copies (one per vocabulary token
+/// when masking) cost no reference count.
 #[derive(Debug)]
 pub struct JsonMachine {
     stack: Vec<Frame>,
@@ -91,21 +110,24 @@ impl Clone for JsonMachine {
 
 impl Default for JsonMachine {
     fn default() -> Self {
-        Self::object()
-    }
-}
-
-impl JsonMachine {
-    /// Accepts a JSON object (OpenAI's `response_format: {"type": "json_object"}`).
-    #[must_use]
-    pub fn object() -> Self {
         Self {
             stack: Vec::new(),
             state: State::Start,
             whitespace: 0,
         }
     }
+}
 
+/// Bits `0..n`.
+fn all(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
+    }
+}
+
+impl JsonMachine {
     /// Whether the machine is inside a string and not in an escape: any bytes but `"`, `\`
     /// and control characters leave it exactly as it is.
     #[must_use]
@@ -120,39 +142,61 @@ impl JsonMachine {
     }
 
     /// Feeds every byte of `bytes`; false (with the machine left part-way) at the first byte
-    /// that no valid JSON text could have there.
-    pub fn feed_all(&mut self, bytes: &[u8]) -> bool {
-        bytes.iter().all(|&b| self.feed(b))
+    /// that no text `schema` allows could have there.
+    pub fn feed_all(&mut self, schema: &Schema, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.feed(schema, b))
     }
 
-    /// Feeds one byte; false if no valid JSON text continues with it.
-    pub fn feed(&mut self, b: u8) -> bool {
-        if let State::Str { key, escape } = self.state {
-            return self.string_byte(key, escape, b);
-        }
-        if let State::Literal { rest } = self.state {
-            return match rest.split_first() {
-                Some((&want, rest)) if want == b => {
-                    if rest.is_empty() {
-                        self.value_done();
-                    } else {
-                        self.state = State::Literal { rest };
+    /// Feeds one byte; false if no text `schema` allows continues with it.
+    pub fn feed(&mut self, schema: &Schema, b: u8) -> bool {
+        match self.state {
+            State::Str { key, escape } => return self.string_byte(key, escape, b),
+            State::KeyName { candidates, pos } => return self.key_byte(schema, candidates, pos, b),
+            State::Choice {
+                node,
+                candidates,
+                pos,
+            } => {
+                let Node::Choice(texts) = schema.get(node) else {
+                    return false;
+                };
+                let pos_ = pos as usize;
+                let mut next = 0u64;
+                let mut ended = false;
+                for (i, t) in texts.iter().enumerate() {
+                    if candidates & (1 << i) != 0 {
+                        if t.get(pos_) == Some(&b) {
+                            next |= 1 << i;
+                        }
+                        ended |= t.len() == pos_;
                     }
-                    true
                 }
-                _ => false,
-            };
-        }
-        if let State::Num(n) = self.state {
-            if let Some(next) = number_byte(n, b) {
-                self.state = State::Num(next);
-                return true;
+                if next != 0 {
+                    self.state = State::Choice {
+                        node,
+                        candidates: next,
+                        pos: pos + 1,
+                    };
+                    return true;
+                }
+                if !ended {
+                    return false;
+                }
+                // One text ended here (as `1` may where `12` goes on); the byte follows it.
+                self.value_done();
             }
-            if !n.complete() {
-                return false;
+            State::Num { num, integer } => {
+                if let Some(next) = number_byte(num, integer, b) {
+                    self.state = State::Num { num: next, integer };
+                    return true;
+                }
+                if !num.complete() {
+                    return false;
+                }
+                // The number ends here; the byte belongs to what follows it.
+                self.value_done();
             }
-            // The number ends here; the byte belongs to what follows it.
-            self.value_done();
+            _ => {}
         }
         if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
             // Whitespace may sit between any two tokens of the grammar and before the object
@@ -166,68 +210,170 @@ impl JsonMachine {
         }
         self.whitespace = 0;
         match self.state {
-            State::Start => self.open_object(b),
-            State::Value => self.value_start(b),
-            State::ArrayFirst if b == b']' => self.close(Frame::Array),
-            State::ArrayFirst => self.value_start(b),
-            State::ObjectFirst if b == b'}' => self.close(Frame::Object),
-            State::ObjectFirst | State::Key if b == b'"' => {
-                self.state = State::Str {
-                    key: true,
-                    escape: 0,
-                };
-                true
+            State::Start => self.value_start(schema, schema.root(), b),
+            State::Value(node) => self.value_start(schema, node, b),
+            State::ArrayFirst if b == b']' => self.close(false),
+            State::ArrayFirst => {
+                let items = self.items(schema);
+                self.value_start(schema, items, b)
             }
+            State::ObjectFirst if b == b'}' => self.close_object(schema),
+            State::ObjectFirst | State::Key if b == b'"' => self.open_key(schema),
             State::Colon if b == b':' => {
-                self.state = State::Value;
+                let node = self.property_node(schema);
+                self.state = State::Value(node);
                 true
             }
-            State::AfterValue => match (b, self.stack.last()) {
-                (b',', Some(Frame::Object)) => {
-                    self.state = State::Key;
+            State::AfterValue => match (b, self.stack.last().copied()) {
+                (b',', Some(f)) if f.is_object => {
+                    // Only where a key can still come: a closed object with properties left.
+                    let left = match schema.get(f.node) {
+                        Node::Object { props, .. } if !props.is_empty() => {
+                            all(props.len()) & !f.seen != 0
+                        }
+                        _ => true,
+                    };
+                    if left {
+                        self.state = State::Key;
+                    }
+                    left
+                }
+                (b',', Some(_)) => {
+                    self.state = State::Value(self.items(schema));
                     true
                 }
-                (b',', Some(Frame::Array)) => {
-                    self.state = State::Value;
-                    true
-                }
-                (b'}', _) => self.close(Frame::Object),
-                (b']', _) => self.close(Frame::Array),
+                (b'}', Some(f)) if f.is_object => self.close_object(schema),
+                (b']', Some(f)) if !f.is_object => self.close(false),
                 _ => false,
             },
             _ => false,
         }
     }
 
-    fn open_object(&mut self, b: u8) -> bool {
-        if b != b'{' {
-            return false;
+    fn value_start(&mut self, schema: &Schema, node: NodeId, b: u8) -> bool {
+        let open = |m: &mut Self, node: NodeId, is_object: bool| {
+            m.stack.push(Frame {
+                node,
+                seen: 0,
+                key: 0,
+                is_object,
+            });
+            m.state = if is_object {
+                State::ObjectFirst
+            } else {
+                State::ArrayFirst
+            };
+            true
+        };
+        match (schema.get(node), b) {
+            (Node::Any, b'{') => open(self, ANY_OBJECT, true),
+            (Node::Any, b'[') => open(self, ANY_ARRAY, false),
+            (Node::Object { .. }, b'{') => open(self, node, true),
+            (Node::Array { .. }, b'[') => open(self, node, false),
+            (Node::Any | Node::String, b'"') => {
+                self.state = State::Str {
+                    key: false,
+                    escape: 0,
+                };
+                true
+            }
+            (Node::Any | Node::Number { .. }, b'-' | b'0'..=b'9') => {
+                let integer = matches!(schema.get(node), Node::Number { integer: true });
+                self.state = State::Num {
+                    num: match b {
+                        b'-' => Num::Minus,
+                        b'0' => Num::Zero,
+                        _ => Num::Int,
+                    },
+                    integer,
+                };
+                true
+            }
+            (Node::Any, b't' | b'f' | b'n') => self.value_start(schema, ANY_LITERAL, b),
+            (Node::Choice(texts), _) => {
+                let mut candidates = 0u64;
+                for (i, t) in texts.iter().enumerate() {
+                    if t.first() == Some(&b) {
+                        candidates |= 1 << i;
+                    }
+                }
+                if candidates == 0 {
+                    return false;
+                }
+                self.state = State::Choice {
+                    node,
+                    candidates,
+                    pos: 1,
+                };
+                true
+            }
+            _ => false,
         }
-        self.stack.push(Frame::Object);
-        self.state = State::ObjectFirst;
+    }
+
+    fn open_key(&mut self, schema: &Schema) -> bool {
+        let Some(f) = self.stack.last() else {
+            return false;
+        };
+        self.state = match schema.get(f.node) {
+            Node::Object { props, .. } if !props.is_empty() => State::KeyName {
+                candidates: all(props.len()) & !f.seen,
+                pos: 0,
+            },
+            _ => State::Str {
+                key: true,
+                escape: 0,
+            },
+        };
         true
     }
 
-    fn value_start(&mut self, b: u8) -> bool {
-        self.state = match b {
-            b'{' => return self.open_object(b),
-            b'[' => {
-                self.stack.push(Frame::Array);
-                State::ArrayFirst
+    fn key_byte(&mut self, schema: &Schema, candidates: u64, pos: u8, b: u8) -> bool {
+        let Some(f) = self.stack.last_mut() else {
+            return false;
+        };
+        let Node::Object { props, .. } = schema.get(f.node) else {
+            return false;
+        };
+        let at = pos as usize;
+        let mut next = 0u64;
+        for (i, (name, _)) in props.iter().enumerate() {
+            if candidates & (1 << i) == 0 {
+                continue;
             }
-            b'"' => State::Str {
-                key: false,
-                escape: 0,
-            },
-            b'-' => State::Num(Num::Minus),
-            b'0' => State::Num(Num::Zero),
-            b'1'..=b'9' => State::Num(Num::Int),
-            b't' => State::Literal { rest: b"rue" },
-            b'f' => State::Literal { rest: b"alse" },
-            b'n' => State::Literal { rest: b"ull" },
-            _ => return false,
+            if b == b'"' && name.len() == at {
+                f.key = i as u8;
+                self.state = State::Colon;
+                return true;
+            }
+            if name.get(at) == Some(&b) {
+                next |= 1 << i;
+            }
+        }
+        if next == 0 || at + 1 > u8::MAX as usize {
+            return false;
+        }
+        self.state = State::KeyName {
+            candidates: next,
+            pos: pos + 1,
         };
         true
+    }
+
+    /// The node of the value after the current key.
+    fn property_node(&self, schema: &Schema) -> NodeId {
+        match self.stack.last().map(|f| (f, schema.get(f.node))) {
+            Some((f, Node::Object { props, .. })) if !props.is_empty() => props[f.key as usize].1,
+            _ => ANY,
+        }
+    }
+
+    /// The node of the current array's items.
+    fn items(&self, schema: &Schema) -> NodeId {
+        match self.stack.last().map(|f| schema.get(f.node)) {
+            Some(Node::Array { items }) => *items,
+            _ => ANY,
+        }
     }
 
     fn string_byte(&mut self, key: bool, escape: u8, b: u8) -> bool {
@@ -255,31 +401,50 @@ impl JsonMachine {
         true
     }
 
-    fn close(&mut self, frame: Frame) -> bool {
-        if self.stack.last() != Some(&frame) {
-            return false;
+    /// Closes the current array.
+    fn close(&mut self, object: bool) -> bool {
+        match self.stack.last() {
+            Some(f) if f.is_object == object => {
+                self.stack.pop();
+                self.value_done();
+                true
+            }
+            _ => false,
         }
-        self.stack.pop();
-        self.value_done();
-        true
+    }
+
+    /// Closes the current object, if every required property is there.
+    fn close_object(&mut self, schema: &Schema) -> bool {
+        let complete = match self.stack.last() {
+            Some(f) if f.is_object => match schema.get(f.node) {
+                Node::Object { required, .. } => f.seen & required == *required,
+                _ => true,
+            },
+            _ => false,
+        };
+        complete && self.close(true)
     }
 
     fn value_done(&mut self) {
-        self.state = if self.stack.is_empty() {
-            State::Done
-        } else {
-            State::AfterValue
+        self.state = match self.stack.last_mut() {
+            None => State::Done,
+            Some(f) => {
+                if f.is_object {
+                    f.seen |= 1 << f.key;
+                }
+                State::AfterValue
+            }
         };
     }
 }
 
-fn number_byte(n: Num, b: u8) -> Option<Num> {
+fn number_byte(n: Num, integer: bool, b: u8) -> Option<Num> {
     Some(match (n, b) {
         (Num::Minus, b'0') => Num::Zero,
         (Num::Minus, b'1'..=b'9') => Num::Int,
         (Num::Int, b'0'..=b'9') => Num::Int,
-        (Num::Zero | Num::Int, b'.') => Num::Dot,
-        (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+        (Num::Zero | Num::Int, b'.') if !integer => Num::Dot,
+        (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') if !integer => Num::Exp,
         (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
         (Num::Exp, b'+' | b'-') => Num::ExpSign,
         (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
@@ -291,10 +456,14 @@ fn number_byte(n: Num, b: u8) -> Option<Num> {
 mod tests {
     use super::*;
 
-    fn accepts(text: &str) -> (bool, bool) {
-        let mut m = JsonMachine::object();
-        let ok = m.feed_all(text.as_bytes());
+    fn accepts_with(schema: &Schema, text: &str) -> (bool, bool) {
+        let mut m = JsonMachine::default();
+        let ok = m.feed_all(schema, text.as_bytes());
         (ok, ok && m.is_complete())
+    }
+
+    fn accepts(text: &str) -> (bool, bool) {
+        accepts_with(&Schema::any_object(), text)
     }
 
     #[test]
@@ -336,19 +505,115 @@ mod tests {
             "{\"a\":-}",
         ] {
             assert!(!accepts(text).1, "{text}");
-            let mut m = JsonMachine::object();
-            assert!(!m.feed_all(text.as_bytes()), "{text} should fail part-way");
+            let mut m = JsonMachine::default();
+            assert!(
+                !m.feed_all(&Schema::any_object(), text.as_bytes()),
+                "{text} should fail part-way"
+            );
         }
     }
 
     #[test]
     fn whitespace_runs_are_bounded() {
-        let mut m = JsonMachine::object();
-        assert!(m.feed_all(b"{"));
-        assert!(m.feed_all(&[b' '; MAX_WHITESPACE_RUN as usize]));
-        assert!(!m.feed(b'\n'));
-        let mut m = JsonMachine::object();
-        assert!(m.feed_all(b"{\"k\": \"a      long      string\"}"));
+        let any = Schema::any_object();
+        let mut m = JsonMachine::default();
+        assert!(m.feed_all(&any, b"{"));
+        assert!(m.feed_all(&any, &[b' '; MAX_WHITESPACE_RUN as usize]));
+        assert!(!m.feed(&any, b'\n'));
+        let mut m = JsonMachine::default();
+        assert!(m.feed_all(&any, b"{\"k\": \"a      long      string\"}"));
         assert!(m.is_complete());
+    }
+
+    fn schema(v: serde_json::Value) -> Schema {
+        Schema::compile(&v).unwrap()
+    }
+
+    #[test]
+    fn a_schema_holds_keys_types_and_required_properties() {
+        let s = schema(serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer"},
+                "score": {"type": "number"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "kind": {"enum": ["cat", "caterpillar", 1, 12, null]},
+                "ok": {"type": "boolean"},
+                "meta": {"type": "object"},
+                "child": {"type": "object", "properties": {"id": {"const": 7}}, "required": ["id"]}
+            },
+            "required": ["name", "age"]
+        }));
+        for text in [
+            r#"{"name": "Ann", "age": 31}"#,
+            r#"{"age": -4, "name": "", "score": 2.5e-3, "tags": ["a", "b"], "ok": false}"#,
+            r#"{"name":"x","age":0,"kind":"caterpillar","meta":{"any":[1,{"deep":null}]}}"#,
+            r#"{"name":"x","age":0,"kind":"cat","child":{"id":7}}"#,
+            r#"{"name":"x","age":0,"kind":1,"tags":[]}"#,
+            r#"{"name":"x","age":0,"kind":12}"#,
+            r#"{"name":"x","age":0,"kind":null}"#,
+        ] {
+            assert_eq!(accepts_with(&s, text), (true, true), "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_ok());
+        }
+        for text in [
+            r#"{"name": "Ann"}"#,                         // age is required
+            r#"{"name": "Ann", "age": 3.5}"#,             // an integer
+            r#"{"name": "Ann", "age": 3, "other": 1}"#,   // no such property
+            r#"{"name": "Ann", "name": "Bo", "age": 3}"#, // twice
+            r#"{"name": 5, "age": 3}"#,
+            r#"{"name":"x","age":0,"tags":[1]}"#,
+            r#"{"name":"x","age":0,"kind":"dog"}"#,
+            r#"{"name":"x","age":0,"kind":123}"#,
+            r#"{"name":"x","age":0,"ok":null}"#,
+            r#"{"name":"x","age":0,"child":{}}"#,
+            r#"{"name":"x","age":0,"child":{"id":8}}"#,
+            r#"["name"]"#,
+        ] {
+            assert!(!accepts_with(&s, text).1, "{text}");
+        }
+        // A comma only where a property can still come.
+        let one =
+            schema(serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}}));
+        assert_eq!(accepts_with(&one, r#"{"a": 1"#), (true, false));
+        assert!(!accepts_with(&one, r#"{"a": 1,"#).0);
+        assert_eq!(accepts_with(&one, "{}"), (true, true), "nothing required");
+    }
+
+    #[test]
+    fn unsupported_schemas_are_refused_by_name() {
+        for (v, says) in [
+            (serde_json::json!({"type": "string"}), "root"),
+            (
+                serde_json::json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}),
+                "pattern",
+            ),
+            (serde_json::json!({"anyOf": []}), "anyOf"),
+            (
+                serde_json::json!({"type": ["string", "null"]}),
+                "one string",
+            ),
+            (
+                serde_json::json!({"type": "object", "properties": {"a": {}}, "required": ["b"]}),
+                "not in properties",
+            ),
+            (
+                serde_json::json!({"type": "object", "properties": {"a\"": {}}}),
+                "escaping",
+            ),
+            (
+                serde_json::json!({"type": "object", "properties": {"a": {"enum": []}}}),
+                "enum",
+            ),
+        ] {
+            let e = Schema::compile(&v).unwrap_err();
+            assert!(e.contains(says), "{v}: {e}");
+        }
+        let mut deep = serde_json::json!({"type": "string"});
+        for _ in 0..40 {
+            deep = serde_json::json!({"type": "object", "properties": {"a": deep}});
+        }
+        assert!(Schema::compile(&deep).unwrap_err().contains("deeper"));
     }
 }

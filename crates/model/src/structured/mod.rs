@@ -4,8 +4,11 @@
 //! so what the model writes parses whatever it would have written unconstrained.
 
 mod json;
+mod schema;
 
 pub use json::{JsonMachine, MAX_WHITESPACE_RUN};
+pub use schema::Schema;
+use std::sync::Arc;
 
 /// The bytes each token adds to the text (`None`: a special token, which adds none), indexed
 /// by token id up to the model's vocabulary size.
@@ -51,20 +54,45 @@ impl TokenBytes {
 }
 
 /// One sequence's JSON constraint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JsonConstraint {
+    schema: Arc<Schema>,
     machine: JsonMachine,
     /// Reused for trying tokens, so that masking allocates nothing.
     trial: JsonMachine,
 }
 
+impl Default for JsonConstraint {
+    /// Any JSON object.
+    fn default() -> Self {
+        Self::new(Arc::new(Schema::any_object()))
+    }
+}
+
 impl JsonConstraint {
+    /// Output that `schema` allows (shared by a request's choices).
+    #[must_use]
+    pub fn new(schema: Arc<Schema>) -> Self {
+        Self {
+            schema,
+            machine: JsonMachine::default(),
+            trial: JsonMachine::default(),
+        }
+    }
+
     /// Sets the logit of every token that cannot come next to -inf; `eos` tokens stay only once
     /// the object is complete. Returns false when no token at all may come next (a vocabulary
     /// without the bytes the grammar needs), where the caller should end the sequence.
     pub fn mask(&mut self, vocab: &TokenBytes, eos: &[u32], logits: &mut [f32]) -> bool {
         let complete = self.machine.is_complete();
         let in_string = self.machine.in_plain_string();
+        // Most tokens fail on their first byte: try each byte once, and run only tokens whose
+        // first byte passes through the machine.
+        let mut first = [false; 256];
+        for (b, ok) in first.iter_mut().enumerate() {
+            self.trial.clone_from(&self.machine);
+            *ok = self.trial.feed(&self.schema, b as u8);
+        }
         let mut any = false;
         for (id, l) in logits.iter_mut().enumerate() {
             let ok = if eos.contains(&(id as u32)) {
@@ -72,9 +100,9 @@ impl JsonConstraint {
             } else {
                 match vocab.get(id as u32) {
                     Some(_) if in_string && vocab.plain[id] => true,
-                    Some(b) if !b.is_empty() => {
+                    Some(b) if !b.is_empty() && first[b[0] as usize] => {
                         self.trial.clone_from(&self.machine);
-                        self.trial.feed_all(b)
+                        self.trial.feed_all(&self.schema, b)
                     }
                     _ => false,
                 }
@@ -92,7 +120,7 @@ impl JsonConstraint {
     pub fn advance(&mut self, vocab: &TokenBytes, id: u32) {
         if let Some(b) = vocab.get(id) {
             // Masked choices always feed cleanly; a token chosen unmasked could not.
-            let _ = self.machine.feed_all(b);
+            let _ = self.machine.feed_all(&self.schema, b);
         }
     }
 
