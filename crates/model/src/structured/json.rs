@@ -606,6 +606,10 @@ mod tests {
                 serde_json::json!({"type": "object", "properties": {"a": {"enum": []}}}),
                 "enum",
             ),
+            (
+                serde_json::json!({"type": "object", "required": ["a"]}),
+                "required needs",
+            ),
         ] {
             let e = Schema::compile(&v).unwrap_err();
             assert!(e.contains(says), "{v}: {e}");

@@ -146,6 +146,9 @@ impl Schema {
         match ty {
             "object" => {
                 let props = match o.get("properties") {
+                    None if o.contains_key("required") => {
+                        return Err("required needs the properties it names".into())
+                    }
                     None => return Ok(ANY_OBJECT),
                     Some(Value::Object(p)) => p,
                     Some(other) => {
