@@ -610,6 +610,14 @@ mod tests {
                 serde_json::json!({"type": "object", "required": ["a"]}),
                 "required needs",
             ),
+            (
+                serde_json::json!({"type": "object", "properties": {"k".repeat(300): {}}}),
+                "at most 255",
+            ),
+            (
+                serde_json::json!({"type": "object", "properties": {"a": {"const": "x".repeat(5000)}}}),
+                "at most 4096",
+            ),
         ] {
             let e = Schema::compile(&v).unwrap_err();
             assert!(e.contains(says), "{v}: {e}");

@@ -23,6 +23,10 @@ pub const ANY_LITERAL: NodeId = 3;
 /// machine tracks them in 64-bit masks.
 pub const MAX_ALTERNATIVES: usize = 64;
 const MAX_DEPTH: usize = 32;
+/// Longest property name, in bytes (the machine counts a key's bytes in a `u8`).
+const MAX_NAME: usize = 255;
+/// Longest `enum` or `const` text, in bytes.
+const MAX_TEXT: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Node {
@@ -126,7 +130,7 @@ impl Schema {
             return Err(format!("the schema keyword {k:?} is not supported"));
         }
         if let Some(c) = o.get("const") {
-            return self.push(Node::Choice(vec![text(c)]));
+            return self.push(Node::Choice(vec![text(c)?]));
         }
         if let Some(e) = o.get("enum") {
             let list = e
@@ -134,7 +138,7 @@ impl Schema {
                 .filter(|l| !l.is_empty() && l.len() <= MAX_ALTERNATIVES);
             let list =
                 list.ok_or_else(|| format!("enum must list 1 to {MAX_ALTERNATIVES} values"))?;
-            let mut texts: Vec<Box<[u8]>> = list.iter().map(text).collect();
+            let mut texts = list.iter().map(text).collect::<Result<Vec<_>, _>>()?;
             texts.dedup();
             return self.push(Node::Choice(texts));
         }
@@ -162,6 +166,9 @@ impl Schema {
                 }
                 let mut list = Vec::with_capacity(props.len());
                 for (name, sub) in props {
+                    if name.len() > MAX_NAME {
+                        return Err(format!("property names may be at most {MAX_NAME} bytes"));
+                    }
                     if name.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
                         return Err(format!(
                             "the property name {name:?} needs escaping, which is not supported"
@@ -208,6 +215,12 @@ impl Schema {
 }
 
 /// A value's compact JSON text: what an `enum` or `const` member must be written as.
-fn text(v: &Value) -> Box<[u8]> {
-    v.to_string().into_bytes().into_boxed_slice()
+fn text(v: &Value) -> Result<Box<[u8]>, String> {
+    let t = v.to_string();
+    if t.len() > MAX_TEXT {
+        return Err(format!(
+            "enum and const values may be at most {MAX_TEXT} bytes of JSON"
+        ));
+    }
+    Ok(t.into_bytes().into_boxed_slice())
 }
