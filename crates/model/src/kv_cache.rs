@@ -328,6 +328,13 @@ mod tests {
         assert_eq!(kv.free_blocks(), 8);
     }
 
+    /// A cache of `blocks` blocks of 4 positions with the prefix cache on.
+    fn prefix_cache(blocks: usize) -> KvCache<Cpu> {
+        KvCache::new(&Cpu, &cfg(), 4, blocks, KvDtype::F32)
+            .unwrap()
+            .with_prefix_cache()
+    }
+
     /// Writes `tokens` into a fresh sequence as a step would (reserve, fill, commit).
     fn prefill(kv: &mut KvCache<Cpu>, seq: &mut SeqKv, tokens: &[u32]) {
         kv.reserve(seq, tokens.len()).unwrap();
@@ -337,9 +344,7 @@ mod tests {
 
     #[test]
     fn a_prompt_reuses_the_full_blocks_of_an_earlier_one_and_computes_at_least_its_last_token() {
-        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 8, KvDtype::F32)
-            .unwrap()
-            .with_prefix_cache();
+        let mut kv = prefix_cache(8);
         let first: Vec<u32> = (0..10).collect();
         let mut a = SeqKv::default();
         prefill(&mut kv, &mut a, &first);
@@ -373,9 +378,7 @@ mod tests {
 
     #[test]
     fn idle_cached_blocks_are_evicted_least_recent_first_and_tails_before_heads() {
-        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 4, KvDtype::F32)
-            .unwrap()
-            .with_prefix_cache();
+        let mut kv = prefix_cache(4);
         let (p, q): (Vec<u32>, Vec<u32>) = ((0..9).collect(), (100..105).collect());
         let (mut a, mut b) = (SeqKv::default(), SeqKv::default());
         prefill(&mut kv, &mut a, &p); // blocks: [0..4], [4..8], partial
@@ -415,9 +418,7 @@ mod tests {
 
     #[test]
     fn a_shared_block_is_freed_only_when_its_last_holder_lets_go() {
-        let mut kv = KvCache::new(&Cpu, &cfg(), 4, 6, KvDtype::F32)
-            .unwrap()
-            .with_prefix_cache();
+        let mut kv = prefix_cache(6);
         let p: Vec<u32> = (0..13).collect();
         let mut a = SeqKv::default();
         prefill(&mut kv, &mut a, &p);

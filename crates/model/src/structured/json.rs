@@ -401,7 +401,7 @@ impl JsonMachine {
         true
     }
 
-    /// Closes the current array.
+    /// Closes the current container, if it is an object (`object`) or an array (not).
     fn close(&mut self, object: bool) -> bool {
         match self.stack.last() {
             Some(f) if f.is_object == object => {

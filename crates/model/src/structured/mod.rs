@@ -29,8 +29,7 @@ impl TokenBytes {
             .into_iter()
             .map(|b| b.map(Vec::into_boxed_slice))
             .collect();
-        bytes.resize(vocab_size.max(bytes.len()), None);
-        bytes.truncate(vocab_size);
+        bytes.resize(vocab_size, None);
         Self::from_bytes(bytes)
     }
 
