@@ -11,8 +11,47 @@
 use anyhow::Context;
 use std::io::Write;
 use std::{path::PathBuf, time::Instant};
-use switchyard_coordinator::GenerateRequest;
-use switchyard_model::{KvDtype, SamplingParams};
+use switchyard_coordinator::{
+    request::{
+        openai::{CommonFields, CompletionRequest, Prompt},
+        validation, ValidatedRequest,
+    },
+    scheduler::{SchedulerHandle, SeqEvent},
+    Engine,
+};
+use switchyard_model::KvDtype;
+
+/// A greedy request for `prompts` (a choice each) that ignores eos and decodes `max_tokens`,
+/// checked like any.
+fn fixed_request(
+    engine: &Engine,
+    sched: &SchedulerHandle,
+    prompts: Vec<Vec<u32>>,
+    max_tokens: usize,
+) -> anyhow::Result<ValidatedRequest> {
+    const NAME: &str = "bench";
+    let body = CompletionRequest {
+        common: CommonFields {
+            model: Some(NAME.into()),
+            max_tokens: Some(max_tokens as i64),
+            temperature: Some(0.0),
+            ignore_eos: Some(true),
+            ..CommonFields::default()
+        },
+        prompt: Some(Prompt::IdLists(
+            prompts
+                .into_iter()
+                .map(|p| p.into_iter().map(i64::from).collect())
+                .collect(),
+        )),
+        ..CompletionRequest::default()
+    };
+    let limits = switchyard_coordinator::request::RequestLimits {
+        max_seq_len: sched.max_seq_len,
+        ..engine.limits(NAME)
+    };
+    Ok(validation::completion(body, engine.tokenizer(), &limits)?.0)
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -208,6 +247,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 loaded,
                 &a.concurrency,
                 positions,
+                a.prompt_tokens + a.decode_tokens,
                 !a.no_prefix_caching,
             )?);
         }
@@ -358,7 +398,9 @@ struct Mode {
     remote: Option<std::sync::Arc<switchyard_coordinator::dispatch::RemoteExperts>>,
     /// The registry watcher, in etcd mode (runs while this lives).
     _membership: Option<switchyard_coordinator::membership::Membership>,
-    scheds: Vec<switchyard_coordinator::scheduler::SchedulerHandle>,
+    /// One sequence at a time, no prefix cache: the batch-1 prefill and decode runs.
+    single: SchedulerHandle,
+    scheds: Vec<SchedulerHandle>,
     prefill: Vec<f64>,
     decode: Vec<f64>,
     /// Seconds in each layer phase over the measured decode steps, and their count.
@@ -381,14 +423,22 @@ impl Mode {
     /// that no run is slowed by preemption.
     fn new(
         name: String,
-        loaded: crate::cluster::Loaded,
+        loaded: switchyard_coordinator::Loaded,
         counts: &[usize],
         positions: usize,
+        single_positions: usize,
         prefix_caching: bool,
     ) -> anyhow::Result<Self> {
         use switchyard_coordinator::scheduler::{self, SchedulerConfig};
         use switchyard_model::KvCache;
-        let engine = std::sync::Arc::new(loaded.engine);
+        let engine = loaded.engine;
+        let single = scheduler::start(
+            engine.clone(),
+            SchedulerConfig {
+                prefix_caching: false,
+                ..SchedulerConfig::for_sequences(&engine, 1, single_positions)
+            },
+        )?;
         let defaults = SchedulerConfig::default();
         let block_bytes = KvCache::<switchyard_model::AnyBackend>::block_bytes(
             engine.config(),
@@ -415,7 +465,8 @@ impl Mode {
             name,
             engine,
             remote: loaded.remote,
-            _membership: loaded._membership,
+            _membership: loaded.membership,
+            single,
             scheds,
             prefill: Vec::new(),
             decode: Vec::new(),
@@ -449,28 +500,28 @@ impl Mode {
             .map(|i| 5 + (i * 7919) % (vocab - 5))
             .collect();
         let read_before = if measured { probe.sample() } else { 0.0 };
-        let req = GenerateRequest {
-            prompt,
-            max_tokens: a.decode_tokens,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![],
-            ignore_eos: true,
-            logprobs: false,
-        };
+        let req = fixed_request(&self.engine, &self.single, vec![prompt], a.decode_tokens)?;
         let before = self.remote.as_ref().map(|r| r.snapshot());
         let start = Instant::now();
         let mut first = None;
         let mut n = 0usize;
-        self.engine.generate(&req, |_| {
-            n += 1;
-            if first.is_none() {
-                first = Some(Instant::now());
-                // Time only the decode steps.
-                profile::reset();
-                profile::enable(measured);
+        let mut stream = self.single.submit(&req)?;
+        while let Some((_, ev)) = stream.blocking_recv() {
+            match ev {
+                SeqEvent::Token { .. } => {
+                    n += 1;
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                        // Time only the decode steps.
+                        profile::reset();
+                        profile::enable(measured);
+                    }
+                }
+                SeqEvent::Started { .. } => {}
+                SeqEvent::Finished { .. } => break,
+                SeqEvent::Failed(f) => anyhow::bail!("the batch-1 run failed: {f:?}"),
             }
-            true
-        })?;
+        }
         let end = Instant::now();
         profile::enable(false);
         let first = first.context("no token generated")?;
@@ -504,7 +555,15 @@ impl Mode {
         let vocab = self.engine.config().vocab_size as u32;
         let first = self.submitted;
         self.submitted += a.concurrency[c];
-        let r = run_once(&self.scheds[c], a.concurrency[c], first, vocab, a, measured)?;
+        let r = run_once(
+            &self.engine,
+            &self.scheds[c],
+            a.concurrency[c],
+            first,
+            vocab,
+            a,
+            measured,
+        )?;
         if measured {
             self.runs[c].push(r);
         }
@@ -813,46 +872,35 @@ struct Run {
 /// where `profiled`. Each prompt is the shared prefix, then tokens of its own: no two
 /// sequences of the bench share more than the prefix, so the prefix cache flatters nothing.
 fn run_once(
-    sched: &switchyard_coordinator::scheduler::SchedulerHandle,
+    engine: &Engine,
+    sched: &SchedulerHandle,
     n: usize,
     first: usize,
     vocab: u32,
     a: &Args,
     profiled: bool,
 ) -> anyhow::Result<Run> {
-    use switchyard_coordinator::scheduler::{SeqEvent, SeqRequest};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     switchyard_model::profile::reset();
     switchyard_model::profile::enable(profiled);
     let start = Instant::now();
-    for i in 0..n {
-        let seq = (first + i) as u64;
-        let prompt = (0..a.shared_prefix_tokens as u64)
-            .map(|t| 5 + (t * 7919 + 17) % (u64::from(vocab) - 5))
-            .chain(
-                (0..a.batch_prompt_tokens as u64)
-                    .map(|t| 5 + (t * 7919 + (seq + 1) * 104_729) % (u64::from(vocab) - 5)),
-            )
-            .map(|t| t as u32)
-            .collect();
-        sched
-            .submit(SeqRequest {
-                prompt,
-                max_tokens: a.decode_tokens,
-                sampling: SamplingParams::default(),
-                stop_ids: vec![],
-                min_tokens: 0,
-                json: None,
-                ignore_eos: true,
-                logprobs: None,
-                index: i,
-                events: tx.clone(),
-                cancel: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                cached_tokens: std::sync::Arc::default(),
-            })
-            .map_err(|e| anyhow::anyhow!("submitting sequence {i}: {e}"))?;
-    }
-    drop(tx);
+    let prompts = (0..n)
+        .map(|i| {
+            let seq = (first + i) as u64;
+            (0..a.shared_prefix_tokens as u64)
+                .map(|t| 5 + (t * 7919 + 17) % (u64::from(vocab) - 5))
+                .chain(
+                    (0..a.batch_prompt_tokens as u64)
+                        .map(|t| 5 + (t * 7919 + (seq + 1) * 104_729) % (u64::from(vocab) - 5)),
+                )
+                .map(|t| t as u32)
+                .collect()
+        })
+        .collect();
+    // One request of n choices: one queue entry, every sequence's events on one stream.
+    let req = fixed_request(engine, sched, prompts, a.decode_tokens)?;
+    let mut rx = sched
+        .submit(&req)
+        .map_err(|e| anyhow::anyhow!("submitting {n} sequences: {e}"))?;
     let mut last = vec![None::<Instant>; n];
     let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
     while let Some((i, ev)) = rx.blocking_recv() {
@@ -866,7 +914,7 @@ fn run_once(
                 last[i] = Some(now);
                 tokens += 1;
             }
-            SeqEvent::Finished { .. } => {}
+            SeqEvent::Started { .. } | SeqEvent::Finished { .. } => {}
             SeqEvent::Failed(f) => anyhow::bail!("sequence {i} of {n} failed: {f:?}"),
         }
     }

@@ -5,7 +5,8 @@ use std::{path::Path, path::PathBuf, time::Duration};
 use switchyard_cluster::{RegistryConfig, StaticPlacement};
 use switchyard_coordinator::{
     dispatch::{DispatchConfig, RpcMode},
-    Engine,
+    membership::PlannerConfig,
+    Engine, ExpertSource, LoadOptions, Loaded,
 };
 use switchyard_wire::WireDType;
 
@@ -102,33 +103,6 @@ impl RegistryArgs {
     }
 }
 
-/// An engine and, in cluster mode, its dispatcher (for statistics).
-pub struct Loaded {
-    pub engine: Engine,
-    pub remote: Option<std::sync::Arc<switchyard_coordinator::dispatch::RemoteExperts>>,
-    /// The registry watcher, in etcd mode (runs while this lives).
-    pub _membership: Option<switchyard_coordinator::membership::Membership>,
-}
-
-impl Loaded {
-    /// Logs per-worker dispatch counters (cluster mode only).
-    pub fn log_dispatch_stats(&self) {
-        let Some(remote) = &self.remote else { return };
-        for st in remote.snapshot() {
-            let calls = st.calls.max(1);
-            tracing::info!(
-                worker = %st.id,
-                calls = st.calls,
-                failures = st.failures,
-                rows = st.rows,
-                mean_latency_us = st.latency_micros / calls,
-                mean_compute_us = st.compute_micros / calls,
-                "dispatch"
-            );
-        }
-    }
-}
-
 impl ClusterArgs {
     /// The static placement, if any was given.
     pub fn placement(&self) -> anyhow::Result<Option<StaticPlacement>> {
@@ -179,61 +153,37 @@ impl ClusterArgs {
         })
     }
 
-    /// Loads `model` embedded or against the placement's workers, with the KV-cache dtype
-    /// asked for (refused before the weights load where the device lacks it).
-    pub fn load(&self, model: &Path) -> anyhow::Result<Loaded> {
-        if self.kv_cache_dtype != switchyard_model::KvDtype::default() {
-            let backend = switchyard_model::AnyBackend::new(self.device)?;
-            switchyard_coordinator::engine::check_kv_dtype(&backend, self.kv_cache_dtype)
-                .context("--kv-cache-dtype")?;
+    /// Where the experts run: etcd with `--etcd`, else the static placement, else embedded.
+    pub fn source(&self, planner: Option<PlannerConfig>) -> anyhow::Result<ExpertSource> {
+        if let Some(m) = self.membership(planner)? {
+            return Ok(ExpertSource::Registry(m));
         }
-        let mut loaded = self.load_engine(model)?;
-        loaded.engine = loaded.engine.with_kv_dtype(self.kv_cache_dtype)?;
-        Ok(loaded)
+        Ok(match self.placement()? {
+            Some(p) => ExpertSource::Static(p),
+            None => ExpertSource::Embedded,
+        })
     }
 
-    fn load_engine(&self, model: &Path) -> anyhow::Result<Loaded> {
+    /// Device, KV dtype and dispatch settings.
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions {
+            device: self.device,
+            kv_dtype: self.kv_cache_dtype,
+            dispatch: self.dispatch_config()?,
+            ..LoadOptions::default()
+        })
+    }
+
+    /// Loads `model` for a one-off command (no planner; waits up to a minute for an etcd
+    /// cluster's workers).
+    pub fn load(&self, model: &Path) -> anyhow::Result<Loaded> {
+        let opts = LoadOptions {
+            registry_wait: Duration::from_secs(60),
+            ..self.load_options()?
+        };
         let bar = crate::progress::Bar::new("loading");
-        if let Some(m) = self.membership(None)? {
-            let (engine, remote, membership) = Engine::load_registry(
-                model,
-                m,
-                self.dispatch_config()?,
-                Duration::from_secs(60),
-                self.device,
-                &bar,
-            )
-            .with_context(|| format!("loading {} over the etcd cluster", model.display()))?;
-            return Ok(Loaded {
-                engine,
-                remote: Some(remote),
-                _membership: Some(membership),
-            });
-        }
-        match self.placement()? {
-            None => Ok(Loaded {
-                engine: Engine::load_embedded_on(model, self.device, &bar)
-                    .with_context(|| format!("loading {}", model.display()))?,
-                remote: None,
-                _membership: None,
-            }),
-            Some(p) => {
-                let (engine, remote) =
-                    Engine::load_cluster(model, &p, self.dispatch_config()?, self.device, &bar)
-                        .with_context(|| {
-                            format!(
-                                "loading {} over {} workers",
-                                model.display(),
-                                p.workers.len()
-                            )
-                        })?;
-                Ok(Loaded {
-                    engine,
-                    remote: Some(remote),
-                    _membership: None,
-                })
-            }
-        }
+        Engine::load(model, self.source(None)?, &opts, &bar)
+            .with_context(|| format!("loading {}", model.display()))
     }
 }
 

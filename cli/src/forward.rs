@@ -20,8 +20,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let loaded = a.cluster.load(&a.model)?;
-    let engine = &loaded.engine;
-    let report = engine.forward_report(&a.ids, a.greedy)?;
+    let report = switchyard_coordinator::forward_report(&loaded.engine, &a.ids, a.greedy)?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &report).context("writing JSON")?;
     writeln!(out).context("writing JSON")?;

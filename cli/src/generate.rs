@@ -1,8 +1,17 @@
 //! `switchyard generate`: prompt in, text streamed to stdout.
 
+use anyhow::Context;
 use std::{io::Write, path::PathBuf};
-use switchyard_coordinator::GenerateRequest;
-use switchyard_model::{ChatMessage, SamplingParams};
+use switchyard_coordinator::{
+    request::{
+        openai::{
+            ChatMessageIn, ChatRequest, CommonFields, CompletionRequest, Content, Prompt, Stop,
+        },
+        validation,
+    },
+    scheduler,
+    text::{RequestText, Update},
+};
 
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
@@ -45,72 +54,102 @@ pub struct Args {
     /// Keep generating past end-of-sequence tokens (for benchmarks and tests).
     #[arg(long)]
     ignore_eos: bool,
+    /// Tokens to generate before eos may end the text.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
+    /// Stop before this text (up to 4; repeat the flag).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Constrain the output to a JSON object.
+    #[arg(long)]
+    json_object: bool,
+    /// Constrain the output to JSON this schema (a file) allows (the API's json_schema subset).
+    #[arg(long, conflicts_with = "json_object")]
+    json_schema: Option<PathBuf>,
+}
+
+/// The OpenAI body these arguments mean: `generate` goes through the API's own validation.
+fn body(a: &Args, model_name: &str) -> anyhow::Result<CommonFields> {
+    let response_format = match (&a.json_schema, a.json_object) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --json-schema {}", path.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--json-schema {} is not JSON", path.display()))?;
+            Some(serde_json::json!({"type": "json_schema", "json_schema": {"schema": schema}}))
+        }
+        (None, true) => Some(serde_json::json!({"type": "json_object"})),
+        (None, false) => None,
+    };
+    Ok(CommonFields {
+        model: Some(model_name.to_string()),
+        max_tokens: Some(i64::try_from(a.max_tokens).unwrap_or(i64::MAX)),
+        temperature: Some(a.temperature),
+        top_p: Some(a.top_p),
+        top_k: Some(i64::try_from(a.top_k).unwrap_or(i64::MAX)),
+        min_p: Some(a.min_p),
+        seed: a.seed.map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+        repetition_penalty: Some(a.repetition_penalty),
+        presence_penalty: Some(a.presence_penalty),
+        frequency_penalty: Some(a.frequency_penalty),
+        ignore_eos: Some(a.ignore_eos),
+        min_tokens: Some(i64::try_from(a.min_tokens).unwrap_or(i64::MAX)),
+        stop: (!a.stop.is_empty()).then(|| Stop::Many(a.stop.clone())),
+        response_format,
+        ..CommonFields::default()
+    })
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let loaded = a.cluster.load(&a.model)?;
     let engine = &loaded.engine;
     let tok = engine.tokenizer();
-    let prompt = if a.chat {
-        let text = tok.apply_chat_template(
-            &[ChatMessage {
+    const NAME: &str = "generate";
+    let limits = engine.limits(NAME);
+    let common = body(&a, NAME)?;
+    let (req, _) = if a.chat {
+        let chat = ChatRequest {
+            common,
+            messages: Some(vec![ChatMessageIn {
                 role: "user".into(),
-                content: a.prompt.clone(),
-            }],
-            true,
-        )?;
-        // The template already starts with the BOS token.
-        tok.encode(&text, false)?
+                content: Some(Content::Text(a.prompt.clone())),
+            }]),
+            ..ChatRequest::default()
+        };
+        validation::chat(chat, tok, &limits)?
     } else {
-        tok.encode(&a.prompt, true)?
-    };
-    let req = GenerateRequest {
-        prompt,
-        max_tokens: a.max_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            presence_penalty: a.presence_penalty,
-            frequency_penalty: a.frequency_penalty,
-            min_p: a.min_p,
-            logit_bias: Vec::new(),
-            seed: a.seed,
-        },
-        stop_ids: vec![],
-        ignore_eos: a.ignore_eos,
-        logprobs: false,
+        let completion = CompletionRequest {
+            common,
+            prompt: Some(Prompt::Text(a.prompt.clone())),
+            ..CompletionRequest::default()
+        };
+        validation::completion(completion, tok, &limits)?
     };
     let mut out = std::io::stdout().lock();
     if a.echo {
         write!(out, "{}", a.prompt)?;
     }
-    let mut stream = tok.stream(true);
-    let mut failed = None;
     let started = std::time::Instant::now();
-    let mut n = 0usize;
-    engine.generate(&req, |ev| {
-        n += 1;
-        let piece = match stream.step(ev.id) {
-            Ok(p) => p,
-            Err(e) => {
-                failed = Some(anyhow::Error::from(e));
-                return false;
-            }
+    let (_scheduler, mut stream) = scheduler::run_alone(engine.clone(), &req)?;
+    let mut text = RequestText::new(tok, &req);
+    while text.is_open() {
+        let Some((i, ev)) = stream.blocking_recv() else {
+            break;
         };
-        if let Some(text) = piece {
-            // A closed stdout (e.g. `| head`) ends generation quietly.
-            if write!(out, "{text}").and_then(|()| out.flush()).is_err() {
-                return false;
+        match text.apply(i, ev, &stream) {
+            Update::Nothing => {}
+            Update::Failed(f) => anyhow::bail!("generation failed: {f:?}"),
+            Update::Choice { index, done } => {
+                let piece = text.choices[index].ready(done);
+                // A closed stdout (e.g. `| head`) ends generation quietly.
+                if write!(out, "{piece}").and_then(|()| out.flush()).is_err() {
+                    break;
+                }
             }
         }
-        true
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
     }
     writeln!(out).ok();
+    let n = text.completion_tokens();
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(tokens = n, tok_per_s = n as f64 / secs, "generation done");
     loaded.log_dispatch_stats();

@@ -72,16 +72,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model: a.model.clone(),
         served_model_name: a.served_model_name,
         listen: SocketAddr::new(a.host, a.port),
-        placement: a.cluster.placement()?,
-        membership: a
-            .cluster
-            .membership((!a.no_planner).then(|| PlannerConfig {
-                replication: a.replication.max(1),
-                hot_replicas: a.hot_replicas,
-                interval: a.rebalance_interval.max(Duration::from_secs(1)),
-                ..PlannerConfig::default()
-            }))?,
-        dispatch: a.cluster.dispatch_config()?,
+        experts: a.cluster.source((!a.no_planner).then(|| PlannerConfig {
+            replication: a.replication.max(1),
+            hot_replicas: a.hot_replicas,
+            interval: a.rebalance_interval.max(Duration::from_secs(1)),
+            ..PlannerConfig::default()
+        }))?,
+        load: a.cluster.load_options()?,
         scheduler: SchedulerConfig {
             max_batch_tokens: a.max_batch_tokens.max(1),
             max_running: a.max_running.max(1),
@@ -95,8 +92,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
-        device: a.cluster.device,
-        kv_dtype: a.cluster.kv_cache_dtype,
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = cfg.api_key.is_some(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

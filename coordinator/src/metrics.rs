@@ -1,10 +1,11 @@
-//! Prometheus metrics. Request and token metrics go through the `metrics` facade (names in the
-//! style of vLLM's, `switchyard_` prefixed); per-expert and per-worker counters are read from
-//! their atomics when /metrics is rendered.
+//! Prometheus metrics, all through the `metrics` facade and its Prometheus exporter (names in
+//! the style of vLLM's, `switchyard_` prefixed). Request, token and scheduler figures are
+//! recorded where they happen; per-expert and per-worker counters live in atomics on the hot
+//! path and are copied into the registry when /metrics is rendered.
 
 use crate::api::AppState;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::{fmt::Write, sync::atomic::Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Latency buckets in seconds: 1 ms to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -19,75 +20,48 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+    describe();
     Ok(handle)
 }
 
-/// Appends the per-expert routed-token counters, KV-cache usage and per-worker dispatch figures.
-pub fn append_cluster_metrics(text: &mut String, s: &AppState) {
+fn describe() {
+    metrics::describe_counter!(
+        "switchyard_expert_routed_tokens_total",
+        "Token-expert assignments routed, per layer and expert."
+    );
+    metrics::describe_gauge!(
+        "switchyard_kv_cache_blocks",
+        "KV-cache blocks in use and in all."
+    );
+    metrics::describe_histogram!(
+        "switchyard_worker_dispatch_latency_seconds",
+        "Expert batch calls per worker: seconds from send to decoded reply."
+    );
+    metrics::describe_counter!(
+        "switchyard_worker_dispatch_failures_total",
+        "Expert batch calls per worker that failed."
+    );
+    metrics::describe_gauge!(
+        "switchyard_worker_up",
+        "Whether the worker is in routing (1) or in failure back-off (0)."
+    );
+}
+
+/// Copies the per-expert routed-token counts and the per-worker failure counts and health into
+/// the registry, just before it is rendered (each call's latency is recorded by the
+/// dispatcher as it happens).
+pub fn record_cluster(s: &AppState) {
     let c = &s.expert_counts;
-    let _ = writeln!(text, "# HELP switchyard_expert_routed_tokens_total Token-expert assignments routed, per layer and expert.");
-    let _ = writeln!(text, "# TYPE switchyard_expert_routed_tokens_total counter");
     for (k, v) in c.counts.iter().enumerate() {
-        let _ = writeln!(
-            text,
-            "switchyard_expert_routed_tokens_total{{layer=\"{}\",expert=\"{}\"}} {}",
-            k / c.experts,
-            k % c.experts,
-            v.load(Relaxed)
-        );
+        let (layer, expert) = ((k / c.experts).to_string(), (k % c.experts).to_string());
+        metrics::counter!("switchyard_expert_routed_tokens_total", "layer" => layer, "expert" => expert)
+            .absolute(v.load(Relaxed));
     }
-    let st = &s.scheduler.stats;
-    let _ = writeln!(text, "# TYPE switchyard_kv_cache_blocks gauge");
-    let _ = writeln!(
-        text,
-        "switchyard_kv_cache_blocks{{state=\"used\"}} {}",
-        st.kv_blocks_used.load(Relaxed)
-    );
-    let _ = writeln!(
-        text,
-        "switchyard_kv_cache_blocks{{state=\"total\"}} {}",
-        st.kv_blocks_total.load(Relaxed)
-    );
-    if let Some(r) = &s.remote {
-        let _ = writeln!(text, "# HELP switchyard_worker_dispatch_latency_seconds Expert batch calls per worker: time from send to decoded reply.");
-        let _ = writeln!(
-            text,
-            "# TYPE switchyard_worker_dispatch_latency_seconds summary"
-        );
-        let workers = r.snapshot();
-        for w in &workers {
-            let id = &w.id;
-            let _ = writeln!(
-                text,
-                "switchyard_worker_dispatch_latency_seconds_sum{{worker=\"{id}\"}} {}",
-                w.latency_micros as f64 / 1e6
-            );
-            let _ = writeln!(
-                text,
-                "switchyard_worker_dispatch_latency_seconds_count{{worker=\"{id}\"}} {}",
-                w.calls
-            );
-        }
-        let _ = writeln!(
-            text,
-            "# TYPE switchyard_worker_dispatch_failures_total counter"
-        );
-        for w in &workers {
-            let _ = writeln!(
-                text,
-                "switchyard_worker_dispatch_failures_total{{worker=\"{}\"}} {}",
-                w.id, w.failures
-            );
-        }
-        let _ = writeln!(text, "# HELP switchyard_worker_up Whether the worker is in routing (1) or in failure back-off (0).");
-        let _ = writeln!(text, "# TYPE switchyard_worker_up gauge");
-        for w in &workers {
-            let _ = writeln!(
-                text,
-                "switchyard_worker_up{{worker=\"{}\"}} {}",
-                w.id,
-                u8::from(w.up)
-            );
-        }
+    let Some(r) = &s.remote else { return };
+    for w in r.snapshot() {
+        let id = w.id.to_string();
+        metrics::counter!("switchyard_worker_dispatch_failures_total", "worker" => id.clone())
+            .absolute(w.failures);
+        metrics::gauge!("switchyard_worker_up", "worker" => id).set(f64::from(u8::from(w.up)));
     }
 }

@@ -2,18 +2,14 @@
 //! the API until stopped, then drain.
 
 use crate::{
-    api::{self, AppState, Limits},
-    counting::{Counting, ExpertCounts},
-    dispatch::{DispatchConfig, RemoteExperts},
+    api::{self, AppState},
     engine::{Engine, EngineError},
-    membership::{Membership, MembershipConfig},
+    loader::{ExpertSource, LoadOptions, Loaded},
+    request::RequestLimits,
     scheduler::{self, SchedulerConfig},
 };
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-use switchyard_cluster::StaticPlacement;
-use switchyard_model::{
-    AnyBackend, Checkpoint, Cpu, ExpertExecutor, ExpertSet, LoadProgress, LocalExperts, Mixtral,
-};
+use switchyard_model::LoadProgress;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of a serving coordinator.
@@ -23,10 +19,10 @@ pub struct ServeConfig {
     /// The name clients pass as `model` (default: the folder name).
     pub served_model_name: Option<String>,
     pub listen: SocketAddr,
-    pub placement: Option<StaticPlacement>,
-    /// Live membership from etcd (instead of `placement`).
-    pub membership: Option<MembershipConfig>,
-    pub dispatch: DispatchConfig,
+    /// Where the experts run.
+    pub experts: ExpertSource,
+    /// Device, KV dtype, dispatch settings.
+    pub load: LoadOptions,
     pub scheduler: SchedulerConfig,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
@@ -35,10 +31,6 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Written with the bound address once serving.
     pub ready_file: Option<PathBuf>,
-    /// Where the dense layers (and, embedded, the experts) run.
-    pub device: switchyard_model::Device,
-    /// The KV cache's element type.
-    pub kv_dtype: switchyard_model::KvDtype,
 }
 
 /// Errors starting or running the server.
@@ -56,76 +48,19 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// A loaded model, ready to serve.
-pub struct Loaded {
-    pub engine: Arc<Engine>,
-    pub remote: Option<Arc<RemoteExperts>>,
-    pub counts: Arc<ExpertCounts>,
-    /// The registry watcher (and planner), running while this lives.
-    pub membership: Option<Membership>,
-}
-
-/// Loads everything (blocking; call before entering the async runtime).
+/// Loads the model as `serve` runs it: counting routed tokens and, with a registry, publishing
+/// them for the planner (blocking; call before entering the async runtime).
 pub fn load(cfg: &ServeConfig, progress: &dyn LoadProgress) -> Result<Loaded, ServeError> {
-    let backend = AnyBackend::new(cfg.device).map_err(EngineError::from)?;
-    crate::engine::check_kv_dtype(&backend, cfg.kv_dtype)?;
-    let ck = Checkpoint::open(&cfg.model).map_err(EngineError::from)?;
-    let mc = ck.config();
-    let counts = Arc::new(ExpertCounts::new(
-        mc.num_hidden_layers,
-        mc.num_local_experts,
-    ));
-    let mut membership = None;
-    let (inner, remote): (Arc<dyn ExpertExecutor>, _) = match (&cfg.placement, &cfg.membership) {
-        (_, Some(m)) => {
-            let r = Arc::new(
-                RemoteExperts::empty(mc, &ck.fingerprint(), cfg.dispatch.clone())
-                    .map_err(EngineError::from)?,
-            );
-            let started = Membership::start(m.clone(), r.clone(), Some(counts.clone()))?;
-            // Serving starts either way; /ready says when every expert has a host.
-            if started.wait_synced(std::time::Duration::from_secs(5)) {
-                r.wait_for_coverage(std::time::Duration::from_secs(5));
-            } else {
-                tracing::warn!("etcd has not answered yet; serving, and waiting for workers");
-            }
-            membership = Some(started);
-            progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
-            (r.clone() as Arc<dyn ExpertExecutor>, Some(r))
-        }
-        (Some(p), None) => {
-            let r = Arc::new(
-                RemoteExperts::connect(p, mc, &ck.fingerprint(), cfg.dispatch.clone())
-                    .map_err(EngineError::from)?,
-            );
-            progress.start(Mixtral::<Cpu>::bytes_to_load(&ck));
-            (r.clone() as Arc<dyn ExpertExecutor>, Some(r))
-        }
-        (None, None) => {
-            let all = ExpertSet::all(mc.num_local_experts);
-            progress.start(
-                Mixtral::<Cpu>::bytes_to_load(&ck) + LocalExperts::<Cpu>::bytes_to_load(&ck, &all),
-            );
-            (
-                Arc::new(LocalExperts::load(&backend, &ck, &all, progress)?)
-                    as Arc<dyn ExpertExecutor>,
-                None,
-            )
-        }
+    let opts = LoadOptions {
+        publish_load: true,
+        ..cfg.load.clone()
     };
-    let experts = Arc::new(Counting {
-        inner,
-        counts: counts.clone(),
-    });
-    let engine =
-        Arc::new(Engine::load_with(backend, &ck, experts, progress)?.with_kv_dtype(cfg.kv_dtype)?);
-    progress.finish();
-    Ok(Loaded {
-        engine,
-        remote,
-        counts,
-        membership,
-    })
+    Ok(Engine::load(
+        &cfg.model,
+        cfg.experts.clone(),
+        &opts,
+        progress,
+    )?)
 }
 
 /// Serves until `stop`, then stops admitting, gives in-flight requests `shutdown_grace` to finish
@@ -150,14 +85,14 @@ pub async fn run(
             .unwrap_or_else(|| "model".into())
     });
     let state = Arc::new(AppState {
-        limits: Limits {
+        limits: RequestLimits {
+            model_name: model_name.clone(),
             max_n: cfg.max_n,
             max_seq_len: sched.max_seq_len,
             vocab_size: engine.config().vocab_size,
         },
         engine,
         scheduler: sched,
-        model_name: model_name.clone(),
         api_key: cfg.api_key.clone(),
         max_body_bytes: cfg.max_body_bytes,
         metrics,

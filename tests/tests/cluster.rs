@@ -325,12 +325,18 @@ fn killing_the_only_host_of_an_expert_fails_clearly() {
 #[test]
 fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
     use switchyard_cluster::StaticPlacement;
-    use switchyard_coordinator::{dispatch::DispatchConfig, Engine, EngineError};
+    use switchyard_coordinator::{
+        dispatch::DispatchConfig, forward_report, Engine, EngineError, ExpertSource, LoadOptions,
+    };
     let model = fixtures().join("tiny-mixtral");
+    let load = |source, opts: &LoadOptions| {
+        Engine::load(&model, source, opts, &switchyard_model::NoProgress)
+            .unwrap()
+            .engine
+    };
     // Which experts does a BOS-only prompt use? Put one it never uses on its own worker.
-    let embedded = Engine::load_embedded(&model, &switchyard_model::NoProgress).unwrap();
-    let used: Vec<u16> = embedded
-        .forward_report(&[1], None)
+    let embedded = load(ExpertSource::Embedded, &LoadOptions::default());
+    let used: Vec<u16> = forward_report(&embedded, &[1], None)
         .unwrap()
         .experts
         .iter()
@@ -360,19 +366,16 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
         wire_dtype: switchyard_wire::WireDType::F32,
         ..DispatchConfig::default()
     };
-    let (engine, _remote) = Engine::load_cluster(
-        &model,
-        &placement,
-        cfg,
-        switchyard_model::Device::Cpu,
-        &switchyard_model::NoProgress,
-    )
-    .unwrap();
-    let want = embedded.forward_report(&[1], Some(1)).unwrap();
+    let opts = LoadOptions {
+        dispatch: cfg,
+        ..LoadOptions::default()
+    };
+    let engine = load(ExpertSource::Static(placement), &opts);
+    let want = forward_report(&embedded, &[1], Some(1)).unwrap();
     b.kill();
     // A prompt that needs the dead worker fails with a clear, coded error...
     let long: Vec<u32> = (1..60).collect();
-    match engine.forward_report(&long, None) {
+    match forward_report(&engine, &long, None) {
         Err(EngineError::Model(e)) => {
             assert!(e.to_string().contains(&format!("expert {lonely}")), "{e}")
         }
@@ -380,7 +383,7 @@ fn coordinator_keeps_serving_requests_that_do_not_need_a_dead_worker() {
     }
     // ...while one that does not is still answered, correctly.
     for _ in 0..2 {
-        let got = engine.forward_report(&[1], Some(1)).unwrap();
+        let got = forward_report(&engine, &[1], Some(1)).unwrap();
         assert_eq!(got.logits, want.logits);
         assert_eq!(got.experts, want.experts);
     }

@@ -121,3 +121,93 @@ impl IntoResponse for ApiError {
         r
     }
 }
+
+impl From<crate::request::RequestError> for ApiError {
+    fn from(e: crate::request::RequestError) -> Self {
+        use crate::request::RequestError;
+        match e {
+            RequestError::Invalid { message, param } => Self::invalid(message, param),
+            RequestError::UnknownModel { given, served } => Self::unknown_model(&given, &served),
+        }
+    }
+}
+
+impl From<crate::scheduler::SubmitError> for ApiError {
+    fn from(e: crate::scheduler::SubmitError) -> Self {
+        use crate::scheduler::SubmitError;
+        match e {
+            SubmitError::QueueFull => Self::queue_full(),
+            SubmitError::Stopped => Self::unavailable("the engine is shutting down"),
+        }
+    }
+}
+
+impl From<crate::scheduler::SeqFailure> for ApiError {
+    fn from(f: crate::scheduler::SeqFailure) -> Self {
+        use crate::scheduler::SeqFailure;
+        match f {
+            SeqFailure::Unavailable(m) => Self::unavailable(m),
+            SeqFailure::Internal(m) => Self::internal(&m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        request::RequestError,
+        scheduler::{SeqFailure, SubmitError},
+    };
+
+    #[test]
+    fn every_domain_error_maps_to_its_status_and_code() {
+        let cases = [
+            (
+                ApiError::from(RequestError::invalid("bad n", Some("n"))),
+                StatusCode::BAD_REQUEST,
+                "SY:API:InvalidRequest",
+            ),
+            (
+                ApiError::from(RequestError::UnknownModel {
+                    given: "x".into(),
+                    served: "y".into(),
+                }),
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+            ),
+            (
+                ApiError::from(SubmitError::QueueFull),
+                StatusCode::TOO_MANY_REQUESTS,
+                "SY:API:QueueFull",
+            ),
+            (
+                ApiError::from(SubmitError::Stopped),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SY:API:Unavailable",
+            ),
+            (
+                ApiError::from(SeqFailure::Unavailable("worker gone".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SY:API:Unavailable",
+            ),
+            (
+                ApiError::from(SeqFailure::Internal("bug".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "SY:API:Internal",
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status, e.code), (status, code), "{}", e.message);
+        }
+        let e = ApiError::from(RequestError::invalid("bad n", Some("n")));
+        assert_eq!(e.body()["error"]["param"], "n");
+        assert_eq!(e.retry_after, None);
+        assert_eq!(ApiError::from(SubmitError::QueueFull).retry_after, Some(1));
+        // Internal details stay in the log.
+        assert_eq!(
+            ApiError::from(SeqFailure::Internal("secret".into())).message,
+            "internal error"
+        );
+    }
+}

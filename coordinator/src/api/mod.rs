@@ -6,13 +6,13 @@
 
 mod error;
 mod generate;
-mod text;
-mod types;
+mod responses;
 
 pub use error::ApiError;
-pub use types::Limits;
 
-use crate::{dispatch::RemoteExperts, engine::Engine, scheduler::SchedulerHandle};
+use crate::{
+    dispatch::RemoteExperts, engine::Engine, request::RequestLimits, scheduler::SchedulerHandle,
+};
 use axum::{
     extract::{Request, State},
     http::{header, StatusCode},
@@ -27,9 +27,8 @@ use std::sync::Arc;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub scheduler: SchedulerHandle,
-    /// The name clients use in `model` (and /v1/models lists).
-    pub model_name: String,
-    pub limits: Limits,
+    /// What requests are checked against, the served model's name included.
+    pub limits: RequestLimits,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -99,17 +98,12 @@ fn yes() -> bool {
     true
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
-}
-
 /// vLLM's `/tokenize`: the ids of a text (with special tokens unless told otherwise).
 async fn tokenize(
     State(s): State<Arc<AppState>>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let r: TokenizeRequest = parse_json(&body)?;
+    let r: TokenizeRequest = generate::parse(body, s.max_body_bytes)?;
     let ids = s
         .engine
         .tokenizer()
@@ -123,9 +117,9 @@ async fn tokenize(
 /// vLLM's `/detokenize`: the text of ids (special tokens skipped, as in completions).
 async fn detokenize(
     State(s): State<Arc<AppState>>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let r: DetokenizeRequest = parse_json(&body)?;
+    let r: DetokenizeRequest = generate::parse(body, s.max_body_bytes)?;
     let vocab = s.limits.vocab_size as i64;
     let ids =
         r.tokens
@@ -144,17 +138,17 @@ async fn detokenize(
     Ok(Json(serde_json::json!({"prompt": text})))
 }
 
-async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": s.model_name,
-            "object": "model",
-            "created": s.started,
-            "owned_by": "switchyard",
-            "max_model_len": s.limits.max_seq_len,
-        }]
-    }))
+async fn models(State(s): State<Arc<AppState>>) -> Json<responses::ModelList> {
+    Json(responses::ModelList {
+        object: "list",
+        data: vec![responses::ModelCard {
+            id: s.limits.model_name.clone(),
+            object: "model",
+            created: s.started,
+            owned_by: "switchyard",
+            max_model_len: s.limits.max_seq_len,
+        }],
+    })
 }
 
 /// Liveness: the process serves HTTP and its engine thread runs.
@@ -180,11 +174,11 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
             .into_response();
         }
     }
-    Json(serde_json::json!({"status": "ready", "model": s.model_name})).into_response()
+    Json(serde_json::json!({"status": "ready", "model": s.limits.model_name})).into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
-    let mut text = s.metrics.render();
-    crate::metrics::append_cluster_metrics(&mut text, &s);
+    crate::metrics::record_cluster(&s);
+    let text = s.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

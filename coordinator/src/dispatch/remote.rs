@@ -860,8 +860,11 @@ impl Dispatcher {
         let mut out = vec![0.0f32; n * h];
         decode_rows(&reply.output, dtype, &mut out);
         st.rows.fetch_add(n as u64, Ordering::Relaxed);
+        let latency = start.elapsed();
         st.latency_micros
-            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("switchyard_worker_dispatch_latency_seconds", "worker" => w.id.to_string())
+            .record(latency.as_secs_f64());
         st.compute_micros
             .fetch_add(reply.compute_micros, Ordering::Relaxed);
         w.mark_up();

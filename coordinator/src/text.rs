@@ -1,8 +1,97 @@
-//! Turning a choice's token ids into text: incremental detokenization, stop strings (the text is
-//! cut before the match, and never streamed past a possible match), and logprob entries.
+//! The reading side of a request, shared by the API and the CLI: turning each choice's token
+//! ids into text (incremental detokenization, stop strings (the text is cut before the match,
+//! and never streamed past a possible match), logprob entries) and following its events.
 
-use crate::engine::FinishReason;
+use crate::{
+    request::ValidatedRequest,
+    scheduler::{FinishReason, RequestStream, SeqEvent, SeqFailure},
+};
 use switchyard_model::{tokenizer::TextStream, Tokenizer};
+
+/// Every choice of one request as its events arrive.
+pub struct RequestText<'a> {
+    pub choices: Vec<ChoiceText<'a>>,
+    /// Per choice, prompt tokens it found in the prefix cache.
+    cached: Vec<usize>,
+    /// Choices per prompt.
+    n: usize,
+    open: usize,
+}
+
+/// What one event changed.
+pub enum Update {
+    /// Choice `index` has new text (or logprobs); `done` when it ended.
+    Choice { index: usize, done: bool },
+    /// The request failed; nothing more will come.
+    Failed(SeqFailure),
+    /// Nothing a reader shows.
+    Nothing,
+}
+
+impl<'a> RequestText<'a> {
+    pub fn new(tok: &'a Tokenizer, req: &'a ValidatedRequest) -> Self {
+        Self {
+            choices: (0..req.choices())
+                .map(|_| ChoiceText::new(tok, req.stop_strings()))
+                .collect(),
+            cached: vec![0; req.choices()],
+            n: req.n(),
+            open: req.choices(),
+        }
+    }
+
+    /// Whether some choice has not ended.
+    pub fn is_open(&self) -> bool {
+        self.open > 0
+    }
+
+    /// Applies one event of `stream`; a choice whose text matched a stop string is cancelled.
+    pub fn apply(&mut self, index: usize, ev: SeqEvent, stream: &RequestStream) -> Update {
+        let c = &mut self.choices[index];
+        if c.finish.is_some() {
+            return Update::Nothing;
+        }
+        let done = match ev {
+            SeqEvent::Started { cached_tokens } => {
+                self.cached[index] = cached_tokens;
+                return Update::Nothing;
+            }
+            SeqEvent::Token { id, logprob, top } => {
+                let stop = c.push(id, logprob.map(|lp| (lp, top.as_slice())));
+                if stop {
+                    stream.cancel(index);
+                }
+                stop
+            }
+            SeqEvent::Finished { reason, .. } => {
+                c.finish = Some(reason);
+                true
+            }
+            SeqEvent::Failed(f) => {
+                self.open = 0;
+                return Update::Failed(f);
+            }
+        };
+        if done {
+            self.open -= 1;
+        }
+        Update::Choice { index, done }
+    }
+
+    /// Generated tokens of every choice.
+    pub fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.completion_tokens).sum()
+    }
+
+    /// Prompt tokens found in the prefix cache: each prompt counts once however many choices
+    /// it has, with the most any of its choices found.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+            .chunks(self.n.max(1))
+            .map(|c| c.iter().copied().max().unwrap_or(0))
+            .sum()
+    }
+}
 
 /// One generated token as logprobs report it.
 pub struct TokenLogprob {
@@ -107,12 +196,7 @@ mod tests {
     use super::*;
 
     fn tok() -> Tokenizer {
-        let dir = std::env::var_os("SWITCHYARD_FIXTURES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-            });
-        Tokenizer::from_dir(&dir.join("tiny-mixtral-trained")).unwrap()
+        Tokenizer::from_dir(&crate::fixture("tiny-mixtral-trained")).unwrap()
     }
 
     #[test]
