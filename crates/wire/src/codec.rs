@@ -112,6 +112,47 @@ pub fn encode_batch(
     }
 }
 
+/// A worker's answer to a batch, validated: `rows × hidden` partial sums, decoded to f32.
+#[derive(Debug)]
+pub struct ExpertReply {
+    pub output: Vec<f32>,
+    /// Time the worker says it spent computing.
+    pub compute_micros: u64,
+}
+
+impl ExpertReply {
+    /// Checks `r` against the batch it answers (`rows` × `hidden`) before anything reads it:
+    /// its dtype, its shape and its byte length, so a reply of the wrong shape, or a huge one,
+    /// is refused whole.
+    pub fn decode(r: &pb::ExpertResult, rows: usize, hidden: usize) -> Result<Self, WireError> {
+        let dtype = WireDType::from_pb(r.dtype, None)?;
+        if r.rows as usize != rows || r.hidden_size as usize != hidden {
+            return Err(WireError::ReplyShape {
+                got_rows: r.rows,
+                got_hidden: r.hidden_size,
+                rows,
+                hidden,
+            });
+        }
+        let want = rows * hidden * dtype.size();
+        if r.output.len() != want {
+            return Err(WireError::Payload {
+                got: r.output.len(),
+                want,
+                rows: r.rows,
+                hidden: r.hidden_size,
+                dtype,
+            });
+        }
+        let mut output = vec![0.0f32; rows * hidden];
+        decode_rows(&r.output, dtype, &mut output);
+        Ok(Self {
+            output,
+            compute_micros: r.compute_micros,
+        })
+    }
+}
+
 /// What a worker checks every batch against.
 #[derive(Clone, Debug)]
 pub struct Expect<'a> {
@@ -281,5 +322,34 @@ mod tests {
             let status = tonic::Status::from(e);
             assert_eq!(crate::status_code_of(&status), Some(code));
         }
+    }
+
+    #[test]
+    fn replies_of_the_wrong_shape_or_length_are_refused() {
+        let out: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let good = pb::ExpertResult {
+            rows: 2,
+            hidden_size: 4,
+            dtype: WireDType::F32.to_pb(),
+            output: encode_rows(&out, WireDType::F32),
+            compute_micros: 7,
+        };
+        let r = ExpertReply::decode(&good, 2, 4).unwrap();
+        assert_eq!((r.output, r.compute_micros), (out, 7));
+        let e = ExpertReply::decode(&good, 3, 4).unwrap_err();
+        assert_eq!(e.code(), "SY:WIRE:ReplyShape");
+        let long = pb::ExpertResult {
+            output: encode_rows(&[0.0; 9], WireDType::F32),
+            ..good.clone()
+        };
+        assert_eq!(
+            ExpertReply::decode(&long, 2, 4).unwrap_err().code(),
+            "SY:WIRE:Payload"
+        );
+        let odd = pb::ExpertResult { dtype: 99, ..good };
+        assert_eq!(
+            ExpertReply::decode(&odd, 2, 4).unwrap_err().code(),
+            "SY:WIRE:DType"
+        );
     }
 }

@@ -13,7 +13,9 @@ pub mod pb {
     tonic::include_proto!("switchyard.v1");
 }
 
-pub use codec::{decode_rows, encode_batch, encode_rows, Expect, ExpertRequest, WireDType};
+pub use codec::{
+    decode_rows, encode_batch, encode_rows, Expect, ExpertReply, ExpertRequest, WireDType,
+};
 
 /// Bumped on any incompatible protocol change; peers of other versions are refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -48,6 +50,13 @@ pub enum WireError {
     TooLarge { rows: u32, max: u32 },
     #[error("message has no {0}")]
     Missing(&'static str),
+    #[error("reply of {got_rows} rows × {got_hidden} for a batch of {rows} × {hidden}")]
+    ReplyShape {
+        got_rows: u32,
+        got_hidden: u32,
+        rows: usize,
+        hidden: usize,
+    },
 }
 
 impl WireError {
@@ -64,6 +73,7 @@ impl WireError {
             Self::Route(_) => "SY:WIRE:Route",
             Self::TooLarge { .. } => "SY:WIRE:TooLarge",
             Self::Missing(_) => "SY:WIRE:Missing",
+            Self::ReplyShape { .. } => "SY:WIRE:ReplyShape",
         }
     }
 }
