@@ -680,7 +680,7 @@ impl Walk {
 /// made once at load ([`Tiles`]) did. A tile load costs about three products (20 ns against
 /// 6.3), so two token groups against two weight blocks at a time load fewer tiles per
 /// product: faster with the weights in cache, but 15-30 % slower streaming them from memory,
-/// as a prompt's experts do (docs/performance.md, eighth Xeon sitting).
+/// as a prompt's experts do (docs/performance-log.md, eighth Xeon sitting).
 #[inline(always)]
 unsafe fn block<const NB: usize, const P: usize>(
     w: Walk,

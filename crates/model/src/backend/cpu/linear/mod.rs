@@ -382,7 +382,7 @@ type Scratch = RefCell<Vec<Vec<Line>>>;
 ///
 /// Buffers start on a cache line, which the allocator does not promise for a `Vec<f32>` (glibc
 /// gives 16 bytes): an AMX tile row or a 512-bit load that straddles two lines reads both, and
-/// a tile load from L1 took several times as long 16 bytes off a line (docs/performance.md).
+/// a tile load from L1 took several times as long 16 bytes off a line (docs/performance-log.md).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn with_scratch<E: bytemuck::Pod, T>(
     key: &'static std::thread::LocalKey<Scratch>,
