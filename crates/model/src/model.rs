@@ -296,6 +296,7 @@ impl<B: Backend> Mixtral<B> {
         crate::backend::cpu::in_pool(|| self.step_inner(seqs, kv, experts, scratch, out))
     }
 
+    /// prepare → layer loop → head.
     fn step_inner(
         &self,
         seqs: &mut [SeqStep<'_>],
@@ -304,12 +305,39 @@ impl<B: Backend> Mixtral<B> {
         scratch: &mut StepScratch<B>,
         out: &mut StepOutput,
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let b = &self.backend;
-        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-        let ne = cfg.num_local_experts;
+        self.check_and_reserve(seqs, kv)?;
+        // Lanes: one, or two runs of whole sequences when the expert stage overlaps.
+        let n_lanes = if experts.overlaps() && seqs.len() >= 2 {
+            2
+        } else {
+            1
+        };
+        let attn_seqs = self.prepare_lanes(seqs, n_lanes, scratch)?;
+        let mut cx = LayerCx {
+            kv,
+            shape: AttnShape {
+                heads: self.cfg.num_attention_heads,
+                kv_heads: self.cfg.num_key_value_heads,
+                head_dim: self.cfg.head_dim,
+                block_size: 0,
+                window: self.cfg.sliding_window,
+            },
+            eps: self.cfg.rms_norm_eps as f32,
+        };
+        cx.shape.block_size = cx.kv.block_size();
+        self.layer_loop(&attn_seqs, n_lanes, &mut cx, experts, scratch, out)?;
+        drop(attn_seqs);
+        for s in seqs.iter_mut() {
+            let end = s.kv.len() + s.tokens.len();
+            s.kv.set_len(end);
+        }
+        self.head(seqs.len(), n_lanes, cx.eps, scratch, out)
+    }
 
-        // Validate and reserve before touching anything.
+    /// Checks the step's bounds (a library guard: callers pass validated requests) and reserves
+    /// every cache block before anything is computed.
+    fn check_and_reserve(&self, seqs: &mut [SeqStep<'_>], kv: &mut KvCache<B>) -> Result<()> {
+        let cfg = &self.cfg;
         for s in seqs.iter() {
             if s.tokens.is_empty() {
                 return Err(ModelError::Input(
@@ -334,24 +362,31 @@ impl<B: Backend> Mixtral<B> {
             let end = s.kv.len() + s.tokens.len();
             kv.reserve(s.kv, end)?;
         }
+        Ok(())
+    }
 
-        // Lanes: one, or two runs of whole sequences when the expert stage overlaps.
-        let n_lanes = if experts.overlaps() && seqs.len() >= 2 {
-            2
-        } else {
-            1
-        };
+    /// Fills each lane's ids, positions and buffers and embeds its tokens; returns each lane's
+    /// sequences as attention sees them.
+    fn prepare_lanes<'a>(
+        &self,
+        seqs: &'a [SeqStep<'_>],
+        n_lanes: usize,
+        scratch: &mut StepScratch<B>,
+    ) -> Result<[Vec<AttnSeq<'a>>; 2]> {
+        let cfg = &self.cfg;
+        let b = &self.backend;
+        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let split = if n_lanes == 2 {
             split_point(seqs)
         } else {
             seqs.len()
         };
         let ranges = [0..split, split..seqs.len()];
-        let mut attn_seqs: [Vec<AttnSeq<'_>>; 2] = [Vec::new(), Vec::new()];
+        let mut attn_seqs: [Vec<AttnSeq<'a>>; 2] = [Vec::new(), Vec::new()];
         for ((lane, range), lane_attn) in scratch
             .lanes
             .iter_mut()
-            .zip(ranges.clone())
+            .zip(ranges)
             .zip(attn_seqs.iter_mut())
             .take(n_lanes)
         {
@@ -381,7 +416,7 @@ impl<B: Backend> Mixtral<B> {
                 (&mut lane.v, t * kvd),
                 (&mut lane.attn, t * qd),
                 (&mut lane.o, t * h),
-                (&mut lane.router, t * ne),
+                (&mut lane.router, t * cfg.num_local_experts),
             ] {
                 b.ensure_len(buf, n)?;
             }
@@ -392,49 +427,40 @@ impl<B: Backend> Mixtral<B> {
             lane.pending = None;
             b.embedding(&self.embed, &lane.ids, &mut lane.x)?;
         }
+        Ok(attn_seqs)
+    }
 
-        let shape = AttnShape {
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            block_size: kv.block_size(),
-            window: cfg.sliding_window,
-        };
-        let eps = cfg.rms_norm_eps as f32;
+    /// Every layer, each lane in turn: take back its expert sums of the previous layer, then
+    /// attention and routing, then send its expert batch off. With two lanes, one lane's
+    /// attention runs while the other's experts are away (dual-batch overlap).
+    fn layer_loop(
+        &self,
+        attn_seqs: &[Vec<AttnSeq<'_>>; 2],
+        n_lanes: usize,
+        cx: &mut LayerCx<'_, B>,
+        experts: &dyn ExpertExecutor,
+        scratch: &mut StepScratch<B>,
+        out: &mut StepOutput,
+    ) -> Result<()> {
         if let Some(tr) = out.trace.as_mut() {
             tr.clear();
         }
-
-        // Each lane in turn: take back its expert sums of the previous layer, then attention
-        // and routing, then send its expert batch off. With two lanes, one lane's attention
-        // runs while the other's experts are away (dual-batch overlap).
         for (l, lw) in self.layers.iter().enumerate() {
-            let layer = LayerId::new(l, cfg)?;
-            for (lane, lane_attn) in scratch.lanes.iter_mut().zip(&attn_seqs).take(n_lanes) {
+            let layer = LayerId::new(l, &self.cfg)?;
+            for (lane, lane_attn) in scratch.lanes.iter_mut().zip(attn_seqs).take(n_lanes) {
                 let _span = tracing::trace_span!("layer", layer = l, tokens = lane.rows).entered();
                 let mut clock = crate::profile::Clock::start();
                 if l > 0 {
                     self.take_experts(lane, &mut clock)?;
                 }
-                self.attention(lw, l, lane, lane_attn, kv, &shape, eps)?;
+                self.attention(lw, l, lane, lane_attn, cx)?;
                 clock.mark(Phase::Attention);
-                self.route(lw, lane, eps)?;
+                self.route(lw, lane, cx.eps)?;
                 let job = lane.job.take().ok_or_else(|| {
                     ModelError::Input("expert batch buffers missing (internal)".into())
                 })?;
                 if let Some(tr) = out.trace.as_mut() {
-                    if tr.len() == l {
-                        tr.push(RoutePlan::new());
-                    }
-                    for r in 0..job.plan.rows() {
-                        tr[l].push_row(
-                            job.plan
-                                .row_experts(r)
-                                .iter()
-                                .copied()
-                                .zip(job.plan.row_weights(r).iter().copied()),
-                        );
-                    }
+                    record_trace(tr, l, &job.plan);
                 }
                 clock.mark(Phase::Router);
                 lane.pending = Some(experts.submit(layer, job)?);
@@ -445,19 +471,24 @@ impl<B: Backend> Mixtral<B> {
             let mut clock = crate::profile::Clock::start();
             self.take_experts(lane, &mut clock)?;
         }
+        Ok(())
+    }
 
-        drop(attn_seqs);
-        for s in seqs.iter_mut() {
-            let end = s.kv.len() + s.tokens.len();
-            s.kv.set_len(end);
-        }
-
-        // Final norm and LM head, on every row or only each sequence's last, lane by lane
-        // (lanes are consecutive runs of sequences, so their rows append in order).
-        let v = cfg.vocab_size;
+    /// Final norm and LM head, on every row or only each sequence's last, lane by lane (lanes
+    /// are consecutive runs of sequences, so their rows append in order).
+    fn head(
+        &self,
+        n_seqs: usize,
+        n_lanes: usize,
+        eps: f32,
+        scratch: &mut StepScratch<B>,
+        out: &mut StepOutput,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let total_rows: usize = match out.which {
             Logits::All => scratch.lanes.iter().take(n_lanes).map(|l| l.rows).sum(),
-            Logits::Last => seqs.len(),
+            Logits::Last => n_seqs,
         };
         out.logits.resize(total_rows * v, 0.0);
         let mut row0 = 0;
@@ -506,17 +537,15 @@ impl<B: Backend> Mixtral<B> {
     }
 
     /// The attention block of layer `l` for `lane`, residual included.
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         lw: &LayerWeights<B>,
         l: usize,
         lane: &mut Lane<B>,
         attn_seqs: &[AttnSeq<'_>],
-        kv: &mut KvCache<B>,
-        shape: &AttnShape,
-        eps: f32,
+        cx: &mut LayerCx<'_, B>,
     ) -> Result<()> {
+        let (shape, eps) = (&cx.shape, cx.eps);
         let cfg = &self.cfg;
         let b = &self.backend;
         let (h, qd, kvd, t) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), lane.rows);
@@ -540,7 +569,7 @@ impl<B: Backend> Mixtral<B> {
                 &self.rope_sin,
             )?;
         }
-        let (kc, vc) = kv.layer_mut(l);
+        let (kc, vc) = cx.kv.layer_mut(l);
         for a in attn_seqs {
             for (cache, src) in [(&mut *kc, &lane.k), (&mut *vc, &lane.v)] {
                 b.kv_write(
@@ -580,5 +609,27 @@ impl<B: Backend> Mixtral<B> {
             &mut job.plan,
         )?;
         b.to_host(&lane.h, &mut job.x[..t * cfg.hidden_size])
+    }
+}
+
+/// What every layer of a step shares: the cache, attention's shape and the norms' epsilon.
+struct LayerCx<'a, B: Backend> {
+    kv: &'a mut KvCache<B>,
+    shape: AttnShape,
+    eps: f32,
+}
+
+/// Appends layer `l`'s routing of `plan` to the trace.
+fn record_trace(tr: &mut Vec<RoutePlan>, l: usize, plan: &RoutePlan) {
+    if tr.len() == l {
+        tr.push(RoutePlan::new());
+    }
+    for r in 0..plan.rows() {
+        tr[l].push_row(
+            plan.row_experts(r)
+                .iter()
+                .copied()
+                .zip(plan.row_weights(r).iter().copied()),
+        );
     }
 }
