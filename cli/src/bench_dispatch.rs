@@ -11,13 +11,14 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 use switchyard_cluster::StaticPlacement;
 use switchyard_coordinator::dispatch::{DispatchConfig, RemoteExperts};
 use switchyard_model::{Checkpoint, ExpertExecutor, ExpertSet, LayerId, RoutePlan};
 use switchyard_wire::WireDType;
+
+use crate::bench::LocalWorkers;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,17 +45,6 @@ pub struct Args {
 /// Unmeasured calls before each measurement (connections, caches, thread pools warm up).
 const WARMUP: usize = 10;
 
-/// Spawned workers, killed on drop.
-struct Children(Vec<Child>);
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -69,52 +59,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let cfg = ck.config().clone();
     let n = cfg.num_local_experts;
-    anyhow::ensure!(
-        a.spawn <= n,
-        "cannot split {n} experts over {} workers",
-        a.spawn
-    );
-    let tmp = tempfile::tempdir()?;
-    let exe = std::env::current_exe()?;
-    let mut children = Children(Vec::new());
-    let mut spec = Vec::new();
-    for w in 0..a.spawn {
-        let (lo, hi) = (w * n / a.spawn, (w + 1) * n / a.spawn - 1);
-        let ready = tmp.path().join(format!("w{w}"));
-        children.0.push(
-            Command::new(&exe)
-                .args([
-                    "worker",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--experts",
-                    &format!("{lo}-{hi}"),
-                ])
-                .arg("--model")
-                .arg(&a.model)
-                .arg("--ready-file")
-                .arg(&ready)
-                .env("SWITCHYARD_THREADS", a.worker_threads.to_string())
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting a worker")?,
-        );
-        let start = Instant::now();
-        let addr = loop {
-            if let Ok(s) = std::fs::read_to_string(&ready) {
-                if !s.trim().is_empty() {
-                    break s.trim().to_string();
-                }
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(300),
-                "worker {w} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        spec.push(format!("{addr}={lo}-{hi}"));
-    }
-    let placement = StaticPlacement::parse(&spec.join(","))?;
+    let workers = LocalWorkers::start(&a.model, a.spawn, n, a.worker_threads, false)?;
+    let placement = StaticPlacement::parse(&workers.spec)?;
     let dcfg = DispatchConfig {
         wire_dtype: a.wire_dtype,
         ..DispatchConfig::default()
@@ -126,65 +72,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &ExpertSet::all(n),
         &switchyard_model::NoProgress,
     )?;
-
-    let h = cfg.hidden_size;
-    let layer = LayerId::new(0, &cfg)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut results = Vec::new();
     for &t in &a.tokens {
-        let x: Vec<f32> = (0..t * h)
-            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-            .collect();
-        let logits: Vec<f32> = (0..t * n).map(|_| rng.random::<f32>() * 4.0).collect();
-        let mut plan = RoutePlan::new();
-        plan.route_into(&logits, t, n, cfg.num_experts_per_tok);
-        let mut out = vec![0.0f32; t * h];
-        let (mut total, mut over, mut comp, mut loc) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        // The remote calls first, then the in-process ones: interleaved, this process's compute
-        // threads would still be spinning from the local run while the workers compute, and on
-        // a machine with few cores they would take the workers' CPU time.
-        for i in 0..a.iters + WARMUP {
-            let before: Vec<u64> = remote.snapshot().iter().map(|w| w.compute_micros).collect();
-            let s = Instant::now();
-            remote.run(layer, &x, &plan, &mut out)?;
-            let us = s.elapsed().as_secs_f64() * 1e6;
-            let max_compute = remote
-                .snapshot()
-                .iter()
-                .zip(&before)
-                .map(|(w, b)| w.compute_micros - b)
-                .max()
-                .unwrap_or(0) as f64;
-            if i >= WARMUP {
-                total.push(us);
-                over.push(us - max_compute);
-                comp.push(max_compute);
-            }
-        }
-        for i in 0..a.iters + WARMUP {
-            let s = Instant::now();
-            local.run(layer, &x, &plan, &mut out)?;
-            if i >= WARMUP {
-                loc.push(s.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        let compute_p50 = pct(&mut comp, 0.5);
-        // Rows each way as the busiest worker sees them: every token once (deduplicated).
-        let bytes = t * h * a.wire_dtype.size();
-        let mut floor = echo_floor(bytes, Duration::from_secs_f64(compute_p50 / 1e6), a.iters)
-            .context("measuring the loopback floor")?;
-        let r = serde_json::json!({
-            "tokens": t,
-            "layer_p50_us": pct(&mut total, 0.5),
-            "layer_p99_us": pct(&mut total, 0.99),
-            "worker_compute_p50_us": compute_p50,
-            "overhead_p50_us": pct(&mut over, 0.5),
-            "overhead_p99_us": pct(&mut over, 0.99),
-            "in_process_compute_p50_us": pct(&mut loc, 0.5),
-            "loopback_floor_p50_us": pct(&mut floor, 0.5),
-            "loopback_floor_p99_us": pct(&mut floor, 0.99),
-        });
+        let r = measure(&a, &cfg, t, &remote, &local, &mut rng)?;
         eprintln!(
             "{t:>4} tokens: layer p50 {:>8.0} µs  p99 {:>8.0} µs | worker compute p50 {:>8.0} µs | overhead p50 {:>6.0} µs  p99 {:>6.0} µs | TCP echo floor p50 {:>6.0} µs",
             r["layer_p50_us"].as_f64().unwrap_or(0.0),
@@ -210,6 +101,72 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     writeln!(stdout)?;
     Ok(())
+}
+
+/// One batch size: a random layer input of `t` tokens routed at random, through the workers
+/// and in this process, and the loopback floor for the same bytes and compute time.
+fn measure(
+    a: &Args,
+    cfg: &switchyard_model::MixtralConfig,
+    t: usize,
+    remote: &RemoteExperts,
+    local: &switchyard_model::LocalExperts<switchyard_model::Cpu>,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> anyhow::Result<serde_json::Value> {
+    let (h, n) = (cfg.hidden_size, cfg.num_local_experts);
+    let layer = LayerId::new(0, cfg)?;
+    let x: Vec<f32> = (0..t * h)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let logits: Vec<f32> = (0..t * n).map(|_| rng.random::<f32>() * 4.0).collect();
+    let mut plan = RoutePlan::new();
+    plan.route_into(&logits, t, n, cfg.num_experts_per_tok);
+    let mut out = vec![0.0f32; t * h];
+    let (mut total, mut over, mut comp, mut loc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The remote calls first, then the in-process ones: interleaved, this process's compute
+    // threads would still be spinning from the local run while the workers compute, and on
+    // a machine with few cores they would take the workers' CPU time.
+    for i in 0..a.iters + WARMUP {
+        let before: Vec<u64> = remote.snapshot().iter().map(|w| w.compute_micros).collect();
+        let s = Instant::now();
+        remote.run(layer, &x, &plan, &mut out)?;
+        let us = s.elapsed().as_secs_f64() * 1e6;
+        let max_compute = remote
+            .snapshot()
+            .iter()
+            .zip(&before)
+            .map(|(w, b)| w.compute_micros - b)
+            .max()
+            .unwrap_or(0) as f64;
+        if i >= WARMUP {
+            total.push(us);
+            over.push(us - max_compute);
+            comp.push(max_compute);
+        }
+    }
+    for i in 0..a.iters + WARMUP {
+        let s = Instant::now();
+        local.run(layer, &x, &plan, &mut out)?;
+        if i >= WARMUP {
+            loc.push(s.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let compute_p50 = pct(&mut comp, 0.5);
+    // Rows each way as the busiest worker sees them: every token once (deduplicated).
+    let bytes = t * h * a.wire_dtype.size();
+    let mut floor = echo_floor(bytes, Duration::from_secs_f64(compute_p50 / 1e6), a.iters)
+        .context("measuring the loopback floor")?;
+    Ok(serde_json::json!({
+        "tokens": t,
+        "layer_p50_us": pct(&mut total, 0.5),
+        "layer_p99_us": pct(&mut total, 0.99),
+        "worker_compute_p50_us": compute_p50,
+        "overhead_p50_us": pct(&mut over, 0.5),
+        "overhead_p99_us": pct(&mut over, 0.99),
+        "in_process_compute_p50_us": pct(&mut loc, 0.5),
+        "loopback_floor_p50_us": pct(&mut floor, 0.5),
+        "loopback_floor_p99_us": pct(&mut floor, 0.99),
+    }))
 }
 
 /// Round trips of `bytes` each way to a loopback TCP echo whose server spins for `busy` before

@@ -71,7 +71,7 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
 
-/// Draws the three panels into `path` (PNG, 1500×500).
+/// Draws the three panels into `path` (PNG, 1500×520).
 pub fn write(
     path: &Path,
     title: &str,
@@ -83,8 +83,6 @@ pub fn write(
     root.fill(&WHITE).map_err(err)?;
     let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
     let panels = root.split_evenly((1, 3));
-
-    // Throughput against concurrency.
     let max_n = modes
         .iter()
         .flat_map(|m| m.throughput.iter().map(|p| p.0))
@@ -93,12 +91,24 @@ pub fn write(
         .max(2);
     // Concurrency is drawn on a log2 axis: x = log2(sequences).
     let x_max = (max_n as f64).log2() + 0.15;
+    throughput(&panels[0], modes, x_max)?;
+    layer_split(&panels[1], modes)?;
+    latency(&panels[2], modes, x_max)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// Aggregate tok/s against concurrency: the whole run solid, steady decode dashed.
+fn throughput(area: &Area<'_>, modes: &[ModeFigures], x_max: f64) -> anyhow::Result<()> {
     let max_tok = modes
         .iter()
         .flat_map(|m| m.throughput.iter().chain(&m.steady).map(|p| p.1))
         .filter(|t| t.is_finite())
         .fold(1.0f64, f64::max);
-    let mut c = ChartBuilder::on(&panels[0])
+    let mut c = ChartBuilder::on(area)
         .caption(
             "tok/s: whole run (solid), steady decode (dashed)",
             ("sans-serif", 16),
@@ -147,7 +157,11 @@ pub fn write(
         .draw()
         .map_err(err)?;
 
-    // Per-layer time split of batch-1 decode: one stacked bar per mode.
+    Ok(())
+}
+
+/// The per-layer time split of batch-1 decode: one stacked bar per mode.
+fn layer_split(area: &Area<'_>, modes: &[ModeFigures]) -> anyhow::Result<()> {
     let phases: Vec<String> = modes
         .iter()
         .flat_map(|m| m.split.iter().map(|(p, _)| p.clone()))
@@ -161,7 +175,7 @@ pub fn write(
         .iter()
         .map(|m| m.split.iter().map(|s| s.1).sum::<f64>())
         .fold(0.01f64, f64::max);
-    let mut c = ChartBuilder::on(&panels[1])
+    let mut c = ChartBuilder::on(area)
         .caption("batch-1 decode: ms per layer", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(36)
@@ -214,13 +228,17 @@ pub fn write(
         .draw()
         .map_err(err)?;
 
-    // Latency percentiles against concurrency.
+    Ok(())
+}
+
+/// TTFT and ITL percentiles against concurrency.
+fn latency(area: &Area<'_>, modes: &[ModeFigures], x_max: f64) -> anyhow::Result<()> {
     let max_lat = modes
         .iter()
         .flat_map(|m| m.latency.iter().flat_map(|l| [l.1, l.2, l.3, l.4]))
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max);
-    let mut c = ChartBuilder::on(&panels[2])
+    let mut c = ChartBuilder::on(area)
         .caption("TTFT and ITL (ms)", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(36)
@@ -263,8 +281,6 @@ pub fn write(
         .label_font(("sans-serif", 11))
         .draw()
         .map_err(err)?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

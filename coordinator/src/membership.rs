@@ -132,50 +132,7 @@ async fn run(
         stop.clone(),
     ));
     if let Some(counts) = counts {
-        let (load_tx, load_rx) = watch::channel(Vec::new());
-        let publish = {
-            let name = cfg.name.clone();
-            let stop = stop.clone();
-            async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    let rec = LoadRecord {
-                        coordinator: name.clone(),
-                        experts: counts.experts,
-                        expert_tokens: counts
-                            .counts
-                            .iter()
-                            .map(|c| c.load(Ordering::Relaxed))
-                            .collect(),
-                        unix_ms: unix_ms(),
-                    };
-                    if let Ok(v) = serde_json::to_vec(&rec) {
-                        load_tx.send_replace(v);
-                    }
-                }
-            }
-        };
-        tokio::spawn(publish);
-        tokio::spawn(registry::keep_alive(
-            cfg.registry.clone(),
-            keys.load(&cfg.name),
-            load_rx,
-            stop.clone(),
-        ));
-        if let Some(pc) = cfg.planner.clone() {
-            let experts = remote.num_experts();
-            let name = cfg.name.clone();
-            tokio::spawn(registry::lead(
-                cfg.registry.clone(),
-                cfg.name.clone(),
-                stop.clone(),
-                move |reg, lost| plan_loop(reg, pc.clone(), experts, name.clone(), lost),
-            ));
-        }
+        publish_load(&cfg, counts, remote.num_experts(), &stop);
     }
     // Records are re-put every few seconds with fresh load figures; only changes of who hosts
     // what rebuild the routing table.
@@ -212,6 +169,60 @@ async fn run(
         last_missing = missing.len();
         applied = Some(shape);
         synced.send_replace(true);
+    }
+}
+
+/// Publishes this coordinator's routed-token counts every second under a lease and, where it
+/// may plan, campaigns for the planner role.
+fn publish_load(
+    cfg: &MembershipConfig,
+    counts: Arc<ExpertCounts>,
+    experts: usize,
+    stop: &CancellationToken,
+) {
+    let keys = cfg.registry.keys().clone();
+    let (load_tx, load_rx) = watch::channel(Vec::new());
+    let publish = {
+        let name = cfg.name.clone();
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let rec = LoadRecord {
+                    coordinator: name.clone(),
+                    experts: counts.experts,
+                    expert_tokens: counts
+                        .counts
+                        .iter()
+                        .map(|c| c.load(Ordering::Relaxed))
+                        .collect(),
+                    unix_ms: unix_ms(),
+                };
+                if let Ok(v) = serde_json::to_vec(&rec) {
+                    load_tx.send_replace(v);
+                }
+            }
+        }
+    };
+    tokio::spawn(publish);
+    tokio::spawn(registry::keep_alive(
+        cfg.registry.clone(),
+        keys.load(&cfg.name),
+        load_rx,
+        stop.clone(),
+    ));
+    if let Some(pc) = cfg.planner.clone() {
+        let name = cfg.name.clone();
+        tokio::spawn(registry::lead(
+            cfg.registry.clone(),
+            cfg.name.clone(),
+            stop.clone(),
+            move |reg, lost| plan_loop(reg, pc.clone(), experts, name.clone(), lost),
+        ));
     }
 }
 
@@ -267,32 +278,52 @@ async fn plan_loop(
     name: String,
     lost: CancellationToken,
 ) {
-    let mut tracker = LoadTracker {
-        last: BTreeMap::new(),
-        smoothed: None,
+    let mut planner = Planner {
+        pc,
+        experts,
+        name,
+        tracker: LoadTracker {
+            last: BTreeMap::new(),
+            smoothed: None,
+        },
+        last_round: Instant::now(),
     };
-    let mut tick = tokio::time::interval(pc.interval.min(Duration::from_secs(1)));
-    let mut last_round = Instant::now() - pc.interval;
+    planner.last_round -= planner.pc.interval;
+    let mut tick = tokio::time::interval(planner.pc.interval.min(Duration::from_secs(1)));
     loop {
         tokio::select! {
             () = lost.cancelled() => return,
             _ = tick.tick() => {}
         }
         // Membership changes are handled within a second; load changes every `interval`.
-        let members = match reg.workers().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "planner cannot read the workers");
-                continue;
-            }
-        };
-        let current = match reg.plan().await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "planner cannot read the plan");
-                continue;
-            }
-        };
+        if let Err(what) = planner.round(&mut reg).await {
+            tracing::warn!(error = %what, "planner round failed");
+        }
+    }
+}
+
+/// The elected planner's state between rounds.
+struct Planner {
+    pc: PlannerConfig,
+    experts: usize,
+    name: String,
+    tracker: LoadTracker,
+    last_round: Instant,
+}
+
+impl Planner {
+    /// One round: read the workers, the plan and (every `interval`) the load; write a new plan
+    /// where [`Self::reason`] finds one.
+    async fn round(&mut self, reg: &mut Registry) -> Result<(), String> {
+        let experts = self.experts;
+        let members = reg
+            .workers()
+            .await
+            .map_err(|e| format!("cannot read the workers: {e}"))?;
+        let current = reg
+            .plan()
+            .await
+            .map_err(|e| format!("cannot read the plan: {e}"))?;
         let managed: Vec<PlanWorker> = members
             .values()
             .filter(|r| r.managed)
@@ -307,70 +338,32 @@ async fn plan_loop(
             .filter(|r| !r.managed)
             .map(switchyard_cluster::WorkerRecord::experts_everywhere)
             .collect();
-        let same_workers = current.as_ref().is_some_and(|(p, _)| {
-            p.assign.len() == managed.len()
-                && managed.iter().all(|w| p.assign.contains_key(&w.addr))
-        });
-        let load_round = last_round.elapsed() >= pc.interval;
-        let load = if load_round {
-            last_round = Instant::now();
-            match reg.loads().await {
-                Ok(l) => tracker.update(&l, experts),
-                Err(e) => {
-                    tracing::warn!(error = %e, "planner cannot read the load");
-                    tracker.smoothed.clone()
-                }
-            }
-        } else {
-            tracker.smoothed.clone()
-        };
-        // Idle clusters carry no signal worth moving weights for.
-        let load = load.filter(|l| l.iter().sum::<f64>() >= 1.0);
-        tracing::debug!(?load, load_round, same_workers, "planning round");
+        let load_round = self.last_round.elapsed() >= self.pc.interval;
+        let load = self.load(reg, load_round).await;
         let plan = planner::plan(&PlanInput {
             experts,
-            replication: pc.replication,
-            hot_replicas: pc.hot_replicas,
+            replication: self.pc.replication,
+            hot_replicas: self.pc.hot_replicas,
             workers: &managed,
             fixed: &fixed,
             load: load.as_deref(),
         });
-        let (generation, rev, reason) = match &current {
-            None => (1, 0, "first plan".to_string()),
-            Some((p, rev)) if !same_workers => {
-                (p.generation + 1, *rev, "the managed workers changed".into())
-            }
-            Some((p, rev)) if uncovered(experts, &p.assign, &fixed) > plan.uncovered.len() => (
-                p.generation + 1,
-                *rev,
-                "experts lost their fixed host".into(),
-            ),
-            Some((p, rev)) => {
-                let Some(l) = load.as_ref().filter(|_| load_round) else {
-                    continue;
-                };
-                if p.assign == plan.assign {
-                    continue;
-                }
-                let before = planner::max_worker_load(experts, &p.assign, &fixed, l);
-                let after = planner::max_worker_load(experts, &plan.assign, &fixed, l);
-                if after > (1.0 - pc.min_gain) * before {
-                    tracing::debug!(before, after, "the better plan does not gain enough");
-                    continue;
-                }
-                (
-                    p.generation + 1,
-                    *rev,
-                    format!("rebalance: heaviest worker {before:.0} → {after:.0} tokens/s"),
-                )
-            }
+        let Some((generation, rev, reason)) = self.reason(
+            current.as_ref(),
+            &managed,
+            &fixed,
+            &plan,
+            load.as_deref(),
+            load_round,
+        ) else {
+            return Ok(());
         };
         let record = PlanRecord {
             generation,
             assign: plan.assign.clone(),
             expert_load: load.clone().unwrap_or_default(),
-            replication: pc.replication,
-            written_by: name.clone(),
+            replication: self.pc.replication,
+            written_by: self.name.clone(),
             reason: reason.clone(),
         };
         match reg.put_plan_if(&record, rev).await {
@@ -378,8 +371,72 @@ async fn plan_loop(
                 tracing::info!(generation, %reason, assign = ?record.assign, uncovered = ?plan.uncovered, "plan written");
             }
             Ok(false) => tracing::info!("the plan changed under the planner; recomputing"),
-            Err(e) => tracing::warn!(error = %e, "planner cannot write the plan"),
+            Err(e) => return Err(format!("cannot write the plan: {e}")),
         }
+        Ok(())
+    }
+
+    /// The smoothed load per expert, read afresh on a load round; None while idle (an idle
+    /// cluster carries no signal worth moving weights for).
+    async fn load(&mut self, reg: &mut Registry, load_round: bool) -> Option<Vec<f64>> {
+        let load = if load_round {
+            self.last_round = Instant::now();
+            match reg.loads().await {
+                Ok(l) => self.tracker.update(&l, self.experts),
+                Err(e) => {
+                    tracing::warn!(error = %e, "planner cannot read the load");
+                    self.tracker.smoothed.clone()
+                }
+            }
+        } else {
+            self.tracker.smoothed.clone()
+        };
+        tracing::debug!(?load, load_round, "planning round");
+        load.filter(|l| l.iter().sum::<f64>() >= 1.0)
+    }
+
+    /// Whether `plan` should replace `current`: (generation, revision to replace, why), or
+    /// None to keep the current plan.
+    fn reason(
+        &self,
+        current: Option<&(PlanRecord, i64)>,
+        managed: &[PlanWorker],
+        fixed: &[Vec<u32>],
+        plan: &planner::Plan,
+        load: Option<&[f64]>,
+        load_round: bool,
+    ) -> Option<(u64, i64, String)> {
+        let experts = self.experts;
+        let Some((p, rev)) = current else {
+            return Some((1, 0, "first plan".to_string()));
+        };
+        let same_workers = p.assign.len() == managed.len()
+            && managed.iter().all(|w| p.assign.contains_key(&w.addr));
+        if !same_workers {
+            return Some((p.generation + 1, *rev, "the managed workers changed".into()));
+        }
+        if uncovered(experts, &p.assign, fixed) > plan.uncovered.len() {
+            return Some((
+                p.generation + 1,
+                *rev,
+                "experts lost their fixed host".into(),
+            ));
+        }
+        let l = load.filter(|_| load_round)?;
+        if p.assign == plan.assign {
+            return None;
+        }
+        let before = planner::max_worker_load(experts, &p.assign, fixed, l);
+        let after = planner::max_worker_load(experts, &plan.assign, fixed, l);
+        if after > (1.0 - self.pc.min_gain) * before {
+            tracing::debug!(before, after, "the better plan does not gain enough");
+            return None;
+        }
+        Some((
+            p.generation + 1,
+            *rev,
+            format!("rebalance: heaviest worker {before:.0} → {after:.0} tokens/s"),
+        ))
     }
 }
 

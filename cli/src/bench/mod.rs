@@ -22,7 +22,7 @@ use mode::{Mode, ModeResult};
 use std::io::Write;
 use std::path::PathBuf;
 use switchyard_model::KvDtype;
-use workers::LocalWorkers;
+pub(crate) use workers::LocalWorkers;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -5,9 +5,9 @@ use anyhow::Context;
 use std::time::Instant;
 
 /// Worker processes on loopback, each with an even share of the experts; stopped on drop.
-pub(super) struct LocalWorkers {
+pub(crate) struct LocalWorkers {
     pub(super) children: Vec<std::process::Child>,
-    pub(super) spec: String,
+    pub(crate) spec: String,
     pub(super) dir: tempfile::TempDir,
 }
 
@@ -26,7 +26,7 @@ impl LocalWorkers {
 
     /// `n` workers of `threads` compute threads, each hosting every expert where `replicate`,
     /// an even share otherwise.
-    pub(super) fn start(
+    pub(crate) fn start(
         model: &std::path::Path,
         n: usize,
         experts: usize,

@@ -48,109 +48,13 @@ pub struct Plan {
 /// Computes the desired assignment. Deterministic for a given input.
 #[must_use]
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let e_n = input.experts;
-    let w_n = input.workers.len();
-    let mut fixed = vec![0usize; e_n];
-    for f in input.fixed {
-        for &e in f {
-            if let Some(c) = fixed.get_mut(e as usize) {
-                *c += 1;
-            }
-        }
+    let d = Demand::of(input);
+    let mut want = d.base_replicas(input);
+    if d.measured {
+        d.add_hot_replicas(input, &mut want);
     }
-    let load: Vec<f64> = match input.load {
-        Some(l) if l.len() == e_n && l.iter().any(|&x| x > 0.0) => l.to_vec(),
-        _ => vec![1.0; e_n],
-    };
-    let measured = input.load.is_some_and(|l| l.iter().any(|&x| x > 0.0));
-    let capacity: Vec<usize> = input.workers.iter().map(|w| w.capacity.min(e_n)).collect();
-    let total_cap: usize = capacity.iter().sum();
-
-    // Base replicas from managed workers.
-    let base = input.replication.max(1);
-    let mut want: Vec<usize> = (0..e_n)
-        .map(|e| base.saturating_sub(fixed[e]).min(w_n))
-        .collect();
-    // Too little room: shed replicas of experts that keep another host, coldest first; then,
-    // if still too little, leave the coldest experts without a managed host.
-    while want.iter().sum::<usize>() > total_cap {
-        let shed = (0..e_n)
-            .filter(|&e| want[e] > 0 && fixed[e] + want[e] > 1)
-            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
-            .or_else(|| {
-                (0..e_n)
-                    .filter(|&e| want[e] > 0)
-                    .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
-            });
-        match shed {
-            Some(e) => want[e] -= 1,
-            None => break,
-        }
-    }
-    // Spare slots go to the experts with the most load per replica.
-    if measured {
-        let mut spare = total_cap.saturating_sub(want.iter().sum());
-        for _ in 0..input.hot_replicas {
-            if spare == 0 {
-                break;
-            }
-            let hot = (0..e_n).filter(|&e| want[e] < w_n).max_by(|&a, &b| {
-                let (ra, rb) = ((fixed[a] + want[a]) as f64, (fixed[b] + want[b]) as f64);
-                (load[a] / ra.max(1.0))
-                    .total_cmp(&(load[b] / rb.max(1.0)))
-                    .then(b.cmp(&a))
-            });
-            let Some(e) = hot else { break };
-            want[e] += 1;
-            spare -= 1;
-        }
-    }
-
-    // Pack replicas onto workers.
-    let per_replica = |e: usize| load[e] / ((fixed[e] + want[e]).max(1) as f64);
-    let mut replicas: Vec<(usize, usize)> = (0..e_n)
-        .flat_map(|e| (0..want[e]).map(move |r| (r, e)))
-        .collect();
-    if measured {
-        replicas.sort_by(|&(ra, a), &(rb, b)| {
-            per_replica(b)
-                .total_cmp(&per_replica(a))
-                .then(a.cmp(&b))
-                .then(ra.cmp(&rb))
-        });
-    } else {
-        replicas.sort();
-    }
-    let mean_load = load.iter().sum::<f64>() / (w_n.max(1) as f64);
-    let mut left = capacity.clone();
-    let mut w_load = vec![0.0f64; w_n];
-    let mut held: Vec<Vec<u32>> = vec![Vec::new(); w_n];
-    for (r, e) in replicas {
-        let cur = |w: usize| input.workers[w].current.contains(&(e as u32));
-        // Without measurements, the block a static placement would give (expert e on worker
-        // e·W/E, replica r one further along), unless someone already hosts it.
-        let home = (e * w_n / e_n.max(1) + r) % w_n.max(1);
-        let best = (0..w_n)
-            .filter(|&w| left[w] > 0 && !held[w].contains(&(e as u32)))
-            .min_by(|&a, &b| {
-                let key = |w: usize| {
-                    let sticky = if cur(w) { 0.25 * mean_load } else { 0.0 };
-                    if measured {
-                        (w_load[w] - sticky, 0usize)
-                    } else {
-                        (if cur(w) { 0.0 } else { 1.0 }, usize::from(w != home))
-                    }
-                };
-                let (ka, kb) = (key(a), key(b));
-                ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(a.cmp(&b))
-            });
-        if let Some(w) = best {
-            left[w] -= 1;
-            w_load[w] += per_replica(e);
-            held[w].push(e as u32);
-        }
-    }
-    let mut total = fixed.clone();
+    let held = d.pack(input, &want);
+    let mut total = d.fixed.clone();
     for h in &held {
         for &e in h {
             total[e as usize] += 1;
@@ -167,11 +71,149 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
     Plan {
         assign,
-        uncovered: (0..e_n)
+        uncovered: (0..d.experts)
             .filter(|&e| total[e] == 0)
             .map(|e| e as u32)
             .collect(),
         replicas: total,
+    }
+}
+
+/// What the plan must serve: fixed replicas and load per expert, and each worker's room.
+struct Demand {
+    experts: usize,
+    workers: usize,
+    /// Replicas on workers the planner cannot move, per expert.
+    fixed: Vec<usize>,
+    /// Load per expert (1 each before any is measured).
+    load: Vec<f64>,
+    measured: bool,
+    capacity: Vec<usize>,
+}
+
+impl Demand {
+    fn of(input: &PlanInput<'_>) -> Self {
+        let e_n = input.experts;
+        let mut fixed = vec![0usize; e_n];
+        for f in input.fixed {
+            for &e in f {
+                if let Some(c) = fixed.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        let load: Vec<f64> = match input.load {
+            Some(l) if l.len() == e_n && l.iter().any(|&x| x > 0.0) => l.to_vec(),
+            _ => vec![1.0; e_n],
+        };
+        Self {
+            experts: e_n,
+            workers: input.workers.len(),
+            fixed,
+            load,
+            measured: input.load.is_some_and(|l| l.iter().any(|&x| x > 0.0)),
+            capacity: input.workers.iter().map(|w| w.capacity.min(e_n)).collect(),
+        }
+    }
+
+    /// Base replicas from managed workers. With too little room, replicas of experts that keep
+    /// another host are shed coldest first; then the coldest experts lose their managed host.
+    fn base_replicas(&self, input: &PlanInput<'_>) -> Vec<usize> {
+        let (e_n, w_n, load) = (self.experts, self.workers, &self.load);
+        let total_cap: usize = self.capacity.iter().sum();
+        let base = input.replication.max(1);
+        let mut want: Vec<usize> = (0..e_n)
+            .map(|e| base.saturating_sub(self.fixed[e]).min(w_n))
+            .collect();
+        while want.iter().sum::<usize>() > total_cap {
+            let shed = (0..e_n)
+                .filter(|&e| want[e] > 0 && self.fixed[e] + want[e] > 1)
+                .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
+                .or_else(|| {
+                    (0..e_n)
+                        .filter(|&e| want[e] > 0)
+                        .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
+                });
+            match shed {
+                Some(e) => want[e] -= 1,
+                None => break,
+            }
+        }
+        want
+    }
+
+    /// Spare slots go one at a time to the expert with the most load per replica.
+    fn add_hot_replicas(&self, input: &PlanInput<'_>, want: &mut [usize]) {
+        let total_cap: usize = self.capacity.iter().sum();
+        let mut spare = total_cap.saturating_sub(want.iter().sum());
+        for _ in 0..input.hot_replicas {
+            if spare == 0 {
+                break;
+            }
+            let hot = (0..self.experts)
+                .filter(|&e| want[e] < self.workers)
+                .max_by(|&a, &b| {
+                    let ra = (self.fixed[a] + want[a]) as f64;
+                    let rb = (self.fixed[b] + want[b]) as f64;
+                    (self.load[a] / ra.max(1.0))
+                        .total_cmp(&(self.load[b] / rb.max(1.0)))
+                        .then(b.cmp(&a))
+                });
+            let Some(e) = hot else { break };
+            want[e] += 1;
+            spare -= 1;
+        }
+    }
+
+    /// Packs the wanted replicas onto workers, heaviest first, each onto the worker with the
+    /// least load so far (preferring one that hosts it already); before any load is measured,
+    /// onto the block a static placement would give. Returns each worker's experts.
+    fn pack(&self, input: &PlanInput<'_>, want: &[usize]) -> Vec<Vec<u32>> {
+        let (e_n, w_n) = (self.experts, self.workers);
+        let per_replica = |e: usize| self.load[e] / ((self.fixed[e] + want[e]).max(1) as f64);
+        let mut replicas: Vec<(usize, usize)> = (0..e_n)
+            .flat_map(|e| (0..want[e]).map(move |r| (r, e)))
+            .collect();
+        if self.measured {
+            replicas.sort_by(|&(ra, a), &(rb, b)| {
+                per_replica(b)
+                    .total_cmp(&per_replica(a))
+                    .then(a.cmp(&b))
+                    .then(ra.cmp(&rb))
+            });
+        } else {
+            replicas.sort();
+        }
+        let mean_load = self.load.iter().sum::<f64>() / (w_n.max(1) as f64);
+        let mut left = self.capacity.clone();
+        let mut w_load = vec![0.0f64; w_n];
+        let mut held: Vec<Vec<u32>> = vec![Vec::new(); w_n];
+        for (r, e) in replicas {
+            let cur = |w: usize| input.workers[w].current.contains(&(e as u32));
+            // Without measurements, the block a static placement would give (expert e on
+            // worker e·W/E, replica r one further along), unless someone already hosts it.
+            let home = (e * w_n / e_n.max(1) + r) % w_n.max(1);
+            let best = (0..w_n)
+                .filter(|&w| left[w] > 0 && !held[w].contains(&(e as u32)))
+                .min_by(|&a, &b| {
+                    let key = |w: usize| {
+                        let sticky = if cur(w) { 0.25 * mean_load } else { 0.0 };
+                        if self.measured {
+                            (w_load[w] - sticky, 0usize)
+                        } else {
+                            (if cur(w) { 0.0 } else { 1.0 }, usize::from(w != home))
+                        }
+                    };
+                    let (ka, kb) = (key(a), key(b));
+                    ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(a.cmp(&b))
+                });
+            if let Some(w) = best {
+                left[w] -= 1;
+                w_load[w] += per_replica(e);
+                held[w].push(e as u32);
+            }
+        }
+        held
     }
 }
 

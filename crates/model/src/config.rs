@@ -62,7 +62,7 @@ struct RopeParameters {
     rope_type: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum TokenIds {
     One(i64),
@@ -87,148 +87,20 @@ impl MixtralConfig {
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let err = |reason: String| ModelError::Config {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let f = Fields { path };
         let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
-
-        let is_mixtral = raw
-            .architectures
-            .as_ref()
-            .is_some_and(|a| a.iter().any(|s| s == "MixtralForCausalLM"))
-            || (raw.architectures.is_none() && raw.model_type.as_deref() == Some("mixtral"));
-        if !is_mixtral {
-            let found = raw
-                .architectures
-                .as_ref()
-                .map(|a| a.join(","))
-                .or(raw.model_type.clone())
-                .unwrap_or_else(|| "<none given>".into());
-            return Err(ModelError::Architecture {
-                path: path.to_path_buf(),
-                found,
-            });
-        }
-        if let Some(act) = raw.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(err(format!(
-                    "hidden_act {act:?} is not supported (only silu)"
-                )));
-            }
-        }
-        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(err("rope_scaling is not supported".into()));
-        }
-        if let Some(t) = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_type.as_deref())
-        {
-            if t != "default" {
-                return Err(err(format!(
-                    "rope_type {t:?} is not supported (only default)"
-                )));
-            }
-        }
-
-        let positive = |name: &str, v: Option<i64>| -> Result<usize> {
-            match v {
-                None => Err(err(format!("missing field {name}"))),
-                Some(v) if v <= 0 => Err(err(format!("{name} must be positive, got {v}"))),
-                Some(v) => usize::try_from(v).map_err(|_| err(format!("{name} too large: {v}"))),
-            }
-        };
-        let hidden_size = positive("hidden_size", raw.hidden_size)?;
-        let num_attention_heads = positive("num_attention_heads", raw.num_attention_heads)?;
-        let num_key_value_heads = match raw.num_key_value_heads {
-            None => num_attention_heads,
-            v => positive("num_key_value_heads", v)?,
-        };
-        let head_dim = match raw.head_dim {
-            None => {
-                if !hidden_size.is_multiple_of(num_attention_heads) {
-                    return Err(err(format!(
-                        "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads} and head_dim is not given"
-                    )));
-                }
-                hidden_size / num_attention_heads
-            }
-            v => positive("head_dim", v)?,
-        };
-        if !head_dim.is_multiple_of(2) {
-            return Err(err(format!("head_dim {head_dim} must be even for RoPE")));
-        }
-        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
-            return Err(err(format!(
-                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
-            )));
-        }
-        let num_local_experts = positive("num_local_experts", raw.num_local_experts)?;
-        let num_experts_per_tok = positive("num_experts_per_tok", raw.num_experts_per_tok)?;
-        if num_experts_per_tok > num_local_experts {
-            return Err(err(format!(
-                "num_experts_per_tok {num_experts_per_tok} exceeds num_local_experts {num_local_experts}"
-            )));
-        }
-        if num_local_experts > 256 {
-            return Err(err(format!(
-                "num_local_experts {num_local_experts} exceeds the supported 256"
-            )));
-        }
-        let num_hidden_layers = positive("num_hidden_layers", raw.num_hidden_layers)?;
-        if num_hidden_layers > u16::MAX as usize {
-            return Err(err(format!(
-                "num_hidden_layers {num_hidden_layers} is too large"
-            )));
-        }
-        let vocab_size = positive("vocab_size", raw.vocab_size)?;
-        if vocab_size > u32::MAX as usize {
-            return Err(err(format!("vocab_size {vocab_size} is too large")));
-        }
-        let rope_theta = raw
-            .rope_theta
-            .or(raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
-            .unwrap_or(1e6);
-        if !(rope_theta.is_finite() && rope_theta > 1.0) {
-            return Err(err(format!("rope_theta must be > 1, got {rope_theta}")));
-        }
-        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
-        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(err(format!(
-                "rms_norm_eps must be positive, got {rms_norm_eps}"
-            )));
-        }
-        let sliding_window = match raw.sliding_window {
-            None => None,
-            v => Some(positive("sliding_window", v)?),
-        };
-        let token = |name: &str, v: i64| -> Result<u32> {
-            if (0..vocab_size as i64).contains(&v) {
-                Ok(v as u32)
-            } else {
-                Err(err(format!(
-                    "{name} {v} is outside the vocabulary (size {vocab_size})"
-                )))
-            }
-        };
-        let bos_token_id = match raw.bos_token_id.map(TokenIds::into_vec) {
-            Some(v) if !v.is_empty() => Some(token("bos_token_id", v[0])?),
-            _ => None,
-        };
-        let eos_token_ids = raw
-            .eos_token_id
-            .map(TokenIds::into_vec)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| token("eos_token_id", v))
-            .collect::<Result<Vec<_>>>()?;
-
+            serde_json::from_str(text).map_err(|e| f.err(format!("not valid JSON: {e}")))?;
+        f.supported(&raw)?;
+        let (hidden_size, num_attention_heads, num_key_value_heads, head_dim) =
+            f.attention_shape(&raw)?;
+        let (num_local_experts, num_experts_per_tok, num_hidden_layers, vocab_size) =
+            f.sizes(&raw)?;
+        let (rope_theta, rms_norm_eps, sliding_window) = f.numerics(&raw)?;
+        let (bos_token_id, eos_token_ids) = f.special_tokens(&raw, vocab_size)?;
         Ok(Self {
             vocab_size,
             hidden_size,
-            intermediate_size: positive("intermediate_size", raw.intermediate_size)?,
+            intermediate_size: f.positive("intermediate_size", raw.intermediate_size)?,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -238,10 +110,8 @@ impl MixtralConfig {
             rope_theta,
             rms_norm_eps,
             sliding_window,
-            max_position_embeddings: positive(
-                "max_position_embeddings",
-                raw.max_position_embeddings,
-            )?,
+            max_position_embeddings: f
+                .positive("max_position_embeddings", raw.max_position_embeddings)?,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             bos_token_id,
             eos_token_ids,
@@ -313,6 +183,168 @@ impl MixtralConfig {
             self.num_local_experts,
             self.num_experts_per_tok
         )
+    }
+}
+
+/// The checks of one config file's fields, each error naming the file.
+struct Fields<'a> {
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, reason: String) -> ModelError {
+        ModelError::Config {
+            path: self.path.to_path_buf(),
+            reason,
+        }
+    }
+
+    fn positive(&self, name: &str, v: Option<i64>) -> Result<usize> {
+        match v {
+            None => Err(self.err(format!("missing field {name}"))),
+            Some(v) if v <= 0 => Err(self.err(format!("{name} must be positive, got {v}"))),
+            Some(v) => usize::try_from(v).map_err(|_| self.err(format!("{name} too large: {v}"))),
+        }
+    }
+
+    /// A Mixtral with SiLU experts and plain RoPE.
+    fn supported(&self, raw: &RawConfig) -> Result<()> {
+        let is_mixtral = raw
+            .architectures
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|s| s == "MixtralForCausalLM"))
+            || (raw.architectures.is_none() && raw.model_type.as_deref() == Some("mixtral"));
+        if !is_mixtral {
+            let found = raw
+                .architectures
+                .as_ref()
+                .map(|a| a.join(","))
+                .or(raw.model_type.clone())
+                .unwrap_or_else(|| "<none given>".into());
+            return Err(ModelError::Architecture {
+                path: self.path.to_path_buf(),
+                found,
+            });
+        }
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(self.err(format!("hidden_act {act:?} is not supported (only silu)")));
+            }
+        }
+        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(self.err("rope_scaling is not supported".into()));
+        }
+        if let Some(t) = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref())
+        {
+            if t != "default" {
+                return Err(self.err(format!("rope_type {t:?} is not supported (only default)")));
+            }
+        }
+        Ok(())
+    }
+
+    /// (hidden_size, heads, kv heads, head_dim), consistent with each other.
+    fn attention_shape(&self, raw: &RawConfig) -> Result<(usize, usize, usize, usize)> {
+        let hidden_size = self.positive("hidden_size", raw.hidden_size)?;
+        let heads = self.positive("num_attention_heads", raw.num_attention_heads)?;
+        let kv_heads = match raw.num_key_value_heads {
+            None => heads,
+            v => self.positive("num_key_value_heads", v)?,
+        };
+        let head_dim = match raw.head_dim {
+            None => {
+                if !hidden_size.is_multiple_of(heads) {
+                    return Err(self.err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads {heads} and head_dim is not given"
+                    )));
+                }
+                hidden_size / heads
+            }
+            v => self.positive("head_dim", v)?,
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(self.err(format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        if !heads.is_multiple_of(kv_heads) {
+            return Err(self.err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )));
+        }
+        Ok((hidden_size, heads, kv_heads, head_dim))
+    }
+
+    /// (experts, experts per token, layers, vocabulary), within what the wire can name.
+    fn sizes(&self, raw: &RawConfig) -> Result<(usize, usize, usize, usize)> {
+        let experts = self.positive("num_local_experts", raw.num_local_experts)?;
+        let per_tok = self.positive("num_experts_per_tok", raw.num_experts_per_tok)?;
+        if per_tok > experts {
+            return Err(self.err(format!(
+                "num_experts_per_tok {per_tok} exceeds num_local_experts {experts}"
+            )));
+        }
+        if experts > 256 {
+            return Err(self.err(format!(
+                "num_local_experts {experts} exceeds the supported 256"
+            )));
+        }
+        let layers = self.positive("num_hidden_layers", raw.num_hidden_layers)?;
+        if layers > u16::MAX as usize {
+            return Err(self.err(format!("num_hidden_layers {layers} is too large")));
+        }
+        let vocab = self.positive("vocab_size", raw.vocab_size)?;
+        if vocab > u32::MAX as usize {
+            return Err(self.err(format!("vocab_size {vocab} is too large")));
+        }
+        Ok((experts, per_tok, layers, vocab))
+    }
+
+    /// (rope_theta, rms_norm_eps, sliding_window): both transformers rope_theta layouts.
+    fn numerics(&self, raw: &RawConfig) -> Result<(f64, f64, Option<usize>)> {
+        let rope_theta = raw
+            .rope_theta
+            .or(raw.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or(1e6);
+        if !(rope_theta.is_finite() && rope_theta > 1.0) {
+            return Err(self.err(format!("rope_theta must be > 1, got {rope_theta}")));
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(self.err(format!("rms_norm_eps must be positive, got {rms_norm_eps}")));
+        }
+        let sliding_window = match raw.sliding_window {
+            None => None,
+            v => Some(self.positive("sliding_window", v)?),
+        };
+        Ok((rope_theta, rms_norm_eps, sliding_window))
+    }
+
+    /// The bos id and the eos ids, each inside the vocabulary.
+    fn special_tokens(&self, raw: &RawConfig, vocab: usize) -> Result<(Option<u32>, Vec<u32>)> {
+        let token = |name: &str, v: i64| -> Result<u32> {
+            if (0..vocab as i64).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(self.err(format!(
+                    "{name} {v} is outside the vocabulary (size {vocab})"
+                )))
+            }
+        };
+        let bos = match raw.bos_token_id.clone().map(TokenIds::into_vec) {
+            Some(v) if !v.is_empty() => Some(token("bos_token_id", v[0])?),
+            _ => None,
+        };
+        let eos = raw
+            .eos_token_id
+            .clone()
+            .map(TokenIds::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| token("eos_token_id", v))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((bos, eos))
     }
 }
 

@@ -210,6 +210,8 @@ impl<B: Backend> ExpertExecutor for LocalExperts<B> {
 }
 
 impl<B: Backend> LocalExperts<B> {
+    /// check → group rows by expert → each expert's FFN (side by side where the backend may)
+    /// → combine in slot order.
     fn run_inner(
         &self,
         layer: LayerId,
@@ -217,7 +219,58 @@ impl<B: Backend> LocalExperts<B> {
         plan: &RoutePlan,
         out: &mut [f32],
     ) -> Result<()> {
-        let (h, inter) = (self.hidden, self.inter);
+        let h = self.hidden;
+        let experts = self.check(layer, x, plan, out)?;
+        // A poisoned lock only means another batch panicked mid-way; the scratch holds no
+        // invariants across calls, so it is safe to keep using.
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        s.group(plan, h);
+        let n_entries = plan.entries();
+        let Scratch {
+            order,
+            entry_row,
+            counts,
+            starts,
+            at,
+            ys,
+            free,
+            ..
+        } = s;
+        let (order, entry_row, counts, starts, free) =
+            (&*order, &*entry_row, &*counts, &*starts, &*free);
+        // Expert e's FFN on its rows, into `ye` (its `counts[e]` output rows).
+        let one = |e: usize, ye: &mut [f32]| -> Result<()> {
+            let n = counts[e];
+            let Some(ffn) = experts[e].as_ref().filter(|_| n > 0) else {
+                return Ok(());
+            };
+            let rows = order[starts[e]..starts[e] + n]
+                .iter()
+                .map(|&entry| entry_row[entry as usize] as usize);
+            self.ffn(ffn, rows, n, x, ye, free)
+        };
+        run_experts(
+            &one,
+            self.backend.concurrent_ops(),
+            0..experts.len(),
+            (counts, starts),
+            h,
+            &mut ys[..n_entries * h],
+        )?;
+        combine(plan, ys, at, h, out);
+        Ok(())
+    }
+
+    /// The layer's experts, once the batch's shapes and every expert it names are checked.
+    fn check(
+        &self,
+        layer: LayerId,
+        x: &[f32],
+        plan: &RoutePlan,
+        out: &[f32],
+    ) -> Result<&[Option<ExpertFfn<B>>]> {
+        let h = self.hidden;
         let rows = plan.rows();
         if x.len() != rows * h || out.len() != rows * h {
             return Err(ModelError::Input(format!(
@@ -240,97 +293,78 @@ impl<B: Backend> LocalExperts<B> {
                 });
             }
         }
+        Ok(experts)
+    }
 
-        // A poisoned lock only means another batch panicked mid-way; the scratch holds no
-        // invariants across calls, so it is safe to keep using.
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut *guard;
-        let n_entries = plan.entries();
-
-        // Group entries by expert, keeping row order within each expert (counting sort).
-        s.entry_row.clear();
-        for r in 0..rows {
-            s.entry_row.extend(plan.row_range(r).map(|_| r as u32));
+    /// One expert's SwiGLU FFN on `n` rows of `x` (their indices in `rows`), into `ye`, with a
+    /// buffer set taken from (and given back to) `free`.
+    fn ffn(
+        &self,
+        ffn: &ExpertFfn<B>,
+        rows: impl Iterator<Item = usize>,
+        n: usize,
+        x: &[f32],
+        ye: &mut [f32],
+        free: &Mutex<Vec<ExpertBufs<B>>>,
+    ) -> Result<()> {
+        let (b, h, inter) = (&self.backend, self.hidden, self.inter);
+        let taken = free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut bufs = match taken {
+            Some(bufs) => bufs,
+            None => ExpertBufs::new(b)?,
+        };
+        bufs.xe_host.resize(n * h, 0.0);
+        for (dst, r) in bufs.xe_host.chunks_mut(h).zip(rows) {
+            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
         }
-        s.counts.iter_mut().for_each(|c| *c = 0);
+        b.ensure_len(&mut bufs.xe, n * h)?;
+        b.ensure_len(&mut bufs.gate, n * inter)?;
+        b.ensure_len(&mut bufs.up, n * inter)?;
+        b.ensure_len(&mut bufs.ye, n * h)?;
+        b.write(&mut bufs.xe, &bufs.xe_host)?;
+        b.linear_many(
+            &bufs.xe,
+            n,
+            &mut [(&ffn.w1, &mut bufs.gate), (&ffn.w3, &mut bufs.up)],
+        )?;
+        b.silu_mul(&mut bufs.gate, &bufs.up, n * inter)?;
+        b.linear(&bufs.gate, n, &ffn.w2, &mut bufs.ye)?;
+        b.to_host(&bufs.ye, ye)?;
+        free.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
+        Ok(())
+    }
+}
+
+impl<B: Backend> Scratch<B> {
+    /// Groups `plan`'s entries by expert, keeping row order within each expert (a counting
+    /// sort): `order`, `starts`, `counts`, `at` and room for the outputs in `ys`.
+    fn group(&mut self, plan: &RoutePlan, h: usize) {
+        let n_entries = plan.entries();
+        self.entry_row.clear();
+        for r in 0..plan.rows() {
+            self.entry_row.extend(plan.row_range(r).map(|_| r as u32));
+        }
+        self.counts.iter_mut().for_each(|c| *c = 0);
         for &e in plan.experts() {
-            s.counts[e as usize] += 1;
+            self.counts[e as usize] += 1;
         }
         let mut acc = 0;
-        for (st, &c) in s.starts.iter_mut().zip(&s.counts) {
+        for (st, &c) in self.starts.iter_mut().zip(&self.counts) {
             *st = acc;
             acc += c;
         }
-        s.fill.copy_from_slice(&s.starts);
-        s.order.resize(n_entries, 0);
-        s.at.resize(n_entries, 0);
+        self.fill.copy_from_slice(&self.starts);
+        self.order.resize(n_entries, 0);
+        self.at.resize(n_entries, 0);
         for (i, &e) in plan.experts().iter().enumerate() {
-            let p = s.fill[e as usize];
-            s.order[p] = i as u32;
-            s.at[i] = p as u32;
-            s.fill[e as usize] += 1;
+            let p = self.fill[e as usize];
+            self.order[p] = i as u32;
+            self.at[i] = p as u32;
+            self.fill[e as usize] += 1;
         }
-
-        if s.ys.len() < n_entries * h {
-            s.ys.resize(n_entries * h, 0.0);
+        if self.ys.len() < n_entries * h {
+            self.ys.resize(n_entries * h, 0.0);
         }
-        let Scratch {
-            order,
-            entry_row,
-            counts,
-            starts,
-            at,
-            ys,
-            free,
-            ..
-        } = s;
-        let (order, entry_row, counts, starts, free) =
-            (&*order, &*entry_row, &*counts, &*starts, &*free);
-        let b = &self.backend;
-        // Expert e's FFN on its rows, into `ye` (its `counts[e]` output rows).
-        let one = |e: usize, ye: &mut [f32]| -> Result<()> {
-            let n = counts[e];
-            let Some(ffn) = experts[e].as_ref().filter(|_| n > 0) else {
-                return Ok(());
-            };
-            let taken = free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let mut bufs = match taken {
-                Some(bufs) => bufs,
-                None => ExpertBufs::new(b)?,
-            };
-            let group = &order[starts[e]..starts[e] + n];
-            bufs.xe_host.resize(n * h, 0.0);
-            for (dst, &entry) in bufs.xe_host.chunks_mut(h).zip(group) {
-                let r = entry_row[entry as usize] as usize;
-                dst.copy_from_slice(&x[r * h..(r + 1) * h]);
-            }
-            b.ensure_len(&mut bufs.xe, n * h)?;
-            b.ensure_len(&mut bufs.gate, n * inter)?;
-            b.ensure_len(&mut bufs.up, n * inter)?;
-            b.ensure_len(&mut bufs.ye, n * h)?;
-            b.write(&mut bufs.xe, &bufs.xe_host)?;
-            b.linear_many(
-                &bufs.xe,
-                n,
-                &mut [(&ffn.w1, &mut bufs.gate), (&ffn.w3, &mut bufs.up)],
-            )?;
-            b.silu_mul(&mut bufs.gate, &bufs.up, n * inter)?;
-            b.linear(&bufs.gate, n, &ffn.w2, &mut bufs.ye)?;
-            b.to_host(&bufs.ye, ye)?;
-            free.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
-            Ok(())
-        };
-        let concurrent = b.concurrent_ops();
-        run_experts(
-            &one,
-            concurrent,
-            0..experts.len(),
-            (counts, starts),
-            h,
-            &mut ys[..n_entries * h],
-        )?;
-        combine(plan, ys, at, h, out);
-        Ok(())
     }
 }
 
