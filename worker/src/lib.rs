@@ -130,6 +130,28 @@ pub fn serve_on_pool(
     })
 }
 
+/// Registers in etcd until `stop`: the lease is revoked before the drain, so coordinators stop
+/// routing here at once.
+fn register(
+    server: &Arc<ExpertServer>,
+    cfg: &WorkerConfig,
+    m: &Membership,
+    addr: std::net::SocketAddr,
+    stop: &CancellationToken,
+) {
+    let mut m = m.clone();
+    if m.advertise.is_empty() {
+        m.advertise = addr.to_string();
+    }
+    tokio::spawn(membership::run(
+        server.clone(),
+        m,
+        cfg.model.clone(),
+        cfg.device.to_string(),
+        stop.clone(),
+    ));
+}
+
 /// Serves `server` on `cfg.listen` until `stop` is cancelled, then drains.
 pub async fn serve(
     server: Arc<ExpertServer>,
@@ -159,19 +181,7 @@ pub async fn serve(
     // Room for the largest batch in f32 plus framing.
     let max_msg = 1024 + cfg.max_batch_rows * server.hidden_size() * 4 * 2;
     if let Some(m) = &cfg.membership {
-        // Registration goes away with `stop`: the lease is revoked before the drain, so
-        // coordinators stop routing here at once.
-        let mut m = m.clone();
-        if m.advertise.is_empty() {
-            m.advertise = addr.to_string();
-        }
-        tokio::spawn(membership::run(
-            server.clone(),
-            m,
-            cfg.model.clone(),
-            cfg.device.to_string(),
-            stop.clone(),
-        ));
+        register(&server, cfg, m, addr, &stop);
     }
     let svc = ExpertServiceServer::new(ExpertService {
         server,

@@ -180,6 +180,41 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The agent of `server`, advertising what it hosts now.
+    fn new(
+        server: Arc<ExpertServer>,
+        m: Membership,
+        model: &std::path::Path,
+        device: String,
+        record: watch::Sender<Vec<u8>>,
+    ) -> Self {
+        let ck = match Checkpoint::open(model) {
+            Ok(ck) => Some(Arc::new(ck)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen the checkpoint; assignments cannot be followed");
+                None
+            }
+        };
+        let experts = server.config().num_local_experts;
+        let bytes_per_expert = ck.as_ref().map_or(0, |ck| {
+            LocalExperts::<Cpu>::bytes_to_load(ck, &ExpertSet::from_indices(experts, [0]))
+        });
+        Self {
+            advertised: server.experts().hosted().iter().map(|e| e as u32).collect(),
+            server,
+            instance: format!("{}-{}", std::process::id(), unix_ms()),
+            bytes_per_expert,
+            device,
+            ck,
+            load: WorkerLoad::default(),
+            last_load: (Instant::now(), 0, 0),
+            record,
+            m,
+        }
+    }
+}
+
 /// Registers the worker (serving `server` on the bound address) and, if managed, follows the
 /// planner until `stop`. Runs on the worker's runtime.
 pub async fn run(
@@ -189,30 +224,8 @@ pub async fn run(
     device: String,
     stop: CancellationToken,
 ) {
-    let ck = match Checkpoint::open(&model) {
-        Ok(ck) => Some(Arc::new(ck)),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reopen the checkpoint; assignments cannot be followed");
-            None
-        }
-    };
-    let cfg = server.config().clone();
-    let bytes_per_expert = ck.as_ref().map_or(0, |ck| {
-        LocalExperts::<Cpu>::bytes_to_load(ck, &ExpertSet::from_indices(cfg.num_local_experts, [0]))
-    });
     let (record_tx, record_rx) = watch::channel(Vec::new());
-    let mut agent = Agent {
-        advertised: server.experts().hosted().iter().map(|e| e as u32).collect(),
-        server,
-        instance: format!("{}-{}", std::process::id(), unix_ms()),
-        bytes_per_expert,
-        device,
-        ck,
-        load: WorkerLoad::default(),
-        last_load: (Instant::now(), 0, 0),
-        record: record_tx,
-        m,
-    };
+    let mut agent = Agent::new(server, m, &model, device, record_tx);
     agent.publish();
     let keys = agent.m.registry.keys().clone();
     tokio::spawn(registry::keep_alive(

@@ -250,13 +250,11 @@ impl Mode {
         }
     }
 
-    /// The mode's report: medians, the decode's per-layer split, the concurrency summaries,
-    /// and its figures against the first mode's run by run (`first`).
-    pub(super) fn finish(self, a: &Args, first: &Baseline) -> ModeResult {
+    /// ms per layer per decoded token in each phase; over a cluster the expert stage splits
+    /// into the workers' reported compute and the rest of the calls' time (network, queueing,
+    /// codec). Shares of one layer run in parallel, so both are scaled to the stage's wall time.
+    fn layer_split(&self) -> Vec<(String, f64)> {
         let cfg = self.engine.config();
-        // ms per layer per decoded token; over a cluster the expert stage splits into the
-        // workers' reported compute and the rest of the calls' time (network, queueing, codec).
-        // Shares of one layer run in parallel, so both are scaled to the stage's wall time.
         let per = 1e3 / (self.decoded.max(1) * cfg.num_hidden_layers) as f64;
         let mut split: Vec<(String, f64)> = Vec::new();
         for (i, (_, label)) in switchyard_model::profile::PHASES.iter().enumerate() {
@@ -271,6 +269,13 @@ impl Mode {
                 split.push(((*label).into(), ms));
             }
         }
+        split
+    }
+
+    /// The mode's report: medians, the decode's per-layer split, the concurrency summaries,
+    /// and its figures against the first mode's run by run (`first`).
+    pub(super) fn finish(self, a: &Args, first: &Baseline) -> ModeResult {
+        let split = self.layer_split();
         let first_count: Vec<f64> = self
             .runs
             .first()
@@ -291,41 +296,7 @@ impl Mode {
             }
         }
         let decode_median = median(self.decode.clone());
-        let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
-        let figures = crate::plot::ModeFigures {
-            name: self.name.clone(),
-            throughput: std::iter::once((1, decode_median))
-                .filter(|_| !a.concurrency.contains(&1))
-                .chain(batched.iter().map(|j| {
-                    (
-                        j["sequences"].as_u64().unwrap_or(0) as usize,
-                        num(j, "tok_s_median"),
-                    )
-                }))
-                .collect(),
-            steady: batched
-                .iter()
-                .map(|j| {
-                    (
-                        j["sequences"].as_u64().unwrap_or(0) as usize,
-                        num(j, "decode_tok_s_from_itl_p50"),
-                    )
-                })
-                .collect(),
-            split: split.clone(),
-            latency: batched
-                .iter()
-                .map(|j| {
-                    (
-                        j["sequences"].as_u64().unwrap_or(0) as usize,
-                        num(j, "ttft_ms_p50"),
-                        num(j, "ttft_ms_p99"),
-                        num(j, "itl_ms_p50"),
-                        num(j, "itl_ms_p99"),
-                    )
-                })
-                .collect(),
-        };
+        let figures = figures(&self.name, decode_median, &batched, &split, a);
         let vs_first = paired_ratios(&self.decode, &first.decode);
         let json = serde_json::json!({
             "mode": self.name,
@@ -349,6 +320,51 @@ impl Mode {
             json,
             figures,
         }
+    }
+}
+
+/// The plot's figures of one mode from its report.
+fn figures(
+    name: &str,
+    decode_median: f64,
+    batched: &[serde_json::Value],
+    split: &[(String, f64)],
+    a: &Args,
+) -> crate::plot::ModeFigures {
+    let num = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+    crate::plot::ModeFigures {
+        name: name.to_string(),
+        throughput: std::iter::once((1, decode_median))
+            .filter(|_| !a.concurrency.contains(&1))
+            .chain(batched.iter().map(|j| {
+                (
+                    j["sequences"].as_u64().unwrap_or(0) as usize,
+                    num(j, "tok_s_median"),
+                )
+            }))
+            .collect(),
+        steady: batched
+            .iter()
+            .map(|j| {
+                (
+                    j["sequences"].as_u64().unwrap_or(0) as usize,
+                    num(j, "decode_tok_s_from_itl_p50"),
+                )
+            })
+            .collect(),
+        split: split.to_vec(),
+        latency: batched
+            .iter()
+            .map(|j| {
+                (
+                    j["sequences"].as_u64().unwrap_or(0) as usize,
+                    num(j, "ttft_ms_p50"),
+                    num(j, "ttft_ms_p99"),
+                    num(j, "itl_ms_p50"),
+                    num(j, "itl_ms_p99"),
+                )
+            })
+            .collect(),
     }
 }
 

@@ -388,24 +388,8 @@ impl Dispatcher {
             let shares = match self.split(&topo, layer, &pending, &global) {
                 Ok(s) => s,
                 Err(DispatchError::NoReplica { expert, .. }) => {
-                    let waited = started.elapsed();
-                    if waited >= self.cfg.expert_wait {
-                        return Err(DispatchError::NoReplica {
-                            layer,
-                            expert,
-                            cause: Some(match &last_failure {
-                                Some(c) => format!("{c}; waited {waited:.1?} for a host"),
-                                None => format!("waited {waited:.1?} for a host"),
-                            }),
-                        });
-                    }
-                    if waited.is_zero() || last_failure.is_none() {
-                        tracing::warn!(layer, expert, wait = ?self.cfg.expert_wait, "no live host for an expert; waiting for one");
-                    }
-                    last_failure.get_or_insert_with(|| "no live host".into());
-                    // Wake on a membership change, or poll for back-offs running out.
-                    let nap = Duration::from_millis(100).min(self.cfg.expert_wait - waited);
-                    let _ = tokio::time::timeout(nap, generation.changed()).await;
+                    self.wait_for_host(layer, expert, started, &mut last_failure, &mut generation)
+                        .await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -444,20 +428,55 @@ impl Dispatcher {
             global = next_global;
         }
 
-        // Gather: zero, then add partials in a fixed order. For top-2 routing each row receives at
-        // most two partials, and a + b == b + a exactly, so the bits equal embedded mode's.
-        out.fill(0.0);
-        for (rows, p) in &partials {
-            for (i, &r) in rows.iter().enumerate() {
-                for (o, v) in out[r * h..(r + 1) * h]
-                    .iter_mut()
-                    .zip(&p[i * h..(i + 1) * h])
-                {
-                    *o += v;
-                }
+        gather(&partials, h, out);
+        Ok(())
+    }
+
+    /// Expert `expert` of `layer` has no live host: waits for a membership change or a
+    /// back-off to run out, or fails once the layer has waited `expert_wait`.
+    async fn wait_for_host(
+        &self,
+        layer: usize,
+        expert: usize,
+        started: Instant,
+        last_failure: &mut Option<String>,
+        generation: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), DispatchError> {
+        let waited = started.elapsed();
+        if waited >= self.cfg.expert_wait {
+            return Err(DispatchError::NoReplica {
+                layer,
+                expert,
+                cause: Some(match last_failure {
+                    Some(c) => format!("{c}; waited {waited:.1?} for a host"),
+                    None => format!("waited {waited:.1?} for a host"),
+                }),
+            });
+        }
+        if waited.is_zero() || last_failure.is_none() {
+            tracing::warn!(layer, expert, wait = ?self.cfg.expert_wait, "no live host for an expert; waiting for one");
+        }
+        last_failure.get_or_insert_with(|| "no live host".into());
+        // Wake on a membership change, or poll for back-offs running out.
+        let nap = Duration::from_millis(100).min(self.cfg.expert_wait - waited);
+        let _ = tokio::time::timeout(nap, generation.changed()).await;
+        Ok(())
+    }
+}
+
+/// Zero, then add the partials in a fixed order. For top-2 routing each row receives at most
+/// two partials, and a + b == b + a exactly, so the bits equal embedded mode's.
+fn gather(partials: &[(Vec<usize>, Vec<f32>)], h: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (rows, p) in partials {
+        for (i, &r) in rows.iter().enumerate() {
+            for (o, v) in out[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&p[i * h..(i + 1) * h])
+            {
+                *o += v;
             }
         }
-        Ok(())
     }
 }
 

@@ -157,33 +157,9 @@ impl JsonMachine {
                 candidates,
                 pos,
             } => {
-                let Node::Choice(texts) = schema.get(node) else {
-                    return false;
-                };
-                let pos_ = pos as usize;
-                let mut next = 0u64;
-                let mut ended = false;
-                for (i, t) in texts.iter().enumerate() {
-                    if candidates & (1 << i) != 0 {
-                        if t.get(pos_) == Some(&b) {
-                            next |= 1 << i;
-                        }
-                        ended |= t.len() == pos_;
-                    }
+                if let Some(r) = self.choice_byte(schema, node, candidates, pos, b) {
+                    return r;
                 }
-                if next != 0 {
-                    self.state = State::Choice {
-                        node,
-                        candidates: next,
-                        pos: pos + 1,
-                    };
-                    return true;
-                }
-                if !ended {
-                    return false;
-                }
-                // One text ended here (as `1` may where `12` goes on); the byte follows it.
-                self.value_done();
             }
             State::Num { num, integer } => {
                 if let Some(next) = number_byte(num, integer, b) {
@@ -209,6 +185,52 @@ impl JsonMachine {
             return true;
         }
         self.whitespace = 0;
+        self.structural(schema, b)
+    }
+
+    /// A byte of an `enum`/`const` text: Some(whether it continues one), or None where a text
+    /// ended just before it and the byte belongs to what follows.
+    fn choice_byte(
+        &mut self,
+        schema: &Schema,
+        node: NodeId,
+        candidates: u64,
+        pos: u16,
+        b: u8,
+    ) -> Option<bool> {
+        let Node::Choice(texts) = schema.get(node) else {
+            return Some(false);
+        };
+        let pos_ = pos as usize;
+        let mut next = 0u64;
+        let mut ended = false;
+        for (i, t) in texts.iter().enumerate() {
+            if candidates & (1 << i) != 0 {
+                if t.get(pos_) == Some(&b) {
+                    next |= 1 << i;
+                }
+                ended |= t.len() == pos_;
+            }
+        }
+        if next != 0 {
+            self.state = State::Choice {
+                node,
+                candidates: next,
+                pos: pos + 1,
+            };
+            return Some(true);
+        }
+        if !ended {
+            return Some(false);
+        }
+        // One text ended here (as `1` may where `12` goes on); the byte follows it.
+        self.value_done();
+        None
+    }
+
+    /// A byte outside strings, numbers and texts, whitespace aside: the grammar's punctuation
+    /// and the start of values.
+    fn structural(&mut self, schema: &Schema, b: u8) -> bool {
         match self.state {
             State::Start => self.value_start(schema, schema.root(), b),
             State::Value(node) => self.value_start(schema, node, b),
@@ -224,28 +246,34 @@ impl JsonMachine {
                 self.state = State::Value(node);
                 true
             }
-            State::AfterValue => match (b, self.stack.last().copied()) {
-                (b',', Some(f)) if f.is_object => {
-                    // Only where a key can still come: a closed object with properties left.
-                    let left = match schema.get(f.node) {
-                        Node::Object { props, .. } if !props.is_empty() => {
-                            all(props.len()) & !f.seen != 0
-                        }
-                        _ => true,
-                    };
-                    if left {
-                        self.state = State::Key;
+            State::AfterValue => self.after_value(schema, b),
+            _ => false,
+        }
+    }
+
+    /// A byte after a value: a comma (where another key or item may come) or the closing
+    /// bracket of the container.
+    fn after_value(&mut self, schema: &Schema, b: u8) -> bool {
+        match (b, self.stack.last().copied()) {
+            (b',', Some(f)) if f.is_object => {
+                // Only where a key can still come: a closed object with properties left.
+                let left = match schema.get(f.node) {
+                    Node::Object { props, .. } if !props.is_empty() => {
+                        all(props.len()) & !f.seen != 0
                     }
-                    left
+                    _ => true,
+                };
+                if left {
+                    self.state = State::Key;
                 }
-                (b',', Some(_)) => {
-                    self.state = State::Value(self.items(schema));
-                    true
-                }
-                (b'}', Some(f)) if f.is_object => self.close_object(schema),
-                (b']', Some(f)) if !f.is_object => self.close(false),
-                _ => false,
-            },
+                left
+            }
+            (b',', Some(_)) => {
+                self.state = State::Value(self.items(schema));
+                true
+            }
+            (b'}', Some(f)) if f.is_object => self.close_object(schema),
+            (b']', Some(f)) if !f.is_object => self.close(false),
             _ => false,
         }
     }

@@ -148,55 +148,7 @@ impl Schema {
             Some(other) => return Err(format!("type must be one string, got {other}")),
         };
         match ty {
-            "object" => {
-                let props = match o.get("properties") {
-                    None if o.contains_key("required") => {
-                        return Err("required needs the properties it names".into())
-                    }
-                    None => return Ok(ANY_OBJECT),
-                    Some(Value::Object(p)) => p,
-                    Some(other) => {
-                        return Err(format!("properties must be an object, got {other}"))
-                    }
-                };
-                if props.len() > MAX_ALTERNATIVES {
-                    return Err(format!(
-                        "an object may list at most {MAX_ALTERNATIVES} properties"
-                    ));
-                }
-                let mut list = Vec::with_capacity(props.len());
-                for (name, sub) in props {
-                    if name.len() > MAX_NAME {
-                        return Err(format!("property names may be at most {MAX_NAME} bytes"));
-                    }
-                    if name.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-                        return Err(format!(
-                            "the property name {name:?} needs escaping, which is not supported"
-                        ));
-                    }
-                    list.push((name.as_bytes().into(), self.node(sub, depth + 1)?));
-                }
-                let mut required = 0u64;
-                for r in o
-                    .get("required")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let name = r.as_str().ok_or("required must list property names")?;
-                    let i = props.keys().position(|k| k == name).ok_or_else(|| {
-                        format!("required property {name:?} is not in properties")
-                    })?;
-                    required |= 1 << i;
-                }
-                if props.is_empty() {
-                    return Ok(ANY_OBJECT);
-                }
-                self.push(Node::Object {
-                    props: list,
-                    required,
-                })
-            }
+            "object" => self.object(o, depth),
             "array" => {
                 let items = match o.get("items") {
                     None => ANY,
@@ -211,6 +163,60 @@ impl Schema {
             "null" => self.push(Node::Choice(vec![b"null"[..].into()])),
             other => Err(format!("type {other:?} is not supported")),
         }
+    }
+
+    /// An object schema: its properties (each compiled), which are required, no others.
+    fn object(
+        &mut self,
+        o: &serde_json::Map<String, Value>,
+        depth: usize,
+    ) -> Result<NodeId, String> {
+        let props = match o.get("properties") {
+            None if o.contains_key("required") => {
+                return Err("required needs the properties it names".into())
+            }
+            None => return Ok(ANY_OBJECT),
+            Some(Value::Object(p)) => p,
+            Some(other) => return Err(format!("properties must be an object, got {other}")),
+        };
+        if props.len() > MAX_ALTERNATIVES {
+            return Err(format!(
+                "an object may list at most {MAX_ALTERNATIVES} properties"
+            ));
+        }
+        let mut list = Vec::with_capacity(props.len());
+        for (name, sub) in props {
+            if name.len() > MAX_NAME {
+                return Err(format!("property names may be at most {MAX_NAME} bytes"));
+            }
+            if name.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+                return Err(format!(
+                    "the property name {name:?} needs escaping, which is not supported"
+                ));
+            }
+            list.push((name.as_bytes().into(), self.node(sub, depth + 1)?));
+        }
+        let mut required = 0u64;
+        for r in o
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let name = r.as_str().ok_or("required must list property names")?;
+            let i = props
+                .keys()
+                .position(|k| k == name)
+                .ok_or_else(|| format!("required property {name:?} is not in properties"))?;
+            required |= 1 << i;
+        }
+        if props.is_empty() {
+            return Ok(ANY_OBJECT);
+        }
+        self.push(Node::Object {
+            props: list,
+            required,
+        })
     }
 }
 

@@ -257,19 +257,31 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) -> Result<u64> {
     spec.check()?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    let tensors = spec.tensors();
     let total = spec.weight_bytes();
-
     // Contiguous shards of roughly equal size, in checkpoint order.
     let per_shard = total.div_ceil(spec.shards as u64).max(1);
     let mut groups: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new(); spec.shards];
     let mut acc = 0u64;
-    for (name, shape) in tensors {
+    for (name, shape) in spec.tensors() {
         let idx = ((acc / per_shard) as usize).min(spec.shards - 1);
         acc += (shape.iter().product::<usize>() * spec.dtype.size()) as u64;
         groups[idx].push((name, shape));
     }
     groups.retain(|g| !g.is_empty());
+    write_shards(spec, out, &groups, total, on_tensor)?;
+    write_config(spec, out)?;
+    write_tokenizer(spec, out)?;
+    Ok(total)
+}
+
+/// Each group of tensors as one safetensors shard, and the index when there are several.
+fn write_shards(
+    spec: &GenSpec,
+    out: &Path,
+    groups: &[Vec<(String, Vec<usize>)>],
+    total: u64,
+    on_tensor: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
     let k = groups.len();
     let mut weight_map = BTreeMap::new();
     for (si, group) in groups.iter().enumerate() {
@@ -319,6 +331,11 @@ pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) ->
         )?;
     }
 
+    Ok(())
+}
+
+/// config.json and generation_config.json.
+fn write_config(spec: &GenSpec, out: &Path) -> Result<()> {
     let dtype_name = match spec.dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -356,6 +373,11 @@ pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) ->
         &out.join("generation_config.json"),
         &json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": false}),
     )?;
+    Ok(())
+}
+
+/// The tokenizer files: copied from `tokenizer_from`, or the built-in byte-level one.
+fn write_tokenizer(spec: &GenSpec, out: &Path) -> Result<()> {
     match &spec.tokenizer_from {
         Some(src) => {
             for f in [
@@ -371,7 +393,7 @@ pub fn generate(spec: &GenSpec, out: &Path, on_tensor: &(dyn Fn(u64) + Sync)) ->
         }
         None => write_builtin_tokenizer(out)?,
     }
-    Ok(total)
+    Ok(())
 }
 
 /// GPT-2's reversible byte → printable-char mapping used by byte-level BPE.
