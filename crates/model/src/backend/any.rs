@@ -266,21 +266,15 @@ impl Backend for AnyBackend {
         &self,
         cache: &mut AnyKv,
         src: &AnyBuf,
-        src_row0: usize,
-        rows: usize,
+        seq: &AttnSeq<'_>,
         kv_dim: usize,
-        pos0: usize,
-        blocks: &[u32],
         block_size: usize,
     ) -> Result<()> {
         on!(self, |b, r, m| b.kv_write(
             m!(cache),
             r!(src),
-            src_row0,
-            rows,
+            seq,
             kv_dim,
-            pos0,
-            blocks,
             block_size
         ))
     }

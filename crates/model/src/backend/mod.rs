@@ -93,19 +93,15 @@ pub trait Backend: Send + Sync + 'static {
         cos: &Self::Weight,
         sin: &Self::Weight,
     ) -> Result<()>;
-    /// Writes rows `src_row0..src_row0+rows` of `src` into a paged cache at positions
-    /// `pos0..pos0+rows` of the sequence whose block table is `blocks`, rounded to the cache's
-    /// dtype.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes `seq`'s rows of `src` (`q_row0..q_row0 + n_q`, each `kv_dim` wide) into a paged
+    /// cache at its positions `pos0..pos0 + n_q` through its block table, rounded to the
+    /// cache's dtype.
     fn kv_write(
         &self,
         cache: &mut Self::KvBuf,
         src: &Self::Buf,
-        src_row0: usize,
-        rows: usize,
+        seq: &AttnSeq<'_>,
         kv_dim: usize,
-        pos0: usize,
-        blocks: &[u32],
         block_size: usize,
     ) -> Result<()>;
     /// Causal GQA attention for the query rows of every sequence in `seqs`.

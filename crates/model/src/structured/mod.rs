@@ -2,6 +2,12 @@
 //! {"type": "json_object"}`). Before each choice, every token whose bytes would break the
 //! grammar gets a logit of -inf, and end-of-sequence is allowed only once the object is closed,
 //! so what the model writes parses whatever it would have written unconstrained.
+//!
+//! Hand-written rather than a grammar crate: the mask runs for every vocabulary token before
+//! every sampled token, so it must cost well under a millisecond at 32,000 tokens
+//! (`examples/bench_json_mask`: 0.2-0.5 ms), which needs a recogniser that steps one byte at a
+//! time, clones cheaply and skips tokens by their first byte. The schema subset is small and
+//! its compile step refuses everything it cannot enforce.
 
 mod json;
 mod schema;

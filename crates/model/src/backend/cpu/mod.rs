@@ -1,5 +1,10 @@
 //! The CPU backend: weights stay in their mapped, stored dtype; activations are f32 `Vec`s;
 //! parallelism is rayon's global pool (size it with `RAYON_NUM_THREADS` or `--threads`).
+//!
+//! The linear and attention kernels are hand-written: batch-1 decode must stream bf16 weights
+//! against one token at the memory bandwidth, with prefetch tuned per CPU family, and batches
+//! must reach AMX tiles and `vdpbf16ps`, none of which a maintained GEMM crate does; the `gemm`
+//! crate still serves large f32 batches. Every kernel has a plain twin and a parity test.
 
 pub mod attention;
 pub mod linear;
@@ -251,14 +256,12 @@ impl Backend for Cpu {
         &self,
         cache: &mut CpuKv,
         src: &Vec<f32>,
-        src_row0: usize,
-        rows: usize,
+        seq: &AttnSeq<'_>,
         kv_dim: usize,
-        pos0: usize,
-        blocks: &[u32],
         block_size: usize,
     ) -> Result<()> {
-        let src = &src[src_row0 * kv_dim..];
+        let (rows, pos0, blocks) = (seq.n_q, seq.pos0, seq.blocks);
+        let src = &src[seq.q_row0 * kv_dim..];
         match cache {
             CpuKv::F32(c) => attention::kv_write(c, src, rows, kv_dim, pos0, blocks, block_size),
             CpuKv::Bf16(c) => attention::kv_write(c, src, rows, kv_dim, pos0, blocks, block_size),

@@ -520,13 +520,11 @@ impl Backend for Cuda {
         &self,
         cache: &mut CudaSlice<f32>,
         src: &CudaSlice<f32>,
-        src_row0: usize,
-        rows: usize,
+        seq: &AttnSeq<'_>,
         kv_dim: usize,
-        pos0: usize,
-        blocks: &[u32],
         block_size: usize,
     ) -> Result<()> {
+        let (src_row0, rows, pos0, blocks) = (seq.q_row0, seq.n_q, seq.pos0, seq.blocks);
         if rows == 0 {
             return Ok(());
         }
