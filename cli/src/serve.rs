@@ -23,9 +23,18 @@ pub struct Args {
     /// Name clients pass as `model` (default: the checkpoint folder's name).
     #[arg(long, env = "SWITCHYARD_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
-    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes; several keys comma-separated or
+    /// repeated.
+    #[arg(
+        long,
+        env = "SWITCHYARD_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (e.g. a mounted Kubernetes Secret), beside --api-key.
+    #[arg(long, env = "SWITCHYARD_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
     /// Tokens per engine step (decodes plus prompt chunks).
     #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 512)]
     max_batch_tokens: usize,
@@ -87,13 +96,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             prefix_caching: !a.no_prefix_caching,
             ..SchedulerConfig::default()
         },
-        api_key: a.api_key,
+        api_keys: api_keys(&a.api_key, a.api_key_file.as_deref())?,
         max_body_bytes: a.max_body_bytes,
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
     };
-    tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = cfg.api_key.is_some(), "starting");
+    tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = !cfg.api_keys.is_open(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))
         .with_context(|| format!("loading {}", a.model.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,4 +116,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         serve::run(cfg, loaded, stop).await
     })?;
     Ok(())
+}
+
+/// The keys of `--api-key` and of `--api-key-file`'s lines.
+fn api_keys(
+    flags: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<switchyard_coordinator::api::ApiKeys> {
+    let mut keys: Vec<String> = flags.to_vec();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+        keys.extend(text.lines().map(str::to_string));
+    }
+    let keys = switchyard_coordinator::api::ApiKeys::new(keys);
+    anyhow::ensure!(
+        file.is_none() || !keys.is_open(),
+        "--api-key-file holds no key"
+    );
+    Ok(keys)
 }

@@ -115,6 +115,7 @@ impl Engine {
         crate::request::RequestLimits {
             model_name: model_name.to_string(),
             max_n: usize::MAX,
+            max_prompts: usize::MAX,
             max_seq_len: self.config().max_position_embeddings,
             vocab_size: self.config().vocab_size,
         }

@@ -24,7 +24,8 @@ pub struct ServeConfig {
     /// Device, KV dtype, dispatch settings.
     pub load: LoadOptions,
     pub scheduler: SchedulerConfig,
-    pub api_key: Option<String>,
+    /// Keys the API accepts (none: open).
+    pub api_keys: crate::api::ApiKeys,
     pub max_body_bytes: usize,
     pub max_n: usize,
     /// How long in-flight requests may run after a stop before they are cancelled.
@@ -46,6 +47,8 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the engine thread stopped; the server stops with it so that it is restarted")]
+    EngineStopped,
 }
 
 /// Loads the model as `serve` runs it: counting routed tokens and, with a registry, publishing
@@ -88,12 +91,13 @@ pub async fn run(
         limits: RequestLimits {
             model_name: model_name.clone(),
             max_n: cfg.max_n,
+            max_prompts: crate::request::DEFAULT_MAX_PROMPTS,
             max_seq_len: sched.max_seq_len,
             vocab_size: engine.config().vocab_size,
         },
         engine,
         scheduler: sched,
-        api_key: cfg.api_key.clone(),
+        api_keys: cfg.api_keys.clone(),
         max_body_bytes: cfg.max_body_bytes,
         metrics,
         remote,
@@ -116,8 +120,13 @@ pub async fn run(
     let graceful = stop.clone();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await });
+    let engine_alive = state.scheduler.clone();
     tokio::select! {
         r = server => r?,
+        () = engine_alive.stopped() => {
+            tracing::error!("the engine thread stopped; stopping the server");
+            return Err(ServeError::EngineStopped);
+        }
         () = async { stop.cancelled().await; tokio::time::sleep(cfg.shutdown_grace).await } => {
             tracing::warn!(grace = ?cfg.shutdown_grace, "in-flight requests did not finish in time; cancelling them");
         }

@@ -59,6 +59,10 @@ BAD = [
     ("logprobs too many", CMPL, {"model": M, "prompt": "a", "logprobs": 50}, 400, "invalid_request_error"),
     ("five stop strings", CMPL, {"model": M, "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error"),
     ("empty stop string", CMPL, {"model": M, "prompt": "a", "stop": ""}, 400, "invalid_request_error"),
+    ("stop string over 1 KiB", CMPL, {"model": M, "prompt": "a", "stop": "x" * 1025}, 400, "invalid_request_error"),
+    ("65 prompts", CMPL, {"model": M, "prompt": ["a"] * 65}, 400, "invalid_request_error"),
+    ("65 stop_token_ids", CMPL, {"model": M, "prompt": "a", "stop_token_ids": [5] * 65}, 400, "invalid_request_error"),
+    ("logit_bias of 1025 tokens", CMPL, {"model": M, "prompt": "a", "logit_bias": {str(i): 1 for i in range(1025)}}, 400, "invalid_request_error"),
     ("best_of", CMPL, {"model": M, "prompt": "a", "best_of": 3}, 400, "invalid_request_error"),
     ("logit_bias key not a token id", CMPL, {"model": M, "prompt": "a", "logit_bias": {"the": 10}}, 400, "invalid_request_error"),
     ("logit_bias key outside the vocabulary", CMPL, {"model": M, "prompt": "a", "logit_bias": {"99999999": 10}}, 400, "invalid_request_error"),
@@ -133,6 +137,16 @@ def test_api_key(make_server):
     assert request(s.addr, "POST", CMPL, body, {"authorization": "Bearer sekret"})[0] == 200
     assert request(s.addr, "GET", "/health")[0] == 200
     s.client(api_key="sekret").models.list()
+
+
+def test_several_api_keys_from_flags_and_a_file(make_server, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("from-file\n\n")
+    s = make_server("--api-key", "one,two", "--api-key-file", str(keys))
+    for key in ["one", "two", "from-file"]:
+        assert request(s.addr, "GET", "/v1/models", None, {"authorization": f"Bearer {key}"})[0] == 200, key
+    for key in ["", "on", "one,two", "from-fil"]:
+        assert request(s.addr, "GET", "/v1/models", None, {"authorization": f"Bearer {key}"})[0] == 401, key
 
 
 def test_queue_full_is_429_with_retry_after(make_server):

@@ -155,6 +155,7 @@ impl ExpertServer {
             hidden: self.cfg.hidden_size,
             layers: self.cfg.num_hidden_layers,
             experts: self.cfg.num_local_experts,
+            top_k: self.cfg.num_experts_per_tok,
             max_rows: self.max_rows,
         };
         let req = ExpertRequest::decode(&batch, &want)?;

@@ -172,7 +172,9 @@ impl Answer {
             let mut text = RequestText::new(tok, &self.req);
             while text.is_open() {
                 let Some((i, ev)) = stream.recv().await else {
-                    break;
+                    // The engine dropped the request without finishing it (it stopped or
+                    // panicked): never a success.
+                    return ended_early().into_response();
                 };
                 if let Update::Failed(f) = text.apply(i, ev, &stream) {
                     return ApiError::from(f).into_response();
@@ -278,6 +280,27 @@ impl Answer {
         }
     }
 
+    /// Sends choice `i`'s new text and logprobs, if any; false once the client went away.
+    async fn send_delta(
+        &self,
+        out: &mpsc::Sender<Result<Event, std::convert::Infallible>>,
+        text: &mut RequestText<'_>,
+        i: usize,
+        done: bool,
+        sent: &mut [(usize, usize)],
+    ) -> bool {
+        let c = &mut text.choices[i];
+        let piece = c.ready(done);
+        let want_lp = self.req.logprobs().is_some();
+        if piece.is_empty() && !done && !want_lp {
+            return true;
+        }
+        let (lp_from, text_from) = sent[i];
+        sent[i] = (c.logprobs.len(), text_from + piece.len());
+        let e = self.delta(i, c, piece, done, lp_from, text_from);
+        out.send(Ok(e)).await.is_ok()
+    }
+
     /// The answer as server-sent events.
     fn stream(self, mut stream: RequestStream) -> impl IntoResponse {
         // A bounded channel to the HTTP body: when the client goes away the body is dropped, the
@@ -294,34 +317,30 @@ impl Answer {
             }
             let tok = self.state.engine.tokenizer();
             let mut text = RequestText::new(tok, &self.req);
-            let mut lp_sent = vec![0usize; self.req.choices()];
-            let mut text_sent = vec![0usize; self.req.choices()];
+            // Per choice: logprob entries and text bytes sent so far.
+            let mut sent = vec![(0usize, 0usize); self.req.choices()];
             while text.is_open() {
-                let Some((i, ev)) = stream.recv().await else {
-                    break;
+                // An error ends the stream with an `error` event, then `[DONE]`.
+                let failure = match stream.recv().await {
+                    None => Some(ended_early()),
+                    Some((i, ev)) => match text.apply(i, ev, &stream) {
+                        Update::Nothing => continue,
+                        Update::Failed(f) => Some(ApiError::from(f)),
+                        Update::Choice { done, .. } => {
+                            if !self.send_delta(&out, &mut text, i, done, &mut sent).await {
+                                return;
+                            }
+                            None
+                        }
+                    },
                 };
-                let done = match text.apply(i, ev, &stream) {
-                    Update::Nothing => continue,
-                    Update::Failed(f) => {
-                        let _ = out.send(Ok(event(&ApiError::from(f).body()))).await;
-                        return;
-                    }
-                    Update::Choice { done, .. } => done,
-                };
-                let c = &mut text.choices[i];
-                let piece = c.ready(done);
-                let want_lp = self.req.logprobs().is_some();
-                if piece.is_empty() && !done && !want_lp {
-                    continue;
-                }
-                let (lp_from, text_from) = (lp_sent[i], text_sent[i]);
-                lp_sent[i] = c.logprobs.len();
-                text_sent[i] += piece.len();
-                let e = self.delta(i, c, piece, done, lp_from, text_from);
-                if out.send(Ok(e)).await.is_err() {
+                if let Some(e) = failure {
+                    let _ = out.send(Ok(event(&e.body()))).await;
+                    let _ = out.send(Ok(Event::default().data("[DONE]"))).await;
                     return;
                 }
             }
+
             if self.shape.include_usage {
                 let usage = self.body::<TextChoice>(vec![], Some(self.usage(&text)), true);
                 let _ = out.send(Ok(event(&usage))).await;
@@ -330,6 +349,11 @@ impl Answer {
         });
         Sse::new(tokio_stream::wrappers::ReceiverStream::new(body))
     }
+}
+
+/// A request whose events ended before every choice finished.
+fn ended_early() -> ApiError {
+    ApiError::internal("the engine ended the request before it finished")
 }
 
 fn event<T: Serialize>(body: &T) -> Event {

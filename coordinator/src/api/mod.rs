@@ -29,7 +29,8 @@ pub struct AppState {
     pub scheduler: SchedulerHandle,
     /// What requests are checked against, the served model's name included.
     pub limits: RequestLimits,
-    pub api_key: Option<String>,
+    /// Keys `/v1` and the tokenizer routes accept; none: open.
+    pub api_keys: ApiKeys,
     pub max_body_bytes: usize,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub remote: Option<Arc<RemoteExperts>>,
@@ -68,18 +69,67 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn require_key(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.api_key {
+    if !s.api_keys.is_open() {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| given == key);
+            .is_some_and(|given| s.api_keys.allows(given));
         if !ok {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
+}
+
+/// The API keys a server accepts, kept as SHA-256 digests and compared in constant time: a
+/// caller learns nothing from how long a refusal takes, neither which bytes matched nor how
+/// long a key is.
+#[derive(Clone, Default)]
+pub struct ApiKeys(Vec<[u8; 32]>);
+
+impl ApiKeys {
+    /// `keys`, blank ones dropped.
+    #[must_use]
+    pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
+        Self(
+            keys.into_iter()
+                .map(|k| k.as_ref().trim().to_string())
+                .filter(|k| !k.is_empty())
+                .map(|k| digest(&k))
+                .collect(),
+        )
+    }
+
+    /// No key set: every request is let in.
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `given` is one of the keys; every key is compared, whichever matches.
+    #[must_use]
+    pub fn allows(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let d = digest(given);
+        self.0
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&d))
+            .into()
+    }
+}
+
+/// Says how many keys, never which.
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
 }
 
 #[derive(serde::Deserialize)]
@@ -181,4 +231,21 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
     crate::metrics::record_cluster(&s);
     let text = s.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiKeys;
+
+    #[test]
+    fn any_of_several_keys_lets_in_and_nothing_else_does() {
+        let keys = ApiKeys::new(["alpha", " beta ", ""]);
+        assert!(!keys.is_open());
+        assert!(keys.allows("alpha") && keys.allows("beta"));
+        for wrong in ["", "alph", "alphaa", "ALPHA", "beta "] {
+            assert!(!keys.allows(wrong), "{wrong:?}");
+        }
+        assert!(ApiKeys::new(Vec::<String>::new()).is_open());
+        assert!(ApiKeys::new([" "]).is_open(), "blank keys are no keys");
+    }
 }

@@ -120,10 +120,17 @@ pub(super) fn dispatch_runtime(overlap: bool) -> Result<tokio::runtime::Runtime,
     })
 }
 
-pub(super) fn client(channel: Channel) -> ExpertServiceClient<Channel> {
+/// Rows one message may carry: far more than any step has (at most `--max-batch-tokens`), so
+/// that only a broken or rogue worker's reply meets the limit.
+const MAX_MESSAGE_ROWS: usize = 1 << 16;
+
+/// A client for a model of `hidden` size whose messages are bounded: a reply is refused by the
+/// transport before it is buffered whole when it could not answer any batch.
+pub(super) fn client(channel: Channel, hidden: usize) -> ExpertServiceClient<Channel> {
+    let max = (1 << 20) + MAX_MESSAGE_ROWS * hidden * 4;
     ExpertServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
 }
 
 /// A status's message and the chain of its source (transport and TLS errors hide there).

@@ -115,7 +115,7 @@ impl Topology {
                 .connect()
                 .await
                 .map_err(|e| connect_err(error_chain(&e)))?;
-            let mut client = client(channel);
+            let mut client = client(channel, model.hidden_size);
             let mut req = tonic::Request::new(pb::InfoRequest {});
             req.set_timeout(cfg.connect_timeout);
             let info = client
@@ -213,7 +213,7 @@ impl Topology {
                             Arc::new(Worker::new(
                                 addr,
                                 rec.instance.clone(),
-                                client(ep.connect_lazy()),
+                                client(ep.connect_lazy(), model.hidden_size),
                             ))
                         }
                         Err(e) => {

@@ -12,6 +12,9 @@ pub mod validation;
 use std::sync::Arc;
 use switchyard_model::{structured::Schema, SamplingParams};
 
+/// Prompts one request to the server may carry by default.
+pub const DEFAULT_MAX_PROMPTS: usize = 64;
+
 /// What a request is checked against.
 #[derive(Clone, Debug)]
 pub struct RequestLimits {
@@ -19,6 +22,8 @@ pub struct RequestLimits {
     pub model_name: String,
     /// Largest `n`.
     pub max_n: usize,
+    /// Most prompts in one completions request (each gets `n` choices).
+    pub max_prompts: usize,
     /// Longest sequence (prompt + generated) the KV cache can hold.
     pub max_seq_len: usize,
     pub vocab_size: usize,

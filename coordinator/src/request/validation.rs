@@ -10,6 +10,13 @@ use switchyard_model::{structured::Schema, ChatMessage, SamplingParams, Tokenize
 
 type Result<T> = std::result::Result<T, RequestError>;
 
+/// Longest stop string in bytes (a stream holds back that much text while it may match).
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `stop_token_ids`.
+pub const MAX_STOP_IDS: usize = 64;
+/// Most `logit_bias` entries (OpenAI allows 300).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
 /// How the answer is delivered: the API's concern, checked with the rest.
 #[derive(Clone, Debug, Default)]
 pub struct ResponseShape {
@@ -79,6 +86,12 @@ pub fn completion(
         }
         Some(_) => return Err(invalid("prompt must not be empty", "prompt")),
     };
+    if prompts.len() > limits.max_prompts {
+        return Err(invalid(
+            format!("at most {} prompts per request", limits.max_prompts),
+            "prompt",
+        ));
+    }
     let shape = ResponseShape {
         echo: body.echo.unwrap_or(false).then_some(texts),
         ..common.shape.clone()
@@ -274,10 +287,22 @@ fn stop_strings(stop: &Option<Stop>) -> Result<Vec<String>> {
     if strings.iter().any(String::is_empty) {
         return Err(invalid("stop sequences must not be empty", "stop"));
     }
+    if strings.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(
+            format!("stop sequences may be at most {MAX_STOP_BYTES} bytes"),
+            "stop",
+        ));
+    }
     Ok(strings)
 }
 
 fn stop_ids(ids: &Option<Vec<i64>>, vocab: usize) -> Result<Vec<u32>> {
+    if ids.as_ref().is_some_and(|v| v.len() > MAX_STOP_IDS) {
+        return Err(invalid(
+            format!("at most {MAX_STOP_IDS} stop_token_ids are allowed"),
+            "stop_token_ids",
+        ));
+    }
     ids.iter()
         .flatten()
         .map(|&t| {
@@ -298,6 +323,12 @@ fn logit_bias(
     bias: &Option<serde_json::Map<String, serde_json::Value>>,
     vocab: usize,
 ) -> Result<Vec<(u32, f32)>> {
+    if bias.as_ref().is_some_and(|m| m.len() > MAX_LOGIT_BIAS) {
+        return Err(invalid(
+            format!("logit_bias may list at most {MAX_LOGIT_BIAS} tokens"),
+            "logit_bias",
+        ));
+    }
     bias.iter()
         .flatten()
         .map(|(k, v)| {

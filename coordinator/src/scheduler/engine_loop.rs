@@ -106,6 +106,8 @@ impl Loop {
                     }
                 }
             }
+            #[cfg(test)]
+            Command::Panic => panic!("engine panic asked for by a test"),
         }
     }
 

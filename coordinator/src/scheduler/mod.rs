@@ -102,6 +102,9 @@ pub struct SchedulerStats {
 pub(crate) enum Command {
     /// End one choice of a request early (its reader matched a stop string).
     Cancel { request: u64, index: usize },
+    /// Panic the engine thread (tests of what a panic leaves behind).
+    #[cfg(test)]
+    Panic,
 }
 
 /// A request's choices, ready to join the queue.
@@ -134,6 +137,18 @@ impl SchedulerHandle {
     #[must_use]
     pub fn is_alive(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// Resolves when the engine thread has stopped (every handle dropped, or a panic): a
+    /// server must not go on answering health checks without it.
+    pub async fn stopped(&self) {
+        self.tx.closed().await;
+    }
+
+    /// Makes the engine thread panic at its next iteration.
+    #[cfg(test)]
+    pub(crate) fn panic_engine(&self) {
+        let _ = self.commands.send(Command::Panic);
     }
 
     /// The counts as of the last iteration.
@@ -194,7 +209,16 @@ pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig) -> Result<SchedulerHandl
     let scratch = StepScratch::new(engine.model().backend())?;
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || Loop::new(engine, cfg, kv, scratch, stats_tx).run(rx, command_rx))
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| {
+                Loop::new(engine, cfg, kv, scratch, stats_tx).run(rx, command_rx);
+            });
+            // A panic drops every sequence's event sender (their readers answer with an error)
+            // and the request queue (the server sees `stopped` and exits non-zero).
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the engine thread panicked; its requests fail");
+            }
+        })
         .map_err(|e| ModelError::Input(format!("cannot start the engine thread: {e}")))?;
     Ok(SchedulerHandle {
         tx,

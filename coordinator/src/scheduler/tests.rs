@@ -403,3 +403,33 @@ fn a_json_constraint_keeps_every_choice_a_valid_json_object() {
     // Random weights ramble, but some choices close their object and stop.
     assert!(stopped > 0);
 }
+
+#[test]
+fn an_engine_panic_ends_its_requests_streams_and_stops_the_handle() {
+    let (_dir, engine) = random_engine(1, gen::GenSpec::default());
+    let handle = start(engine.clone(), SchedulerConfig::default()).unwrap();
+    let req = greedy(&engine, vec![1, 2, 3], 200);
+    let mut stream = handle.submit(&req).unwrap();
+    // Let it start, then take the engine down mid-request.
+    while !matches!(stream.blocking_recv(), Some((_, SeqEvent::Token { .. }))) {}
+    handle.panic_engine();
+    let mut finished = false;
+    while let Some((_, ev)) = stream.blocking_recv() {
+        finished |= matches!(ev, SeqEvent::Finished { .. });
+    }
+    assert!(
+        !finished,
+        "the stream ends without a finish: its reader answers with an error"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), handle.stopped())
+            .await
+            .expect("the handle sees the engine stop");
+    });
+    assert!(!handle.is_alive());
+    assert!(matches!(handle.submit(&req), Err(SubmitError::Stopped)));
+}

@@ -160,6 +160,8 @@ pub struct Expect<'a> {
     pub hidden: usize,
     pub layers: usize,
     pub experts: usize,
+    /// Experts a token is routed to: no row may list more, or one twice.
+    pub top_k: usize,
     pub max_rows: usize,
 }
 
@@ -225,6 +227,16 @@ impl ExpertRequest {
                 b.rows
             )));
         }
+        // Bounded before anything is allocated from the counts.
+        let max_entries = b.rows as usize * want.top_k;
+        if b.experts.len() > max_entries || b.weights.len() > max_entries {
+            return Err(WireError::Route(format!(
+                "{} entries for {} rows of at most {} experts each",
+                b.experts.len().max(b.weights.len()),
+                b.rows,
+                want.top_k
+            )));
+        }
         let experts = b
             .experts
             .iter()
@@ -235,8 +247,21 @@ impl ExpertRequest {
         let plan =
             RoutePlan::from_parts(b.offsets.clone(), experts, b.weights.clone(), want.experts)
                 .map_err(|e| WireError::Route(e.to_string()))?;
-        if (0..plan.rows()).any(|r| plan.row_range(r).is_empty()) {
-            return Err(WireError::Route("a row has no experts".into()));
+        for r in 0..plan.rows() {
+            let row = plan.row_experts(r);
+            if row.is_empty() {
+                return Err(WireError::Route("a row has no experts".into()));
+            }
+            if row.len() > want.top_k {
+                return Err(WireError::Route(format!(
+                    "row {r} lists {} experts (at most {})",
+                    row.len(),
+                    want.top_k
+                )));
+            }
+            if row.iter().enumerate().any(|(i, e)| row[..i].contains(e)) {
+                return Err(WireError::Route(format!("row {r} lists an expert twice")));
+            }
         }
         let mut x = vec![0.0; n];
         decode_rows(&b.hidden, dtype, &mut x);
@@ -266,6 +291,7 @@ mod tests {
             hidden: 4,
             layers: 2,
             experts: 8,
+            top_k: 2,
             max_rows: 16,
         }
     }
@@ -313,6 +339,25 @@ mod tests {
             ),
             (Box::new(|b| b.offsets = vec![0, 3, 3]), "SY:WIRE:Route"),
             (Box::new(|b| b.rows = 100), "SY:WIRE:TooLarge"),
+            // A row listing one expert twice, or more than top-k.
+            (Box::new(|b| b.experts = vec![3, 3, 1]), "SY:WIRE:Route"),
+            (
+                Box::new(|b| {
+                    b.experts = vec![1, 3, 5, 3];
+                    b.weights = vec![0.5, 0.25, 0.25, 1.0];
+                    b.offsets = vec![0, 3, 4];
+                }),
+                "SY:WIRE:Route",
+            ),
+            // Entries far beyond rows × top-k are refused before anything is sized by them.
+            (
+                Box::new(|b| {
+                    b.experts = vec![1; 100_000];
+                    b.weights = vec![0.1; 100_000];
+                    b.offsets = vec![0, 50_000, 100_000];
+                }),
+                "SY:WIRE:Route",
+            ),
         ];
         for (edit, code) in cases {
             let mut b = good.clone();

@@ -12,6 +12,7 @@ fn limits() -> RequestLimits {
     RequestLimits {
         model_name: "m".into(),
         max_n: 4,
+        max_prompts: 8,
         max_seq_len: 64,
         vocab_size: 32000,
     }
@@ -371,4 +372,22 @@ fn a_forward_continuation_is_checked_like_a_completion() {
     assert!(greedy(&[1; 60], 20, &limits()).is_err());
     let r = greedy(&[1, 2], 5, &limits()).unwrap();
     assert_eq!((r.max_tokens(0), r.sampling().temperature), (5, 0.0));
+}
+
+#[test]
+fn every_list_a_request_brings_is_bounded() {
+    let p = |prompt| param_of(completion_with(common(|_| {}), prompt));
+    assert_eq!(p(Prompt::IdLists(vec![vec![1]; 9])), Some("prompt"));
+    assert_eq!(p(Prompt::Texts(vec!["a".into(); 9])), Some("prompt"));
+    assert!(completion_with(common(|_| {}), Prompt::IdLists(vec![vec![1]; 8])).is_ok());
+    let long = "x".repeat(MAX_STOP_BYTES + 1);
+    assert_eq!(refused(|c| c.stop = Some(Stop::One(long))), Some("stop"));
+    assert_eq!(
+        refused(|c| c.stop_token_ids = Some(vec![5; MAX_STOP_IDS + 1])),
+        Some("stop_token_ids")
+    );
+    let bias: serde_json::Map<String, serde_json::Value> = (0..=MAX_LOGIT_BIAS)
+        .map(|i| (i.to_string(), 1.into()))
+        .collect();
+    assert_eq!(refused(|c| c.logit_bias = Some(bias)), Some("logit_bias"));
 }
