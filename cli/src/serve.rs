@@ -50,6 +50,13 @@ pub struct Args {
     /// Do not reuse the KV-cache blocks of earlier requests' identical prompt beginnings.
     #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHING")]
     no_prefix_caching: bool,
+    /// How long a sequence may wait in the queue for its first step before it fails (503).
+    #[arg(long, env = "SWITCHYARD_QUEUE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    queue_timeout: Duration,
+    /// How long a generation may take, queueing included, before it is answered with a 504
+    /// (streaming: an error event) and cancelled.
+    #[arg(long, env = "SWITCHYARD_REQUEST_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Largest request body in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -92,11 +99,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_batch_tokens: a.max_batch_tokens.max(1),
             max_running: a.max_running.max(1),
             max_waiting: a.max_waiting.max(1),
+            queue_timeout: a.queue_timeout,
             kv_cache_bytes: a.kv_cache_mib << 20,
             prefix_caching: !a.no_prefix_caching,
             ..SchedulerConfig::default()
         },
         api_keys: api_keys(&a.api_key, a.api_key_file.as_deref())?,
+        request_timeout: a.request_timeout,
         max_body_bytes: a.max_body_bytes,
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,

@@ -89,6 +89,7 @@ fn continuation(
             SeqEvent::Failed(SeqFailure::Unavailable(m) | SeqFailure::Internal(m)) => {
                 return Err(EngineError::Failed(m))
             }
+            SeqEvent::Failed(f) => return Err(EngineError::Failed(format!("{f:?}"))),
         }
     }
     Ok(ids)

@@ -24,6 +24,8 @@ pub struct ServeConfig {
     /// Device, KV dtype, dispatch settings.
     pub load: LoadOptions,
     pub scheduler: SchedulerConfig,
+    /// How long a generation may take before it is answered with a timeout and cancelled.
+    pub request_timeout: Duration,
     /// Keys the API accepts (none: open).
     pub api_keys: crate::api::ApiKeys,
     pub max_body_bytes: usize,
@@ -98,6 +100,7 @@ pub async fn run(
         engine,
         scheduler: sched,
         api_keys: cfg.api_keys.clone(),
+        request_timeout: cfg.request_timeout,
         max_body_bytes: cfg.max_body_bytes,
         metrics,
         remote,

@@ -233,3 +233,22 @@ def test_sigterm_finishes_in_flight_requests(make_server):
     code, _, j = out["r"]
     assert code == 200 and j["usage"]["completion_tokens"] == 120
     assert s.proc.wait(timeout=60) == 0
+
+
+def test_a_request_past_its_timeout_is_a_504_and_a_stream_ends_with_an_error_event(make_server):
+    s = make_server("--request-timeout", "50ms")
+    body = {"model": M, "prompt": "Return the", "max_tokens": 480, "ignore_eos": True}
+    code, _, j = request(s.addr, "POST", CMPL, body)
+    assert code == 504, (code, j)
+    assert j["error"]["code"] == "SY:API:Timeout"
+    host, port = s.addr.split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=120)
+    c.request("POST", CMPL, body=json.dumps({**body, "stream": True}), headers={"content-type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200
+    events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    c.close()
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "SY:API:Timeout", events[-3:]
+    # The server goes on serving.
+    assert request(s.addr, "POST", CMPL, {**body, "max_tokens": 1})[0] == 200

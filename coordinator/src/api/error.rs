@@ -63,6 +63,17 @@ impl ApiError {
             retry_after: Some(2),
         }
     }
+    /// 504: the request ran past `--request-timeout`.
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            kind: "timeout_error",
+            message: format!("the request did not finish within {limit:?}"),
+            param: None,
+            code: "SY:API:Timeout",
+            retry_after: None,
+        }
+    }
     /// 401.
     pub fn unauthorized() -> Self {
         Self {
@@ -147,6 +158,10 @@ impl From<crate::scheduler::SeqFailure> for ApiError {
         use crate::scheduler::SeqFailure;
         match f {
             SeqFailure::Unavailable(m) => Self::unavailable(m),
+            SeqFailure::QueueFull => Self::queue_full(),
+            SeqFailure::QueueTimeout(d) => Self::unavailable(format!(
+                "the request waited {d:?} in the queue without starting; retry later"
+            )),
             SeqFailure::Internal(m) => Self::internal(&m),
         }
     }

@@ -61,6 +61,16 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
     serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
 }
 
+/// Runs `f` (JSON parsing, templating, tokenizing: up to a 4 MiB body's worth) on the blocking
+/// pool, so that a large request never stalls the runtime that serves every other connection.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(&format!("request parsing stopped: {e}")))?
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -77,8 +87,16 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: CompletionRequest = parse(body, state.max_body_bytes)?;
-    let (req, shape) = validation::completion(body, state.engine.tokenizer(), &state.limits)?;
+    let st = state.clone();
+    let (req, shape) = off_runtime(move || {
+        let body: CompletionRequest = parse(body, st.max_body_bytes)?;
+        Ok(validation::completion(
+            body,
+            st.engine.tokenizer(),
+            &st.limits,
+        )?)
+    })
+    .await?;
     run(state, Kind::Completion, req, shape).await
 }
 
@@ -86,8 +104,12 @@ pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: ChatRequest = parse(body, state.max_body_bytes)?;
-    let (req, shape) = validation::chat(body, state.engine.tokenizer(), &state.limits)?;
+    let st = state.clone();
+    let (req, shape) = off_runtime(move || {
+        let body: ChatRequest = parse(body, st.max_body_bytes)?;
+        Ok(validation::chat(body, st.engine.tokenizer(), &st.limits)?)
+    })
+    .await?;
     run(state, Kind::Chat, req, shape).await
 }
 
@@ -126,10 +148,15 @@ async fn run(
         req,
         shape,
     };
+    let limit = a.state.request_timeout;
     Ok(if a.shape.stream {
         a.stream(stream).into_response()
     } else {
-        a.collect(stream).await
+        // Past the limit the answer is dropped, and with it the stream: its choices cancel.
+        match tokio::time::timeout(limit, a.collect(stream)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::timeout(limit).into_response(),
+        }
     })
 }
 
@@ -319,9 +346,20 @@ impl Answer {
             let mut text = RequestText::new(tok, &self.req);
             // Per choice: logprob entries and text bytes sent so far.
             let mut sent = vec![(0usize, 0usize); self.req.choices()];
+            let limit = self.state.request_timeout;
+            let deadline = tokio::time::sleep(limit);
+            tokio::pin!(deadline);
             while text.is_open() {
                 // An error ends the stream with an `error` event, then `[DONE]`.
-                let failure = match stream.recv().await {
+                let next = tokio::select! {
+                    e = stream.recv() => e,
+                    () = &mut deadline => {
+                        let _ = out.send(Ok(event(&ApiError::timeout(limit).body()))).await;
+                        let _ = out.send(Ok(Event::default().data("[DONE]"))).await;
+                        return;
+                    }
+                };
+                let failure = match next {
                     None => Some(ended_early()),
                     Some((i, ev)) => match text.apply(i, ev, &stream) {
                         Update::Nothing => continue,

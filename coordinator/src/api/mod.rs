@@ -29,6 +29,9 @@ pub struct AppState {
     pub scheduler: SchedulerHandle,
     /// What requests are checked against, the served model's name included.
     pub limits: RequestLimits,
+    /// How long a generation may take, queueing included, before it is answered with a 504
+    /// (or, streaming, an error event) and cancelled.
+    pub request_timeout: std::time::Duration,
     /// Keys `/v1` and the tokenizer routes accept; none: open.
     pub api_keys: ApiKeys,
     pub max_body_bytes: usize,

@@ -80,13 +80,24 @@ impl Loop {
                 self.command(c);
             }
             self.drop_cancelled();
+            self.expire_waiting();
             self.iterate();
             self.publish();
         }
         tracing::info!("engine stopped");
     }
 
+    /// Queues a request's sequences, or refuses them all when they would overfill the queue
+    /// (a request larger than the queue still enters an empty one).
     fn enqueue(&mut self, a: Admission) {
+        if !self.waiting.is_empty() && self.waiting.len() + a.seqs.len() > self.cfg.max_waiting {
+            metrics::counter!("switchyard_requests_refused_total", "reason" => "queue_full")
+                .increment(1);
+            for s in a.seqs {
+                s.send(SeqEvent::Failed(SeqFailure::QueueFull));
+            }
+            return;
+        }
         for s in a.seqs {
             if s.sampler.constrained() && self.token_bytes.is_none() {
                 let vocab = self.engine.config().vocab_size;
@@ -109,6 +120,21 @@ impl Loop {
             #[cfg(test)]
             Command::Panic => panic!("engine panic asked for by a test"),
         }
+    }
+
+    /// Fails the sequences that waited past the queue deadline without ever starting (a
+    /// preempted one has started and waits for room again).
+    fn expire_waiting(&mut self) {
+        let limit = self.cfg.queue_timeout;
+        self.waiting.retain(|s| {
+            if s.started || s.arrived.elapsed() < limit {
+                return true;
+            }
+            metrics::counter!("switchyard_requests_refused_total", "reason" => "queue_timeout")
+                .increment(1);
+            s.send(SeqEvent::Failed(SeqFailure::QueueTimeout(limit)));
+            false
+        });
     }
 
     fn drop_cancelled(&mut self) {

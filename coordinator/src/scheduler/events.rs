@@ -40,6 +40,10 @@ pub enum SeqEvent {
 pub enum SeqFailure {
     /// Workers needed for its experts are unreachable.
     Unavailable(String),
+    /// The queue was full when it arrived (the caller's 429).
+    QueueFull,
+    /// It waited longer than the queue deadline to start (the caller's 503).
+    QueueTimeout(std::time::Duration),
     /// Anything else (a bug or a broken model); details are in the log.
     Internal(String),
 }

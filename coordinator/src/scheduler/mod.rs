@@ -41,8 +41,11 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Sequences decoding at once.
     pub max_running: usize,
-    /// Requests queued before new ones are refused.
+    /// Sequences queued (not yet running) before new requests are refused; a request larger
+    /// than this is admitted only into an empty queue.
     pub max_waiting: usize,
+    /// How long a sequence may wait for its first step before it fails (the caller's 503).
+    pub queue_timeout: std::time::Duration,
     /// Bytes of KV cache (keys and values of all layers, in the engine's KV dtype: bf16 fits
     /// twice the positions of f32).
     pub kv_cache_bytes: usize,
@@ -57,6 +60,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 256,
+            queue_timeout: std::time::Duration::from_secs(120),
             kv_cache_bytes: 1 << 30,
             block_size: switchyard_model::DEFAULT_BLOCK_SIZE,
             prefix_caching: true,

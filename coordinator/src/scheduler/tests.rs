@@ -433,3 +433,71 @@ fn an_engine_panic_ends_its_requests_streams_and_stops_the_handle() {
     assert!(!handle.is_alive());
     assert!(matches!(handle.submit(&req), Err(SubmitError::Stopped)));
 }
+
+/// Waits for the first token of `stream`'s choice 0: it is running.
+fn wait_running(stream: &mut RequestStream) {
+    while !matches!(stream.blocking_recv(), Some((_, SeqEvent::Token { .. }))) {}
+}
+
+/// The failure a stream ends with, if any.
+fn failure(mut stream: RequestStream) -> Option<SeqFailure> {
+    while let Some((_, ev)) = stream.blocking_recv() {
+        if let SeqEvent::Failed(f) = ev {
+            return Some(f);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_full_queue_refuses_new_requests_and_the_running_one_finishes() {
+    let (_dir, engine) = random_engine(1, gen::GenSpec::default());
+    let cfg = SchedulerConfig {
+        max_running: 1,
+        max_waiting: 1,
+        ..SchedulerConfig::default()
+    };
+    let handle = start(engine.clone(), cfg).unwrap();
+    let long = greedy(&engine, vec![1, 2, 3], 3000);
+    let mut running = handle.submit(&long).unwrap();
+    wait_running(&mut running);
+    let waiting = handle.submit(&greedy(&engine, vec![1, 4], 2)).unwrap();
+    // Once the engine has taken it into its queue, the channel is empty again...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while handle.stats().waiting != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // ...and the queue holds one sequence: a request of two does not fit beside it.
+    let two = request(
+        &engine,
+        &[vec![1, 5], vec![1, 6]],
+        2,
+        CommonFields::default(),
+    );
+    let refused = handle.submit(&two).unwrap();
+    assert!(matches!(failure(refused), Some(SeqFailure::QueueFull)));
+    drop(running);
+    assert!(
+        failure(waiting).is_none(),
+        "the queued request runs once room frees"
+    );
+}
+
+#[test]
+fn a_sequence_that_waits_past_the_queue_deadline_fails() {
+    let (_dir, engine) = random_engine(1, gen::GenSpec::default());
+    let cfg = SchedulerConfig {
+        max_running: 1,
+        queue_timeout: std::time::Duration::from_millis(20),
+        ..SchedulerConfig::default()
+    };
+    let handle = start(engine.clone(), cfg).unwrap();
+    let mut running = handle
+        .submit(&greedy(&engine, vec![1, 2, 3], 3000))
+        .unwrap();
+    wait_running(&mut running);
+    let late = handle.submit(&greedy(&engine, vec![1, 4], 2)).unwrap();
+    assert!(matches!(failure(late), Some(SeqFailure::QueueTimeout(_))));
+    drop(running);
+    assert_all_blocks_return(&handle);
+}
