@@ -237,10 +237,9 @@ impl LoadTracker {
         let mut rate = vec![0.0f64; experts];
         let mut measured = false;
         for r in records {
-            let now = r.per_expert();
-            if now.len() != experts {
+            let Some(now) = r.per_expert(experts) else {
                 continue;
-            }
+            };
             if let Some((t0, before)) = self.last.get(&r.coordinator) {
                 let dt = r.unix_ms.saturating_sub(*t0) as f64 / 1e3;
                 if dt > 0.0 {

@@ -641,3 +641,59 @@ fn overlapped_micro_batches_over_workers_equal_embedded_mode() {
         }
     }
 }
+
+/// Sends `sig` (STOP, CONT) to a worker process.
+fn signal(w: &Worker, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(w.proc.0.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig}");
+}
+
+#[test]
+fn a_layer_gives_up_on_hung_workers_within_its_retry_budget_and_recovers() {
+    use switchyard_cluster::StaticPlacement;
+    use switchyard_coordinator::{
+        dispatch::DispatchConfig, forward_report, Engine, ExpertSource, LoadOptions,
+    };
+    let model = fixtures().join("tiny-mixtral");
+    let a = Worker::start(&model, "0-7");
+    let b = Worker::start(&model, "0-7");
+    let placement = StaticPlacement::parse(&format!("{}=0-7,{}=0-7", a.addr, b.addr)).unwrap();
+    // Back-offs shorter than a call's deadline: without a retry budget the layer would cycle
+    // between the two hung replicas for as long as they stay hung.
+    let opts = LoadOptions {
+        dispatch: DispatchConfig {
+            rpc_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(500),
+            failure_backoff: Duration::from_millis(50),
+            expert_wait: Duration::from_secs(30),
+            wire_dtype: switchyard_wire::WireDType::F32,
+            ..DispatchConfig::default()
+        },
+        ..LoadOptions::default()
+    };
+    let engine = Engine::load(
+        &model,
+        ExpertSource::Static(placement),
+        &opts,
+        &switchyard_model::NoProgress,
+    )
+    .unwrap()
+    .engine;
+    let want = forward_report(&engine, &[1, 2, 3], None).unwrap();
+    signal(&a, "STOP");
+    signal(&b, "STOP");
+    let started = std::time::Instant::now();
+    let err = forward_report(&engine, &[1, 2, 3], None).unwrap_err();
+    let took = started.elapsed();
+    signal(&a, "CONT");
+    signal(&b, "CONT");
+    assert!(err.to_string().contains("gave up after"), "{err}");
+    assert!(took < Duration::from_secs(15), "gave up after {took:?}");
+    // Once the workers answer again (and their back-offs end), the same request succeeds.
+    let got = forward_report(&engine, &[1, 2, 3], None).unwrap();
+    assert_eq!(got.logits, want.logits);
+}

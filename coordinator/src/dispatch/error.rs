@@ -61,6 +61,12 @@ impl DispatchError {
         )
     }
 
+    /// Whether the worker let the call run past its deadline.
+    #[must_use]
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Self::Deadline { .. })
+    }
+
     /// Classifies a failed call to `worker`.
     pub(crate) fn from_status(
         worker: &WorkerId,

@@ -382,6 +382,10 @@ impl Dispatcher {
         let mut pending = std::borrow::Cow::Borrowed(plan);
         let mut global: Vec<usize> = (0..plan.rows()).collect();
         let mut last_failure: Option<String> = None;
+        // Each round resends what failed to other hosts; with every host failing in turn
+        // (slow, stuck), rounds would cycle forever as back-offs run out, so they are counted.
+        let max_rounds = self.topology().workers.len() + 1;
+        let mut rounds = 0;
         while pending.rows() > 0 {
             let topo = self.topology();
             generation.borrow_and_update();
@@ -408,7 +412,14 @@ impl Dispatcher {
                     Err(e) if e.retryable() => {
                         let w = &topo.workers[s.worker];
                         tracing::warn!(layer, worker = %w.id, error = %e, "expert batch failed; sending it to other hosts");
-                        w.mark_down(self.cfg.failure_backoff);
+                        // A worker that let a call time out is likely stuck: it sits out at
+                        // least as long as a call may take.
+                        let backoff = if e.timed_out() {
+                            self.cfg.failure_backoff.max(self.cfg.rpc_timeout)
+                        } else {
+                            self.cfg.failure_backoff
+                        };
+                        w.mark_down(backoff);
                         last_failure = Some(e.to_string());
                         for (i, &g) in s.rows.iter().enumerate() {
                             next.push_row(
@@ -423,6 +434,18 @@ impl Dispatcher {
                     }
                     Err(e) => return Err(e),
                 }
+            }
+            rounds += 1;
+            if next.rows() > 0 && rounds >= max_rounds {
+                return Err(DispatchError::NoReplica {
+                    layer,
+                    expert: next.experts().first().map_or(0, |&e| e as usize),
+                    cause: Some(format!(
+                        "{}; gave up after {rounds} rounds in {:.1?}",
+                        last_failure.as_deref().unwrap_or("every host failed"),
+                        started.elapsed()
+                    )),
+                });
             }
             pending = std::borrow::Cow::Owned(next);
             global = next_global;

@@ -159,17 +159,20 @@ pub struct LoadRecord {
 }
 
 impl LoadRecord {
-    /// Tokens per expert index, summed over layers.
+    /// Tokens per expert index, summed over layers, for a model of `experts` experts per
+    /// layer; None for a record of another shape (another model, or a hostile writer), checked
+    /// before anything is allocated from its counts.
     #[must_use]
-    pub fn per_expert(&self) -> Vec<u64> {
-        let mut out = vec![0u64; self.experts];
-        if self.experts == 0 {
-            return out;
+    pub fn per_expert(&self, experts: usize) -> Option<Vec<u64>> {
+        let n = self.expert_tokens.len();
+        if experts == 0 || self.experts != experts || !n.is_multiple_of(experts) {
+            return None;
         }
+        let mut out = vec![0u64; experts];
         for (i, &c) in self.expert_tokens.iter().enumerate() {
-            out[i % self.experts] += c;
+            out[i % experts] = out[i % experts].saturating_add(c);
         }
-        out
+        Some(out)
     }
 }
 
@@ -185,6 +188,27 @@ pub fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_records_of_another_shape_are_refused_before_allocating() {
+        let rec = |experts, tokens: Vec<u64>| LoadRecord {
+            coordinator: "c".into(),
+            experts,
+            expert_tokens: tokens,
+            unix_ms: 0,
+        };
+        assert_eq!(rec(2, vec![1, 2, 3, 4]).per_expert(2), Some(vec![4, 6]));
+        assert_eq!(
+            rec(2, vec![u64::MAX, 0, 5, 0]).per_expert(2),
+            Some(vec![u64::MAX, 0])
+        );
+        // Another model's expert count, one the record does not hold, or a count that would
+        // size a huge buffer: all refused.
+        assert_eq!(rec(3, vec![1, 2, 3]).per_expert(2), None);
+        assert_eq!(rec(2, vec![1, 2, 3]).per_expert(2), None);
+        assert_eq!(rec(usize::MAX, vec![1]).per_expert(8), None);
+        assert_eq!(rec(0, vec![]).per_expert(0), None);
+    }
 
     #[test]
     fn keys_are_scoped_and_names_checked() {
@@ -216,6 +240,6 @@ mod tests {
             expert_tokens: vec![1, 2, 3, 4],
             ..LoadRecord::default()
         };
-        assert_eq!(l.per_expert(), vec![4, 6]);
+        assert_eq!(l.per_expert(2), Some(vec![4, 6]));
     }
 }
