@@ -6,7 +6,7 @@ use super::{
     assign::{assign, split_rows, Share},
     config::dispatch_runtime,
     topology::{Topology, Worker, WorkerSnapshot},
-    transport::{BatchStream, Transport},
+    transport::{BatchStream, Transport, Unary},
     DispatchConfig, DispatchError, RpcMode,
 };
 use futures::future::join_all;
@@ -256,14 +256,14 @@ impl Dispatcher {
     }
 
     /// How a batch goes to `w`: its batch stream, opened if need be, or unary calls.
-    async fn transport(&self, w: &Worker) -> Result<Transport, tonic::Status> {
-        let unary = || Transport::Unary(w.client.clone());
+    async fn transport(&self, w: &Worker) -> Result<Arc<dyn Transport>, tonic::Status> {
+        let unary = || -> Arc<dyn Transport> { Arc::new(Unary(w.client.clone())) };
         if self.cfg.rpc == RpcMode::Unary || w.unary_only.load(Ordering::Relaxed) {
             return Ok(unary());
         }
         let mut g = w.stream.lock().await;
         if let Some(s) = g.as_ref().filter(|s| s.is_open()) {
-            return Ok(Transport::Stream(s.clone()));
+            return Ok(s.clone());
         }
         *g = None;
         let opened = tokio::time::timeout(self.cfg.connect_timeout, BatchStream::open(&w.client))
@@ -277,7 +277,7 @@ impl Dispatcher {
             Ok(s) => {
                 let s = Arc::new(s);
                 *g = Some(s.clone());
-                Ok(Transport::Stream(s))
+                Ok(s)
             }
             Err(s) if s.code() == tonic::Code::Unimplemented => {
                 tracing::info!(worker = %w.id, "worker has no batch stream; using unary calls");
@@ -319,7 +319,7 @@ impl Dispatcher {
         let res = match self.transport(w).await {
             Ok(t) => {
                 let r = t.call(batch, self.cfg.rpc_timeout).await;
-                if matches!(t, Transport::Stream(_))
+                if t.broken_by_timeout()
                     && r.as_ref()
                         .is_err_and(|s| s.code() == tonic::Code::DeadlineExceeded)
                 {

@@ -11,30 +11,46 @@ use std::{
 use switchyard_wire::pb::{self, expert_service_client::ExpertServiceClient};
 use tonic::transport::Channel;
 
-/// The way a batch goes out.
-pub(super) enum Transport {
-    /// One unary call per batch: an HTTP/2 stream with headers and a deadline each.
-    Unary(ExpertServiceClient<Channel>),
-    /// The worker's batch stream.
-    Stream(Arc<BatchStream>),
+/// The way a batch goes out to one worker.
+pub(super) trait Transport: Send + Sync {
+    /// Sends `batch` and waits up to `timeout` for its reply; the deadline is enforced here,
+    /// so a worker that never answers cannot hold the layer past it.
+    fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> BoxFuture<'_, Reply>;
+
+    /// Whether a timed-out call leaves this transport unusable (a stream stuck behind the lost
+    /// reply), so the next batch must open a new one.
+    fn broken_by_timeout(&self) -> bool;
 }
 
-impl Transport {
-    /// Sends `batch` and waits up to `timeout` for its reply.
-    pub(super) async fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> Reply {
-        match self {
-            Self::Unary(client) => {
-                let mut req = tonic::Request::new(batch);
-                req.set_timeout(timeout);
-                // The client enforces the deadline too: a worker that never answers cannot
-                // hold the layer past it.
-                match tokio::time::timeout(timeout, client.clone().forward(req)).await {
-                    Ok(r) => r.map(tonic::Response::into_inner),
-                    Err(_) => Err(tonic::Status::deadline_exceeded("no reply to the batch")),
-                }
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// One unary `Forward` call per batch: an HTTP/2 stream with headers and a deadline each.
+pub(super) struct Unary(pub ExpertServiceClient<Channel>);
+
+impl Transport for Unary {
+    fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            let mut req = tonic::Request::new(batch);
+            req.set_timeout(timeout);
+            match tokio::time::timeout(timeout, self.0.clone().forward(req)).await {
+                Ok(r) => r.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded("no reply to the batch")),
             }
-            Self::Stream(s) => s.call(batch, timeout).await,
-        }
+        })
+    }
+
+    fn broken_by_timeout(&self) -> bool {
+        false
+    }
+}
+
+impl Transport for BatchStream {
+    fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> BoxFuture<'_, Reply> {
+        Box::pin(self.send(batch, timeout))
+    }
+
+    fn broken_by_timeout(&self) -> bool {
+        true
     }
 }
 
@@ -100,7 +116,7 @@ impl BatchStream {
     }
 
     /// Sends `batch` and waits up to `timeout` for its reply.
-    pub(super) async fn call(&self, batch: pb::ExpertBatch, timeout: Duration) -> Reply {
+    async fn send(&self, batch: pb::ExpertBatch, timeout: Duration) -> Reply {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = {
             let mut g = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
