@@ -105,6 +105,12 @@ impl Engine {
         ));
         let dense = Mixtral::<Cpu>::bytes_to_load(&ck);
         let mut membership = None;
+        if !matches!(source, ExpertSource::Embedded) && opts.dispatch.tls.is_none() {
+            tracing::warn!(
+                "expert batches travel to workers in plaintext: anyone on the network can read \
+                 or forge them (--worker-tls-ca and the workers' --tls-cert for TLS)"
+            );
+        }
         let (inner, remote): (Arc<dyn ExpertExecutor>, _) = match source {
             ExpertSource::Embedded => {
                 let all = ExpertSet::all(mc.num_local_experts);

@@ -120,6 +120,9 @@ pub async fn run(
         std::fs::write(p, addr.to_string())?;
     }
     tracing::info!(%addr, model = %model_name, "serving the OpenAI API");
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, keys = !cfg.api_keys.is_open(), "the API is served in plaintext beyond this host; put TLS in front of it");
+    }
     let graceful = stop.clone();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await });

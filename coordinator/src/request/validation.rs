@@ -196,7 +196,17 @@ impl Common {
                     if self.max_tokens.is_some() { "max_tokens" } else { "messages" },
                 ));
             }
-            max_tokens.push(self.max_tokens.unwrap_or(max_len - p.len()));
+            let max = self.max_tokens.unwrap_or(max_len - p.len());
+            if self.min_tokens > max {
+                return Err(invalid(
+                    format!(
+                        "min_tokens {} exceeds the {max} tokens the context leaves after the prompt",
+                        self.min_tokens
+                    ),
+                    "min_tokens",
+                ));
+            }
+            max_tokens.push(max);
         }
         if prompts.is_empty() {
             return Err(invalid("prompt must not be empty", "prompt"));

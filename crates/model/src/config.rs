@@ -432,4 +432,49 @@ mod tests {
             matches!(e, ModelError::Architecture { ref found, .. } if found == "LlamaForCausalLM")
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        fn field() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                (-2i64..70_000).prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| json!(f)),
+                Just(json!(["MixtralForCausalLM"])),
+                Just(json!("mixtral")),
+                Just(json!("silu")),
+                Just(json!(null)),
+                Just(json!([2, 7])),
+                Just(json!({"rope_theta": 10000.0, "rope_type": "default"})),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Any config.json is refused with a named error or gives a config whose sizes
+            /// agree; it never panics.
+            #[test]
+            fn any_config_never_panics_and_a_parsed_one_is_consistent(
+                pairs in prop::collection::vec((prop::sample::select(&[
+                    "architectures", "model_type", "hidden_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+                    "num_hidden_layers", "vocab_size", "intermediate_size", "max_position_embeddings",
+                    "rope_theta", "rms_norm_eps", "sliding_window", "hidden_act", "bos_token_id",
+                    "eos_token_id", "rope_parameters", "tie_word_embeddings",
+                ][..]), field()), 0..24)
+            ) {
+                let v = Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+                if let Ok(c) = MixtralConfig::from_json(&v.to_string(), Path::new("config.json")) {
+                    prop_assert!(c.num_attention_heads.is_multiple_of(c.num_key_value_heads));
+                    prop_assert!(c.head_dim.is_multiple_of(2));
+                    prop_assert!(c.num_experts_per_tok <= c.num_local_experts);
+                    prop_assert!(c.eos_token_ids.iter().all(|&t| (t as usize) < c.vocab_size));
+                }
+            }
+        }
+    }
 }

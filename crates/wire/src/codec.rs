@@ -397,4 +397,77 @@ mod tests {
             "SY:WIRE:DType"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Batches with every field drawn anywhere near the valid ones: small counts, expert
+        /// ids around the model's 8, any weights, any byte lengths.
+        fn batch() -> impl Strategy<Value = pb::ExpertBatch> {
+            (
+                (0u32..3, prop::bool::ANY, 0u32..6, 0u32..4, 0u32..20),
+                (0i32..4, 0i32..4, prop::collection::vec(any::<u8>(), 0..200)),
+                prop::collection::vec(0u32..24, 0..24),
+                prop::collection::vec(0u32..12, 0..48),
+                prop::collection::vec(any::<f32>(), 0..48),
+            )
+                .prop_map(
+                    |(
+                        (version, same_fp, hidden, layer, rows),
+                        (dtype, reply, bytes),
+                        offsets,
+                        experts,
+                        weights,
+                    )| {
+                        pb::ExpertBatch {
+                            protocol_version: version,
+                            model_fingerprint: if same_fp { "fp".into() } else { "x".into() },
+                            hidden_size: hidden,
+                            layer,
+                            rows,
+                            dtype,
+                            reply_dtype: reply,
+                            hidden: bytes.into(),
+                            offsets,
+                            experts,
+                            weights,
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever arrives, decoding answers with a batch that keeps every promise or
+            /// with a coded error; it never panics.
+            #[test]
+            fn decoding_any_batch_never_panics_and_keeps_its_promises(b in batch()) {
+                let want = expect();
+                if let Ok(r) = ExpertRequest::decode(&b, &want) {
+                    prop_assert!(r.layer < want.layers);
+                    prop_assert_eq!(r.x.len(), r.plan.rows() * want.hidden);
+                    for row in 0..r.plan.rows() {
+                        let e = r.plan.row_experts(row);
+                        prop_assert!(!e.is_empty() && e.len() <= want.top_k);
+                        prop_assert!(e.iter().all(|&x| (x as usize) < want.experts));
+                        prop_assert!(e.iter().enumerate().all(|(i, x)| !e[..i].contains(x)));
+                    }
+                }
+            }
+
+            #[test]
+            fn decoding_any_reply_never_panics(
+                rows in 0u32..8, hidden in 0u32..8, dtype in 0i32..4,
+                bytes in prop::collection::vec(any::<u8>(), 0..300),
+                want_rows in 0usize..8, want_hidden in 0usize..8,
+            ) {
+                let r = pb::ExpertResult { rows, hidden_size: hidden, dtype, output: bytes.into(), compute_micros: 0 };
+                if let Ok(d) = ExpertReply::decode(&r, want_rows, want_hidden) {
+                    prop_assert_eq!(d.output.len(), want_rows * want_hidden);
+                }
+            }
+        }
+    }
 }

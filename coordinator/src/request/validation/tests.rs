@@ -186,6 +186,14 @@ fn min_tokens_does_not_exceed_max_tokens() {
         Some("min_tokens")
     );
     assert_eq!(refused(|c| c.min_tokens = Some(-1)), Some("min_tokens"));
+    // Without max_tokens, what the context leaves after the prompt bounds it.
+    let chat_min = |m| {
+        param_of(chat_with(|b| {
+            b.common.min_tokens = Some(m);
+            b.common.max_tokens = None;
+        }))
+    };
+    assert_eq!(chat_min(63), Some("min_tokens"));
 }
 
 #[test]
@@ -390,4 +398,115 @@ fn every_list_a_request_brings_is_bounded() {
         .map(|i| (i.to_string(), 1.into()))
         .collect();
     assert_eq!(refused(|c| c.logit_bias = Some(bias)), Some("logit_bias"));
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-z\"\\\\{}]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A value for one of a request's fields: near its valid range or anything at all.
+    fn field_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (-3i64..70).prop_map(Value::from),
+            (-3.0f64..3.0).prop_map(Value::from),
+            prop::collection::vec(0i64..40_000, 0..6).prop_map(Value::from),
+            Just(json!("m")),
+            Just(json!("hello there")),
+            Just(json!({"type": "json_object"})),
+            Just(
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}})
+            ),
+            Just(json!([{"role": "user", "content": "hi"}])),
+            Just(json!({"5": 3, "x": 1})),
+            any_json(),
+        ]
+    }
+
+    /// Request bodies: a random subset of the API's fields with random values.
+    fn body() -> impl Strategy<Value = Value> {
+        const FIELDS: &[&str] = &[
+            "model",
+            "prompt",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "n",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "stop",
+            "stop_token_ids",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "logit_bias",
+            "min_tokens",
+            "ignore_eos",
+            "logprobs",
+            "top_logprobs",
+            "echo",
+            "stream",
+            "stream_options",
+            "response_format",
+            "best_of",
+            "suffix",
+            "tools",
+        ];
+        prop::collection::vec((prop::sample::select(FIELDS), field_value()), 0..10).prop_map(
+            |pairs| Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Any body the JSON parser accepts is refused with an error or validated into a
+        /// request that keeps every promise; nothing panics.
+        #[test]
+        fn validation_never_panics_and_keeps_its_promises(b in body()) {
+            let tok = tok();
+            let l = limits();
+            let results = [
+                serde_json::from_value::<CompletionRequest>(b.clone())
+                    .ok()
+                    .map(|r| completion(r, &tok, &l)),
+                serde_json::from_value::<ChatRequest>(b)
+                    .ok()
+                    .map(|r| chat(r, &tok, &l)),
+            ];
+            for (r, _) in results.into_iter().flatten().flatten() {
+                prop_assert!(r.n() >= 1 && r.n() <= l.max_n);
+                prop_assert!(!r.prompts().is_empty() && r.prompts().len() <= l.max_prompts);
+                for (i, p) in r.prompts().iter().enumerate() {
+                    prop_assert!(!p.is_empty());
+                    prop_assert!(p.iter().all(|&t| (t as usize) < l.vocab_size));
+                    prop_assert!(r.max_tokens(i) >= 1);
+                    prop_assert!(p.len() + r.max_tokens(i) <= l.max_seq_len);
+                    prop_assert!(r.min_tokens() <= r.max_tokens(i));
+                }
+                prop_assert!(r.stop_strings().len() <= 4);
+            }
+        }
+    }
 }
