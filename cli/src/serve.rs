@@ -66,6 +66,10 @@ pub struct Args {
     /// How long in-flight requests may finish after SIGTERM.
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Serve /metrics on this port (same host, no key) instead of the API's port, where it
+    /// needs an API key when keys are set.
+    #[arg(long, env = "SWITCHYARD_METRICS_PORT")]
+    metrics_port: Option<u16>,
     /// Write the bound address to this file once serving.
     #[arg(long, env = "SWITCHYARD_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -110,6 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
+        metrics_port: a.metrics_port,
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = !cfg.api_keys.is_open(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

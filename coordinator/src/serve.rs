@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub max_n: usize,
     /// How long in-flight requests may run after a stop before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Serve `/metrics` on this port of the API's host instead of the API's port.
+    pub metrics_port: Option<u16>,
     /// Written with the bound address once serving.
     pub ready_file: Option<PathBuf>,
 }
@@ -110,8 +112,25 @@ pub async fn run(
             .unwrap_or(0),
         expert_counts: counts,
     });
-    let app =
-        api::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes));
+    let app = api::router(state.clone(), cfg.metrics_port.is_some())
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes));
+    if let Some(port) = cfg.metrics_port {
+        let at = SocketAddr::new(cfg.listen.ip(), port);
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| ServeError::Bind(at, e))?;
+        tracing::info!(addr = %at, "serving /metrics");
+        let stopping = stop.clone();
+        let metrics_app = api::metrics_router(state.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listener, metrics_app)
+                .with_graceful_shutdown(async move { stopping.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the /metrics listener stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServeError::Bind(cfg.listen, e))?;

@@ -252,3 +252,23 @@ def test_a_request_past_its_timeout_is_a_504_and_a_stream_ends_with_an_error_eve
     assert json.loads(events[-2])["error"]["code"] == "SY:API:Timeout", events[-3:]
     # The server goes on serving.
     assert request(s.addr, "POST", CMPL, {**body, "max_tokens": 1})[0] == 200
+
+
+def test_metrics_need_a_key_when_keys_are_set_or_live_on_their_own_port(make_server):
+    s = make_server("--api-key", "k")
+    assert request(s.addr, "GET", "/metrics")[0] == 401
+    assert request(s.addr, "GET", "/metrics", None, {"authorization": "Bearer k"})[0] == 200
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = make_server("--api-key", "k", "--metrics-port", str(port))
+    assert request(s.addr, "GET", "/metrics", None, {"authorization": "Bearer k"})[0] == 404
+    deadline = time.time() + 30
+    while True:
+        try:
+            code = request(f"127.0.0.1:{port}", "GET", "/metrics")[0]
+            break
+        except OSError:
+            assert time.time() < deadline, "the metrics port never answered"
+            time.sleep(0.05)
+    assert code == 200

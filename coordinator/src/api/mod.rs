@@ -41,23 +41,27 @@ pub struct AppState {
     pub expert_counts: Arc<crate::counting::ExpertCounts>,
 }
 
-/// The router with every route.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The router with every route; `/metrics` among them unless `separate_metrics` (then
+/// [`metrics_router`] serves it on a port of its own). With API keys set, `/metrics` here needs
+/// a key too: it names workers and reveals load.
+pub fn router(state: Arc<AppState>, separate_metrics: bool) -> Router {
     let v1 = Router::new()
         .route("/completions", post(generate::completions))
         .route("/chat/completions", post(generate::chat))
         .route("/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    let tok = Router::new()
+    let mut guarded = Router::new()
         .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route("/detokenize", post(detokenize));
+    if !separate_metrics {
+        guarded = guarded.route("/metrics", get(metrics_text));
+    }
+    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .nest("/v1", v1)
-        .merge(tok)
+        .merge(guarded)
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -228,6 +232,14 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
         }
     }
     Json(serde_json::json!({"status": "ready", "model": s.limits.model_name})).into_response()
+}
+
+/// `/metrics` alone, for a port of its own (`serve --metrics-port`) that only the monitoring
+/// network reaches: no key.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
