@@ -66,6 +66,13 @@ pub struct Args {
     /// How long in-flight requests may finish after SIGTERM.
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers before the connection is
+    /// dropped (slowloris).
+    #[arg(long, env = "SWITCHYARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// API connections open at once; more wait to be accepted.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// Serve /metrics on this port (same host, no key) instead of the API's port, where it
     /// needs an API key when keys are set.
     #[arg(long, env = "SWITCHYARD_METRICS_PORT")]
@@ -115,6 +122,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,
         metrics_port: a.metrics_port,
+        connections: switchyard_coordinator::http::ConnectionLimits {
+            header_read_timeout: a.header_read_timeout,
+            max_connections: a.max_connections.max(1),
+        },
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = !cfg.api_keys.is_open(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

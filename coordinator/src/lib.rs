@@ -15,6 +15,7 @@ pub mod api;
 pub mod counting;
 pub mod dispatch;
 pub mod engine;
+pub mod http;
 pub mod loader;
 pub mod membership;
 pub mod metrics;

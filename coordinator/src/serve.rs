@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub max_n: usize,
     /// How long in-flight requests may run after a stop before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Header read timeout and connection bound of the API.
+    pub connections: crate::http::ConnectionLimits,
     /// Serve `/metrics` on this port of the API's host instead of the API's port.
     pub metrics_port: Option<u16>,
     /// Written with the bound address once serving.
@@ -142,9 +144,7 @@ pub async fn run(
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, keys = !cfg.api_keys.is_open(), "the API is served in plaintext beyond this host; put TLS in front of it");
     }
-    let graceful = stop.clone();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { graceful.cancelled().await });
+    let server = crate::http::serve(listener, app, cfg.connections, stop.clone());
     let engine_alive = state.scheduler.clone();
     tokio::select! {
         r = server => r?,

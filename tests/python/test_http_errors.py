@@ -272,3 +272,22 @@ def test_metrics_need_a_key_when_keys_are_set_or_live_on_their_own_port(make_ser
             assert time.time() < deadline, "the metrics port never answered"
             time.sleep(0.05)
     assert code == 200
+
+
+def test_a_client_that_trickles_its_headers_is_dropped_and_the_server_serves_on(make_server):
+    s = make_server("--header-read-timeout", "300ms")
+    host, port = s.addr.split(":")
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    started = time.time()
+    # hyper answers 408 or just closes; either way the connection ends, well before 30 s.
+    data = b""
+    try:
+        while chunk := slow.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    slow.close()
+    assert time.time() - started < 10, "the connection was held"
+    assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:80]
+    assert request(s.addr, "GET", "/health")[0] == 200
