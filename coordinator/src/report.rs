@@ -100,10 +100,7 @@ mod tests {
     use super::*;
     use crate::{
         loader::{ExpertSource, LoadOptions},
-        request::{
-            openai::{CommonFields, CompletionRequest, Prompt},
-            validation,
-        },
+        request::{openai::CommonFields, validation},
         scheduler::{run_alone, FinishReason},
     };
     use switchyard_model::NoProgress;
@@ -126,16 +123,8 @@ mod tests {
         prompt: &[u32],
         common: CommonFields,
     ) -> (Vec<u32>, Vec<f32>, FinishReason) {
-        let body = CompletionRequest {
-            common: CommonFields {
-                model: Some("t".into()),
-                ..common
-            },
-            prompt: Some(Prompt::Ids(prompt.iter().map(|&t| i64::from(t)).collect())),
-            logprobs: Some(0),
-            ..CompletionRequest::default()
-        };
-        let (req, _) = validation::completion(body, e.tokenizer(), &e.limits("t")).unwrap();
+        let req =
+            validation::token_ids(vec![prompt.to_vec()], &common, Some(0), &e.limits("t")).unwrap();
         let (_h, mut stream) = run_alone(e.clone(), &req).unwrap();
         let (mut ids, mut lps) = (Vec::new(), Vec::new());
         while let Some((_, ev)) = stream.blocking_recv() {

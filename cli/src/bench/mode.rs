@@ -9,10 +9,7 @@ use super::{
 use anyhow::Context;
 use std::time::Instant;
 use switchyard_coordinator::{
-    request::{
-        openai::{CommonFields, CompletionRequest, Prompt},
-        validation, ValidatedRequest,
-    },
+    request::{openai::CommonFields, validation, ValidatedRequest},
     scheduler::{SchedulerHandle, SeqEvent},
     Engine,
 };
@@ -25,28 +22,17 @@ pub(super) fn fixed_request(
     prompts: Vec<Vec<u32>>,
     max_tokens: usize,
 ) -> anyhow::Result<ValidatedRequest> {
-    const NAME: &str = "bench";
-    let body = CompletionRequest {
-        common: CommonFields {
-            model: Some(NAME.into()),
-            max_tokens: Some(max_tokens as i64),
-            temperature: Some(0.0),
-            ignore_eos: Some(true),
-            ..CommonFields::default()
-        },
-        prompt: Some(Prompt::IdLists(
-            prompts
-                .into_iter()
-                .map(|p| p.into_iter().map(i64::from).collect())
-                .collect(),
-        )),
-        ..CompletionRequest::default()
+    let common = CommonFields {
+        max_tokens: Some(max_tokens as i64),
+        temperature: Some(0.0),
+        ignore_eos: Some(true),
+        ..CommonFields::default()
     };
     let limits = switchyard_coordinator::request::RequestLimits {
         max_seq_len: sched.max_seq_len,
-        ..engine.limits(NAME)
+        ..engine.limits("bench")
     };
-    Ok(validation::completion(body, engine.tokenizer(), &limits)?.0)
+    Ok(validation::token_ids(prompts, &common, None, &limits)?)
 }
 
 /// One mode's measurements: JSON for the report, figures for the plot.

@@ -194,58 +194,56 @@ impl Answer {
 
     /// The whole answer as one JSON body.
     async fn collect(self, mut stream: RequestStream) -> Response {
-        {
-            let tok = self.state.engine.tokenizer();
-            let mut text = RequestText::new(tok, &self.req);
-            while text.is_open() {
-                let Some((i, ev)) = stream.recv().await else {
-                    // The engine dropped the request without finishing it (it stopped or
-                    // panicked): never a success.
-                    return ended_early().into_response();
-                };
-                if let Update::Failed(f) = text.apply(i, ev, &stream) {
-                    return ApiError::from(f).into_response();
-                }
+        let tok = self.state.engine.tokenizer();
+        let mut text = RequestText::new(tok, &self.req);
+        while text.is_open() {
+            let Some((i, ev)) = stream.recv().await else {
+                // The engine dropped the request without finishing it (it stopped or
+                // panicked): never a success.
+                return ended_early().into_response();
+            };
+            if let Update::Failed(f) = text.apply(i, ev, &stream) {
+                return ApiError::from(f).into_response();
             }
-            let usage = Some(self.usage(&text));
-            let want_lp = self.req.logprobs().is_some();
-            let choices = text.choices.iter().enumerate();
-            match self.kind {
-                Kind::Chat => Json(
-                    self.body(
-                        choices
-                            .map(|(index, c)| ChatChoice {
-                                index,
-                                message: ChatMessageOut {
-                                    role: "assistant",
-                                    content: c.text.clone(),
-                                    refusal: None,
-                                },
-                                logprobs: want_lp.then(|| chat_logprobs(c, 0)),
-                                finish_reason: c.finish,
-                            })
-                            .collect(),
-                        usage,
-                        false,
-                    ),
-                )
-                .into_response(),
-                Kind::Completion => Json(
-                    self.body(
-                        choices
-                            .map(|(index, c)| TextChoice {
-                                index,
-                                text: format!("{}{}", self.echo(index), c.text),
-                                logprobs: want_lp.then(|| text_logprobs(c, 0, 0)),
-                                finish_reason: c.finish,
-                            })
-                            .collect(),
-                        usage,
-                        false,
-                    ),
-                )
-                .into_response(),
-            }
+        }
+        let usage = Some(self.usage(&text));
+        let want_lp = self.req.logprobs().is_some();
+        let choices = text.choices.iter().enumerate();
+        match self.kind {
+            Kind::Chat => Json(
+                self.body(
+                    choices
+                        .map(|(index, c)| ChatChoice {
+                            index,
+                            message: ChatMessageOut {
+                                role: "assistant",
+                                content: c.text.clone(),
+                                refusal: None,
+                            },
+                            logprobs: want_lp.then(|| chat_logprobs(c, 0)),
+                            finish_reason: c.finish,
+                        })
+                        .collect(),
+                    usage,
+                    false,
+                ),
+            )
+            .into_response(),
+            Kind::Completion => Json(
+                self.body(
+                    choices
+                        .map(|(index, c)| TextChoice {
+                            index,
+                            text: format!("{}{}", self.echo(index), c.text),
+                            logprobs: want_lp.then(|| text_logprobs(c, 0, 0)),
+                            finish_reason: c.finish,
+                        })
+                        .collect(),
+                    usage,
+                    false,
+                ),
+            )
+            .into_response(),
         }
     }
 

@@ -351,8 +351,7 @@ impl Dispatcher {
         let latency = start.elapsed();
         st.latency_micros
             .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
-        metrics::histogram!("switchyard_worker_dispatch_latency_seconds", "worker" => w.id.to_string())
-            .record(latency.as_secs_f64());
+        w.record_latency(latency);
         st.compute_micros
             .fetch_add(reply.compute_micros, Ordering::Relaxed);
         w.mark_up();
@@ -382,10 +381,6 @@ impl Dispatcher {
         let mut pending = std::borrow::Cow::Borrowed(plan);
         let mut global: Vec<usize> = (0..plan.rows()).collect();
         let mut last_failure: Option<String> = None;
-        // Each round resends what failed to other hosts; with every host failing in turn
-        // (slow, stuck), rounds would cycle forever as back-offs run out, so they are counted.
-        let max_rounds = self.topology().workers.len() + 1;
-        let mut rounds = 0;
         while pending.rows() > 0 {
             let topo = self.topology();
             generation.borrow_and_update();
@@ -435,13 +430,14 @@ impl Dispatcher {
                     Err(e) => return Err(e),
                 }
             }
-            rounds += 1;
-            if next.rows() > 0 && rounds >= max_rounds {
+            // `expert_wait` bounds the whole layer, retries included: with every host failing
+            // in turn (slow, stuck), resends would otherwise cycle as back-offs run out.
+            if next.rows() > 0 && started.elapsed() >= self.cfg.expert_wait {
                 return Err(DispatchError::NoReplica {
                     layer,
                     expert: next.experts().first().map_or(0, |&e| e as usize),
                     cause: Some(format!(
-                        "{}; gave up after {rounds} rounds in {:.1?}",
+                        "{}; gave up after {:.1?}",
                         last_failure.as_deref().unwrap_or("every host failed"),
                         started.elapsed()
                     )),

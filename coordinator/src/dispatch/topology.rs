@@ -62,6 +62,9 @@ pub(super) struct Worker {
     pub stream: tokio::sync::Mutex<Option<Arc<BatchStream>>>,
     /// The worker answered ForwardStream with UNIMPLEMENTED (an older build): unary calls only.
     pub unary_only: std::sync::atomic::AtomicBool,
+    /// Its call-latency histogram, made at the first call (after `serve` installs the
+    /// recorder), so that a layer's call neither formats a label nor looks the metric up.
+    latency: std::sync::OnceLock<metrics::Histogram>,
 }
 
 impl Worker {
@@ -75,8 +78,18 @@ impl Worker {
             down_until: Mutex::new(None),
             stream: tokio::sync::Mutex::new(None),
             unary_only: std::sync::atomic::AtomicBool::new(false),
+            latency: std::sync::OnceLock::new(),
         }
     }
+    /// Records one call's latency.
+    pub fn record_latency(&self, latency: Duration) {
+        self.latency
+            .get_or_init(|| {
+                metrics::histogram!("switchyard_worker_dispatch_latency_seconds", "worker" => self.id.to_string())
+            })
+            .record(latency.as_secs_f64());
+    }
+
     pub fn is_up(&self, now: Instant) -> bool {
         let g = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         g.is_none_or(|t| now >= t)

@@ -86,12 +86,6 @@ pub fn completion(
         }
         Some(_) => return Err(invalid("prompt must not be empty", "prompt")),
     };
-    if prompts.len() > limits.max_prompts {
-        return Err(invalid(
-            format!("at most {} prompts per request", limits.max_prompts),
-            "prompt",
-        ));
-    }
     let shape = ResponseShape {
         echo: body.echo.unwrap_or(false).then_some(texts),
         ..common.shape.clone()
@@ -148,7 +142,23 @@ pub fn greedy(ids: &[u32], new_tokens: usize, limits: &RequestLimits) -> Result<
         temperature: Some(0.0),
         ..CommonFields::default()
     };
-    common(&body, body.max_tokens, limits)?.build(vec![ids.to_vec()], None, limits)
+    token_ids(vec![ids.to_vec()], &body, None, limits)
+}
+
+/// Prompts given as token ids, a choice each (`n` each where `common` says), with `common`'s
+/// fields (`max_tokens` 16 where absent, as completions) and `logprobs` alternatives: what the
+/// CLI's runs and the tests submit, checked like any completion.
+pub fn token_ids(
+    prompts: Vec<Vec<u32>>,
+    common_fields: &CommonFields,
+    logprobs: Option<usize>,
+    limits: &RequestLimits,
+) -> Result<ValidatedRequest> {
+    if logprobs.is_some_and(|l| l > 20) {
+        return Err(invalid("logprobs must be in [0, 20]", "logprobs"));
+    }
+    common(common_fields, common_fields.max_tokens.or(Some(16)), limits)?
+        .build(prompts, logprobs, limits)
 }
 
 /// The fields both endpoints share, checked, waiting for the prompts.
@@ -173,6 +183,12 @@ impl Common {
         logprobs: Option<usize>,
         limits: &RequestLimits,
     ) -> Result<ValidatedRequest> {
+        if prompts.len() > limits.max_prompts {
+            return Err(invalid(
+                format!("at most {} prompts per request", limits.max_prompts),
+                "prompt",
+            ));
+        }
         let max_len = limits.max_seq_len;
         let mut max_tokens = Vec::with_capacity(prompts.len());
         for p in &prompts {

@@ -45,6 +45,9 @@ impl Loop {
         scratch: StepScratch<AnyBackend>,
         stats: watch::Sender<SchedulerStats>,
     ) -> Self {
+        metrics::gauge!("switchyard_kv_cache_blocks", "state" => "total")
+            .set(kv.num_blocks() as f64);
+        set_gauges(&stats.borrow());
         Self {
             engine,
             cfg,
@@ -160,15 +163,12 @@ impl Loop {
             kv_blocks_total: self.kv.num_blocks(),
             preemptions: self.preemptions,
         };
-        self.stats
-            .send_if_modified(|s| std::mem::replace(s, stats) != stats);
-        metrics::gauge!("switchyard_num_requests_running").set(stats.running as f64);
-        metrics::gauge!("switchyard_num_requests_waiting").set(stats.waiting as f64);
-        metrics::gauge!("switchyard_kv_cache_usage_perc")
-            .set(used as f64 / self.kv.num_blocks() as f64);
-        metrics::gauge!("switchyard_kv_cache_blocks", "state" => "used").set(used as f64);
-        metrics::gauge!("switchyard_kv_cache_blocks", "state" => "total")
-            .set(stats.kv_blocks_total as f64);
+        // Most decode steps change none of these: only a change is published.
+        if *self.stats.borrow() == stats {
+            return;
+        }
+        self.stats.send_replace(stats);
+        set_gauges(&stats);
     }
 
     /// One iteration over the running sequences.
@@ -453,6 +453,15 @@ impl Loop {
             }
         }
     }
+}
+
+/// The scheduler's gauges in the metrics registry.
+fn set_gauges(s: &SchedulerStats) {
+    metrics::gauge!("switchyard_num_requests_running").set(s.running as f64);
+    metrics::gauge!("switchyard_num_requests_waiting").set(s.waiting as f64);
+    metrics::gauge!("switchyard_kv_cache_usage_perc")
+        .set(s.kv_blocks_used as f64 / s.kv_blocks_total.max(1) as f64);
+    metrics::gauge!("switchyard_kv_cache_blocks", "state" => "used").set(s.kv_blocks_used as f64);
 }
 
 /// Time to first token, or since the previous one.

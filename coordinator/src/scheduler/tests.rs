@@ -1,10 +1,7 @@
 use super::*;
 use crate::{
     loader::{ExpertSource, LoadOptions},
-    request::{
-        openai::{CommonFields, CompletionRequest, Prompt},
-        validation,
-    },
+    request::{openai::CommonFields, validation},
 };
 use switchyard_model::{weights::gen, KvDtype, NoProgress};
 
@@ -47,25 +44,13 @@ fn request(
     max_tokens: usize,
     common: CommonFields,
 ) -> ValidatedRequest {
-    let body = CompletionRequest {
-        common: CommonFields {
-            model: Some("test".into()),
-            max_tokens: Some(max_tokens as i64),
-            temperature: common.temperature.or(Some(0.0)),
-            ignore_eos: common.ignore_eos.or(Some(true)),
-            ..common
-        },
-        prompt: Some(Prompt::IdLists(
-            prompts
-                .iter()
-                .map(|p| p.iter().map(|&t| i64::from(t)).collect())
-                .collect(),
-        )),
-        ..CompletionRequest::default()
+    let common = CommonFields {
+        max_tokens: Some(max_tokens as i64),
+        temperature: common.temperature.or(Some(0.0)),
+        ignore_eos: common.ignore_eos.or(Some(true)),
+        ..common
     };
-    validation::completion(body, engine.tokenizer(), &engine.limits("test"))
-        .unwrap()
-        .0
+    validation::token_ids(prompts.to_vec(), &common, None, &engine.limits("test")).unwrap()
 }
 
 fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> ValidatedRequest {
@@ -238,21 +223,13 @@ fn prompts_that_share_a_beginning_reuse_its_blocks_and_generate_the_same() {
     let cached = start(engine.clone(), cfg(true)).unwrap();
     let plain = start(load(dir.path(), KvDtype::F32), cfg(false)).unwrap();
     let with_logprobs = |prompt: Vec<u32>, n| {
-        let body = CompletionRequest {
-            common: CommonFields {
-                model: Some("test".into()),
-                max_tokens: Some(n as i64),
-                temperature: Some(0.0),
-                ignore_eos: Some(true),
-                ..CommonFields::default()
-            },
-            prompt: Some(Prompt::Ids(prompt.iter().map(|&t| i64::from(t)).collect())),
-            logprobs: Some(0),
-            ..CompletionRequest::default()
+        let common = CommonFields {
+            max_tokens: Some(n as i64),
+            temperature: Some(0.0),
+            ignore_eos: Some(true),
+            ..CommonFields::default()
         };
-        validation::completion(body, engine.tokenizer(), &engine.limits("test"))
-            .unwrap()
-            .0
+        validation::token_ids(vec![prompt], &common, Some(0), &engine.limits("test")).unwrap()
     };
     let run = |h: &SchedulerHandle, prompt: Vec<u32>, n| {
         let o = submit(h, &with_logprobs(prompt, n));

@@ -380,6 +380,16 @@ fn a_forward_continuation_is_checked_like_a_completion() {
     assert!(greedy(&[1; 60], 20, &limits()).is_err());
     let r = greedy(&[1, 2], 5, &limits()).unwrap();
     assert_eq!((r.max_tokens(0), r.sampling().temperature), (5, 0.0));
+    // Token-id prompts from the CLI and tests meet the same rules.
+    let c = common(|_| {});
+    let r = token_ids(vec![vec![1, 2], vec![3]], &c, Some(2), &limits()).unwrap();
+    assert_eq!(
+        (r.choices(), r.max_tokens(1), r.logprobs()),
+        (2, 16, Some(2))
+    );
+    assert!(token_ids(vec![vec![1]], &c, Some(21), &limits()).is_err());
+    assert!(token_ids(vec![vec![1]; 9], &c, None, &limits()).is_err());
+    assert!(token_ids(vec![], &c, None, &limits()).is_err());
 }
 
 #[test]
