@@ -37,6 +37,13 @@ pub enum ModelError {
         tensor: String,
         dtype: String,
     },
+    /// A packed quantized tensor that does not fit the checkpoint's `quantization_config`.
+    #[error("{path}: quantized tensor {tensor:?} {reason}")]
+    Quantized {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

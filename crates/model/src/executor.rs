@@ -7,7 +7,7 @@ use crate::{
     backend::Backend,
     ids::{ExpertSet, LayerId},
     moe::RoutePlan,
-    weights::{names, Checkpoint, LoadProgress},
+    weights::{names, Checkpoint, LoadProgress, WeightRole},
     ModelError, Result,
 };
 use std::sync::Mutex;
@@ -140,18 +140,19 @@ impl<B: Backend + Clone> LocalExperts<B> {
                     row.push(None);
                     continue;
                 }
-                let mut take = |w: &str, shape: &[usize]| -> Result<B::Weight> {
-                    let t = ck.tensor(&names::expert(l, e, w), shape)?;
-                    bytes += t.bytes().len();
-                    let n = t.bytes().len() as u64;
-                    let out = backend.upload_matrix(t)?;
-                    progress.advance(n);
+                let mut take = |w: &str, shape: [usize; 2]| -> Result<B::Weight> {
+                    let name = names::expert(l, e, w);
+                    let (t, quantize) = ck.linear(&name, shape, WeightRole::Expert)?;
+                    let n = t.bytes().len();
+                    bytes += quantize.map_or(n, |f| f.bytes_for(shape[0] * shape[1]));
+                    let out = backend.upload_matrix(t, quantize)?;
+                    progress.advance(n as u64);
                     Ok(out)
                 };
                 row.push(Some(ExpertFfn {
-                    w1: take("w1", &[i, h])?,
-                    w3: take("w3", &[i, h])?,
-                    w2: take("w2", &[h, i])?,
+                    w1: take("w1", [i, h])?,
+                    w3: take("w3", [i, h])?,
+                    w2: take("w2", [h, i])?,
                 }));
             }
             layers.push(row);

@@ -164,11 +164,15 @@ impl Backend for AnyBackend {
         }
     }
 
-    fn upload_matrix(&self, t: HostTensor) -> Result<AnyWeight> {
+    fn upload_matrix(
+        &self,
+        t: HostTensor,
+        quantize: Option<crate::weights::QuantFormat>,
+    ) -> Result<AnyWeight> {
         match self {
-            Self::Cpu(b) => b.upload_matrix(t).map(AnyWeight::Cpu),
+            Self::Cpu(b) => b.upload_matrix(t, quantize).map(AnyWeight::Cpu),
             #[cfg(feature = "cuda")]
-            Self::Cuda(b) => b.upload_matrix(t).map(AnyWeight::Cuda),
+            Self::Cuda(b) => b.upload_matrix(t, quantize).map(AnyWeight::Cuda),
         }
     }
 

@@ -34,8 +34,20 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
     /// [`Backend::upload`] for a `[out, in]` matrix that is only ever a linear's weight (the
     /// experts', the attention projections, an untied LM head): a backend may keep it in
-    /// another layout that its linears read faster (the CPU's AMX tile order).
-    fn upload_matrix(&self, t: HostTensor) -> Result<Self::Weight> {
+    /// another layout that its linears read faster (the CPU's AMX tile order). With
+    /// `quantize`, a float `t` is quantized to that format first; `t` may also be stored
+    /// quantized. A backend without quantized kernels refuses both.
+    fn upload_matrix(
+        &self,
+        t: HostTensor,
+        quantize: Option<crate::weights::QuantFormat>,
+    ) -> Result<Self::Weight> {
+        if quantize.is_some() || t.dtype().quant().is_some() {
+            return Err(crate::ModelError::Unsupported {
+                device: self.describe(),
+                what: "quantized weights".into(),
+            });
+        }
         self.upload(t)
     }
     /// A zeroed buffer of `len` f32.

@@ -8,7 +8,7 @@ pub use step::{Logits, SeqStep, StepOutput, StepScratch};
 use crate::{
     backend::Backend,
     config::MixtralConfig,
-    weights::{names, Checkpoint, HostTensor, LoadProgress},
+    weights::{names, Checkpoint, HostTensor, LoadProgress, WeightRole},
     Result,
 };
 
@@ -73,41 +73,46 @@ impl<B: Backend> Mixtral<B> {
         let cfg = ck.config().clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut bytes = 0usize;
-        // `matrix`: only ever a linear's weight, so the backend may keep it in the layout its
-        // linears read fastest (`Backend::upload_matrix`). The attention projections and an
-        // untied LM head are; the embedding table is also read by row, and the router is tiny.
-        let mut take = |name: &str, shape: &[usize], matrix: bool| -> Result<B::Weight> {
-            let t = ck.tensor(name, shape)?;
+        // A linear's weight (`role`) may be kept in the layout the backend's linears read
+        // fastest, and quantized where the checkpoint asks (`Backend::upload_matrix`): the
+        // attention projections and an untied LM head. The embedding table is also read by
+        // row, and the router is tiny; they stay as stored.
+        let mut take = |name: &str, shape: &[usize], role: Option<WeightRole>| -> Result<B::Weight> {
+            let (t, quantize) = match (role, shape) {
+                (Some(role), &[out, inp]) => ck.linear(name, [out, inp], role)?,
+                _ => (ck.tensor(name, shape)?, None),
+            };
             let n = t.bytes().len();
-            bytes += n;
-            let w = if matrix {
-                backend.upload_matrix(t)?
+            bytes += quantize.map_or(n, |f| f.bytes_for(shape.iter().product()));
+            let w = if role.is_some() {
+                backend.upload_matrix(t, quantize)?
             } else {
                 backend.upload(t)?
             };
             progress.advance(n as u64);
             Ok(w)
         };
-        let embed = take(names::EMBED, &[v, h], false)?;
+        let (attn, head) = (Some(WeightRole::Attention), Some(WeightRole::Head));
+        let embed = take(names::EMBED, &[v, h], None)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let n = |s: &str| names::layer(l, s);
             layers.push(LayerWeights {
-                input_norm: take(&n("input_layernorm.weight"), &[h], false)?,
-                q: take(&n("self_attn.q_proj.weight"), &[cfg.q_dim(), h], true)?,
-                k: take(&n("self_attn.k_proj.weight"), &[cfg.kv_dim(), h], true)?,
-                v: take(&n("self_attn.v_proj.weight"), &[cfg.kv_dim(), h], true)?,
-                o: take(&n("self_attn.o_proj.weight"), &[h, cfg.q_dim()], true)?,
-                post_norm: take(&n("post_attention_layernorm.weight"), &[h], false)?,
-                router: take(&names::router(l), &[cfg.num_local_experts, h], false)?,
+                input_norm: take(&n("input_layernorm.weight"), &[h], None)?,
+                q: take(&n("self_attn.q_proj.weight"), &[cfg.q_dim(), h], attn)?,
+                k: take(&n("self_attn.k_proj.weight"), &[cfg.kv_dim(), h], attn)?,
+                v: take(&n("self_attn.v_proj.weight"), &[cfg.kv_dim(), h], attn)?,
+                o: take(&n("self_attn.o_proj.weight"), &[h, cfg.q_dim()], attn)?,
+                post_norm: take(&n("post_attention_layernorm.weight"), &[h], None)?,
+                router: take(&names::router(l), &[cfg.num_local_experts, h], None)?,
             });
         }
-        let norm = take(names::FINAL_NORM, &[h], false)?;
+        let norm = take(names::FINAL_NORM, &[h], None)?;
         let lm_head = if cfg.tie_word_embeddings {
             // The same mapped table the embedding lookup reads by row: kept in place.
-            take(names::EMBED, &[v, h], false)?
+            take(names::EMBED, &[v, h], None)?
         } else {
-            take(names::LM_HEAD, &[v, h], true)?
+            take(names::LM_HEAD, &[v, h], head)?
         };
         let (cos, sin) = crate::backend::cpu::ops::rope_tables(
             cfg.rope_theta,

@@ -149,6 +149,11 @@ impl GenSpec {
             )));
         }
         let bad = |m: String| Err(ModelError::Input(format!("gen-model: {m}")));
+        if let Some(q) = self.dtype.quant() {
+            return bad(format!(
+                "writes f32, f16 or bf16 weights, not {q} (quantize them with `switchyard quantize`)"
+            ));
+        }
         if [
             self.hidden,
             self.layers,
@@ -236,6 +241,7 @@ fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
             let v: Vec<f16> = values.par_iter().map(|&x| f16::from_f32(x)).collect();
             bytemuck::cast_slice(&v).to_vec()
         }
+        DType::Q8_0 | DType::Q4_0 => unreachable!("GenSpec::check refuses quantized dtypes"),
     }
 }
 
@@ -244,6 +250,7 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
         DType::F32 => safetensors::Dtype::F32,
         DType::F16 => safetensors::Dtype::F16,
         DType::BF16 => safetensors::Dtype::BF16,
+        DType::Q8_0 | DType::Q4_0 => unreachable!("GenSpec::check refuses quantized dtypes"),
     }
 }
 
@@ -340,6 +347,7 @@ fn write_config(spec: &GenSpec, out: &Path) -> Result<()> {
         DType::F32 => "float32",
         DType::F16 => "float16",
         DType::BF16 => "bfloat16",
+        DType::Q8_0 | DType::Q4_0 => unreachable!("GenSpec::check refuses quantized dtypes"),
     };
     write_json(
         &out.join("config.json"),

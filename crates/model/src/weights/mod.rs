@@ -7,8 +7,10 @@
 
 pub mod gen;
 pub mod names;
+pub mod quant;
 mod tensor;
 
+pub use quant::{QuantFormat, QuantPlan, WeightRole};
 pub use tensor::{DType, Elems, HostTensor};
 
 use crate::{config::MixtralConfig, ModelError, Result};
@@ -43,6 +45,10 @@ pub struct Checkpoint {
     config: MixtralConfig,
     shards: Vec<Shard>,
     tensors: HashMap<String, Entry>,
+    /// How the linears are stored, from config.json's `quantization_config`.
+    stored: QuantPlan,
+    /// What to quantize at load ([`Checkpoint::set_quantize`]).
+    plan: QuantPlan,
 }
 
 /// Told how many bytes a load will touch and how far it is; the CLI draws a progress bar with it.
@@ -75,6 +81,7 @@ impl Checkpoint {
         }
         let mut config = MixtralConfig::from_file(&dir.join("config.json"))?;
         config.merge_generation_config(&dir)?;
+        let stored = read_quantization_config(&dir.join("config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
 
@@ -83,6 +90,8 @@ impl Checkpoint {
             config,
             shards: Vec::new(),
             tensors: HashMap::new(),
+            stored,
+            plan: QuantPlan::default(),
         };
         if index_path.exists() {
             let weight_map = read_index(&index_path)?;
@@ -160,6 +169,8 @@ impl Checkpoint {
                 safetensors::Dtype::F32 => Ok(DType::F32),
                 safetensors::Dtype::F16 => Ok(DType::F16),
                 safetensors::Dtype::BF16 => Ok(DType::BF16),
+                // The packed blocks of a quantized linear (`quantization_config`).
+                safetensors::Dtype::U8 => Err(PACKED.to_string()),
                 other => Err(format!("{other:?}")),
             };
             let (a, b) = info.data_offsets;
@@ -211,6 +222,9 @@ impl Checkpoint {
                 where_: self.describe_files(),
             })?;
         let shard = &self.shards[e.shard];
+        if matches!(&e.dtype, Err(d) if d == PACKED) {
+            return self.packed(name, e, shape);
+        }
         let dtype = e.dtype.clone().map_err(|dtype| ModelError::Dtype {
             path: shard.path.clone(),
             tensor: name.to_string(),
@@ -230,6 +244,97 @@ impl Checkpoint {
             dtype,
             e.shape.clone(),
         ))
+    }
+
+    /// A linear's weight `[out, in]` stored as packed blocks: `[out, in / 32 · block bytes]`
+    /// bytes in the checkpoint's stored format.
+    fn packed(&self, name: &str, e: &Entry, shape: &[usize]) -> Result<HostTensor> {
+        let path = &self.shards[e.shard].path;
+        let bad = |reason: String| ModelError::Quantized {
+            path: path.clone(),
+            tensor: name.to_string(),
+            reason,
+        };
+        let Some(format) = self.stored.format else {
+            return Err(bad(
+                "is packed bytes (U8), but config.json has no quantization_config".into(),
+            ));
+        };
+        let &[out, inp] = shape else {
+            return Err(bad(format!(
+                "is packed bytes, but a tensor of shape {shape:?} is never quantized"
+            )));
+        };
+        if !inp.is_multiple_of(quant::BLOCK) {
+            return Err(bad(format!(
+                "input width {inp} is not a multiple of the {}-weight block",
+                quant::BLOCK
+            )));
+        }
+        let want = [out, format.bytes_for(inp)];
+        if e.shape != want {
+            return Err(ModelError::Shape {
+                path: path.clone(),
+                tensor: name.to_string(),
+                found: e.shape.clone(),
+                expected: want.to_vec(),
+            });
+        }
+        Ok(HostTensor::mapped(
+            self.shards[e.shard].map.clone(),
+            e.range.clone(),
+            format.into(),
+            shape.to_vec(),
+        ))
+    }
+
+    /// Takes the weight of a linear of `role`, `[out, in]`, and the format to quantize it to
+    /// at upload where [`Checkpoint::set_quantize`] asked for one and it is stored in floats.
+    pub fn linear(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        role: WeightRole,
+    ) -> Result<(HostTensor, Option<QuantFormat>)> {
+        let t = self.tensor(name, &shape)?;
+        let q = self.plan.for_role(role).filter(|_| t.dtype().quant().is_none());
+        if q.is_some() && !shape[1].is_multiple_of(quant::BLOCK) {
+            return Err(ModelError::Input(format!(
+                "{name}: cannot quantize an input width of {} (not a multiple of {})",
+                shape[1],
+                quant::BLOCK
+            )));
+        }
+        Ok((t, q))
+    }
+
+    /// Asks for the linears to be quantized at load as `plan` says. A checkpoint stored in one
+    /// format is not quantized again to another.
+    pub fn set_quantize(&mut self, plan: QuantPlan) -> Result<()> {
+        if let (Some(stored), Some(want)) = (self.stored.format, plan.format) {
+            if stored != want {
+                return Err(ModelError::Input(format!(
+                    "{} is stored in {stored}; it cannot be quantized again to {want} \
+                     (quantize the original checkpoint instead)",
+                    self.dir.display()
+                )));
+            }
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// The quantization the loaded linears have, stored or at load ("q4_0", "q8_0+attention"),
+    /// or None for float weights.
+    #[must_use]
+    pub fn quantization(&self) -> Option<String> {
+        let format = self.stored.format.or(self.plan.format)?;
+        let attention = self.stored.attention || self.plan.attention;
+        Some(if attention {
+            format!("{format}+attention")
+        } else {
+            format.to_string()
+        })
     }
 
     /// Bytes `name` occupies, if present (used to size progress bars before loading).
@@ -269,9 +374,18 @@ impl Checkpoint {
             h.update(&data[..n]);
             h.update(&data[data.len() - n..]);
         }
+        // Quantized at load or stored so: two processes that quantize differently compute
+        // differently, and the label says how.
+        let quant = self.quantization();
+        if let Some(q) = &quant {
+            h.update(format!("quant={q}").as_bytes());
+        }
         let digest = h.finalize();
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        format!("{}-{hex}", self.config.shape_fingerprint())
+        match quant {
+            Some(q) => format!("{}-{q}-{hex}", self.config.shape_fingerprint()),
+            None => format!("{}-{hex}", self.config.shape_fingerprint()),
+        }
     }
 
     fn describe_files(&self) -> String {
@@ -282,6 +396,48 @@ impl Checkpoint {
             .collect();
         names.join(", ")
     }
+}
+
+/// The dtype error text that marks packed quantized blocks (stored as U8).
+const PACKED: &str = "U8";
+
+/// Reads config.json's `quantization_config` as `switchyard quantize` writes it:
+/// `{"quant_method": "switchyard", "format": "q4_0", "quantize_attention": false}`. Absent: float
+/// weights.
+fn read_quantization_config(path: &Path) -> Result<QuantPlan> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let bad = |reason: String| ModelError::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let Some(q) = v.get("quantization_config") else {
+        return Ok(QuantPlan::default());
+    };
+    let bad = |m: String| bad(format!("quantization_config: {m}"));
+    let method = q.get("quant_method").and_then(|m| m.as_str());
+    if method != Some("switchyard") {
+        return Err(bad(format!(
+            "quant_method {method:?} is not one switchyard reads (\"switchyard\", written by \
+             `switchyard quantize`)"
+        )));
+    }
+    let format = q
+        .get("format")
+        .and_then(|f| f.as_str())
+        .ok_or_else(|| bad("missing \"format\"".into()))?
+        .parse::<QuantFormat>()
+        .map_err(bad)?;
+    let attention = match q.get("quantize_attention") {
+        None => false,
+        Some(a) => a
+            .as_bool()
+            .ok_or_else(|| bad("\"quantize_attention\" must be true or false".into()))?,
+    };
+    Ok(QuantPlan {
+        format: Some(format),
+        attention,
+    })
 }
 
 /// Reads `{"weight_map": {tensor: file}}`.

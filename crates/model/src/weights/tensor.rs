@@ -1,36 +1,71 @@
 //! `HostTensor`: a tensor in its stored dtype, backed by the checkpoint's memory map when the bytes
 //! are aligned for the dtype, else by an owned copy.
 
+use super::quant::{self, BlockQ4_0, BlockQ8_0, QuantFormat};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use std::{ops::Range, sync::Arc};
 
 /// Element types switchyard keeps weights in. Weights stay in the stored dtype: decode is memory
-/// bound, so widening bf16 to f32 in memory would halve the speed.
+/// bound, so widening bf16 to f32 in memory would halve the speed. The block-quantized types
+/// ([`quant`](super::quant)) hold linears' weights only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Q8_0,
+    Q4_0,
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element of the float types; the quantized ones store blocks
+    /// ([`DType::bytes_for`]).
     #[must_use]
     pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
+            Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 => 2,
         }
     }
 
-    /// The safetensors spelling.
+    /// Bytes of `elems` elements (for the quantized types, a multiple of the block).
+    #[must_use]
+    pub fn bytes_for(self, elems: usize) -> usize {
+        match self.quant() {
+            Some(q) => q.bytes_for(elems),
+            None => elems * self.size(),
+        }
+    }
+
+    /// The block format of a quantized type.
+    #[must_use]
+    pub fn quant(self) -> Option<QuantFormat> {
+        match self {
+            Self::Q8_0 => Some(QuantFormat::Q8_0),
+            Self::Q4_0 => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+
+    /// The name of a type (safetensors' spelling for the float ones).
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::F32 => "F32",
             Self::F16 => "F16",
             Self::BF16 => "BF16",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4_0 => "Q4_0",
+        }
+    }
+}
+
+impl From<QuantFormat> for DType {
+    fn from(q: QuantFormat) -> Self {
+        match q {
+            QuantFormat::Q8_0 => Self::Q8_0,
+            QuantFormat::Q4_0 => Self::Q4_0,
         }
     }
 }
@@ -59,6 +94,9 @@ pub enum Elems<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Blocks of 32 elements each.
+    Q8_0(&'a [BlockQ8_0]),
+    Q4_0(&'a [BlockQ4_0]),
 }
 
 impl Elems<'_> {
@@ -69,7 +107,15 @@ impl Elems<'_> {
             Self::F32(s) => s.len(),
             Self::F16(s) => s.len(),
             Self::BF16(s) => s.len(),
+            Self::Q8_0(b) => b.len() * quant::BLOCK,
+            Self::Q4_0(b) => b.len() * quant::BLOCK,
         }
+    }
+
+    /// Whether these are quantized blocks.
+    #[must_use]
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Q8_0(_) | Self::Q4_0(_))
     }
 
     /// Whether there are no elements.
@@ -78,7 +124,8 @@ impl Elems<'_> {
         self.len() == 0
     }
 
-    /// Element `i` widened to f32 (exact for every supported dtype).
+    /// Element `i` widened to f32 (exact for every supported dtype; for the quantized ones,
+    /// the value the block stands for).
     #[must_use]
     #[inline]
     pub fn get_f32(&self, i: usize) -> f32 {
@@ -86,6 +133,7 @@ impl Elems<'_> {
             Self::F32(s) => s[i],
             Self::F16(s) => s[i].to_f32(),
             Self::BF16(s) => s[i].to_f32(),
+            Self::Q8_0(_) | Self::Q4_0(_) => quant::dequantize_at(self, i),
         }
     }
 
@@ -96,6 +144,11 @@ impl Elems<'_> {
             Self::F32(s) => out.copy_from_slice(&s[range]),
             Self::F16(s) => s[range].convert_to_f32_slice(out),
             Self::BF16(s) => s[range].convert_to_f32_slice(out),
+            Self::Q8_0(_) | Self::Q4_0(_) => {
+                for (o, i) in out.iter_mut().zip(range) {
+                    *o = quant::dequantize_at(self, i);
+                }
+            }
         }
     }
 
@@ -106,16 +159,24 @@ impl Elems<'_> {
             Self::F32(s) => bytemuck::cast_slice(s),
             Self::F16(s) => bytemuck::cast_slice(s),
             Self::BF16(s) => bytemuck::cast_slice(s),
+            Self::Q8_0(b) => bytemuck::cast_slice(b),
+            Self::Q4_0(b) => bytemuck::cast_slice(b),
         }
     }
 
-    /// A sub-range of the elements.
+    /// A sub-range of the elements (for the quantized types, whole blocks).
     #[must_use]
     pub fn slice(&self, range: Range<usize>) -> Self {
+        let blocks = || {
+            debug_assert!(range.start % quant::BLOCK == 0 && range.end % quant::BLOCK == 0);
+            range.start / quant::BLOCK..range.end / quant::BLOCK
+        };
         match *self {
             Self::F32(s) => Elems::F32(&s[range]),
             Self::F16(s) => Elems::F16(&s[range]),
             Self::BF16(s) => Elems::BF16(&s[range]),
+            Self::Q8_0(b) => Elems::Q8_0(&b[blocks()]),
+            Self::Q4_0(b) => Elems::Q4_0(&b[blocks()]),
         }
     }
 }
@@ -210,6 +271,8 @@ impl HostTensor {
             DType::F32 => Elems::F32(bytemuck::cast_slice(b)),
             DType::F16 => Elems::F16(bytemuck::cast_slice(b)),
             DType::BF16 => Elems::BF16(bytemuck::cast_slice(b)),
+            DType::Q8_0 => Elems::Q8_0(bytemuck::cast_slice(b)),
+            DType::Q4_0 => Elems::Q4_0(bytemuck::cast_slice(b)),
         }
     }
 

@@ -35,10 +35,14 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// for matrices only linears read ([`Backend::upload_matrix`]) on CPUs with AMX a copy in AMX
 /// tile order, which every linear of it reads instead (see `linear/tiles.rs`). Derefs to the
 /// tensor.
+///
+/// A quantized weight (stored so, or quantized at load) lives in [`linear::QTiles`] alone: the
+/// tensor it came from keeps only its mapping, released from this process's resident memory.
 #[derive(Debug)]
 pub struct CpuWeight {
     tensor: HostTensor,
     tiles: Option<linear::Tiles>,
+    quant: Option<linear::QTiles>,
 }
 
 impl CpuWeight {
@@ -46,6 +50,23 @@ impl CpuWeight {
     #[must_use]
     pub fn tiles(&self) -> Option<&linear::Tiles> {
         self.tiles.as_ref()
+    }
+
+    /// The quantized blocks in kernel order, for a quantized weight.
+    #[must_use]
+    pub fn quant(&self) -> Option<&linear::QTiles> {
+        self.quant.as_ref()
+    }
+
+    /// Bytes this weight keeps resident for the linears (quantized blocks, AMX tiles, or the
+    /// stored tensor).
+    #[must_use]
+    pub fn resident_bytes(&self) -> usize {
+        match (&self.quant, &self.tiles) {
+            (Some(q), _) => q.bytes(),
+            (None, Some(t)) => t.bytes(),
+            (None, None) => self.tensor.bytes().len(),
+        }
     }
 }
 
@@ -73,8 +94,10 @@ fn mixed_kv() -> crate::ModelError {
 static NO_TILES: linear::Tiles = linear::Tiles::EMPTY;
 
 /// Runs `parts` (weight, output) through the linears without allocating: weights with tiles
-/// through [`linear::linear_tiles`], the others through [`linear::linear_many`], up to
-/// [`linear::MAX_PARTS`] per pass. Each part's result is the same whichever pass it shares.
+/// through [`linear::linear_tiles`], quantized ones through [`linear::quant::linear_many`]
+/// (which quantizes the activations once for all of them), the others through
+/// [`linear::linear_many`], up to [`linear::MAX_PARTS`] per pass. Each part's result is the
+/// same whichever pass it shares.
 pub(crate) fn linear_parts<'a>(
     x: &[f32],
     rows: usize,
@@ -84,10 +107,23 @@ pub(crate) fn linear_parts<'a>(
         std::array::from_fn(|_| (Elems::F32(&[]), 0, <&mut [f32]>::default()));
     let mut tiled: [(&'a linear::Tiles, &'a mut [f32]); linear::MAX_PARTS] =
         std::array::from_fn(|_| (&NO_TILES, <&mut [f32]>::default()));
-    let (mut n, mut nt) = (0, 0);
+    let mut quant: [(&'a linear::QTiles, &'a mut [f32]); linear::MAX_PARTS] =
+        std::array::from_fn(|_| (&*EMPTY_QUANT, <&mut [f32]>::default()));
+    let (mut n, mut nt, mut nq) = (0, 0, 0);
     for part in parts {
         let (w, y) = part?;
-        if let Some(t) = w.tiles() {
+        if let Some(q) = w.quant() {
+            if nq > 0 && quant[0].0.inp() != q.inp() {
+                linear::quant::linear_many(x, rows, &mut quant[..nq]);
+                nq = 0;
+            }
+            quant[nq] = (q, y);
+            nq += 1;
+            if nq == linear::MAX_PARTS {
+                linear::quant::linear_many(x, rows, &mut quant[..nq]);
+                nq = 0;
+            }
+        } else if let Some(t) = w.tiles() {
             tiled[nt] = (t, y);
             nt += 1;
             if nt == linear::MAX_PARTS {
@@ -103,6 +139,9 @@ pub(crate) fn linear_parts<'a>(
             }
         }
     }
+    if nq > 0 {
+        linear::quant::linear_many(x, rows, &mut quant[..nq]);
+    }
     if nt > 0 {
         linear::linear_tiles(x, rows, &mut tiled[..nt]);
     }
@@ -111,6 +150,10 @@ pub(crate) fn linear_parts<'a>(
     }
     Ok(())
 }
+
+/// An empty quantized weight, to fill unused slots of a pass.
+static EMPTY_QUANT: std::sync::LazyLock<linear::QTiles> =
+    std::sync::LazyLock::new(linear::QTiles::empty_placeholder);
 
 /// The CPU backend. Stateless: every op runs on rayon's global pool.
 #[derive(Clone, Copy, Debug, Default)]
@@ -136,15 +179,43 @@ impl Backend for Cpu {
         Ok(CpuWeight {
             tensor: t,
             tiles: None,
+            quant: None,
         })
     }
 
-    fn upload_matrix(&self, t: HostTensor) -> Result<CpuWeight> {
-        let tiles = match t.shape() {
-            [out, _] => linear::tiles_for(t.elems(), *out),
-            _ => None,
+    fn upload_matrix(
+        &self,
+        t: HostTensor,
+        quantize: Option<crate::weights::QuantFormat>,
+    ) -> Result<CpuWeight> {
+        let &[out, inp] = t.shape() else {
+            return Err(crate::ModelError::Input(format!(
+                "a linear's weight must be [out, in], not {:?}",
+                t.shape()
+            )));
         };
-        let Some(tiles) = tiles else {
+        if quantize.is_some() || t.dtype().quant().is_some() {
+            let packed = match quantize {
+                Some(f) => linear::QTiles::quantize(t.elems(), out, f),
+                None => linear::QTiles::from_blocks(t.elems(), out),
+            };
+            let Some(q) = packed else {
+                return Err(crate::ModelError::Input(format!(
+                    "cannot quantize a [{out}, {inp}] {} weight (the input width must be a \
+                     multiple of {})",
+                    t.dtype(),
+                    crate::weights::quant::BLOCK
+                )));
+            };
+            // Only the packed blocks are read from now on.
+            t.release_pages();
+            return Ok(CpuWeight {
+                tensor: t,
+                tiles: None,
+                quant: Some(q),
+            });
+        }
+        let Some(tiles) = linear::tiles_for(t.elems(), out) else {
             return self.upload(t);
         };
         // Only the tiles are read from now on; the mapped pages go back to the page cache
@@ -153,6 +224,7 @@ impl Backend for Cpu {
         Ok(CpuWeight {
             tensor: t,
             tiles: Some(tiles),
+            quant: None,
         })
     }
 
@@ -206,9 +278,10 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
-        match w.tiles() {
-            Some(t) => linear::linear_tiles(x, rows, &mut [(t, out.as_mut_slice())]),
-            None => linear::linear(x, rows, w.elems(), w.shape()[0], out),
+        match (w.quant(), w.tiles()) {
+            (Some(q), _) => linear::quant::linear_many(x, rows, &mut [(q, out.as_mut_slice())]),
+            (None, Some(t)) => linear::linear_tiles(x, rows, &mut [(t, out.as_mut_slice())]),
+            (None, None) => linear::linear(x, rows, w.elems(), w.shape()[0], out),
         }
         Ok(())
     }

@@ -345,6 +345,17 @@ impl Backend for Cuda {
         format!("cuda:{} ({})", self.inner.ordinal, self.inner.name)
     }
 
+    fn upload_matrix(
+        &self,
+        t: HostTensor,
+        quantize: Option<crate::weights::QuantFormat>,
+    ) -> Result<CudaWeight> {
+        if quantize.is_some() {
+            return Err(quantized_unsupported());
+        }
+        self.upload(t)
+    }
+
     fn upload(&self, t: HostTensor) -> Result<CudaWeight> {
         let shape = t.shape().to_vec();
         let s = self.stream();
@@ -365,6 +376,7 @@ impl Backend for Cuda {
                     .map_err(|e| self.err(e))?,
                 shape,
             },
+            Elems::Q8_0(_) | Elems::Q4_0(_) => return Err(quantized_unsupported()),
         })
     }
 
@@ -678,5 +690,13 @@ impl Backend for Cuda {
         stream.synchronize().map_err(|e| self.err(e))?;
         plan.fill_topk(&sc.host_ids, &sc.host_weights, rows, k);
         Ok(())
+    }
+}
+
+/// The CUDA backend's answer to quantized weights, which it has no kernels for yet.
+fn quantized_unsupported() -> crate::ModelError {
+    crate::ModelError::Unsupported {
+        device: "the CUDA backend".into(),
+        what: "quantized weights (q8_0, q4_0) yet; serve them on the CPU (--device cpu)".into(),
     }
 }

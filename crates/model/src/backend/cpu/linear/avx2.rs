@@ -23,6 +23,7 @@ pub fn dots(
             Elems::BF16(w) => dots_bf16(w.as_ptr().cast(), x.as_ptr(), n, inp, acc),
             Elems::F16(w) => dots_f16(w.as_ptr().cast(), x.as_ptr(), n, inp, acc),
             Elems::F32(w) => dots_f32(w.as_ptr(), x.as_ptr(), n, inp, acc),
+            Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
         }
     }
 }
@@ -39,6 +40,7 @@ pub fn span(rows: Elems<'_>, x: &[f32], inp: usize, y: &mut [f32]) {
             Elems::BF16(w) => span_bf16(w.as_ptr().cast(), x.as_ptr(), inp, y),
             Elems::F16(w) => span_f16(w.as_ptr().cast(), x.as_ptr(), inp, y),
             Elems::F32(w) => span_f32(w.as_ptr(), x.as_ptr(), inp, y),
+            Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
         }
     }
 }
@@ -68,6 +70,7 @@ pub fn tile_dots<const R: usize>(
         Elems::BF16(w) => go!(tile_bf16, w.as_ptr().cast::<u16>()),
         Elems::F16(w) => go!(tile_f16, w.as_ptr().cast::<u16>()),
         Elems::F32(w) => go!(tile_f32, w.as_ptr()),
+        Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
     }
 }
 

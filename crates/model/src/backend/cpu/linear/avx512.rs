@@ -71,6 +71,7 @@ pub fn dots<const L1: bool, const AHEAD: usize>(
         Elems::BF16(w) => go!(dots_bf16, w.as_ptr().cast::<u16>()),
         Elems::F16(w) => go!(dots_f16, w.as_ptr().cast::<u16>()),
         Elems::F32(w) => go!(dots_f32, w.as_ptr()),
+        Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
     }
 }
 
@@ -91,6 +92,7 @@ pub fn span<const L1: bool, const AHEAD: usize>(
             Elems::BF16(w) => span_bf16::<L1, AHEAD>(w.as_ptr().cast(), x, inp, y),
             Elems::F16(w) => span_f16::<L1, AHEAD>(w.as_ptr().cast(), x, inp, y),
             Elems::F32(w) => span_f32::<L1, AHEAD>(w.as_ptr(), x, inp, y),
+            Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
         }
     }
 }
@@ -118,6 +120,7 @@ pub fn tile<const R: usize>(
         Elems::BF16(w) => go!(tile_bf16, w.as_ptr().cast::<u16>()),
         Elems::F16(w) => go!(tile_f16, w.as_ptr().cast::<u16>()),
         Elems::F32(w) => go!(tile_f32, w.as_ptr()),
+        Elems::Q8_0(_) | Elems::Q4_0(_) => unreachable!("quantized weights take quant.rs"),
     }
 }
 

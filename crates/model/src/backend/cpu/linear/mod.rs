@@ -39,6 +39,7 @@ macro_rules! with_tokens {
 }
 
 mod kernels;
+pub mod quant;
 mod stream;
 mod tiles;
 
@@ -55,6 +56,7 @@ pub use kernels::{
     auto_bf16_activations, bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa,
 };
 
+pub use quant::QTiles;
 pub use stream::stream_sum;
 pub use tiles::Tiles;
 

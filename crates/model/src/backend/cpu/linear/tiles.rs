@@ -93,8 +93,7 @@ impl Tiles {
     }
 
     /// Bytes held, padding included.
-    #[cfg(test)]
-    fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.lines.len() * std::mem::size_of::<Line>()
     }
 
