@@ -59,7 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Checkpoint::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let cfg = ck.config().clone();
     let n = cfg.num_local_experts;
-    let workers = LocalWorkers::start(&a.model, a.spawn, n, a.worker_threads, false)?;
+    let workers = LocalWorkers::start(&a.model, a.spawn, n, a.worker_threads, false, None)?;
     let placement = StaticPlacement::parse(&workers.spec)?;
     let dcfg = DispatchConfig {
         wire_dtype: a.wire_dtype,

@@ -68,6 +68,31 @@ pub struct ClusterArgs {
     /// Private key of --worker-tls-cert (PEM).
     #[arg(long, env = "SWITCHYARD_WORKER_TLS_KEY", requires = "worker_tls_cert")]
     pub worker_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+}
+
+/// Quantization at load, shared by every command that loads weights.
+#[derive(clap::Args, Clone, Debug)]
+pub struct QuantArgs {
+    /// Quantize bf16/f16/f32 weights at load: q8_0 (half of bf16's bytes) or q4_0 (under a
+    /// third): the experts, and with --quantize-attention the attention projections and an
+    /// untied LM head. A checkpoint written by `switchyard quantize` needs no flag. Workers and
+    /// their coordinators must agree (the model fingerprint includes it).
+    #[arg(long, env = "SWITCHYARD_QUANTIZE")]
+    pub quantize: Option<switchyard_model::QuantFormat>,
+    /// With --quantize: also the attention projections and an untied LM head.
+    #[arg(long, env = "SWITCHYARD_QUANTIZE_ATTENTION", requires = "quantize")]
+    pub quantize_attention: bool,
+}
+
+impl QuantArgs {
+    pub fn plan(&self) -> switchyard_model::QuantPlan {
+        switchyard_model::QuantPlan {
+            format: self.quantize,
+            attention: self.quantize_attention,
+        }
+    }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -170,6 +195,7 @@ impl ClusterArgs {
             device: self.device,
             kv_dtype: self.kv_cache_dtype,
             dispatch: self.dispatch_config()?,
+            quantize: self.quant.plan(),
             ..LoadOptions::default()
         })
     }

@@ -8,8 +8,10 @@ mod cluster_status;
 mod forward;
 mod gen_model;
 mod generate;
+mod perplexity;
 mod plot;
 mod progress;
+mod quantize;
 mod serve;
 mod signals;
 mod worker;
@@ -50,6 +52,10 @@ enum Cmd {
     Forward(forward::Args),
     /// Write a random Mixtral checkpoint of any shape as a Hugging Face folder.
     GenModel(gen_model::Args),
+    /// Write a checkpoint with its linears quantized (q8_0, q4_0) that every command loads.
+    Quantize(quantize::Args),
+    /// Perplexity of a text file; with --quantize and --kl-divergence, the quantization's cost.
+    Perplexity(perplexity::Args),
     /// Measure prefill and decode throughput (embedded, one sequence, median of runs).
     Bench(bench::Args),
     /// Measure one layer's scatter + gather over loopback workers it starts itself.
@@ -97,6 +103,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Generate(a) => generate::run(a),
         Cmd::Forward(a) => forward::run(a),
         Cmd::GenModel(a) => gen_model::run(a),
+        Cmd::Quantize(a) => quantize::run(a),
+        Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Worker(a) => worker::run(a),
         Cmd::BenchDispatch(a) => bench_dispatch::run(a),

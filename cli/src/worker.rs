@@ -51,6 +51,8 @@ pub struct Args {
     /// Accept only coordinators presenting a certificate signed by this CA (mutual TLS).
     #[arg(long, env = "SWITCHYARD_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    quant: crate::cluster::QuantArgs,
 }
 
 /// `123`, `512MiB`, `8GiB`, `2GB`.
@@ -117,6 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        quantize: a.quant.plan(),
     };
     tracing::info!(?cfg, "worker starting");
     let server = switchyard_worker::load(&cfg, &crate::progress::Bar::new("loading experts"))

@@ -12,7 +12,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use switchyard_cluster::StaticPlacement;
 use switchyard_model::{
     AnyBackend, Checkpoint, Cpu, Device, ExpertExecutor, ExpertSet, KvDtype, LoadProgress,
-    LocalExperts, Mixtral,
+    LocalExperts, Mixtral, QuantPlan,
 };
 
 /// Where the experts run.
@@ -41,6 +41,9 @@ pub struct LoadOptions {
     /// Registry source: publish this coordinator's routed-token counts for the planner (a
     /// serving coordinator; one-off CLI runs leave the planner's view alone).
     pub publish_load: bool,
+    /// What to quantize at load (`--quantize`, `--quantize-attention`). Workers must quantize
+    /// their experts alike: the fingerprint differs otherwise.
+    pub quantize: QuantPlan,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +54,7 @@ impl Default for LoadOptions {
             dispatch: DispatchConfig::default(),
             registry_wait: Duration::from_secs(5),
             publish_load: false,
+            quantize: QuantPlan::default(),
         }
     }
 }
@@ -97,7 +101,8 @@ impl Engine {
     ) -> Result<Loaded, EngineError> {
         let backend = AnyBackend::new(opts.device)?;
         check_kv_dtype(&backend, opts.kv_dtype)?;
-        let ck = Checkpoint::open(model)?;
+        let mut ck = Checkpoint::open(model)?;
+        ck.set_quantize(opts.quantize)?;
         let mc = ck.config();
         let counts = Arc::new(ExpertCounts::new(
             mc.num_hidden_layers,

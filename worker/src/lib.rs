@@ -15,7 +15,7 @@ pub use service::{ExpertServer, ExpertService};
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use switchyard_model::{
-    AnyBackend, Checkpoint, Cpu, Device, ExpertSet, LoadProgress, LocalExperts,
+    AnyBackend, Checkpoint, Cpu, Device, ExpertSet, LoadProgress, LocalExperts, QuantPlan,
 };
 use switchyard_wire::pb::expert_service_server::ExpertServiceServer;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ pub struct WorkerConfig {
     pub membership: Option<Membership>,
     /// Serve over TLS; with a client CA, only coordinators with a certificate it signed (mTLS).
     pub tls: Option<TlsFiles>,
+    /// Quantize the experts at load (`--quantize`); coordinators must ask for the same.
+    pub quantize: QuantPlan,
 }
 
 /// PEM files of a worker's TLS identity.
@@ -70,7 +72,8 @@ impl TlsFiles {
 
 /// Loads the hosted experts (reporting progress) and returns the service, ready to serve.
 pub fn load(cfg: &WorkerConfig, progress: &dyn LoadProgress) -> Result<ExpertServer, WorkerError> {
-    let ck = Checkpoint::open(&cfg.model)?;
+    let mut ck = Checkpoint::open(&cfg.model)?;
+    ck.set_quantize(cfg.quantize)?;
     let n = ck.config().num_local_experts;
     let managed = cfg.membership.as_ref().is_some_and(|m| m.managed);
     let hosted = match &cfg.experts {

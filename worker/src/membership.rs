@@ -189,7 +189,11 @@ impl Agent {
         device: String,
         record: watch::Sender<Vec<u8>>,
     ) -> Self {
-        let ck = match Checkpoint::open(model) {
+        let opened = Checkpoint::open(model).and_then(|mut ck| {
+            ck.set_quantize(server.quantize())?;
+            Ok(ck)
+        });
+        let ck = match opened {
             Ok(ck) => Some(Arc::new(ck)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot reopen the checkpoint; assignments cannot be followed");
@@ -198,7 +202,7 @@ impl Agent {
         };
         let experts = server.config().num_local_experts;
         let bytes_per_expert = ck.as_ref().map_or(0, |ck| {
-            LocalExperts::<Cpu>::bytes_to_load(ck, &ExpertSet::from_indices(experts, [0]))
+            LocalExperts::<Cpu>::bytes_loaded(ck, &ExpertSet::from_indices(experts, [0]))
         });
         Self {
             advertised: server.experts().hosted().iter().map(|e| e as u32).collect(),

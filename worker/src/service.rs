@@ -34,6 +34,8 @@ pub struct ExpertServer {
     backend: AnyBackend,
     cfg: MixtralConfig,
     fingerprint: String,
+    /// What the experts are quantized to at load, for loads the planner asks for later.
+    quantize: switchyard_model::QuantPlan,
     info: RwLock<pb::WorkerInfo>,
     max_rows: usize,
     queue: Arc<Semaphore>,
@@ -59,10 +61,13 @@ impl ExpertServer {
             num_layers: cfg.num_hidden_layers as u32,
             num_experts: cfg.num_local_experts as u32,
             hosted: hosted_per_layer(&experts, cfg.num_hidden_layers),
-            weight_dtype: ck
-                .dominant_dtype()
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
+            weight_dtype: match ck.expert_format() {
+                Some(q) => q.to_string(),
+                None => ck
+                    .dominant_dtype()
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+            },
             device: wc.device.to_string(),
             max_batch_rows: wc.max_batch_rows as u32,
             weight_bytes: experts.weight_bytes() as u64,
@@ -79,6 +84,7 @@ impl ExpertServer {
             backend,
             cfg,
             fingerprint,
+            quantize: wc.quantize,
             info: RwLock::new(info),
             max_rows: wc.max_batch_rows,
             queue: Arc::new(Semaphore::new(wc.max_queued_batches)),
@@ -87,6 +93,10 @@ impl ExpertServer {
             stats: Arc::new(stats),
             started: Instant::now(),
         }
+    }
+
+    pub(crate) fn quantize(&self) -> switchyard_model::QuantPlan {
+        self.quantize
     }
 
     pub(crate) fn drain_flag(&self) -> Arc<AtomicBool> {

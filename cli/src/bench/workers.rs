@@ -21,17 +21,19 @@ impl LocalWorkers {
             ck.config().num_local_experts,
             a.worker_threads.unwrap_or(rayon::current_num_threads()),
             a.replicate_experts,
+            a.cluster.quant.quantize,
         )
     }
 
     /// `n` workers of `threads` compute threads, each hosting every expert where `replicate`,
-    /// an even share otherwise.
+    /// an even share otherwise, quantized to `quantize` at load.
     pub(crate) fn start(
         model: &std::path::Path,
         n: usize,
         experts: usize,
         threads: usize,
         replicate: bool,
+        quantize: Option<switchyard_model::QuantFormat>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             replicate || n <= experts,
@@ -64,6 +66,7 @@ impl LocalWorkers {
                 .arg(model)
                 .arg("--ready-file")
                 .arg(&ready)
+                .args(quantize.map(|q| format!("--quantize={q}")))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .spawn()

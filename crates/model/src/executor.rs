@@ -178,6 +178,18 @@ impl<B: Backend + Clone> LocalExperts<B> {
         })
     }
 
+    /// Bytes `hosted` holds once loaded from `ck`: quantized where `ck` quantizes at load
+    /// (the planner's memory budget counts these).
+    #[must_use]
+    pub fn bytes_loaded(ck: &Checkpoint, hosted: &ExpertSet) -> u64 {
+        let cfg = ck.config();
+        (0..cfg.num_hidden_layers)
+            .flat_map(|l| hosted.iter().map(move |e| (l, e)))
+            .flat_map(|(l, e)| ["w1", "w2", "w3"].map(|w| names::expert(l, e, w)))
+            .filter_map(|n| ck.loaded_bytes(&n, WeightRole::Expert))
+            .sum()
+    }
+
     /// Bytes needed to load `hosted` from `ck` (for progress bars).
     #[must_use]
     pub fn bytes_to_load(ck: &Checkpoint, hosted: &ExpertSet) -> u64 {

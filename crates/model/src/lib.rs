@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 mod error;
+pub mod eval;
 pub mod executor;
 pub mod ids;
 pub mod kv_cache;
@@ -34,4 +35,6 @@ pub use model::{Logits, Mixtral, SeqStep, StepOutput, StepScratch};
 pub use moe::RoutePlan;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, Tokenizer};
-pub use weights::{Checkpoint, DType, HostTensor, LoadProgress, NoProgress};
+pub use weights::{
+    Checkpoint, DType, HostTensor, LoadProgress, NoProgress, QuantFormat, QuantPlan, WeightRole,
+};

@@ -23,17 +23,26 @@ struct Mat {
     rows: usize,
     cols: usize,
     v: Vec<f64>,
+    /// Stored as Q8_0/Q4_0 blocks: `v` holds what they stand for, and the input is quantized
+    /// to 8 bits per 32-element block first, as the CPU kernels do.
+    quant: bool,
 }
 
 fn load(ck: &Checkpoint, name: &str) -> Mat {
     let t = ck.tensor(name, &shape_of(ck, name)).unwrap();
+    let quant = t.dtype().quant().is_some();
     let v: Vec<f64> = t.to_f32_vec().into_iter().map(f64::from).collect();
     let (rows, cols) = match t.shape() {
         [r, c] => (*r, *c),
         [c] => (1, *c),
         s => panic!("unexpected shape {s:?}"),
     };
-    Mat { rows, cols, v }
+    Mat {
+        rows,
+        cols,
+        v,
+        quant,
+    }
 }
 
 fn shape_of(ck: &Checkpoint, name: &str) -> Vec<usize> {
@@ -60,8 +69,32 @@ fn shape_of(ck: &Checkpoint, name: &str) -> Vec<usize> {
 
 /// `x · Wᵀ`
 fn lin(x: &[f64], w: &Mat) -> Vec<f64> {
+    let xq;
+    let x = if w.quant {
+        xq = quantize_blocks(x);
+        &xq
+    } else {
+        x
+    };
     (0..w.rows)
         .map(|j| (0..w.cols).map(|k| x[k] * w.v[j * w.cols + k]).sum())
+        .collect()
+}
+
+/// `x` through 8-bit quantization per 32-element block (`d = max|x| / 127`, nearest even):
+/// the values the kernels multiply.
+fn quantize_blocks(x: &[f64]) -> Vec<f64> {
+    x.chunks(32)
+        .flat_map(|b| {
+            let d = b.iter().fold(0f64, |m, v| m.max(v.abs())) / 127.0;
+            b.iter().map(move |v| {
+                if d == 0.0 {
+                    0.0
+                } else {
+                    (v / d).round_ties_even() * d
+                }
+            })
+        })
         .collect()
 }
 

@@ -28,9 +28,20 @@ struct Rig {
     kv_dtype: KvDtype,
 }
 
+/// Logits of every position of `ids` (one prefill step) from the checkpoint in `dir`, quantized
+/// at load as `plan` says.
+pub(crate) fn logits_of(dir: &Path, plan: crate::QuantPlan, ids: &[u32]) -> Vec<f32> {
+    let mut ck = Checkpoint::open(dir).unwrap();
+    ck.set_quantize(plan).unwrap();
+    Rig::with(ck).forward(ids).0
+}
+
 impl Rig {
     fn open(dir: &Path) -> Self {
-        let ck = Checkpoint::open(dir).unwrap();
+        Self::with(Checkpoint::open(dir).unwrap())
+    }
+
+    fn with(ck: Checkpoint) -> Self {
         let model = Mixtral::load(Cpu, &ck, &NoProgress).unwrap();
         let all = ExpertSet::all(ck.config().num_local_experts);
         let experts = LocalExperts::load(&Cpu, &ck, &all, &NoProgress).unwrap();
@@ -1261,5 +1272,92 @@ fn json_mask_matches_the_grammar_token_by_token() {
                 "{prefix:?} token {id}"
             );
         }
+    }
+}
+
+/// Quantized weights against the Hugging Face goldens: the share of positions whose most likely
+/// next token is the golden's (the statistical check the fixtures' README asks of paths that
+/// leave f32). The floors: 96 % for q8_0, 70 % for q4_0 (a weights-only simulation of
+/// the two formats gives 98.7-99.4 % and 85-94 % on these fixtures, whose logit gaps are small).
+#[test]
+fn quantized_weights_agree_with_the_golden_argmax() {
+    use crate::{QuantFormat, QuantPlan};
+    for name in GOLDEN_FIXTURES {
+        let (dir, golden) = golden(name);
+        for (format, floor) in [(QuantFormat::Q8_0, 96), (QuantFormat::Q4_0, 70)] {
+            let mut ck = Checkpoint::open(&dir).unwrap();
+            ck.set_quantize(QuantPlan::experts(format)).unwrap();
+            let rig = Rig::with(ck);
+            let vocab = rig.ck.config().vocab_size;
+            let (mut agree, mut total) = (0usize, 0usize);
+            for case in golden["cases"].as_array().unwrap() {
+                let ids = golden_ids(&case["input_ids"]);
+                let (logits, _) = rig.forward(&ids);
+                for (p, row) in case["logits"].as_array().unwrap().iter().enumerate() {
+                    let want: Vec<f32> = row
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect();
+                    let got = &logits[p * vocab..(p + 1) * vocab];
+                    agree +=
+                        usize::from(crate::sampling::argmax(got) == crate::sampling::argmax(&want));
+                    total += 1;
+                }
+            }
+            eprintln!(
+                "{name} {format}: argmax agrees with the golden at {agree} of {total} positions"
+            );
+            assert!(
+                agree * 100 >= total * floor,
+                "{name} {format}: {agree} of {total}"
+            );
+        }
+    }
+}
+
+/// The quantized forward against the f64 oracle run on the same blocks (dequantized) with the
+/// activations quantized alike before every quantized linear. What is left is f32 arithmetic,
+/// plus an activation that could land on a rounding boundary in one and not the other (which
+/// would move one product by a quantization step). Measured: 1.6e-6 for both formats, no
+/// boundary crossed; the bound, 1e-4, is the f32 goldens' own floor divided by ten.
+#[test]
+fn quantized_forward_matches_the_f64_oracle_on_the_same_blocks() {
+    use crate::{weights, QuantFormat, QuantPlan};
+    let src = fixtures().join("tiny-mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+        let out = tmp.path().join(format.as_str());
+        let plan = QuantPlan {
+            format: Some(format),
+            attention: true,
+        };
+        weights::write_quantized(
+            &Checkpoint::open(&src).unwrap(),
+            &out,
+            plan,
+            u64::MAX,
+            &NoProgress,
+        )
+        .unwrap();
+        let rig = Rig::open(&out);
+        let vocab = rig.ck.config().vocab_size;
+        let ids = [1u32, 17, 300, 5, 42, 99, 7, 256, 3, 11];
+        let (logits, _) = rig.forward(&ids);
+        let r = reference::forward(&rig.ck, &ids);
+        let (mut worst, mut scale) = (0f64, 0f64);
+        for p in 0..ids.len() {
+            let got = &logits[p * vocab..(p + 1) * vocab];
+            worst = worst.max(max_abs(got, r.logits[p].iter().copied()));
+            scale = scale.max(max_abs(got, std::iter::repeat(0.0)));
+        }
+        eprintln!(
+            "{format}: max |Δlogits| against the oracle {worst:.3e} (largest |logit| {scale:.2})"
+        );
+        assert!(
+            worst <= 1e-4,
+            "{format}: off by {worst} against logits up to {scale}"
+        );
     }
 }

@@ -77,21 +77,22 @@ impl<B: Backend> Mixtral<B> {
         // fastest, and quantized where the checkpoint asks (`Backend::upload_matrix`): the
         // attention projections and an untied LM head. The embedding table is also read by
         // row, and the router is tiny; they stay as stored.
-        let mut take = |name: &str, shape: &[usize], role: Option<WeightRole>| -> Result<B::Weight> {
-            let (t, quantize) = match (role, shape) {
-                (Some(role), &[out, inp]) => ck.linear(name, [out, inp], role)?,
-                _ => (ck.tensor(name, shape)?, None),
+        let mut take =
+            |name: &str, shape: &[usize], role: Option<WeightRole>| -> Result<B::Weight> {
+                let (t, quantize) = match (role, shape) {
+                    (Some(role), &[out, inp]) => ck.linear(name, [out, inp], role)?,
+                    _ => (ck.tensor(name, shape)?, None),
+                };
+                let n = t.bytes().len();
+                bytes += quantize.map_or(n, |f| f.bytes_for(shape.iter().product()));
+                let w = if role.is_some() {
+                    backend.upload_matrix(t, quantize)?
+                } else {
+                    backend.upload(t)?
+                };
+                progress.advance(n as u64);
+                Ok(w)
             };
-            let n = t.bytes().len();
-            bytes += quantize.map_or(n, |f| f.bytes_for(shape.iter().product()));
-            let w = if role.is_some() {
-                backend.upload_matrix(t, quantize)?
-            } else {
-                backend.upload(t)?
-            };
-            progress.advance(n as u64);
-            Ok(w)
-        };
         let (attn, head) = (Some(WeightRole::Attention), Some(WeightRole::Head));
         let embed = take(names::EMBED, &[v, h], None)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -9,9 +9,11 @@ pub mod gen;
 pub mod names;
 pub mod quant;
 mod tensor;
+mod write_quantized;
 
 pub use quant::{QuantFormat, QuantPlan, WeightRole};
 pub use tensor::{DType, Elems, HostTensor};
+pub use write_quantized::{write_quantized, QuantizeReport};
 
 use crate::{config::MixtralConfig, ModelError, Result};
 use memmap2::Mmap;
@@ -297,7 +299,10 @@ impl Checkpoint {
         role: WeightRole,
     ) -> Result<(HostTensor, Option<QuantFormat>)> {
         let t = self.tensor(name, &shape)?;
-        let q = self.plan.for_role(role).filter(|_| t.dtype().quant().is_none());
+        let q = self
+            .plan
+            .for_role(role)
+            .filter(|_| t.dtype().quant().is_none());
         if q.is_some() && !shape[1].is_multiple_of(quant::BLOCK) {
             return Err(ModelError::Input(format!(
                 "{name}: cannot quantize an input width of {} (not a multiple of {})",
@@ -337,6 +342,24 @@ impl Checkpoint {
         })
     }
 
+    /// The format the experts are loaded in, stored or at load; None for float experts.
+    #[must_use]
+    pub fn expert_format(&self) -> Option<QuantFormat> {
+        self.stored.format.or(self.plan.format)
+    }
+
+    /// Bytes a linear of `role` named `name` holds once loaded: quantized at load where the
+    /// plan says so, else as stored (the planner's memory budget counts these).
+    #[must_use]
+    pub fn loaded_bytes(&self, name: &str, role: WeightRole) -> Option<u64> {
+        let e = self.tensors.get(name)?;
+        let stored = e.range.len() as u64;
+        match (&e.dtype, self.plan.for_role(role)) {
+            (Ok(d), Some(f)) => Some(f.bytes_for(e.range.len() / d.size()) as u64),
+            _ => Some(stored),
+        }
+    }
+
     /// Bytes `name` occupies, if present (used to size progress bars before loading).
     #[must_use]
     pub fn tensor_bytes(&self, name: &str) -> Option<u64> {
@@ -374,9 +397,10 @@ impl Checkpoint {
             h.update(&data[..n]);
             h.update(&data[data.len() - n..]);
         }
-        // Quantized at load or stored so: two processes that quantize differently compute
-        // differently, and the label says how.
-        let quant = self.quantization();
+        // The experts' format, stored or at load: a worker and a coordinator whose experts
+        // compute differently must not meet. (How the coordinator's own attention is stored is
+        // its business alone.)
+        let quant = self.expert_format();
         if let Some(q) = &quant {
             h.update(format!("quant={q}").as_bytes());
         }

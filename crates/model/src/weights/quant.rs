@@ -253,7 +253,9 @@ mod tests {
     use super::*;
 
     fn block(seed: u32) -> [f32; BLOCK] {
-        std::array::from_fn(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+        std::array::from_fn(|i| {
+            (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0
+        })
     }
 
     #[test]
@@ -277,10 +279,11 @@ mod tests {
             let x = block(seed);
             let b = quantize_q4_0(&x);
             let e = Elems::Q4_0(std::slice::from_ref(&b));
-            let (i_max, amax) = x
-                .iter()
-                .enumerate()
-                .fold((0, 0f32), |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m });
+            let (i_max, amax) =
+                x.iter().enumerate().fold(
+                    (0, 0f32),
+                    |m, (i, v)| if v.abs() > m.1 { (i, v.abs()) } else { m },
+                );
             assert_eq!(b.q(i_max), -8, "seed {seed}");
             let d = b.scale();
             for (i, v) in x.iter().enumerate() {

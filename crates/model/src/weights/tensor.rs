@@ -168,7 +168,9 @@ impl Elems<'_> {
     #[must_use]
     pub fn slice(&self, range: Range<usize>) -> Self {
         let blocks = || {
-            debug_assert!(range.start % quant::BLOCK == 0 && range.end % quant::BLOCK == 0);
+            debug_assert!(
+                range.start.is_multiple_of(quant::BLOCK) && range.end.is_multiple_of(quant::BLOCK)
+            );
             range.start / quant::BLOCK..range.end / quant::BLOCK
         };
         match *self {

@@ -79,7 +79,8 @@ unsafe fn dots<const N: usize, const Q4: bool>(
                 let mut i0 = _mm512_set1_epi32(off * *xs.add(t * blocks + b));
                 let mut i1 = _mm512_setzero_si512();
                 for g in (0..8).step_by(2) {
-                    i0 = _mm512_dpbusd_epi32(i0, w[g], _mm512_set1_epi32(x.add(g).read_unaligned()));
+                    i0 =
+                        _mm512_dpbusd_epi32(i0, w[g], _mm512_set1_epi32(x.add(g).read_unaligned()));
                     i1 = _mm512_dpbusd_epi32(
                         i1,
                         w[g + 1],

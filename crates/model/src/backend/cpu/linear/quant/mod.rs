@@ -231,7 +231,14 @@ impl QActs<'_> {
 
 /// Quantizes `rows` rows of `x` (`[rows, inp]`) per 32-element block: `d = max|x| / 127`,
 /// `q = x / d` rounded to nearest even, so a row's bytes depend only on that row.
-pub fn quantize_acts(x: &[f32], rows: usize, inp: usize, q: &mut [i8], d: &mut [f32], sum: &mut [i32]) {
+pub fn quantize_acts(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    sum: &mut [i32],
+) {
     let blocks = inp / BLOCK;
     for (i, xb) in x[..rows * inp].chunks_exact(BLOCK).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -410,7 +417,9 @@ fn scalar_group(
                 let mut isum = 0i32;
                 for (k, &xk) in x.iter().enumerate() {
                     let w = match format {
-                        QuantFormat::Q8_0 => i32::from((q[(k / 4) * 64 + l * 4 + k % 4] ^ 0x80) as i8),
+                        QuantFormat::Q8_0 => {
+                            i32::from((q[(k / 4) * 64 + l * 4 + k % 4] ^ 0x80) as i8)
+                        }
                         QuantFormat::Q4_0 => {
                             let c = (k % 16) / 4;
                             let byte = q[c * 64 + l * 4 + k % 4];

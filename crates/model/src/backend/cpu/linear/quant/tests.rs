@@ -76,10 +76,18 @@ fn a_rows_result_does_not_depend_on_its_batch() {
             linear_many_with(isa, &x, rows, &mut [(&tiles, &mut batch)]);
             for r in [0, 1, 7, 8, 31, 63] {
                 let mut alone = vec![0f32; out];
-                linear_many_with(isa, &x[r * inp..(r + 1) * inp], 1, &mut [(&tiles, &mut alone)]);
+                linear_many_with(
+                    isa,
+                    &x[r * inp..(r + 1) * inp],
+                    1,
+                    &mut [(&tiles, &mut alone)],
+                );
                 assert_eq!(
                     alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    batch[r * out..(r + 1) * out].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    batch[r * out..(r + 1) * out]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
                     "{format} {isa:?} row {r}"
                 );
             }
@@ -116,8 +124,11 @@ fn kernels_match_an_f64_product_of_the_dequantized_operands() {
         let mut y = vec![0f32; rows * out];
         linear_many(&x, rows, &mut [(&tiles, &mut y)]);
         let blocks = inp / BLOCK;
-        let (mut q, mut d, mut s) =
-            (vec![0i8; rows * inp], vec![0f32; rows * blocks], vec![0i32; rows * blocks]);
+        let (mut q, mut d, mut s) = (
+            vec![0i8; rows * inp],
+            vec![0f32; rows * blocks],
+            vec![0i32; rows * blocks],
+        );
         quantize_acts(&x, rows, inp, &mut q, &mut d, &mut s);
         let e = stored.elems();
         for t in 0..rows {
@@ -146,7 +157,13 @@ fn activation_quantization_is_within_half_a_step() {
         assert!((f32::from(q[i]) * d[b] - v).abs() <= d[b] * 0.5 + 1e-6);
     }
     for b in 0..8 {
-        assert_eq!(s[b], q[b * BLOCK..(b + 1) * BLOCK].iter().map(|&v| i32::from(v)).sum::<i32>());
+        assert_eq!(
+            s[b],
+            q[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .map(|&v| i32::from(v))
+                .sum::<i32>()
+        );
     }
 }
 
