@@ -5,18 +5,22 @@ use std::time::Instant;
 
 /// Weight bytes one decoded token reads: every dense tensor once (the LM head included), one
 /// embedding row instead of the table (unless tied: then the LM head reads it all), and
-/// `experts_per_tok` experts in every layer.
-pub(super) fn decode_bytes_per_token(model: &std::path::Path) -> anyhow::Result<u64> {
+/// `experts_per_tok` experts in every layer; quantized bytes where `quantize` says.
+pub(super) fn decode_bytes_per_token(
+    model: &std::path::Path,
+    quantize: switchyard_model::QuantPlan,
+) -> anyhow::Result<u64> {
     use switchyard_model::{weights::names, Checkpoint, Cpu, ExpertSet, LocalExperts, Mixtral};
-    let ck = Checkpoint::open(model)?;
+    let mut ck = Checkpoint::open(model)?;
+    ck.set_quantize(quantize)?;
     let cfg = ck.config();
-    let mut dense = Mixtral::<Cpu>::bytes_to_load(&ck);
+    let mut dense = Mixtral::<Cpu>::bytes_loaded(&ck);
     if !cfg.tie_word_embeddings {
         let table = ck.tensor_bytes(names::EMBED).unwrap_or(0);
         dense = dense - table + table / cfg.vocab_size.max(1) as u64;
     }
     // Every expert of a layer has the same size; expert 0 in every layer stands for any.
-    let per_expert = LocalExperts::<Cpu>::bytes_to_load(
+    let per_expert = LocalExperts::<Cpu>::bytes_loaded(
         &ck,
         &ExpertSet::from_indices(cfg.num_local_experts, [0]),
     );

@@ -112,7 +112,7 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: Args) -> anyhow::Result<()> {
     check(&a)?;
     let specs = mode_specs(&a);
-    let bytes = decode_bytes_per_token(&a.model)?;
+    let bytes = decode_bytes_per_token(&a.model, a.cluster.quant.plan())?;
     let results = measure(&a, &specs, bytes)?;
     report(&a, results, bytes)
 }
@@ -279,6 +279,8 @@ fn report(a: &Args, results: Vec<ModeResult>, bytes: u64) -> anyhow::Result<()> 
         "runs": a.runs,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
+        "quantize": a.cluster.quant.quantize.map(|q| q.as_str()),
+        "quantize_attention": a.cluster.quant.quantize_attention,
         "decode_bytes_per_token": bytes,
         "prefix_caching": !a.no_prefix_caching,
         "memory_read_bandwidth_gb_s": bandwidth / 1e9,

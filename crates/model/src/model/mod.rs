@@ -59,6 +59,28 @@ fn dense_names(cfg: &MixtralConfig) -> Vec<String> {
 }
 
 impl<B: Backend> Mixtral<B> {
+    /// Bytes the dense weights hold once loaded from `ck`, quantized where `ck` quantizes at
+    /// load; the embedding table counted whole.
+    #[must_use]
+    pub fn bytes_loaded(ck: &Checkpoint) -> u64 {
+        dense_names(ck.config())
+            .iter()
+            .filter_map(|n| {
+                let role = if n == names::LM_HEAD {
+                    Some(WeightRole::Head)
+                } else if n.contains("self_attn.") {
+                    Some(WeightRole::Attention)
+                } else {
+                    None
+                };
+                match role {
+                    Some(r) => ck.loaded_bytes(n, r),
+                    None => ck.tensor_bytes(n),
+                }
+            })
+            .sum()
+    }
+
     /// Bytes a dense load reads from `ck`.
     #[must_use]
     pub fn bytes_to_load(ck: &Checkpoint) -> u64 {

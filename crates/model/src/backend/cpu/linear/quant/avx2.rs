@@ -1,22 +1,18 @@
 //! The AVX2 kernel: `vpmaddubsw` pairs, `vpmaddwd` quads, eight rows' lanes per register, two
 //! registers per group.
 
-use super::{QActs, QTiles, GROUP, TOKENS};
+use super::{quant_offset, scale_offset, QActs, GROUP, TOKENS};
 use crate::weights::{quant::BLOCK, QuantFormat};
 use std::arch::x86_64::*;
 
 /// [`super::group_dots`] on AVX2; the caller checked the CPU has avx2, fma and f16c.
 pub fn group_dots(
     format: QuantFormat,
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     n: usize,
     acc: &mut [[f32; GROUP]; TOKENS],
 ) {
-    let blocks = a.blocks();
-    assert!(quants.len() >= blocks * QTiles::quant_bytes(format) && scales.len() >= blocks * GROUP);
-    assert!(n <= TOKENS && a.q.len() >= n * a.inp && a.d.len() >= n * blocks);
     macro_rules! go {
         ($q4:expr) => {
             // SAFETY: QIsa::Avx2 is chosen only where the CPU has avx2, fma and f16c; the slices
@@ -24,14 +20,14 @@ pub fn group_dots(
             unsafe {
                 for half in 0..2 {
                     match n {
-                        1 => dots::<1, $q4>(quants, scales, a, half, acc),
-                        2 => dots::<2, $q4>(quants, scales, a, half, acc),
-                        3 => dots::<3, $q4>(quants, scales, a, half, acc),
-                        4 => dots::<4, $q4>(quants, scales, a, half, acc),
-                        5 => dots::<5, $q4>(quants, scales, a, half, acc),
-                        6 => dots::<6, $q4>(quants, scales, a, half, acc),
-                        7 => dots::<7, $q4>(quants, scales, a, half, acc),
-                        _ => dots::<8, $q4>(quants, scales, a, half, acc),
+                        1 => dots::<1, $q4>(grp, a, half, acc),
+                        2 => dots::<2, $q4>(grp, a, half, acc),
+                        3 => dots::<3, $q4>(grp, a, half, acc),
+                        4 => dots::<4, $q4>(grp, a, half, acc),
+                        5 => dots::<5, $q4>(grp, a, half, acc),
+                        6 => dots::<6, $q4>(grp, a, half, acc),
+                        7 => dots::<7, $q4>(grp, a, half, acc),
+                        _ => dots::<8, $q4>(grp, a, half, acc),
                     }
                 }
             }
@@ -46,8 +42,7 @@ pub fn group_dots(
 /// N token rows against rows `8 · half ..` of one group.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots<const N: usize, const Q4: bool>(
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     half: usize,
     acc: &mut [[f32; GROUP]; TOKENS],
@@ -55,16 +50,22 @@ unsafe fn dots<const N: usize, const Q4: bool>(
     // SAFETY: the caller checked the CPU features and the slice lengths (group_dots).
     unsafe {
         let blocks = a.blocks();
-        let qb = if Q4 { GROUP * BLOCK / 2 } else { GROUP * BLOCK };
+        let format = if Q4 {
+            QuantFormat::Q4_0
+        } else {
+            QuantFormat::Q8_0
+        };
         let low = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
         let mut sums = [_mm256_setzero_ps(); N];
-        let (qp, sp) = (quants.as_ptr(), scales.as_ptr());
+        let gp = grp.as_ptr();
         let (xq, xd, xs) = (a.q.as_ptr(), a.d.as_ptr(), a.sum.as_ptr());
         for b in 0..blocks {
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(b * GROUP + 8 * half).cast()));
-            let p = qp.add(b * qb + 32 * half);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                gp.add(scale_offset(format, b) + 16 * half).cast(),
+            ));
+            let p = gp.add(quant_offset(format, b) + 32 * half);
             // Q4_0: the nibbles (w + 8), unsigned. Q8_0: |w| unsigned, and w for its sign.
             let mut wu = [_mm256_setzero_si256(); 8];
             let mut ws = [_mm256_setzero_si256(); 8];

@@ -1,35 +1,31 @@
 //! The AVX-512 VNNI kernel: `vpdpbusd` adds four byte products into each of 16 rows' lanes.
 
-use super::{QActs, QTiles, GROUP, TOKENS};
+use super::{quant_offset, scale_offset, QActs, GROUP, TOKENS};
 use crate::weights::{quant::BLOCK, QuantFormat};
 use std::arch::x86_64::*;
 
 /// [`super::group_dots`] on AVX-512 VNNI; the caller checked the CPU has it.
 pub fn group_dots(
     format: QuantFormat,
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     n: usize,
     acc: &mut [[f32; GROUP]; TOKENS],
 ) {
-    let blocks = a.blocks();
-    assert!(quants.len() >= blocks * QTiles::quant_bytes(format) && scales.len() >= blocks * GROUP);
-    assert!(n <= TOKENS && a.q.len() >= n * a.inp && a.d.len() >= n * blocks);
     macro_rules! go {
         ($q4:expr) => {
             // SAFETY: QIsa::Avx512Vnni is chosen only where the CPU has avx512f/bw/vl and
-            // avx512vnni; the slices hold what the kernel reads (asserted above).
+            // avx512vnni; the slices hold what the kernel reads (asserted by super::group_dots).
             unsafe {
                 match n {
-                    1 => dots::<1, $q4>(quants, scales, a, acc),
-                    2 => dots::<2, $q4>(quants, scales, a, acc),
-                    3 => dots::<3, $q4>(quants, scales, a, acc),
-                    4 => dots::<4, $q4>(quants, scales, a, acc),
-                    5 => dots::<5, $q4>(quants, scales, a, acc),
-                    6 => dots::<6, $q4>(quants, scales, a, acc),
-                    7 => dots::<7, $q4>(quants, scales, a, acc),
-                    _ => dots::<8, $q4>(quants, scales, a, acc),
+                    1 => dots::<1, $q4>(grp, a, acc),
+                    2 => dots::<2, $q4>(grp, a, acc),
+                    3 => dots::<3, $q4>(grp, a, acc),
+                    4 => dots::<4, $q4>(grp, a, acc),
+                    5 => dots::<5, $q4>(grp, a, acc),
+                    6 => dots::<6, $q4>(grp, a, acc),
+                    7 => dots::<7, $q4>(grp, a, acc),
+                    _ => dots::<8, $q4>(grp, a, acc),
                 }
             }
         };
@@ -40,28 +36,40 @@ pub fn group_dots(
     }
 }
 
+/// Bytes ahead of the block being read that the kernel prefetches.
+const AHEAD: usize = 2048;
+
 /// N token rows against one group. Each token's block sum runs in two integer chains (even
 /// and odd lines of the block) so that one token does not wait on `vpdpbusd`'s latency; the
 /// chains add exactly.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn dots<const N: usize, const Q4: bool>(
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     acc: &mut [[f32; GROUP]; TOKENS],
 ) {
     // SAFETY: the caller checked the CPU features and the slice lengths (group_dots).
     unsafe {
         let blocks = a.blocks();
-        let qb = if Q4 { GROUP * BLOCK / 2 } else { GROUP * BLOCK };
+        let format = if Q4 {
+            QuantFormat::Q4_0
+        } else {
+            QuantFormat::Q8_0
+        };
         let off = if Q4 { -8 } else { -128 };
         let low = _mm512_set1_epi8(0x0F);
         let mut sums = [_mm512_setzero_ps(); N];
-        let (qp, sp) = (quants.as_ptr(), scales.as_ptr());
+        let gp = grp.as_ptr();
         let (xq, xd, xs) = (a.q.as_ptr(), a.d.as_ptr(), a.sum.as_ptr());
         for b in 0..blocks {
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(b * GROUP).cast()));
-            let p = qp.add(b * qb);
+            let p = gp.add(quant_offset(format, b));
+            // The lines a few blocks ahead, past this group into the next where the task goes
+            // on (a prefetch of an address past the weights is dropped, not faulted).
+            let lines = if Q4 { 5 } else { 9 };
+            for i in 0..lines {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD + 64 * i).cast());
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(scale_offset(format, b)).cast()));
             let mut w = [_mm512_setzero_si512(); 8];
             if Q4 {
                 for c in 0..4 {

@@ -36,8 +36,9 @@ pub const GROUP: usize = 16;
 /// Token rows a kernel call takes at once (their accumulators are registers).
 const TOKENS: usize = 8;
 
-/// Groups per parallel task: enough work to amortise rayon's scheduling at decode.
-const GROUPS_PER_TASK: usize = 2;
+/// Weight bytes per parallel task, at least: enough streaming to amortise rayon's scheduling
+/// at decode (a group of a 1024-wide Q4_0 weight is 9 KB).
+const TASK_BYTES: usize = 64 << 10;
 
 /// 64 bytes, cache-line aligned: the unit of the repacked weights.
 #[derive(Clone, Copy)]
@@ -50,11 +51,14 @@ unsafe impl bytemuck::Pod for Line {}
 
 /// A `[out, in]` Q8_0 or Q4_0 weight in the kernels' group order.
 ///
-/// Group `g` (rows `16g ..`, zero rows past `out`) starts at byte `g · stride`: for each input
-/// block `b`, [`QTiles::quant_bytes`] bytes of quantized weights (for Q8_0, eight 64-byte lines,
-/// line `c` holding inputs `32b + 4c .. + 4` of each of the 16 rows as `w + 128`; for Q4_0, four
-/// lines, line `c` holding bytes `4c .. 4c + 4` of each row's block: inputs `4c ..` in the low
-/// nibbles and `16 + 4c ..` in the high ones); then the 16 rows' f16 scales of every block.
+/// Group `g` (rows `16g ..`, zero rows past `out`) starts at byte `g · stride` and holds its
+/// input blocks in pairs, each pair one sequential run of whole cache lines (decode streams a
+/// weight once per token, and a second stream of scales elsewhere left the loads waiting on
+/// memory): block `2p`'s quantized weights, block `2p + 1`'s, then their 16 f16 scales each
+/// ([`quant_offset`], [`scale_offset`]). A block's quantized weights are, for Q8_0, eight
+/// 64-byte lines, line `c` holding inputs `32b + 4c .. + 4` of each of the 16 rows as `w + 128`;
+/// for Q4_0 four lines, line `c` holding bytes `4c .. 4c + 4` of each row's block: inputs
+/// `4c ..` in the low nibbles and `16 + 4c ..` in the high ones.
 pub struct QTiles {
     format: QuantFormat,
     out: usize,
@@ -84,7 +88,7 @@ impl QTiles {
 
     fn empty(format: QuantFormat, out: usize, inp: usize) -> Self {
         let blocks = inp / BLOCK;
-        let stride = (blocks * (Self::quant_bytes(format) + GROUP * 2)).next_multiple_of(64);
+        let stride = blocks.div_ceil(2) * pair_bytes(format);
         let groups = out.div_ceil(GROUP);
         Self {
             format,
@@ -148,13 +152,12 @@ impl QTiles {
             .enumerate()
             .for_each(|(g, dst)| {
                 let mut src = vec![0u8; format.bytes_for(inp)];
-                let (quants, scales) = dst.split_at_mut(blocks * qb);
                 for l in 0..GROUP.min(out - g * GROUP) {
                     row(g * GROUP + l, &mut src);
                     for b in 0..blocks {
                         let blk = &src[b * bb..(b + 1) * bb];
-                        scales[(b * GROUP + l) * 2..][..2].copy_from_slice(&blk[..2]);
-                        let q = &mut quants[b * qb..(b + 1) * qb];
+                        dst[scale_offset(format, b) + l * 2..][..2].copy_from_slice(&blk[..2]);
+                        let q = &mut dst[quant_offset(format, b)..][..qb];
                         match format {
                             QuantFormat::Q8_0 => {
                                 for c in 0..BLOCK / 4 {
@@ -203,14 +206,35 @@ impl QTiles {
         self.out.div_ceil(GROUP)
     }
 
-    /// Group `g`'s quantized bytes and its scales.
-    fn group(&self, g: usize) -> (&[u8], &[u16]) {
-        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
-        let grp = &bytes[g * self.stride..(g + 1) * self.stride];
-        let blocks = self.inp / BLOCK;
-        let (q, s) = grp.split_at(blocks * Self::quant_bytes(self.format));
-        (q, bytemuck::cast_slice(&s[..blocks * GROUP * 2]))
+    /// Groups per parallel task.
+    fn groups_per_task(&self) -> usize {
+        TASK_BYTES
+            .div_ceil(self.stride)
+            .clamp(1, self.groups().max(1))
     }
+
+    /// Group `g`'s bytes.
+    fn group(&self, g: usize) -> &[u8] {
+        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+        &bytes[g * self.stride..(g + 1) * self.stride]
+    }
+}
+
+/// Bytes of a pair of blocks in a group: both blocks' quantized weights, then both's scales.
+fn pair_bytes(format: QuantFormat) -> usize {
+    2 * QTiles::quant_bytes(format) + 2 * GROUP * 2
+}
+
+/// Where block `b`'s quantized weights start in a group.
+#[inline]
+fn quant_offset(format: QuantFormat, b: usize) -> usize {
+    (b / 2) * pair_bytes(format) + (b % 2) * QTiles::quant_bytes(format)
+}
+
+/// Where block `b`'s 16 f16 scales start in a group.
+#[inline]
+fn scale_offset(format: QuantFormat, b: usize) -> usize {
+    (b / 2) * pair_bytes(format) + 2 * QTiles::quant_bytes(format) + (b % 2) * GROUP * 2
 }
 
 /// Token rows quantized to 8 bits per block: `q[t][k] ≈ x[t][k] / d[t][b]`, and each block's
@@ -247,13 +271,23 @@ pub fn quantize_acts(
         let qb = &mut q[i * BLOCK..(i + 1) * BLOCK];
         let mut s = 0i32;
         for (o, v) in qb.iter_mut().zip(xb) {
-            *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            *o = round_even(v * id).clamp(-127.0, 127.0) as i8;
             s += i32::from(*o);
         }
         d[i] = scale;
         sum[i] = s;
     }
     debug_assert_eq!(d.len().min(rows * blocks), rows * blocks);
+}
+
+/// `v` rounded to the nearest integer, ties to even, for |v| ≤ 2²²: adding and taking away
+/// 1.5 · 2²³ leaves no fraction bits, and the add rounds as the FPU does. The same bits as
+/// `round_ties_even`, which compiles to a libm call on baseline x86-64 and took a few percent
+/// of decode; NaN stays NaN (and casts to 0).
+#[inline]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
 /// The kernels' instruction sets, best last.
@@ -334,7 +368,7 @@ pub fn linear_many_with(isa: QIsa, x: &[f32], rows: usize, parts: &mut [(&QTiles
     // Tasks: runs of groups of each part, in one parallel pass.
     let per_part: Vec<usize> = jobs
         .iter()
-        .map(|(w, _)| w.groups().div_ceil(GROUPS_PER_TASK))
+        .map(|(w, _)| w.groups().div_ceil(w.groups_per_task()))
         .collect();
     let total: usize = per_part.iter().sum();
     (0..total).into_par_iter().for_each(|task| {
@@ -344,8 +378,9 @@ pub fn linear_many_with(isa: QIsa, x: &[f32], rows: usize, parts: &mut [(&QTiles
             i += 1;
         }
         let (w, yp) = jobs[i];
-        let g0 = t * GROUPS_PER_TASK;
-        for g in g0..(g0 + GROUPS_PER_TASK).min(w.groups()) {
+        let per = w.groups_per_task();
+        let g0 = t * per;
+        for g in g0..(g0 + per).min(w.groups()) {
             run_group(isa, w, g, acts, rows, yp);
         }
     });
@@ -354,7 +389,7 @@ pub fn linear_many_with(isa: QIsa, x: &[f32], rows: usize, parts: &mut [(&QTiles
 
 /// `y[t][16g + l]` for every token row `t < rows` and row `l` of group `g`.
 fn run_group(isa: QIsa, w: &QTiles, g: usize, acts: QActs<'_>, rows: usize, yp: SendPtr) {
-    let (quants, scales) = w.group(g);
+    let grp = w.group(g);
     let valid = GROUP.min(w.out - g * GROUP);
     let mut t0 = 0;
     while t0 < rows {
@@ -366,7 +401,7 @@ fn run_group(isa: QIsa, w: &QTiles, g: usize, acts: QActs<'_>, rows: usize, yp: 
             sum: &acts.sum[t0 * acts.blocks()..(t0 + n) * acts.blocks()],
             inp: acts.inp,
         };
-        group_dots(isa, w.format, quants, scales, a, n, &mut acc);
+        group_dots(isa, w.format, grp, a, n, &mut acc);
         for (t, row) in acc.iter().enumerate().take(n) {
             // SAFETY: rows 16g .. 16g + valid of token t0 + t are this group's alone, and
             // the caller checked that y holds rows · out elements.
@@ -383,26 +418,27 @@ fn run_group(isa: QIsa, w: &QTiles, g: usize, acts: QActs<'_>, rows: usize, yp: 
 fn group_dots(
     isa: QIsa,
     format: QuantFormat,
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     n: usize,
     acc: &mut [[f32; GROUP]; TOKENS],
 ) {
+    assert!(grp.len() >= a.blocks().div_ceil(2) * pair_bytes(format));
+    assert!(n <= TOKENS && a.q.len() >= n * a.inp && a.d.len() >= n * a.blocks());
+    assert!(a.sum.len() >= n * a.blocks());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => avx512::group_dots(format, quants, scales, a, n, acc),
+        QIsa::Avx512Vnni => avx512::group_dots(format, grp, a, n, acc),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => avx2::group_dots(format, quants, scales, a, n, acc),
-        _ => scalar_group(format, quants, scales, a, n, acc),
+        QIsa::Avx2 => avx2::group_dots(format, grp, a, n, acc),
+        _ => scalar_group(format, grp, a, n, acc),
     }
 }
 
 /// The scalar kernel over the packed layout.
 fn scalar_group(
     format: QuantFormat,
-    quants: &[u8],
-    scales: &[u16],
+    grp: &[u8],
     a: QActs<'_>,
     n: usize,
     acc: &mut [[f32; GROUP]; TOKENS],
@@ -412,7 +448,7 @@ fn scalar_group(
         for (l, acc_tl) in acc_t.iter_mut().enumerate() {
             let mut sum = 0f32;
             for b in 0..blocks {
-                let q = &quants[b * qb..(b + 1) * qb];
+                let q = &grp[quant_offset(format, b)..][..qb];
                 let x = &a.q[t * a.inp + b * BLOCK..][..BLOCK];
                 let mut isum = 0i32;
                 for (k, &xk) in x.iter().enumerate() {
@@ -428,7 +464,8 @@ fn scalar_group(
                     };
                     isum += w * i32::from(xk);
                 }
-                let dw = half::f16::from_bits(scales[b * GROUP + l]).to_f32();
+                let s = scale_offset(format, b) + 2 * l;
+                let dw = half::f16::from_bits(u16::from_le_bytes([grp[s], grp[s + 1]])).to_f32();
                 sum = (isum as f32).mul_add(dw * a.d[t * blocks + b], sum);
             }
             *acc_tl = sum;

@@ -173,3 +173,16 @@ fn packing_refuses_what_it_cannot_hold() {
     assert!(QTiles::quantize(Elems::F32(&w), 2, QuantFormat::Q8_0).is_none());
     assert!(QTiles::from_blocks(Elems::F32(&w), 2).is_none());
 }
+
+#[test]
+fn magic_rounding_is_round_ties_even() {
+    for i in -300_000..300_000 {
+        let v = i as f32 / 2048.0;
+        // Equal as values (a negative zero may come out positive; both cast to 0).
+        assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+    }
+    for v in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.49999, 127.0] {
+        assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+    }
+    assert!(round_even(f32::NAN).is_nan());
+}
