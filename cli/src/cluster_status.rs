@@ -122,15 +122,20 @@ fn render(s: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<22} {:<7} {:<8} {:<14} {:>10} {:>10} {:>9} {:>6}",
-        "WORKER", "DEVICE", "MANAGED", "EXPERTS", "WEIGHTS", "BUDGET", "ROWS/S", "BUSY"
+        "\n{:<22} {:<7} {:<6} {:<8} {:<14} {:>10} {:>10} {:>9} {:>6}",
+        "WORKER", "DEVICE", "FORMAT", "MANAGED", "EXPERTS", "WEIGHTS", "BUDGET", "ROWS/S", "BUSY"
     );
     for w in &s.workers {
         let _ = writeln!(
             out,
-            "{:<22} {:<7} {:<8} {:<14} {:>10} {:>10} {:>9.1} {:>5.0}%",
+            "{:<22} {:<7} {:<6} {:<8} {:<14} {:>10} {:>10} {:>9.1} {:>5.0}%",
             w.addr,
             w.device,
+            if w.weight_format.is_empty() {
+                "-"
+            } else {
+                w.weight_format.as_str()
+            },
             if w.managed { "yes" } else { "no" },
             compact(&w.experts_everywhere()),
             gib(w.weight_bytes),

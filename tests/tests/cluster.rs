@@ -700,3 +700,76 @@ fn a_layer_gives_up_on_hung_workers_within_expert_wait_and_recovers() {
     let got = forward_report(&engine, &[1, 2, 3], None).unwrap();
     assert_eq!(got.logits, want.logits);
 }
+
+/// Quantized experts over workers: the same bits as embedded mode with an f32 wire, in both
+/// formats, quantized at load and from a checkpoint `switchyard quantize` wrote; and a
+/// coordinator refuses workers whose experts are quantized differently from its own view.
+#[test]
+fn quantized_cluster_equals_embedded_and_refuses_mixed_formats() {
+    let trained = fixtures().join("tiny-mixtral-trained");
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("q4_0");
+    run_ok(&[
+        "quantize",
+        "--model",
+        trained.to_str().unwrap(),
+        "--out",
+        saved.to_str().unwrap(),
+        "--format",
+        "q4_0",
+    ]);
+    let ids = "1,17,300,5,42,99,7";
+    // Workers take the format from the environment (SWITCHYARD_QUANTIZE), the coordinator from
+    // the flag.
+    let runs: [(&Path, &[&str], &[(&str, &str)]); 3] = [
+        (
+            &trained,
+            &["--quantize", "q8_0"],
+            &[("SWITCHYARD_QUANTIZE", "q8_0")],
+        ),
+        (
+            &trained,
+            &["--quantize", "q4_0"],
+            &[("SWITCHYARD_QUANTIZE", "q4_0")],
+        ),
+        (&saved, &[], &[]),
+    ];
+    for (model, flags, env) in runs {
+        let embedded = forward(model, ids, flags);
+        for sets in [PLACEMENTS[0], PLACEMENTS[2]] {
+            let (_workers, spec) = cluster_env(model, sets, env);
+            let mut args = flags.to_vec();
+            args.extend_from_slice(&["--workers", &spec, "--wire-dtype", "f32"]);
+            let got = forward(model, ids, &args);
+            assert!(
+                got == embedded,
+                "{} {flags:?} placement {sets:?}: cluster differs from embedded",
+                model.display()
+            );
+        }
+    }
+    // Workers quantizing to q4_0 and a coordinator expecting q8_0 (or float) experts.
+    let w = Worker::start_with(&trained, &["--experts", "0-7", "--quantize", "q4_0"]);
+    for flags in [&["--quantize", "q8_0"][..], &[]] {
+        let mut args = vec![
+            "forward",
+            "--model",
+            trained.to_str().unwrap(),
+            "--ids",
+            "1",
+            "--workers",
+            &w.addr,
+        ];
+        args.extend_from_slice(flags);
+        let out = run(&args);
+        assert!(
+            !out.status.success(),
+            "{flags:?}: a coordinator used mismatched workers"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("serves model") && err.contains("q4_0"),
+            "{err}"
+        );
+    }
+}

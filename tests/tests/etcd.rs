@@ -438,3 +438,38 @@ fn two_coordinators_elect_one_planner_and_hand_over_when_it_dies() {
     assert!(second.log().contains("elected planner"));
     assert_eq!(second.post("/v1/completions", &body(2, 4)).0, 200);
 }
+
+/// A worker quantizing its experts at load registers their format and their quantized size per
+/// expert (what the planner divides its memory budget by), and `cluster status` shows both.
+#[test]
+fn quantized_workers_register_their_format_and_quantized_bytes() {
+    let etcd = Etcd::start();
+    let _w = worker(&etcd, "quant", &["--experts", "0-3", "--quantize", "q4_0"]);
+    let mut v = Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            v = cluster_status(&etcd, "quant");
+            v["workers"].as_array().is_some_and(|w| w.len() == 1)
+        },
+        String::new,
+    );
+    let w = &v["workers"][0];
+    assert_eq!(w["weight_format"], "q4_0", "{w}");
+    // f32 bytes per expert, at 18 bytes per 32 weights instead of 128.
+    let want = bytes_per_expert(&model()) / 128 * 18;
+    assert_eq!(w["bytes_per_expert"].as_u64().unwrap(), want, "{w}");
+    assert!(
+        w["model_fingerprint"].as_str().unwrap().contains("-q4_0-"),
+        "{w}"
+    );
+    let text = run_ok(&[
+        "cluster",
+        "status",
+        "--etcd",
+        &etcd.endpoint,
+        "--cluster",
+        "quant",
+    ]);
+    assert!(text.contains("q4_0"), "{text}");
+}

@@ -66,6 +66,7 @@ impl Agent {
             bytes_per_expert: self.bytes_per_expert,
             weight_bytes: info.weight_bytes,
             model_fingerprint: info.model_fingerprint,
+            weight_format: info.weight_dtype,
             protocol_version: info.protocol_version,
             worker_version: info.worker_version,
             load: self.load.clone(),

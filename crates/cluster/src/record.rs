@@ -84,6 +84,9 @@ pub struct WorkerRecord {
     #[serde(default)]
     pub weight_bytes: u64,
     pub model_fingerprint: String,
+    /// How the hosted experts are stored: bf16, f32, or a quantized format (q8_0, q4_0).
+    #[serde(default)]
+    pub weight_format: String,
     pub protocol_version: u32,
     #[serde(default)]
     pub worker_version: String,

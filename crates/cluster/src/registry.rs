@@ -496,6 +496,7 @@ mod tests {
             bytes_per_expert: 0,
             weight_bytes: 0,
             model_fingerprint: "fp".into(),
+            weight_format: "bf16".into(),
             protocol_version: 1,
             worker_version: String::new(),
             load: crate::WorkerLoad::default(),
