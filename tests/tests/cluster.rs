@@ -721,7 +721,8 @@ fn quantized_cluster_equals_embedded_and_refuses_mixed_formats() {
     let ids = "1,17,300,5,42,99,7";
     // Workers take the format from the environment (SWITCHYARD_QUANTIZE), the coordinator from
     // the flag.
-    let runs: [(&Path, &[&str], &[(&str, &str)]); 3] = [
+    type Run<'a> = (&'a Path, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let runs: [Run<'_>; 3] = [
         (
             &trained,
             &["--quantize", "q8_0"],
