@@ -32,11 +32,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # The API tests drive the server with the official OpenAI Python client; the deploy tests parse
-# the rendered manifests and validate them offline (kubernetes-validate ships the schemas).
+# the rendered manifests and validate them offline (kubernetes-validate ships the schemas); the
+# GGUF tests write GGUF files with llama.cpp's `gguf` package (numpy, no torch).
 PYENV=${SWITCHYARD_PYENV:-target/pyenv}
-if ! "$PYENV/bin/python" -c 'import openai, pytest, yaml, kubernetes_validate' >/dev/null 2>&1; then
-  echo "setup: creating $PYENV with openai, pytest, pyyaml and kubernetes-validate" >&2
+if ! "$PYENV/bin/python" -c 'import openai, pytest, yaml, kubernetes_validate, gguf, numpy' >/dev/null 2>&1; then
+  echo "setup: creating $PYENV with openai, pytest, pyyaml, kubernetes-validate and gguf" >&2
   [ -x "$PYENV/bin/pip" ] || python3 -m venv "$PYENV"
   "$PYENV/bin/pip" install -q --disable-pip-version-check "openai>=1.40,<4" "pytest>=8,<10" \
-    "pyyaml>=6,<7" "kubernetes-validate>=1.30,<2"
+    "pyyaml>=6,<7" "kubernetes-validate>=1.30,<2" "gguf>=0.17,<1" "numpy>=1.26,<3"
 fi

@@ -5,7 +5,7 @@ use anyhow::Context;
 use std::{io::Write, path::PathBuf};
 use switchyard_model::{
     eval::{perplexity, Scorer},
-    Checkpoint, Cpu, Tokenizer,
+    Checkpoint, Cpu,
 };
 
 #[derive(clap::Args)]
@@ -41,7 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     ck.set_quantize(a.quant.plan())?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
-    let tokens = Tokenizer::from_dir(&a.model)?.encode(&text, false)?;
+    let tokens = ck.tokenizer()?.encode(&text, false)?;
     let ctx = a
         .ctx
         .unwrap_or(512)

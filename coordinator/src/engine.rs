@@ -55,7 +55,7 @@ impl<B: Backend> Engine<B> {
         progress: &dyn LoadProgress,
     ) -> Result<Self, EngineError> {
         let model = Mixtral::load(backend, ck, progress)?;
-        let tokenizer = Tokenizer::from_dir(ck.dir())?;
+        let tokenizer = ck.tokenizer()?;
         tracing::info!(
             dir = %ck.dir().display(),
             backend = %model.backend().describe(),

@@ -31,7 +31,7 @@ pub enum ModelError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("{path}: tensor {tensor:?} has dtype {dtype}, supported are F32, F16 and BF16")]
+    #[error("{path}: tensor {tensor:?} has dtype {dtype}; supported are F32, F16, BF16, and Q8_0 and Q4_0 (switchyard quantize, GGUF)")]
     Dtype {
         path: PathBuf,
         tensor: String,
@@ -44,6 +44,9 @@ pub enum ModelError {
         tensor: String,
         reason: String,
     },
+    /// A GGUF file that cannot be read as a Mixtral checkpoint.
+    #[error("{path}: GGUF: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

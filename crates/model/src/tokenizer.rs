@@ -80,6 +80,25 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from tokenizer.json text and what tokenizer_config.json would say (a GGUF
+    /// file's metadata, converted).
+    pub(crate) fn from_json(
+        json: &str,
+        chat_template: Option<String>,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| ModelError::Tokenizer(format!("from GGUF metadata: {e}")))?;
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+        })
+    }
+
     /// Token ids of `text`; `add_special` applies the post-processor (e.g. prepends BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self

@@ -6,6 +6,7 @@
 //! worker can take only the experts it hosts and never touch the rest of the file.
 
 pub mod gen;
+pub mod gguf;
 pub mod names;
 pub mod quant;
 mod tensor;
@@ -51,6 +52,8 @@ pub struct Checkpoint {
     stored: QuantPlan,
     /// What to quantize at load ([`Checkpoint::set_quantize`]).
     plan: QuantPlan,
+    /// A GGUF file's tokenizer, from its metadata (a folder has tokenizer.json).
+    gguf_tokenizer: Option<gguf::GgufTokenizer>,
 }
 
 /// Told how many bytes a load will touch and how far it is; the CLI draws a progress bar with it.
@@ -73,8 +76,12 @@ impl LoadProgress for NoProgress {
 
 impl Checkpoint {
     /// Opens `dir`: reads and validates `config.json`, maps and validates every shard header.
+    /// A GGUF file (llama.cpp's format) opens as a checkpoint too ([`gguf`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
+        if gguf::is_gguf(&dir) {
+            return gguf::open(&dir);
+        }
         if !dir.is_dir() {
             return Err(ModelError::io(
                 &dir,
@@ -94,6 +101,7 @@ impl Checkpoint {
             tensors: HashMap::new(),
             stored,
             plan: QuantPlan::default(),
+            gguf_tokenizer: None,
         };
         if index_path.exists() {
             let weight_map = read_index(&index_path)?;
@@ -208,10 +216,30 @@ impl Checkpoint {
         &self.config
     }
 
-    /// The folder this checkpoint was opened from.
+    /// The folder this checkpoint was opened from (the file, for a GGUF file).
     #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether this checkpoint is a GGUF file.
+    #[must_use]
+    pub fn is_gguf(&self) -> bool {
+        self.gguf_tokenizer.is_some()
+    }
+
+    /// The tokenizer: tokenizer.json and tokenizer_config.json of a folder, or a GGUF file's
+    /// metadata.
+    pub fn tokenizer(&self) -> Result<crate::Tokenizer> {
+        match &self.gguf_tokenizer {
+            Some(t) => crate::Tokenizer::from_json(
+                &t.json,
+                t.chat_template.clone(),
+                t.bos.clone(),
+                t.eos.clone(),
+            ),
+            None => crate::Tokenizer::from_dir(&self.dir),
+        }
     }
 
     /// Takes tensor `name`, checking it has exactly `shape` and a supported dtype.

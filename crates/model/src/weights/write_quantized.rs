@@ -49,6 +49,13 @@ pub fn write_quantized(
     shard_bytes: u64,
     progress: &dyn LoadProgress,
 ) -> Result<QuantizeReport> {
+    if ck.is_gguf() {
+        return Err(ModelError::Input(format!(
+            "quantize: {} is a GGUF file; switchyard quantize reads Hugging Face folders \
+             (llama.cpp's llama-quantize requantizes GGUF files, and switchyard loads them)",
+            ck.dir().display()
+        )));
+    }
     if plan.format.is_none() {
         return Err(ModelError::Input("quantize: no format given".into()));
     }
