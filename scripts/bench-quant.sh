@@ -2,7 +2,7 @@
 # One sitting, quantized weights against llama.cpp on the same checkpoint: llama-bench (pp128, tg64)
 # and llama-batched-bench (32 sequences) on llama.cpp's own Q8_0/Q4_0 of the bf16 GGUF, then
 # `switchyard bench` with --quantize of the same format (attention and LM head too, as llama.cpp
-# quantizes them), ROUNDS times interleaved. Needs ../shared/peers set up and llamacpp.sh run on DIR.
+# quantizes them) and `switchyard bench` on llama.cpp's GGUF file itself, ROUNDS times interleaved. Needs ../shared/peers set up and llamacpp.sh run on DIR.
 # Usage: bash scripts/bench-quant.sh DIR [THREADS] [ROUNDS]   (prints a table; JSON in $OUT)
 set -euo pipefail
 DIR=$(cd "$1" && pwd); T=${2:-2}; ROUNDS=${3:-2}
@@ -20,6 +20,7 @@ for r in $(seq "$ROUNDS"); do
     lq=$(echo "$q" | tr 'A-Z' 'a-z')
     "$BIN" --threads "$T" bench --model "$DIR" --quantize "$lq" --quantize-attention --runs 3 \
       --concurrency 32 2>/dev/null >"$OUT/switchyard-$q-$r.json"
+    "$BIN" --threads "$T" bench --model "$G" --runs 3 --concurrency 32 2>/dev/null >"$OUT/gguf-$q-$r.json"
   done
 done
 python3 - "$OUT" "$ROUNDS" <<'PY'
@@ -36,12 +37,13 @@ for q in ["Q8_0", "Q4_0"]:
         row = open(f"{out}/llama-batched-{q}-{r}.txt").read().split("|")
         if len(row) > 10: d32.append(float(row[8])); a32.append(float(row[10]))
     print(f"| {q} | llama.cpp | {med(pp):.1f} | {med(tg):.1f} | {med(d32):.1f} (S_TG) | {med(a32):.1f} (S) | | |")
-    pp, tg, d32, a32, pct = [], [], [], [], []
-    for r in range(1, rounds + 1):
-        d = json.load(open(f"{out}/switchyard-{q}-{r}.json"))
-        pp.append(d["prefill_tok_s_median"]); tg.append(d["decode_tok_s_median"]); pct.append(d["decode_pct_of_bandwidth_bound"])
-        for c in d["modes"][0].get("concurrency", []):
-            if c["sequences"] == 32: d32.append(c["decode_tok_s_from_itl_p50"]); a32.append(c["tok_s_median"])
-        bpt = d["decode_bytes_per_token"]
-    print(f"| {q} | switchyard | {med(pp):.1f} | {med(tg):.1f} | {med(d32):.1f} (32 / ITL p50) | {med(a32):.1f} (generated / wall) | {bpt / 1e6:.0f} MB | {med(pct):.0f} |")
+    for kind, label in [("switchyard", "switchyard --quantize"), ("gguf", "switchyard on the GGUF")]:
+        pp, tg, d32, a32, pct = [], [], [], [], []
+        for r in range(1, rounds + 1):
+            d = json.load(open(f"{out}/{kind}-{q}-{r}.json"))
+            pp.append(d["prefill_tok_s_median"]); tg.append(d["decode_tok_s_median"]); pct.append(d["decode_pct_of_bandwidth_bound"])
+            for c in d["modes"][0].get("concurrency", []):
+                if c["sequences"] == 32: d32.append(c["decode_tok_s_from_itl_p50"]); a32.append(c["tok_s_median"])
+            bpt = d["decode_bytes_per_token"]
+        print(f"| {q} | {label} | {med(pp):.1f} | {med(tg):.1f} | {med(d32):.1f} (32 / ITL p50) | {med(a32):.1f} (generated / wall) | {bpt / 1e6:.0f} MB | {med(pct):.0f} |")
 PY

@@ -383,7 +383,9 @@ impl Checkpoint {
         let e = self.tensors.get(name)?;
         let stored = e.range.len() as u64;
         match (&e.dtype, self.plan.for_role(role)) {
-            (Ok(d), Some(f)) => Some(f.bytes_for(e.range.len() / d.size()) as u64),
+            (Ok(d), Some(f)) if d.quant().is_none() => {
+                Some(f.bytes_for(e.range.len() / d.size()) as u64)
+            }
             _ => Some(stored),
         }
     }
