@@ -60,6 +60,10 @@ pub struct Args {
     /// Largest request body in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// How long a request's body may take to arrive before it is answered with a 408 and the
+    /// connection closed (slow senders).
+    #[arg(long, env = "SWITCHYARD_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    body_read_timeout: Duration,
     /// Largest `n` (choices per request).
     #[arg(long, env = "SWITCHYARD_MAX_N", default_value_t = 8)]
     max_n: usize,
@@ -118,6 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         api_keys: api_keys(&a.api_key, a.api_key_file.as_deref())?,
         request_timeout: a.request_timeout,
         max_body_bytes: a.max_body_bytes,
+        body_read_timeout: a.body_read_timeout,
         max_n: a.max_n.max(1),
         shutdown_grace: a.shutdown_grace,
         ready_file: a.ready_file,

@@ -29,6 +29,8 @@ pub struct ServeConfig {
     /// Keys the API accepts (none: open).
     pub api_keys: crate::api::ApiKeys,
     pub max_body_bytes: usize,
+    /// How long a request's body may take to arrive (a 408 after it).
+    pub body_read_timeout: Duration,
     pub max_n: usize,
     /// How long in-flight requests may run after a stop before they are cancelled.
     pub shutdown_grace: Duration,
@@ -106,6 +108,7 @@ pub async fn run(
         api_keys: cfg.api_keys.clone(),
         request_timeout: cfg.request_timeout,
         max_body_bytes: cfg.max_body_bytes,
+        body_read_timeout: cfg.body_read_timeout,
         metrics,
         remote,
         started: std::time::SystemTime::now()

@@ -8,6 +8,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -290,4 +292,36 @@ def test_a_client_that_trickles_its_headers_is_dropped_and_the_server_serves_on(
     slow.close()
     assert time.time() - started < 10, "the connection was held"
     assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:80]
+    assert request(s.addr, "GET", "/health")[0] == 200
+
+
+def test_a_client_that_sends_its_whole_body_first_reads_the_413(server):
+    # urllib writes the whole body before reading the answer: the server must read it too.
+    big = json.dumps({"model": M, "prompt": "a" * (5 << 20)}).encode()
+    req = urllib.request.Request(
+        f"http://{server.addr}{CMPL}", data=big, headers={"content-type": "application/json"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413
+    assert json.loads(e.value.read())["error"]["code"] == "SY:API:BodyTooLarge"
+
+
+def test_a_client_that_trickles_its_body_gets_a_408_and_the_server_serves_on(make_server):
+    s = make_server("--body-read-timeout", "500ms")
+    host, port = s.addr.split(":")
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: 100\r\n\r\n{\"model\"")
+    started = time.time()
+    data = b""
+    try:
+        while chunk := slow.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    slow.close()
+    assert time.time() - started < 10, "the connection was held"
+    assert data.startswith(b"HTTP/1.1 408"), data[:80]
+    assert b"SY:API:BodyTimeout" in data
     assert request(s.addr, "GET", "/health")[0] == 200

@@ -96,6 +96,29 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// 408: the body did not arrive within the deadline.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "invalid_request_error",
+            message: format!("request body not received within {} s", limit.as_secs_f64()),
+            param: None,
+            code: "SY:API:BodyTimeout",
+            retry_after: None,
+        }
+    }
+    /// 400: the body's bytes stopped short of what the request said (a broken connection or
+    /// bad chunked encoding).
+    pub fn bad_body() -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: "the request body could not be read".into(),
+            param: None,
+            code: "SY:API:BadBody",
+            retry_after: None,
+        }
+    }
     /// 500 with a fixed message; the details go to the log only.
     pub fn internal(details: &str) -> Self {
         tracing::error!(details, "internal error answered as 500");

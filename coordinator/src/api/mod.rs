@@ -4,6 +4,7 @@
 //! **Architecture invariant:** the only module that knows about HTTP and OpenAI's formats. Every
 //! failure leaves through `ApiError`.
 
+mod body;
 mod error;
 mod generate;
 mod responses;
@@ -35,6 +36,8 @@ pub struct AppState {
     /// Keys `/v1` and the tokenizer routes accept; none: open.
     pub api_keys: ApiKeys,
     pub max_body_bytes: usize,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout: std::time::Duration,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub remote: Option<Arc<RemoteExperts>>,
     pub started: u64,
@@ -72,6 +75,10 @@ pub fn router(state: Arc<AppState>, separate_metrics: bool) -> Router {
                 retry_after: None,
             }
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            body::read_body,
+        ))
         .with_state(state)
 }
 

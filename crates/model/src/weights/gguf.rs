@@ -827,6 +827,17 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes after a valid magic and version parse or fail with an error; none panic
+        /// or allocate by a count the file declares.
+        #[test]
+        fn arbitrary_headers_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut h = b"GGUF\x03\0\0\0".to_vec();
+            h.extend_from_slice(&body);
+            let _ = Gguf::parse(&h, Path::new("fuzz.gguf"));
+        }
+    }
+
     #[test]
     fn q6_k_dequantizes_as_llama_cpp() {
         // One block: d = 1, scales 1..16, ql/qh chosen so that element 0 is q = 5 - 32.
