@@ -166,3 +166,40 @@ def test_dockerfile_builds_the_tested_binary_as_non_root():
     assert "protobuf-compiler" in text and "libprotobuf-dev" in text
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert "target/" in ignore
+
+
+def _selects(policy, labels):
+    want = policy["spec"]["podSelector"].get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in want.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_hardened_and_fenced_by_network_policies(overlay):
+    objects = render(ROOT / "deploy" / "overlays" / overlay)
+    for o, spec, c in containers(objects):
+        name = f"{o['metadata']['name']}/{c['name']}"
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True, name
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        sc = c.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False, name
+        assert sc.get("readOnlyRootFilesystem") is True, name
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), name
+        if c["args"][0] == "worker":
+            assert "startupProbe" in c, f"{name}: loading experts takes minutes; liveness must wait"
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = [(o, o["spec"]["template"]["metadata"]["labels"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    for o, labels in pods:
+        denied = [p for p in policies if _selects(p, labels) and "ingress" not in p["spec"]]
+        assert denied, f"{o['metadata']['name']}: no default-deny policy selects its pods"
+    coordinator = {"app.kubernetes.io/name": "switchyard-coordinator"}
+    for o, labels in pods:
+        if labels.get("app.kubernetes.io/name") != "switchyard-worker":
+            continue
+        rules = [r for p in policies if _selects(p, labels) for r in p["spec"].get("ingress", [])]
+        assert rules, o["metadata"]["name"]
+        for r in rules:
+            sources = [f["podSelector"]["matchLabels"] for f in r["from"]]
+            only_coordinators = all(s.items() >= coordinator.items() for s in sources)
+            assert sources and only_coordinators, f"{o['metadata']['name']}: admits {sources}"
+            assert [p["port"] for p in r["ports"]] == [7001]
