@@ -113,7 +113,7 @@ def test_ports_and_probes_match_the_binary(tmp_path):
         if c["args"][0] == "serve":
             assert ports["http"] == int(env["SWITCHYARD_PORT"])
             assert env["SWITCHYARD_HOST"] == "0.0.0.0"
-        if c["args"][0] == "worker":
+        if c.get("args", [""])[0] == "worker":
             assert ports["grpc"] == int(env["SWITCHYARD_LISTEN"].rsplit(":", 1)[1])
             assert env["SWITCHYARD_ADVERTISE"].endswith(f":{ports['grpc']}")
             grpc = c["readinessProbe"]["grpc"]
@@ -176,16 +176,17 @@ def _selects(policy, labels):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_hardened_and_fenced_by_network_policies(overlay):
     objects = render(ROOT / "deploy" / "overlays" / overlay)
-    for o, spec, c in containers(objects):
+    for o, spec, c in containers(objects, only_switchyard=False):
         name = f"{o['metadata']['name']}/{c['name']}"
         pod = spec.get("securityContext", {})
         assert pod.get("runAsNonRoot") is True, name
+        assert pod.get("fsGroup"), f"{name}: mounted Secrets and volumes need the pod's group"
         assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
         sc = c.get("securityContext", {})
         assert sc.get("allowPrivilegeEscalation") is False, name
         assert sc.get("readOnlyRootFilesystem") is True, name
         assert "ALL" in sc.get("capabilities", {}).get("drop", []), name
-        if c["args"][0] == "worker":
+        if c.get("args", [""])[0] == "worker":
             assert "startupProbe" in c, f"{name}: loading experts takes minutes; liveness must wait"
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     pods = [(o, o["spec"]["template"]["metadata"]["labels"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
