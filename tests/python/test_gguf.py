@@ -37,7 +37,7 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_gguf(out, qtype):
+def make_gguf(out, qtype, stacked=True):
     cfg = json.loads((MODEL / "config.json").read_text())
     tok = json.loads((MODEL / "tokenizer.json").read_text())
     t = read_safetensors(MODEL / "model.safetensors")
@@ -92,9 +92,13 @@ def make_gguf(out, qtype):
         linear(f"blk.{l}.attn_v.weight", t[p + "self_attn.v_proj.weight"])
         linear(f"blk.{l}.attn_output.weight", t[p + "self_attn.o_proj.weight"])
         f32(f"blk.{l}.ffn_gate_inp.weight", t[p + "block_sparse_moe.gate.weight"])
-        for gname, hf in [("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")]:
-            stacked = np.stack([t[p + f"block_sparse_moe.experts.{e}.{hf}.weight"] for e in range(experts)])
-            linear(f"blk.{l}.{gname}.weight", stacked)
+        for gname, hf in [("gate", "w1"), ("up", "w3"), ("down", "w2")]:
+            each = [t[p + f"block_sparse_moe.experts.{e}.{hf}.weight"] for e in range(experts)]
+            if stacked:
+                linear(f"blk.{l}.ffn_{gname}_exps.weight", np.stack(each))
+            else:  # older files: one tensor per expert
+                for e, a in enumerate(each):
+                    linear(f"blk.{l}.ffn_{gname}.{e}.weight", a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -131,6 +135,12 @@ def test_gguf_equals_the_safetensors_folder(tmp_path, qtype, flags):
     assert got["logits"] == want["logits"]
     # The tokenizer from the metadata encodes and decodes as tokenizer.json does.
     assert generate(path) == generate(MODEL, *flags)
+
+
+def test_older_gguf_files_with_one_tensor_per_expert(tmp_path):
+    path = tmp_path / "unstacked.gguf"
+    make_gguf(path, gguf.GGMLQuantizationType.Q8_0, stacked=False)
+    assert forward(path)["logits"] == forward(MODEL, "--quantize", "q8_0", "--quantize-attention")["logits"]
 
 
 def test_broken_gguf_files_get_named_errors(tmp_path):
