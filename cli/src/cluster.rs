@@ -116,15 +116,44 @@ pub struct RegistryArgs {
     /// A member's record disappears this long after it stops renewing it (crash, partition).
     #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
+    /// Dial etcd over TLS, trusting this CA (PEM); endpoints become https://.
+    #[arg(long, env = "SWITCHYARD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This member's certificate for an etcd that requires client certificates
+    /// (`--client-cert-auth`; PEM, needs --etcd-key and --etcd-ca).
+    #[arg(long, env = "SWITCHYARD_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key of --etcd-cert (PEM).
+    #[arg(long, env = "SWITCHYARD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl RegistryArgs {
     pub fn config(&self) -> anyhow::Result<Option<RegistryConfig>> {
-        self.etcd
-            .as_deref()
-            .map(|e| RegistryConfig::new(e, &self.cluster, self.lease_ttl))
-            .transpose()
-            .map_err(Into::into)
+        let Some(endpoints) = self.etcd.as_deref() else {
+            return Ok(None);
+        };
+        let cfg = RegistryConfig::new(endpoints, &self.cluster, self.lease_ttl)?;
+        let read = |p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("reading etcd TLS file {}", p.display()))
+        };
+        let Some(ca) = &self.etcd_ca else {
+            if !cfg.endpoints.iter().all(|e| is_loopback(e)) {
+                tracing::warn!(
+                    "etcd traffic is plaintext and unauthenticated: anyone who reaches etcd can \
+                     register workers or rewrite the plan (--etcd-ca, --etcd-cert, --etcd-key)"
+                );
+            }
+            return Ok(Some(cfg));
+        };
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(Some(cfg.with_tls(switchyard_cluster::EtcdTls {
+            ca_pem: read(ca)?,
+            identity,
+        })))
     }
 }
 
@@ -211,6 +240,13 @@ impl ClusterArgs {
         Engine::load(model, self.source(None)?, &opts, &bar)
             .with_context(|| format!("loading {}", model.display()))
     }
+}
+
+/// Whether an etcd endpoint URL names this machine.
+fn is_loopback(endpoint: &str) -> bool {
+    let host = endpoint.split("://").last().unwrap_or(endpoint);
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
 }
 
 /// This process's name in the registry: host name and process id.

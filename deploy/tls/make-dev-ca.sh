@@ -4,7 +4,10 @@
 #   worker.crt / worker.key           server certificate every worker presents; its name is
 #                                     `switchyard-worker` (coordinators dial workers by IP and
 #                                     check this name: --worker-tls-domain) plus 127.0.0.1
-#   coordinator.crt / coordinator.key client certificate coordinators present to workers
+#   coordinator.crt / coordinator.key client certificate coordinators present to workers (and
+#                                     to etcd)
+#   etcd.crt / etcd.key               server certificate of etcd (`etcd`, `*.etcd-peer`,
+#                                     localhost, 127.0.0.1); workers present worker.crt to etcd
 #
 #   deploy/tls/make-dev-ca.sh OUT_DIR [CA_NAME]
 #   kubectl create secret generic switchyard-tls --from-file=OUT_DIR   # what deploy/ mounts
@@ -32,9 +35,11 @@ leaf() { # name cn extensions
   rm -f "$1.csr" "$1.ext"
 }
 leaf worker switchyard-worker \
-  "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:switchyard-worker,IP:127.0.0.1\n"
+  "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:switchyard-worker,IP:127.0.0.1\n"
 leaf coordinator switchyard-coordinator \
   "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+leaf etcd etcd \
+  "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:etcd,DNS:*.etcd-peer,DNS:localhost,IP:127.0.0.1\n"
 rm -f ca.srl
 chmod 600 ./*.key
-echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key" >&2
+echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key etcd.crt etcd.key" >&2

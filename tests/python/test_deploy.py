@@ -204,3 +204,23 @@ def test_pods_are_hardened_and_fenced_by_network_policies(overlay):
             only_coordinators = all(s.items() >= coordinator.items() for s in sources)
             assert sources and only_coordinators, f"{o['metadata']['name']}: admits {sources}"
             assert [p["port"] for p in r["ports"]] == [7001]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_etcd_requires_client_certificates_and_members_present_them(overlay):
+    objects = render(ROOT / "deploy" / "overlays" / overlay)
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("switchyard-config"))
+    assert config["data"]["SWITCHYARD_ETCD"].startswith("https://")
+    etcd = [c for o, _, c in containers(objects, only_switchyard=False) if c["name"] == "etcd"]
+    assert etcd
+    for c in etcd:
+        cmd = " ".join(c["command"])
+        assert "--client-cert-auth" in cmd and "--listen-client-urls=https://" in cmd
+        assert all(p["httpGet"]["port"] == "health" for p in (c["readinessProbe"], c["livenessProbe"]))
+    for o, spec, c in containers(objects):
+        env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        role = "coordinator" if c["args"][0] == "serve" else "worker"
+        assert env["SWITCHYARD_ETCD_CERT"].endswith(f"/{role}.crt"), o["metadata"]["name"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        secret = next(v for v in spec["volumes"] if v["name"] == mounts["/etc/switchyard/tls"])
+        assert secret["secret"]["secretName"] == "switchyard-tls"

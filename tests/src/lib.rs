@@ -180,20 +180,40 @@ pub struct Etcd {
     pub endpoint: String,
     client_port: u16,
     peer_port: u16,
+    /// Plaintext /health (etcd's metrics listener), which answers also when clients need TLS.
+    health_port: u16,
+    /// Serve clients over TLS with etcd.crt from this dev CA folder, requiring client
+    /// certificates it signed.
+    tls: Option<std::path::PathBuf>,
     dir: tempfile::TempDir,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An etcd whose clients must present a certificate signed by the dev CA in `ca_dir`
+    /// (`deploy/tls/make-dev-ca.sh`); `endpoint` is then `https://127.0.0.1:port`.
+    pub fn start_tls(ca_dir: &Path) -> Self {
+        Self::start_with(Some(ca_dir.to_path_buf()))
+    }
+
+    fn start_with(tls: Option<std::path::PathBuf>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut e = Self {
             proc: None,
             endpoint: String::new(),
             client_port: free_port(),
             peer_port: free_port(),
+            health_port: free_port(),
+            tls,
             dir,
         };
-        e.endpoint = format!("127.0.0.1:{}", e.client_port);
+        e.endpoint = match e.tls {
+            Some(_) => format!("https://127.0.0.1:{}", e.client_port),
+            None => format!("127.0.0.1:{}", e.client_port),
+        };
         e.restart();
         e
     }
@@ -201,8 +221,19 @@ impl Etcd {
     /// (Re)starts etcd on the same ports and data, and waits until it answers.
     pub fn restart(&mut self) {
         let bin = std::env::var_os("SWITCHYARD_ETCD_BIN").unwrap_or_else(|| "etcd".into());
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let health = format!("http://127.0.0.1:{}", self.health_port);
+        let tls_args: Vec<String> = match &self.tls {
+            Some(ca) => vec![
+                format!("--cert-file={}", ca.join("etcd.crt").display()),
+                format!("--key-file={}", ca.join("etcd.key").display()),
+                format!("--trusted-ca-file={}", ca.join("ca.crt").display()),
+                "--client-cert-auth".into(),
+            ],
+            None => Vec::new(),
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -225,6 +256,8 @@ impl Etcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("default={peer}")])
+            .args(["--listen-metrics-urls", &health])
+            .args(&tls_args)
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
@@ -236,7 +269,7 @@ impl Etcd {
         self.proc = Some(Proc(child));
         let start = std::time::Instant::now();
         loop {
-            if let Ok(mut r) = ureq::get(&format!("{client}/health")).call() {
+            if let Ok(mut r) = ureq::get(&format!("{health}/health")).call() {
                 if r.body_mut()
                     .read_to_string()
                     .unwrap_or_default()

@@ -132,3 +132,82 @@ fn mutual_tls_works_with_the_dev_ca_and_refuses_wrong_certificates() {
     );
     assert!(err.contains(&impostor.addr), "{err}");
 }
+
+/// etcd with TLS and client-certificate auth: a worker and a coordinator holding dev-CA
+/// certificates register, route and answer; `cluster status` without a certificate, with one
+/// from another CA, or in plaintext is refused.
+#[test]
+fn etcd_with_client_certificates_admits_only_members() {
+    use switchyard_tests::Etcd;
+    let tmp = tempfile::tempdir().unwrap();
+    let good = make_ca(tmp.path(), "good");
+    let rogue = make_ca(tmp.path(), "rogue");
+    let etcd = Etcd::start_tls(&good);
+    let model = fixtures().join("tiny-mixtral-trained");
+    let member = |dir: &Path, who: &str| -> Vec<String> {
+        let mut a = vec![
+            "--etcd".to_string(),
+            etcd.endpoint.clone(),
+            "--cluster".into(),
+            "tls".into(),
+            "--etcd-ca".into(),
+            p(&good, "ca.crt"),
+        ];
+        if !who.is_empty() {
+            a.extend([
+                "--etcd-cert".into(),
+                p(dir, &format!("{who}.crt")),
+                "--etcd-key".into(),
+                p(dir, &format!("{who}.key")),
+            ]);
+        }
+        a
+    };
+    let mut wargs = vec![
+        "--experts".to_string(),
+        "0-7".into(),
+        "--lease-ttl".into(),
+        "2s".into(),
+    ];
+    wargs.extend(member(&good, "worker"));
+    let wrefs: Vec<&str> = wargs.iter().map(String::as_str).collect();
+    let _w = Worker::start_with(&model, &wrefs);
+    let out = forward(&model, &member(&good, "coordinator"));
+    assert!(
+        out.status.success(),
+        "a coordinator with a certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = |extra: Vec<String>| {
+        let mut a = vec!["cluster".to_string(), "status".into(), "--json".into()];
+        a.extend(extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(&refs)
+    };
+    let ok = status(member(&good, "coordinator"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"weight_format\""));
+    let plaintext = vec![
+        "--etcd".to_string(),
+        etcd.endpoint.replace("https://", ""),
+        "--cluster".into(),
+        "tls".into(),
+    ];
+    for (what, args) in [
+        ("no client certificate", member(&good, "")),
+        ("another CA's certificate", member(&rogue, "coordinator")),
+        ("plaintext", plaintext),
+    ] {
+        let out = status(args);
+        assert!(!out.status.success(), "{what}: etcd answered");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("etcd") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+    }
+}

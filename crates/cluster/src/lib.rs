@@ -13,7 +13,7 @@ pub mod registry;
 
 pub use placement::{PlacementTable, StaticPlacement, WorkerId, WorkerSpec};
 pub use record::{Keys, LoadRecord, PlanRecord, WorkerLoad, WorkerRecord};
-pub use registry::{Registry, RegistryConfig};
+pub use registry::{EtcdTls, Registry, RegistryConfig};
 
 /// Errors about cluster membership and placement.
 #[derive(Debug, thiserror::Error)]

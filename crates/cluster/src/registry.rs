@@ -27,6 +27,24 @@ pub struct RegistryConfig {
     /// Records vanish this long after their owner stops renewing them (crash, partition).
     pub lease_ttl: Duration,
     keys: Keys,
+    /// TLS to etcd ([`RegistryConfig::with_tls`]).
+    tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signed etcd's certificate and, where etcd asks for client
+/// certificates (`--client-cert-auth`), this member's (PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RegistryConfig {
@@ -58,7 +76,26 @@ impl RegistryConfig {
             cluster: cluster.to_string(),
             lease_ttl,
             keys,
+            tls: None,
         })
+    }
+
+    /// Dials etcd over TLS (every endpoint as `https://`).
+    #[must_use]
+    pub fn with_tls(mut self, tls: EtcdTls) -> Self {
+        for e in &mut self.endpoints {
+            if let Some(rest) = e.strip_prefix("http://") {
+                *e = format!("https://{rest}");
+            }
+        }
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether etcd is dialled over TLS.
+    #[must_use]
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     #[must_use]
@@ -108,11 +145,19 @@ impl Registry {
     /// Connects (a failure here is only about reaching etcd; callers that must survive outages
     /// use the loops below, which retry).
     pub async fn connect(cfg: &RegistryConfig) -> Result<Self, ClusterError> {
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
+        if let Some(t) = &cfg.tls {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.identity {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
         let client = Client::connect(&cfg.endpoints, Some(opts))
             .await
             .map_err(|e| cfg.err(e))?;
