@@ -55,7 +55,9 @@ pub struct ClusterArgs {
     /// Dial workers over TLS, trusting this CA (PEM).
     #[arg(long, env = "SWITCHYARD_WORKER_TLS_CA")]
     pub worker_tls_ca: Option<PathBuf>,
-    /// Name every worker certificate carries (workers are dialled by address).
+    /// Name every worker certificate carries (workers are dialled by address), or `@address`:
+    /// each worker's certificate must name the address it registered (its IP or host name), so
+    /// that one worker's certificate cannot serve under another's address.
     #[arg(
         long,
         env = "SWITCHYARD_WORKER_TLS_DOMAIN",

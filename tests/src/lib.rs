@@ -82,11 +82,16 @@ impl Worker {
 
     /// [`Worker::start_with`] with extra environment variables.
     pub fn start_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_at(model, "127.0.0.1:0", args, env)
+    }
+
+    /// [`Worker::start_env`] listening on `listen` (e.g. another loopback address).
+    pub fn start_at(model: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ready = dir.path().join("ready");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
         let child = Command::new(bin())
-            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(["worker", "--listen", listen])
             .args(args)
             .arg("--model")
             .arg(model)

@@ -211,3 +211,56 @@ fn etcd_with_client_certificates_admits_only_members() {
         );
     }
 }
+
+/// `--worker-tls-domain @address`: a worker's certificate must name the address it is dialled
+/// at. The dev certificate names 127.0.0.1: a worker there is used; the same certificate served
+/// from 127.0.0.2 is refused.
+#[test]
+fn a_worker_certificate_must_name_the_workers_address() {
+    let model = fixtures().join("tiny-mixtral-trained");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = make_ca(tmp.path(), "good");
+    let tls = [
+        "--experts".to_string(),
+        "0-7".into(),
+        "--tls-cert".into(),
+        p(&ca, "worker.crt"),
+        "--tls-key".into(),
+        p(&ca, "worker.key"),
+        "--tls-client-ca".into(),
+        p(&ca, "ca.crt"),
+    ];
+    let refs: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let named = Worker::start_at(&model, "127.0.0.1:0", &refs, &[]);
+    let elsewhere = Worker::start_at(&model, "127.0.0.2:0", &refs, &[]);
+    let client = |w: &Worker| {
+        vec![
+            "--workers".to_string(),
+            format!("{}=0-7", w.addr),
+            "--worker-tls-ca".into(),
+            p(&ca, "ca.crt"),
+            "--worker-tls-cert".into(),
+            p(&ca, "coordinator.crt"),
+            "--worker-tls-key".into(),
+            p(&ca, "coordinator.key"),
+            "--worker-tls-domain".into(),
+            "@address".into(),
+        ]
+    };
+    let ok = forward(&model, &client(&named));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = forward(&model, &client(&elsewhere));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a certificate for 127.0.0.1 served 127.0.0.2"
+    );
+    assert!(
+        err.contains(&elsewhere.addr) && !err.contains("panicked"),
+        "{err}"
+    );
+}

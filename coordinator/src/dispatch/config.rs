@@ -55,8 +55,9 @@ impl std::str::FromStr for RpcMode {
 }
 
 /// TLS towards workers: the CA that signed their certificates, the name their certificates carry
-/// (workers are dialled by IP, so one shared name is checked instead), and this coordinator's
-/// own certificate for workers that require one.
+/// (workers are dialled by IP, so one shared name is checked instead, or with
+/// [`ADDRESS_DOMAIN`] each worker's own address), and this coordinator's own certificate for
+/// workers that require one.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     pub ca_pem: Vec<u8>,
@@ -80,6 +81,17 @@ impl Default for DispatchConfig {
     }
 }
 
+/// The `--worker-tls-domain` that checks each worker's certificate against the address it is
+/// dialled at (registered under): a certificate issued for one worker's IP or name cannot serve
+/// under another's address.
+pub const ADDRESS_DOMAIN: &str = "@address";
+
+/// The host part of `host:port` (`[v6]:port` too).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 pub(super) fn endpoint(
     addr: &str,
     cfg: &DispatchConfig,
@@ -88,9 +100,14 @@ pub(super) fn endpoint(
     let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
     if let Some(t) = &cfg.tls {
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let domain = if t.domain == ADDRESS_DOMAIN {
+            host_of(addr).to_string()
+        } else {
+            t.domain.clone()
+        };
         let mut c = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&t.ca_pem))
-            .domain_name(t.domain.clone());
+            .domain_name(domain);
         if let Some((cert, key)) = &t.identity {
             c = c.identity(Identity::from_pem(cert, key));
         }
@@ -153,4 +170,14 @@ fn with_sources(mut s: String, mut cur: Option<&(dyn std::error::Error + 'static
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_of_takes_the_host_of_every_address_form() {
+        assert_eq!(super::host_of("10.0.0.7:7001"), "10.0.0.7");
+        assert_eq!(super::host_of("[fd00::1]:7001"), "fd00::1");
+        assert_eq!(super::host_of("worker-3.pool:7001"), "worker-3.pool");
+    }
 }
