@@ -1361,3 +1361,26 @@ fn quantized_forward_matches_the_f64_oracle_on_the_same_blocks() {
         );
     }
 }
+
+/// A quantized matrix uploaded as a plain weight (a GGUF file's quantized embedding tied to the
+/// LM head, a quantized router) runs its linears through the quantized kernels, as
+/// `upload_matrix` does, instead of reaching the float kernels.
+#[test]
+fn a_quantized_matrix_uploaded_as_a_plain_weight_runs_its_linears() {
+    use crate::{backend::Backend, QuantFormat};
+    let (out, inp) = (16, 64);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5)
+        .collect();
+    let mut bytes = vec![0u8; QuantFormat::Q8_0.bytes_for(w.len())];
+    QuantFormat::Q8_0.quantize_into(&w, &mut bytes);
+    let tensor = || crate::HostTensor::from_bytes(&bytes, DType::Q8_0, vec![out, inp]);
+    let plain = Cpu.upload(tensor()).unwrap();
+    let matrix = Cpu.upload_matrix(tensor(), None).unwrap();
+    let x: Vec<f32> = (0..2 * inp).map(|i| (i % 5) as f32 - 2.0).collect();
+    let (mut a, mut b) = (vec![0f32; 2 * out], vec![0f32; 2 * out]);
+    Cpu.linear(&x, 2, &plain, &mut a).unwrap();
+    Cpu.linear(&x, 2, &matrix, &mut b).unwrap();
+    assert_eq!(a, b);
+    assert!(a.iter().any(|v| *v != 0.0));
+}

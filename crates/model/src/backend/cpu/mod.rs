@@ -176,10 +176,17 @@ impl Backend for Cpu {
         // Weights are used in place from the memory map; touching every page now makes the load
         // (and its progress bar) do the I/O instead of the first request.
         t.prefault();
+        // A quantized matrix read by row and by linears (a GGUF file's quantized embedding tied
+        // to the LM head, a quantized router): the linears need the packed blocks, the float
+        // kernels have no quantized path. Norms and row lookups widen blocks themselves.
+        let quant = match (t.dtype().quant(), t.shape()) {
+            (Some(_), &[out, _]) => linear::QTiles::from_blocks(t.elems(), out),
+            _ => None,
+        };
         Ok(CpuWeight {
             tensor: t,
             tiles: None,
-            quant: None,
+            quant,
         })
     }
 

@@ -328,8 +328,12 @@ impl QIsa {
 }
 
 thread_local! {
-    /// Quantized activations, grown to the largest call once per thread.
-    static ACTS: RefCell<(Vec<i8>, Vec<f32>, Vec<i32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Quantized activations (bytes, block scales, block sums), one free list each: a linear
+    /// that starts on this thread while another waits on it takes a second buffer, so after
+    /// the first steps nothing allocates (`super::with_scratch`).
+    static ACT_Q: super::Scratch = const { RefCell::new(Vec::new()) };
+    static ACT_D: super::Scratch = const { RefCell::new(Vec::new()) };
+    static ACT_S: super::Scratch = const { RefCell::new(Vec::new()) };
 }
 
 /// `ys[i] = x · ws[i]ᵀ` for quantized weights of one input width, the activations quantized
@@ -347,44 +351,45 @@ pub fn linear_many_with(isa: QIsa, x: &[f32], rows: usize, parts: &mut [(&QTiles
         return;
     }
     let blocks = inp / BLOCK;
-    let mut jobs: Vec<(&QTiles, SendPtr)> = Vec::with_capacity(parts.len());
-    for (w, y) in parts.iter_mut() {
+    for (w, y) in parts.iter() {
         assert!(w.inp() == inp, "quantized parts of different input widths");
         assert!(y.len() >= rows * w.out() && x.len() >= rows * inp);
-        jobs.push((*w, SendPtr(y.as_mut_ptr())));
     }
-    let mut bufs = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    let (q, d, s) = &mut bufs;
-    q.resize(q.len().max(rows * inp), 0);
-    d.resize(d.len().max(rows * blocks), 0.0);
-    s.resize(s.len().max(rows * blocks), 0);
-    quantize_acts(x, rows, inp, q, d, s);
-    let acts = QActs {
-        q: &q[..rows * inp],
-        d: &d[..rows * blocks],
-        sum: &s[..rows * blocks],
-        inp,
-    };
-    // Tasks: runs of groups of each part, in one parallel pass.
-    let per_part: Vec<usize> = jobs
-        .iter()
-        .map(|(w, _)| w.groups().div_ceil(w.groups_per_task()))
-        .collect();
-    let total: usize = per_part.iter().sum();
-    (0..total).into_par_iter().for_each(|task| {
-        let (mut i, mut t) = (0, task);
-        while t >= per_part[i] {
-            t -= per_part[i];
-            i += 1;
-        }
+    super::with_scratch(&ACT_Q, rows * inp, |q: &mut [i8]| {
+        super::with_scratch(&ACT_D, rows * blocks, |d: &mut [f32]| {
+            super::with_scratch(&ACT_S, rows * blocks, |s: &mut [i32]| {
+                quantize_acts(x, rows, inp, q, d, s);
+                let acts = QActs { q, d, sum: s, inp };
+                for chunk in parts.chunks_mut(super::MAX_PARTS) {
+                    run_parts(isa, acts, rows, chunk);
+                }
+            });
+        });
+    });
+}
+
+/// Every group of up to [`super::MAX_PARTS`] parts in one parallel pass, runs of groups a task.
+fn run_parts(isa: QIsa, acts: QActs<'_>, rows: usize, parts: &mut [(&QTiles, &mut [f32])]) {
+    let first: &QTiles = parts[0].0;
+    let mut jobs = [(first, SendPtr(std::ptr::null_mut())); super::MAX_PARTS];
+    for (job, (w, y)) in jobs.iter_mut().zip(parts.iter_mut()) {
+        *job = (*w, SendPtr(y.as_mut_ptr()));
+    }
+    let jobs = &jobs[..parts.len()];
+    let (firsts, n, tasks) = super::task_firsts(
+        jobs.iter()
+            .map(|(w, _)| w.groups().div_ceil(w.groups_per_task())),
+    );
+    let firsts = &firsts[..n];
+    (0..tasks).into_par_iter().for_each(|task| {
+        let i = firsts.iter().rposition(|&f| f <= task).unwrap_or(0);
         let (w, yp) = jobs[i];
         let per = w.groups_per_task();
-        let g0 = t * per;
+        let g0 = (task - firsts[i]) * per;
         for g in g0..(g0 + per).min(w.groups()) {
             run_group(isa, w, g, acts, rows, yp);
         }
     });
-    ACTS.with(|a| *a.borrow_mut() = bufs);
 }
 
 /// `y[t][16g + l]` for every token row `t < rows` and row `l` of group `g`.
