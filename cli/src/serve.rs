@@ -77,6 +77,13 @@ pub struct Args {
     /// API connections open at once; more wait to be accepted.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Serve the API over TLS with this certificate chain (PEM, leaf first); it is re-read
+    /// when the file changes.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Serve /metrics on this port (same host, no key) instead of the API's port, where it
     /// needs an API key when keys are set.
     #[arg(long, env = "SWITCHYARD_METRICS_PORT")]
@@ -131,6 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             header_read_timeout: a.header_read_timeout,
             max_connections: a.max_connections.max(1),
         },
+        tls: a.tls_cert.zip(a.tls_key),
     };
     tracing::info!(model = %cfg.model.display(), listen = %cfg.listen, api_key = !cfg.api_keys.is_open(), "starting");
     let loaded = serve::load(&cfg, &crate::progress::Bar::new("loading"))

@@ -1,6 +1,10 @@
 //! The API's connection loop: hyper with a header read timeout, so a client that trickles its
 //! headers (slowloris) is dropped instead of holding a connection, a bound on open
-//! connections, and a graceful drain on stop. axum's own `serve` has neither bound.
+//! connections, optional TLS, and a graceful drain on stop. axum's own `serve` has neither
+//! bound.
+
+mod tls;
+pub use tls::{ApiTls, TlsError};
 
 use axum::Router;
 use hyper_util::{
@@ -31,11 +35,13 @@ impl Default for ConnectionLimits {
 }
 
 /// Serves `app` on `listener` until `stop`, then stops accepting and waits for the open
-/// connections to finish (the caller bounds that wait).
+/// connections to finish (the caller bounds that wait). With `tls`, every connection must
+/// complete a TLS handshake within the header read timeout first.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<ApiTls>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -67,10 +73,38 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let acceptor = tls.as_ref().map(ApiTls::acceptor);
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let ended =
+                match acceptor {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

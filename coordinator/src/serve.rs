@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Header read timeout and connection bound of the API.
     pub connections: crate::http::ConnectionLimits,
+    /// The API's certificate and key (PEM); plaintext without.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve `/metrics` on this port of the API's host instead of the API's port.
     pub metrics_port: Option<u16>,
     /// Written with the bound address once serving.
@@ -55,6 +57,8 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the API's TLS certificate: {0}")]
+    Tls(#[from] crate::http::TlsError),
     #[error("the engine thread stopped; the server stops with it so that it is restarted")]
     EngineStopped,
 }
@@ -136,6 +140,10 @@ pub async fn run(
             }
         });
     }
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(crate::http::ApiTls::load(cert, key)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServeError::Bind(cfg.listen, e))?;
@@ -143,11 +151,11 @@ pub async fn run(
     if let Some(p) = &cfg.ready_file {
         std::fs::write(p, addr.to_string())?;
     }
-    tracing::info!(%addr, model = %model_name, "serving the OpenAI API");
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, keys = !cfg.api_keys.is_open(), "the API is served in plaintext beyond this host; put TLS in front of it");
+    tracing::info!(%addr, model = %model_name, tls = tls.is_some(), "serving the OpenAI API");
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, keys = !cfg.api_keys.is_open(), "the API is served in plaintext beyond this host; pass --tls-cert/--tls-key or put TLS in front of it");
     }
-    let server = crate::http::serve(listener, app, cfg.connections, stop.clone());
+    let server = crate::http::serve(listener, app, cfg.connections, tls, stop.clone());
     let engine_alive = state.scheduler.clone();
     tokio::select! {
         r = server => r?,

@@ -8,6 +8,8 @@
 #                                     to etcd)
 #   etcd.crt / etcd.key               server certificate of etcd (`etcd`, `*.etcd-peer`,
 #                                     localhost, 127.0.0.1); workers present worker.crt to etcd
+#   api.crt / api.key                 server certificate of the OpenAI API (serve --tls-cert):
+#                                     `switchyard`, `localhost`, 127.0.0.1
 #
 #   deploy/tls/make-dev-ca.sh OUT_DIR [CA_NAME]
 #   kubectl create secret generic switchyard-tls --from-file=OUT_DIR   # what deploy/ mounts
@@ -40,6 +42,8 @@ leaf coordinator switchyard-coordinator \
   "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
 leaf etcd etcd \
   "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:etcd,DNS:*.etcd-peer,DNS:localhost,IP:127.0.0.1\n"
+leaf api switchyard \
+  "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:switchyard,DNS:localhost,IP:127.0.0.1\n"
 rm -f ca.srl
 chmod 600 ./*.key
-echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key etcd.crt etcd.key" >&2
+echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key etcd.crt etcd.key api.crt api.key" >&2
