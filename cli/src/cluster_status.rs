@@ -8,6 +8,11 @@ use switchyard_cluster::{PlanRecord, Registry, WorkerRecord};
 pub enum Cmd {
     /// Workers, the experts each hosts, replicas per expert, load, and the planner's plan.
     Status(StatusArgs),
+    /// Set up etcd access control for the cluster: a role for workers (their records, reading
+    /// the plan) and one for coordinators (reading workers, load, the election and the plan),
+    /// given to the certificates' common names, then enable auth. Idempotent; needs a root
+    /// certificate (CN=root) once auth is on.
+    Rbac(crate::cluster_rbac::Args),
 }
 
 #[derive(clap::Args)]
@@ -31,7 +36,10 @@ struct Status {
 }
 
 pub fn run(cmd: Cmd) -> anyhow::Result<()> {
-    let Cmd::Status(a) = cmd;
+    let a = match cmd {
+        Cmd::Status(a) => a,
+        Cmd::Rbac(a) => return crate::cluster_rbac::run(a),
+    };
     let cfg = a
         .registry
         .config()?

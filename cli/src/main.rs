@@ -4,6 +4,7 @@
 mod bench;
 mod bench_dispatch;
 mod cluster;
+mod cluster_rbac;
 mod cluster_status;
 mod forward;
 mod gen_model;

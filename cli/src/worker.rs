@@ -51,6 +51,10 @@ pub struct Args {
     /// Accept only coordinators presenting a certificate signed by this CA (mutual TLS).
     #[arg(long, env = "SWITCHYARD_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address: for probes that cannot
+    /// present a client certificate when --tls-client-ca requires one.
+    #[arg(long, env = "SWITCHYARD_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     #[command(flatten)]
     quant: crate::cluster::QuantArgs,
 }
@@ -120,6 +124,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             _ => None,
         },
         quantize: a.quant.plan(),
+        health_listen: a.health_listen,
     };
     tracing::info!(?cfg, "worker starting");
     let server = switchyard_worker::load(&cfg, &crate::progress::Bar::new("loading experts"))

@@ -10,6 +10,10 @@
 #                                     localhost, 127.0.0.1); workers present worker.crt to etcd
 #   api.crt / api.key                 server certificate of the OpenAI API (serve --tls-cert):
 #                                     `switchyard`, `localhost`, 127.0.0.1
+#   admin/root.crt, root.key, ca.crt  etcd's root user (CN=root), for `switchyard cluster rbac`
+#                                     and operators; a Secret of its own, never mounted in
+#                                     workers or coordinators:
+#   kubectl create secret generic switchyard-etcd-admin --from-file=OUT_DIR/admin
 #
 #   deploy/tls/make-dev-ca.sh OUT_DIR [CA_NAME]
 #   kubectl create secret generic switchyard-tls --from-file=OUT_DIR   # what deploy/ mounts
@@ -44,6 +48,10 @@ leaf etcd etcd \
   "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:etcd,DNS:*.etcd-peer,DNS:localhost,IP:127.0.0.1\n"
 leaf api switchyard \
   "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:switchyard,DNS:localhost,IP:127.0.0.1\n"
+mkdir -p admin
+leaf admin/root root \
+  "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+cp ca.crt admin/ca.crt
 rm -f ca.srl
-chmod 600 ./*.key
-echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key etcd.crt etcd.key api.crt api.key" >&2
+chmod 600 ./*.key admin/*.key
+echo "wrote $out: ca.crt worker.crt worker.key coordinator.crt coordinator.key etcd.crt etcd.key api.crt api.key admin/{root.crt,root.key,ca.crt}" >&2

@@ -46,6 +46,16 @@ def containers(objects, only_switchyard=True):
                     yield o, spec, c
 
 
+def subcommand(c):
+    """`serve`, `worker`, `cluster rbac`: a container's args up to its first flag."""
+    words = []
+    for a in c["args"]:
+        if a.startswith("-"):
+            break
+        words.append(a)
+    return " ".join(words)
+
+
 def help_text(sub):
     out = subprocess.run([BIN, *sub.split(), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -89,17 +99,24 @@ def test_manifests_use_only_flags_and_env_vars_the_binary_has(overlay):
         if o["kind"] == "ConfigMap":
             config.update(o["data"])
     used = 0
+    shared_used = set()
+
+    def is_option(name, text):
+        return f"[env: {name}=" in text or f"[env: {name}]" in text
+
     for _, _, c in containers(objects):
-        sub = c["args"][0]
+        sub = subcommand(c)
         text = help_text(sub)
-        env_from = [e["configMapRef"]["name"] for e in c.get("envFrom", [])]
-        names = [e["name"] for e in c.get("env", [])] + (list(config) if env_from else [])
-        for name in names:
+        for name in [e["name"] for e in c.get("env", [])]:
             if name.startswith("SWITCHYARD_"):
-                assert f"[env: {name}=" in text or f"[env: {name}]" in text, f"{sub}: {name} is not an option"
+                assert is_option(name, text), f"{sub}: {name} is not an option"
                 used += 1
-        for flag in [a for a in c["args"][1:] if a.startswith("--")]:
+        if c.get("envFrom"):
+            shared_used |= {n for n in config if is_option(n, text)}
+        for flag in [a for a in c["args"] if a.startswith("--")]:
             assert re.search(rf"\s{re.escape(flag.split('=')[0])}[\s,=]", text), f"{sub}: no {flag}"
+    # The shared ConfigMap's settings are each read by some role.
+    assert shared_used == {n for n in config if n.startswith("SWITCHYARD_")}, set(config) - shared_used
     assert used > 10
 
 
@@ -116,8 +133,11 @@ def test_ports_and_probes_match_the_binary(tmp_path):
         if c.get("args", [""])[0] == "worker":
             assert ports["grpc"] == int(env["SWITCHYARD_LISTEN"].rsplit(":", 1)[1])
             assert env["SWITCHYARD_ADVERTISE"].endswith(f":{ports['grpc']}")
+            # The kubelet probes the plaintext health listener: the gRPC port requires a
+            # client certificate.
             grpc = c["readinessProbe"]["grpc"]
-            assert grpc["port"] == ports["grpc"]
+            assert ports["health"] == int(env["SWITCHYARD_HEALTH_LISTEN"].rsplit(":", 1)[1])
+            assert grpc["port"] == ports["health"]
             proto = (ROOT / "proto" / "switchyard" / "v1" / "expert.proto").read_text()
             pkg, svc = grpc["service"].rsplit(".", 1)
             assert f"package {pkg};" in proto and f"service {svc} " in proto
@@ -189,7 +209,7 @@ def test_pods_are_hardened_and_fenced_by_network_policies(overlay):
         if c.get("args", [""])[0] == "worker":
             assert "startupProbe" in c, f"{name}: loading experts takes minutes; liveness must wait"
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    pods = [(o, o["spec"]["template"]["metadata"]["labels"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    pods = [(o, o["spec"]["template"]["metadata"]["labels"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")]
     for o, labels in pods:
         denied = [p for p in policies if _selects(p, labels) and "ingress" not in p["spec"]]
         assert denied, f"{o['metadata']['name']}: no default-deny policy selects its pods"
@@ -219,8 +239,37 @@ def test_etcd_requires_client_certificates_and_members_present_them(overlay):
         assert all(p["httpGet"]["port"] == "health" for p in (c["readinessProbe"], c["livenessProbe"]))
     for o, spec, c in containers(objects):
         env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
-        role = "coordinator" if c["args"][0] == "serve" else "worker"
+        role = {"serve": "coordinator", "worker": "worker", "cluster rbac": "root"}[subcommand(c)]
         assert env["SWITCHYARD_ETCD_CERT"].endswith(f"/{role}.crt"), o["metadata"]["name"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        secret = next(v for v in spec["volumes"] if v["name"] == mounts["/etc/switchyard/tls"])
-        assert secret["secret"]["secretName"] == "switchyard-tls"
+        folder = "/etc/switchyard/admin" if role == "root" else "/etc/switchyard/tls"
+        secret = next(v for v in spec["volumes"] if v["name"] == mounts[folder])
+        assert secret["secret"]["secretName"] == ("switchyard-etcd-admin" if role == "root" else "switchyard-tls")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_need_client_certificates_etcd_peers_use_tls_and_roles_are_set(overlay):
+    objects = render(ROOT / "deploy" / "overlays" / overlay)
+    subs = set()
+    for o, spec, c in containers(objects):
+        env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        sub = subcommand(c)
+        subs.add(sub)
+        name = o["metadata"]["name"]
+        if sub == "worker":
+            assert env["SWITCHYARD_TLS_CERT"].endswith("/worker.crt"), name
+            assert env["SWITCHYARD_TLS_CLIENT_CA"].endswith("/ca.crt"), name
+        if sub == "serve":
+            assert env["SWITCHYARD_WORKER_TLS_CA"].endswith("/ca.crt"), name
+            assert env["SWITCHYARD_WORKER_TLS_CERT"].endswith("/coordinator.crt"), name
+        # etcd's root key reaches the RBAC job alone.
+        admin = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "switchyard-etcd-admin"]
+        assert bool(admin) == (sub == "cluster rbac"), name
+    assert {"serve", "worker", "cluster rbac"} <= subs, subs
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    assert [j["metadata"]["name"] for j in jobs] == ["switchyard-etcd-rbac"]
+    for c in [c for _, _, c in containers(objects, only_switchyard=False) if c["name"] == "etcd"]:
+        cmd = " ".join(c["command"])
+        assert "--listen-peer-urls=https://" in cmd and "--peer-client-cert-auth" in cmd, cmd
+        env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+        assert "http://" not in env["ETCD_INITIAL_CLUSTER"], env

@@ -22,20 +22,48 @@ fn p(dir: &Path, f: &str) -> String {
     dir.join(f).to_str().unwrap().to_string()
 }
 
-fn tls_worker(model: &Path, ca: &Path, server: &Path) -> Worker {
-    Worker::start_with(
-        model,
-        &[
-            "--experts",
-            "0-7",
-            "--tls-cert",
-            &p(server, "worker.crt"),
-            "--tls-key",
-            &p(server, "worker.key"),
-            "--tls-client-ca",
-            &p(ca, "ca.crt"),
-        ],
-    )
+fn tls_worker(model: &Path, ca: &Path, server: &Path, extra: &[&str]) -> Worker {
+    let (cert, key, client_ca) = (
+        p(server, "worker.crt"),
+        p(server, "worker.key"),
+        p(ca, "ca.crt"),
+    );
+    let mut args = vec![
+        "--experts",
+        "0-7",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &client_ca,
+    ];
+    args.extend_from_slice(extra);
+    Worker::start_with(model, &args)
+}
+
+/// The health service's answer for the expert service at `addr`, dialled in plaintext.
+fn plaintext_health(addr: &str) -> Result<i32, String> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: "switchyard.v1.ExpertService".into(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(r.into_inner().status)
+    })
 }
 
 fn forward(model: &Path, extra: &[String]) -> std::process::Output {
@@ -68,8 +96,20 @@ fn mutual_tls_works_with_the_dev_ca_and_refuses_wrong_certificates() {
     let tmp = tempfile::tempdir().unwrap();
     let good = make_ca(tmp.path(), "good");
     let rogue = make_ca(tmp.path(), "rogue");
-    let w = tls_worker(&model, &good, &good);
+    let health = format!("127.0.0.1:{}", switchyard_tests::free_port());
+    let w = tls_worker(&model, &good, &good, &["--health-listen", &health]);
     let spec = format!("{}=0-7", w.addr);
+    // Probes without a certificate get the health service on its own plaintext port, and
+    // nothing from the gRPC port.
+    assert_eq!(
+        plaintext_health(&health),
+        Ok(1),
+        "SERVING on --health-listen"
+    );
+    assert!(
+        plaintext_health(&w.addr).is_err(),
+        "plaintext health answered on the TLS port"
+    );
     let client = |ca: &Path, id: Option<&Path>| {
         let mut v = vec![
             "--workers".to_string(),
@@ -116,7 +156,7 @@ fn mutual_tls_works_with_the_dev_ca_and_refuses_wrong_certificates() {
     }
 
     // A worker whose certificate the coordinator's CA did not sign is refused.
-    let impostor = tls_worker(&model, &good, &rogue);
+    let impostor = tls_worker(&model, &good, &rogue, &[]);
     let out = forward(
         &model,
         &[
@@ -263,4 +303,99 @@ fn a_worker_certificate_must_name_the_workers_address() {
         err.contains(&elsewhere.addr) && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// etcd access control from `switchyard cluster rbac` (run with the dev CA's root certificate):
+/// members keep working with their own certificates, while a coordinator's certificate cannot
+/// register a worker and a member's certificate cannot change the roles.
+#[test]
+fn etcd_roles_keep_each_member_to_its_own_keys() {
+    use switchyard_tests::Etcd;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = make_ca(tmp.path(), "good");
+    let etcd = Etcd::start_tls(&ca);
+    let model = fixtures().join("tiny-mixtral-trained");
+    let member = |cert: &str| -> Vec<String> {
+        vec![
+            "--etcd".to_string(),
+            etcd.endpoint.clone(),
+            "--cluster".into(),
+            "rbac".into(),
+            "--lease-ttl".into(),
+            "2s".into(),
+            "--etcd-ca".into(),
+            p(&ca, "ca.crt"),
+            "--etcd-cert".into(),
+            p(&ca, &format!("{cert}.crt")),
+            "--etcd-key".into(),
+            p(&ca, &format!("{cert}.key")),
+        ]
+    };
+    let cli = |cmd: &[&str], who: &str| {
+        let mut a: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        a.extend(member(who));
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(&refs)
+    };
+    // Twice: the second run finds everything in place.
+    for _ in 0..2 {
+        let out = cli(&["cluster", "rbac"], "admin/root");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("auth enabled"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("switchyard-rbac-worker → user switchyard-worker"),
+            "{text}"
+        );
+    }
+    // Only root may change the roles now.
+    let out = cli(&["cluster", "rbac"], "coordinator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a coordinator changed the roles");
+    assert!(
+        err.contains("permission denied") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let with = |extra: Vec<String>| {
+        let mut a = vec!["--experts".to_string(), "0-7".into()];
+        a.extend(extra);
+        a
+    };
+    let good = with(member("worker"));
+    let _w = Worker::start_with(&model, &good.iter().map(String::as_str).collect::<Vec<_>>());
+    // A process holding the coordinators' certificate tries to register as a worker.
+    let forged = with(member("coordinator"));
+    let rogue = Worker::start_with(
+        &model,
+        &forged.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let out = forward(&model, &member("coordinator"));
+    assert!(
+        out.status.success(),
+        "the coordinator with its certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !rogue.log().contains("permission denied") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forged registration was not refused: {}",
+            rogue.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = cli(&["cluster", "status", "--json"], "coordinator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 1, "{status}");
+    assert_eq!(workers[0]["addr"], serde_json::json!(_w.addr), "{status}");
 }

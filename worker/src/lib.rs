@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     pub tls: Option<TlsFiles>,
     /// Quantize the experts at load (`--quantize`); coordinators must ask for the same.
     pub quantize: QuantPlan,
+    /// Also serve `grpc.health.v1` alone, in plaintext, here: for probes that cannot present a
+    /// client certificate (Kubernetes' gRPC probe) when the expert port requires one.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// PEM files of a worker's TLS identity.
@@ -155,6 +158,32 @@ fn register(
     ));
 }
 
+/// Serves the health service alone on `at` (plaintext) until `stop`.
+async fn serve_health<S>(
+    at: SocketAddr,
+    svc: tonic_health::pb::health_server::HealthServer<S>,
+    stop: CancellationToken,
+) -> Result<(), WorkerError>
+where
+    S: tonic_health::pb::health_server::Health,
+{
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| WorkerError::Bind(at, e))?;
+    tracing::info!(addr = %at, "serving grpc.health.v1 in plaintext");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the health listener stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Serves `server` on `cfg.listen` until `stop` is cancelled, then drains.
 pub async fn serve(
     server: Arc<ExpertServer>,
@@ -180,6 +209,9 @@ pub async fn serve(
     health
         .set_serving::<ExpertServiceServer<ExpertService>>()
         .await;
+    if let Some(at) = cfg.health_listen {
+        serve_health(at, health_svc.clone(), stop.clone()).await?;
+    }
     let draining = server.drain_flag();
     // Room for the largest batch in f32 plus framing.
     let max_msg = 1024 + cfg.max_batch_rows * server.hidden_size() * 4 * 2;

@@ -8,6 +8,7 @@
 
 mod placement;
 pub mod planner;
+pub mod rbac;
 pub mod record;
 pub mod registry;
 

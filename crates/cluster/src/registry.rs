@@ -103,7 +103,7 @@ impl RegistryConfig {
         &self.keys
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> ClusterError {
+    pub(crate) fn err(&self, e: impl std::fmt::Display) -> ClusterError {
         ClusterError::Etcd {
             endpoints: self.endpoints.join(","),
             message: e.to_string(),
@@ -114,9 +114,9 @@ impl RegistryConfig {
 /// A connected registry client (cheap to clone; one HTTP/2 connection underneath).
 #[derive(Clone)]
 pub struct Registry {
-    client: Client,
-    cfg: RegistryConfig,
-    keys: Keys,
+    pub(crate) client: Client,
+    pub(crate) cfg: RegistryConfig,
+    pub(crate) keys: Keys,
 }
 
 /// Back-off between reconnect attempts: 200 ms doubling to 3 s while etcd stays unreachable,
