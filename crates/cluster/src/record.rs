@@ -246,3 +246,101 @@ mod tests {
         assert_eq!(l.per_expert(2), Some(vec![4, 6]));
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    //! Records come from etcd, where anything that can write may put anything: whatever is
+    //! stored, parsing and everything computed from a record (capacity, per-expert load, the
+    //! planner's placement) stays in range and never panics.
+    use super::*;
+    use crate::planner::{self, PlanInput, PlanWorker};
+    use proptest::prelude::*;
+
+    fn worker_json() -> impl Strategy<Value = serde_json::Value> {
+        (
+            prop::collection::vec(prop::collection::vec(any::<u32>(), 0..10), 0..4),
+            prop::collection::vec(0u32..10, 0..10),
+            any::<bool>(),
+            any::<u64>(),
+            prop_oneof![Just(0u64), any::<u64>(), 1u64..1000],
+            any::<bool>(),
+        )
+            .prop_map(|(hosted, small, managed, budget, per, use_small)| {
+                let hosted = if use_small { vec![small] } else { hosted };
+                serde_json::json!({
+                    "addr": "10.0.0.1:7001", "instance": "i", "hosted": hosted, "managed": managed,
+                    "device": "cpu", "memory_budget_bytes": budget, "bytes_per_expert": per,
+                    "model_fingerprint": "f", "protocol_version": 1,
+                })
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn any_bytes_in_the_workers_prefix_parse_or_are_skipped(
+            raw in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut m = BTreeMap::new();
+            m.insert("k".to_string(), raw);
+            let _ = crate::registry::parse_workers(&m);
+        }
+
+        #[test]
+        fn load_records_of_any_shape_are_checked_before_use(
+            experts in any::<usize>(),
+            tokens in prop::collection::vec(any::<u64>(), 0..64),
+            asked in 0usize..16,
+        ) {
+            let r = LoadRecord { coordinator: "c".into(), experts, expert_tokens: tokens, unix_ms: 0 };
+            if let Some(v) = r.per_expert(asked) {
+                prop_assert_eq!(v.len(), asked);
+            }
+        }
+
+        /// The planner fed with hostile worker records and load, as its round builds its input
+        /// from etcd: every assignment names a real expert and fits the worker's capacity.
+        #[test]
+        fn the_planner_stays_in_range_whatever_the_records_say(
+            records in prop::collection::vec(worker_json(), 0..6),
+            experts in 1usize..12,
+            replication in 0usize..4,
+            hot in 0usize..4,
+            load in prop::option::of(prop::collection::vec(
+                prop_oneof![any::<f64>(), Just(f64::NAN), Just(f64::INFINITY), 0.0..100.0], 0..14)),
+        ) {
+            let records: Vec<WorkerRecord> = records
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let mut r: WorkerRecord = serde_json::from_value(v).unwrap();
+                    r.addr = format!("10.0.0.{i}:7001");
+                    r
+                })
+                .collect();
+            let managed: Vec<PlanWorker> = records
+                .iter()
+                .filter(|r| r.managed)
+                .map(|r| PlanWorker { addr: r.addr.clone(), capacity: r.capacity(experts), current: r.experts_everywhere() })
+                .collect();
+            let fixed: Vec<Vec<u32>> = records.iter().filter(|r| !r.managed).map(WorkerRecord::experts_everywhere).collect();
+            let plan = planner::plan(&PlanInput {
+                experts,
+                replication,
+                hot_replicas: hot,
+                workers: &managed,
+                fixed: &fixed,
+                load: load.as_deref(),
+            });
+            for w in &managed {
+                let got = plan.assign.get(&w.addr).map_or(0, Vec::len);
+                prop_assert!(got <= w.capacity, "{} experts on a worker of capacity {}", got, w.capacity);
+            }
+            for e in plan.assign.values().flatten().chain(&plan.uncovered) {
+                prop_assert!((*e as usize) < experts, "expert {} of {}", e, experts);
+            }
+            prop_assert_eq!(plan.replicas.len(), experts);
+        }
+    }
+}

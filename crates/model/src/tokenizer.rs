@@ -189,39 +189,68 @@ impl Tokenizer {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             ModelError::ChatTemplate("tokenizer_config.json has no chat_template".into())
         })?;
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", tpl)
-            .map_err(|e| ModelError::ChatTemplate(format!("template does not parse: {e}")))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-            add_generation_prompt => add_generation_prompt,
-        })
-        .map_err(|e| {
-            // Show the template's own message (raise_exception) rather than minijinja's wrapper.
-            let detail = e
-                .detail()
-                .map(str::to_string)
-                .unwrap_or_else(|| e.to_string());
-            ModelError::ChatTemplate(detail)
-        })
+        render_chat_template(
+            tpl,
+            &self.bos_token,
+            &self.eos_token,
+            messages,
+            add_generation_prompt,
+        )
     }
+}
+
+/// Instructions a chat template may run per rendering: a template comes with the checkpoint, so
+/// one that loops (or nests loops) without end fails instead of holding a thread. Mixtral's
+/// template spends about 20 per message.
+pub const CHAT_TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Renders `messages` with the Jinja `template` as transformers does (trimmed blocks,
+/// Python-style methods, `raise_exception`), within [`CHAT_TEMPLATE_FUEL`].
+pub fn render_chat_template(
+    template: &str,
+    bos_token: &str,
+    eos_token: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| ModelError::ChatTemplate(format!("template does not parse: {e}")))?;
+    let t = env
+        .get_template("chat")
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    t.render(minijinja::context! {
+        messages => messages,
+        bos_token => bos_token,
+        eos_token => eos_token,
+        add_generation_prompt => add_generation_prompt,
+    })
+    .map_err(|e| {
+        if e.kind() == minijinja::ErrorKind::OutOfFuel {
+            return ModelError::ChatTemplate(format!(
+                "the chat template ran more than {CHAT_TEMPLATE_FUEL} instructions"
+            ));
+        }
+        // Show the template's own message (raise_exception) rather than minijinja's wrapper.
+        let detail = e
+            .detail()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string());
+        ModelError::ChatTemplate(detail)
+    })
 }
 
 /// Incremental detokenizer (see [`Tokenizer::stream`]).
@@ -242,5 +271,93 @@ impl TextStream<'_> {
         self.inner
             .step(id)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fixture_template() -> String {
+        let cfg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                crate::tests::fixtures().join("tiny-mixtral-trained/tokenizer_config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        cfg["chat_template"].as_str().unwrap().to_string()
+    }
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn a_template_that_loops_too_long_fails_with_a_clear_error() {
+        let nested =
+            "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}";
+        let t = std::time::Instant::now();
+        let err = render_chat_template(nested, "<s>", "</s>", &[], true).unwrap_err();
+        assert!(err.to_string().contains("instructions"), "{err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_long_conversation_renders_well_within_the_fuel() {
+        let tpl = fixture_template();
+        let messages: Vec<ChatMessage> = (0..20_000)
+            .map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, "hello"))
+            .collect();
+        let out = render_chat_template(&tpl, "<s>", "</s>", &messages, true).unwrap();
+        assert!(out.matches("[INST]").count() == 10_000, "{}", &out[..200]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The checkpoint's template with any messages renders or refuses with its own
+        /// message; nothing panics.
+        #[test]
+        fn any_messages_render_or_are_refused(
+            turns in prop::collection::vec(
+                (prop::sample::select(vec!["user", "assistant", "system", "tool", ""]), ".{0,40}"),
+                0..12,
+            ),
+            gen in any::<bool>(),
+        ) {
+            let tpl = fixture_template();
+            let messages: Vec<ChatMessage> = turns.iter().map(|(r, c)| msg(r, c)).collect();
+            match render_chat_template(&tpl, "<s>", "</s>", &messages, gen) {
+                Ok(text) => {
+                    for m in &messages {
+                        prop_assert!(text.contains(m.content.trim()) || m.content.trim().is_empty());
+                    }
+                }
+                Err(e) => prop_assert!(matches!(e, ModelError::ChatTemplate(_))),
+            }
+        }
+
+        /// Any template text (from Jinja's own alphabet) parses and renders or is refused
+        /// with an error; nothing panics or runs without end.
+        #[test]
+        fn any_template_renders_or_is_refused(
+            parts in prop::collection::vec(prop::sample::select(vec![
+                "{%", "%}", "{{", "}}", "for", "in", "endfor", "if", "endif", "else", "set",
+                "messages", "message", "range(", "(", ")", "[", "]", "'", "\"", "*", "+", "~",
+                "loop.index", "raise_exception(", "|", "length", "join", " ", "x", "0", "9999",
+                "bos_token", "namespace(", ".", "=", ",", "-", "{#", "#}",
+            ]), 0..40),
+        ) {
+            let tpl: String = parts.concat();
+            let messages = [msg("user", "hi"), msg("assistant", "yo")];
+            if let Err(e) = render_chat_template(&tpl, "<s>", "</s>", &messages, true) {
+                prop_assert!(matches!(e, ModelError::ChatTemplate(_)));
+            }
+        }
     }
 }

@@ -532,3 +532,6 @@ fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
         other => format!("{other}"),
     }
 }
+
+#[cfg(test)]
+mod hostile_files;
