@@ -242,6 +242,18 @@ impl Checkpoint {
         }
     }
 
+    /// Every tensor's name and stored shape, by name.
+    #[must_use]
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Takes tensor `name`, checking it has exactly `shape` and a supported dtype.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let e = self
