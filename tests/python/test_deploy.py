@@ -224,6 +224,15 @@ def test_pods_are_hardened_and_fenced_by_network_policies(overlay):
             only_coordinators = all(s.items() >= coordinator.items() for s in sources)
             assert sources and only_coordinators, f"{o['metadata']['name']}: admits {sources}"
             assert [p["port"] for p in r["ports"]] == [7001]
+    # The API admits the labelled namespaces (the ingress controller, Prometheus) only.
+    for o, labels in pods:
+        if labels.get("app.kubernetes.io/name") != "switchyard-coordinator":
+            continue
+        rules = [r for p in policies if _selects(p, labels) for r in p["spec"].get("ingress", [])]
+        assert rules and all(r.get("from") for r in rules), f"{o['metadata']['name']}: the API is open to every pod"
+        for r in rules:
+            assert all(f.get("namespaceSelector", {}).get("matchLabels") == {"switchyard.io/api-client": "true"}
+                       for f in r["from"]), r
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
