@@ -6,6 +6,7 @@
 #   - etcd (Debian's etcd-server): the live-membership tests run a real one.
 #   - kubectl (Debian's kubernetes-client) and openssl: the deploy and mutual-TLS tests.
 #   - g++: the host-side test of the CUDA kernels' source; fonts-dejavu-core: bench's plot.
+#   - chromium and chromium-driver: the dashboard test opens /dashboard in headless Chromium.
 set -euo pipefail
 
 need=()
@@ -23,6 +24,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 # A TrueType font (DejaVu Sans) for the text of `switchyard bench`'s PNG plot.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# Headless Chromium and its WebDriver: the dashboard test renders /dashboard and screenshots it.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -35,9 +39,10 @@ fi
 # the rendered manifests and validate them offline (kubernetes-validate ships the schemas); the
 # GGUF tests write GGUF files with llama.cpp's `gguf` package (numpy, no torch).
 PYENV=${SWITCHYARD_PYENV:-target/pyenv}
-if ! "$PYENV/bin/python" -c 'import openai, pytest, yaml, kubernetes_validate, gguf, numpy' >/dev/null 2>&1; then
-  echo "setup: creating $PYENV with openai, pytest, pyyaml, kubernetes-validate and gguf" >&2
+if ! "$PYENV/bin/python" -c 'import openai, pytest, yaml, kubernetes_validate, gguf, numpy, selenium' >/dev/null 2>&1; then
+  echo "setup: creating $PYENV with openai, pytest, pyyaml, kubernetes-validate, gguf and selenium" >&2
   [ -x "$PYENV/bin/pip" ] || python3 -m venv "$PYENV"
   "$PYENV/bin/pip" install -q --disable-pip-version-check "openai>=1.40,<4" "pytest>=8,<10" \
-    "pyyaml>=6,<7" "kubernetes-validate>=1.30,<2" "gguf>=0.17,<1" "numpy>=1.26,<3"
+    "pyyaml>=6,<7" "kubernetes-validate>=1.30,<2" "gguf>=0.17,<1" "numpy>=1.26,<3" \
+    "selenium>=4.20,<5"
 fi

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod counting;
+pub mod dashboard;
 pub mod dispatch;
 pub mod engine;
 pub mod http;

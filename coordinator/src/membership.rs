@@ -60,6 +60,51 @@ pub struct Membership {
     stop: CancellationToken,
     synced: watch::Receiver<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    view: Arc<RegistryView>,
+}
+
+/// What the registry says now, for the operator's view (`/v1/cluster`).
+#[derive(Debug, Default)]
+pub struct RegistryView {
+    /// Registered workers by address.
+    pub members: std::sync::RwLock<BTreeMap<String, switchyard_cluster::WorkerRecord>>,
+    /// The planner's latest plan and what it changed.
+    pub plan: std::sync::RwLock<Option<PlanChange>>,
+}
+
+/// A plan as this coordinator saw it arrive.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlanChange {
+    pub plan: PlanRecord,
+    /// When this coordinator first saw this generation.
+    pub seen_unix_ms: u64,
+    /// What moved from the previous plan: `+3 10.0.0.1:7001` (expert 3 added there),
+    /// `-5 10.0.0.2:7001` (dropped).
+    pub moved: Vec<String>,
+}
+
+/// The experts added and dropped per worker from `old` to `new`.
+fn moves(old: Option<&PlanRecord>, new: &PlanRecord) -> Vec<String> {
+    let empty = BTreeMap::new();
+    let before = old.map_or(&empty, |p| &p.assign);
+    let mut out = Vec::new();
+    let workers: std::collections::BTreeSet<&String> =
+        before.keys().chain(new.assign.keys()).collect();
+    for w in workers {
+        let a = before.get(w).map(Vec::as_slice).unwrap_or_default();
+        let b = new.assign.get(w).map(Vec::as_slice).unwrap_or_default();
+        out.extend(
+            b.iter()
+                .filter(|e| !a.contains(e))
+                .map(|e| format!("+{e} {w}")),
+        );
+        out.extend(
+            a.iter()
+                .filter(|e| !b.contains(e))
+                .map(|e| format!("-{e} {w}")),
+        );
+    }
+    out
 }
 
 impl Drop for Membership {
@@ -85,6 +130,8 @@ impl Membership {
     ) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
         let (synced_tx, synced) = watch::channel(false);
+        let view = Arc::new(RegistryView::default());
+        let shared = view.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -92,7 +139,7 @@ impl Membership {
         let thread = std::thread::Builder::new()
             .name("membership".into())
             .spawn(move || {
-                rt.block_on(run(cfg, remote, counts, synced_tx, token));
+                rt.block_on(run(cfg, remote, counts, synced_tx, shared, token));
                 // Let the spawned loops see the cancellation and revoke their leases.
                 rt.block_on(tokio::time::sleep(Duration::from_millis(300)));
             })?;
@@ -100,7 +147,14 @@ impl Membership {
             stop,
             synced,
             thread: Some(thread),
+            view,
         })
+    }
+
+    /// What the registry says now (members, the plan), kept up to date by the watch.
+    #[must_use]
+    pub fn view(&self) -> Arc<RegistryView> {
+        self.view.clone()
     }
 
     /// Waits until the first membership snapshot has been applied, or `timeout`.
@@ -121,6 +175,7 @@ async fn run(
     remote: Arc<RemoteExperts>,
     counts: Option<Arc<ExpertCounts>>,
     synced: watch::Sender<bool>,
+    view: Arc<RegistryView>,
     stop: CancellationToken,
 ) {
     let keys = cfg.registry.keys().clone();
@@ -129,6 +184,11 @@ async fn run(
         cfg.registry.clone(),
         keys.workers(),
         members_tx,
+        stop.clone(),
+    ));
+    tokio::spawn(follow_plan(
+        cfg.registry.clone(),
+        view.clone(),
         stop.clone(),
     ));
     if let Some(counts) = counts {
@@ -148,6 +208,7 @@ async fn run(
             .as_ref()
             .map(registry::parse_workers);
         let Some(members) = members else { continue };
+        *view.members.write().unwrap_or_else(|e| e.into_inner()) = members.clone();
         let shape: Vec<_> = members
             .values()
             .map(|r| switchyard_cluster::WorkerRecord {
@@ -169,6 +230,43 @@ async fn run(
         last_missing = missing.len();
         applied = Some(shape);
         synced.send_replace(true);
+    }
+}
+
+/// Keeps `view.plan` at the registry's plan, noting when each generation arrived and what it
+/// moved.
+async fn follow_plan(registry: RegistryConfig, view: Arc<RegistryView>, stop: CancellationToken) {
+    let (tx, mut rx) = watch::channel(None);
+    tokio::spawn(registry::watch_prefix(
+        registry.clone(),
+        registry.keys().plan(),
+        tx,
+        stop.clone(),
+    ));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let plan: Option<PlanRecord> = rx
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|m| m.get(""))
+            .and_then(|v| serde_json::from_slice(v).ok());
+        let Some(plan) = plan else { continue };
+        let mut slot = view.plan.write().unwrap_or_else(|e| e.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|c| c.plan.generation == plan.generation)
+        {
+            continue;
+        }
+        let moved = moves(slot.as_ref().map(|c| &c.plan), &plan);
+        *slot = Some(PlanChange {
+            plan,
+            seen_unix_ms: unix_ms(),
+            moved,
+        });
     }
 }
 

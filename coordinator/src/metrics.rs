@@ -21,7 +21,23 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     describe();
+    zero();
     Ok(handle)
+}
+
+/// Unlabelled counters start at 0 rather than appearing at their first event, so a dashboard's
+/// `rate()` has a series from the start.
+fn zero() {
+    for name in [
+        "switchyard_prompt_tokens_total",
+        "switchyard_generation_tokens_total",
+        "switchyard_preemptions_total",
+        "switchyard_requests_cancelled_total",
+        "switchyard_prefix_cache_queries_total",
+        "switchyard_prefix_cache_hits_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
 }
 
 fn describe() {

@@ -89,7 +89,7 @@ pub async fn run(
         engine,
         remote,
         counts,
-        membership: _membership,
+        membership,
     } = loaded;
     let metrics = crate::metrics::install().map_err(ServeError::Metrics)?;
     let sched = scheduler::start(engine.clone(), cfg.scheduler.clone())?;
@@ -120,7 +120,10 @@ pub async fn run(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         expert_counts: counts,
+        history: crate::dashboard::history::History::default(),
+        registry: membership.as_ref().map(crate::membership::Membership::view),
     });
+    tokio::spawn(crate::dashboard::history::run(state.clone(), stop.clone()));
     let app = api::router(state.clone(), cfg.metrics_port.is_some())
         .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes));
     if let Some(port) = cfg.metrics_port {

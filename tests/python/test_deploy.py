@@ -282,3 +282,16 @@ def test_workers_need_client_certificates_etcd_peers_use_tls_and_roles_are_set(o
         assert "--listen-peer-urls=https://" in cmd and "--peer-client-cert-auth" in cmd, cmd
         env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
         assert "http://" not in env["ETCD_INITIAL_CLUSTER"], env
+
+
+def test_the_service_monitor_selects_the_coordinators_metrics_port():
+    monitor = yaml.safe_load((ROOT / "deploy" / "monitoring" / "servicemonitor.yaml").read_text())
+    assert monitor["kind"] == "ServiceMonitor"
+    objects = render(ROOT / "deploy" / "overlays" / "cpu-dev")
+    services = [o for o in objects if o["kind"] == "Service"
+                and all(o["metadata"].get("labels", {}).get(k) == v
+                        for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+    assert [s["metadata"]["name"] for s in services] == ["switchyard"]
+    ports = [p["name"] for p in services[0]["spec"]["ports"]]
+    for e in monitor["spec"]["endpoints"]:
+        assert e["port"] in ports and e["path"] == "/metrics"

@@ -42,6 +42,10 @@ pub struct AppState {
     pub remote: Option<Arc<RemoteExperts>>,
     pub started: u64,
     pub expert_counts: Arc<crate::counting::ExpertCounts>,
+    /// Samples of the counters for the dashboard (`/v1/cluster`).
+    pub history: crate::dashboard::history::History,
+    /// What etcd says (members, the plan), with a registry.
+    pub registry: Option<Arc<crate::membership::RegistryView>>,
 }
 
 /// The router with every route; `/metrics` among them unless `separate_metrics` (then
@@ -52,6 +56,7 @@ pub fn router(state: Arc<AppState>, separate_metrics: bool) -> Router {
         .route("/completions", post(generate::completions))
         .route("/chat/completions", post(generate::chat))
         .route("/models", get(models))
+        .route("/cluster", get(crate::dashboard::cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let mut guarded = Router::new()
         .route("/tokenize", post(tokenize))
@@ -65,6 +70,7 @@ pub fn router(state: Arc<AppState>, separate_metrics: bool) -> Router {
         .merge(guarded)
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/dashboard", get(crate::dashboard::page))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,

@@ -187,10 +187,12 @@ impl Dispatcher {
 
     fn snapshot(&self) -> Vec<WorkerSnapshot> {
         let now = Instant::now();
-        self.topology()
-            .workers
+        let topo = self.topology();
+        topo.workers
             .iter()
-            .map(|w| WorkerSnapshot {
+            .enumerate()
+            .map(|(i, w)| WorkerSnapshot {
+                experts: topo.table.everywhere(i),
                 id: w.id.clone(),
                 calls: w.stats.calls.load(Ordering::Relaxed),
                 failures: w.stats.failures.load(Ordering::Relaxed),

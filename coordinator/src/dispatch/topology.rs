@@ -44,6 +44,8 @@ pub struct WorkerSnapshot {
     pub compute_micros: u64,
     /// Not in failure back-off.
     pub up: bool,
+    /// Experts it hosts in every layer.
+    pub experts: Vec<u32>,
 }
 
 pub(super) struct Worker {

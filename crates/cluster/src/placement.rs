@@ -224,6 +224,16 @@ impl PlacementTable {
         &self.hosts[layer * self.experts + expert]
     }
 
+    /// The experts worker `w` (an index into [`Self::workers`]) hosts in every layer.
+    #[must_use]
+    pub fn everywhere(&self, w: usize) -> Vec<u32> {
+        let layers = self.hosts.len() / self.experts.max(1);
+        (0..self.experts)
+            .filter(|&e| (0..layers).all(|l| self.hosts(l, e).contains(&w)))
+            .map(|e| e as u32)
+            .collect()
+    }
+
     /// All workers, in placement order (the order partial sums are added in).
     #[must_use]
     pub fn workers(&self) -> &[WorkerId] {
