@@ -15,6 +15,7 @@ mod progress;
 mod quantize;
 mod serve;
 mod signals;
+mod telemetry;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ struct Cli {
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.
     #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "warn")]
     log: String,
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -70,13 +73,18 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    let command = match &cli.cmd {
+        Cmd::Serve(_) => "coordinator",
+        Cmd::Worker(_) => "worker",
+        _ => "cli",
+    };
+    let _telemetry = match telemetry::init(&cli.log, &cli.otlp, command) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: setting up telemetry: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)

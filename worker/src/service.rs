@@ -151,7 +151,10 @@ impl ExpertServer {
         &self.stats
     }
 
-    async fn forward_inner(&self, batch: pb::ExpertBatch) -> Result<pb::ExpertResult, WorkerError> {
+    async fn forward_inner(
+        &self,
+        mut batch: pb::ExpertBatch,
+    ) -> Result<pb::ExpertResult, WorkerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(WorkerError::Draining);
         }
@@ -169,6 +172,7 @@ impl ExpertServer {
             max_rows: self.max_rows,
         };
         let req = ExpertRequest::decode(&batch, &want)?;
+        let traceparent = std::mem::take(&mut batch.traceparent);
         drop(batch);
         let experts = self.experts();
         if let Some(&e) = req
@@ -188,9 +192,21 @@ impl ExpertServer {
         let n_experts = self.cfg.num_local_experts;
         let h = self.cfg.hidden_size;
         let compute = move || {
-            let _span =
-                tracing::debug_span!("worker.forward", layer = req.layer, rows = req.plan.rows())
-                    .entered();
+            let span = tracing::debug_span!(
+                "worker.forward",
+                layer = req.layer,
+                rows = req.plan.rows(),
+                experts = tracing::field::Empty,
+            );
+            if !span.is_disabled() {
+                // Joins the coordinator's trace when the batch is traced.
+                switchyard_wire::trace::continue_trace(&span, &traceparent);
+                let mut distinct: Vec<u16> = req.plan.experts().to_vec();
+                distinct.sort_unstable();
+                distinct.dedup();
+                span.record("experts", format!("{distinct:?}"));
+            }
+            let _span = span.entered();
             let start = Instant::now();
             let mut out = vec![0.0f32; req.plan.rows() * h];
             experts.run(layer, &req.x, &req.plan, &mut out)?;

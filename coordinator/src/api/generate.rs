@@ -66,7 +66,8 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
 async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+    let span = tracing::debug_span!("validate");
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::internal(&format!("request parsing stopped: {e}")))?
 }
@@ -83,8 +84,27 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::rng().random::<u64>())
 }
 
+/// The request's span: a trace's root, or the caller's span where its `traceparent` header
+/// names one.
+fn request_span(endpoint: &'static str, headers: &axum::http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!("request", endpoint, otel.kind = "server");
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        switchyard_wire::trace::continue_trace(&span, tp);
+    }
+    span
+}
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let span = request_span("completions", &headers);
+    tracing::Instrument::instrument(completions_in(state, body), span).await
+}
+
+async fn completions_in(
+    state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let st = state.clone();
@@ -102,6 +122,15 @@ pub async fn completions(
 
 pub async fn chat(
     State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let span = request_span("chat", &headers);
+    tracing::Instrument::instrument(chat_in(state, body), span).await
+}
+
+async fn chat_in(
+    state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let st = state.clone();

@@ -290,8 +290,32 @@ impl Dispatcher {
         }
     }
 
-    /// Sends one share and returns its decoded partial sums `[rows, hidden]`.
+    /// Sends one share and returns its decoded partial sums `[rows, hidden]`, in a `dispatch`
+    /// span (whose trace context a traced batch carries to the worker).
     async fn call(
+        &self,
+        w: &Worker,
+        layer: usize,
+        x: &[f32],
+        share: &Share,
+    ) -> Result<Vec<f32>, DispatchError> {
+        let span = tracing::debug_span!(
+            "dispatch",
+            layer,
+            worker = %w.id,
+            rows = share.rows.len(),
+            experts = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            let mut distinct: Vec<u16> = share.plan.experts().to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            span.record("experts", format!("{distinct:?}"));
+        }
+        tracing::Instrument::instrument(self.send(w, layer, x, share), span).await
+    }
+
+    async fn send(
         &self,
         w: &Worker,
         layer: usize,
@@ -303,6 +327,8 @@ impl Dispatcher {
         for &r in &share.rows {
             xs.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
+        let n = share.rows.len();
+        // Inside the dispatch span: a traced batch carries its context to the worker.
         let batch = encode_batch(
             &self.fingerprint,
             layer as u32,
@@ -312,9 +338,6 @@ impl Dispatcher {
             self.cfg.wire_dtype,
         );
         drop(xs);
-        let n = share.rows.len();
-        let span = tracing::debug_span!("dispatch", layer, worker = %w.id, rows = n);
-        let _e = span.enter();
         let st = &w.stats;
         w.inflight.fetch_add(share.cost, Ordering::Relaxed);
         let start = Instant::now();

@@ -253,6 +253,7 @@ impl Loop {
         if !s.started {
             s.send(SeqEvent::Started { cached_tokens: hit });
             s.started = true;
+            s.queued = None;
         }
         if hit > 0 {
             tracing::debug!(
@@ -328,12 +329,37 @@ impl Loop {
         true
     }
 
+    /// The step's span: a child of the first traced sequence's request (so a request traced
+    /// alone has every step in its trace), following from the other traced ones.
+    fn step_span(&self, in_step: &[usize], take: &[usize], tokens: usize) -> tracing::Span {
+        let traced: Vec<&tracing::Span> = in_step
+            .iter()
+            .map(|&i| &self.running[i].span)
+            .filter(|s| !s.is_disabled())
+            .collect();
+        let prefill: usize = in_step
+            .iter()
+            .filter(|&&i| take[i] > 1)
+            .map(|&i| take[i])
+            .sum();
+        let Some((first, rest)) = traced.split_first() else {
+            return tracing::debug_span!("engine.step", seqs = in_step.len(), tokens, prefill);
+        };
+        let span = tracing::debug_span!(parent: *first, "engine.step", seqs = in_step.len(), tokens, prefill);
+        for other in rest {
+            span.follows_from(*other);
+        }
+        span
+    }
+
     /// Runs one model step over the sequences with tokens to compute, then indexes the blocks
     /// they filled and trims sliding windows. Returns their indices in `running` (the rows of
     /// the step's logits), or None when the step failed and its sequences were ended.
     fn run_step(&mut self, take: &[usize]) -> Option<Vec<usize>> {
+        let in_step: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
+        let n_tokens: usize = take.iter().sum();
+        let span = self.step_span(&in_step, take, n_tokens);
         let mut steps: Vec<SeqStep<'_>> = Vec::new();
-        let mut in_step: Vec<usize> = Vec::new();
         for (i, s) in self.running.iter_mut().enumerate() {
             if take[i] == 0 {
                 continue;
@@ -343,13 +369,10 @@ impl Loop {
                 tokens: &s.tokens[start..start + take[i]],
                 kv: &mut s.kv,
             });
-            in_step.push(i);
         }
         let step_start = Instant::now();
-        let n_tokens: usize = take.iter().sum();
         let res = {
-            let _span = tracing::debug_span!("engine.step", seqs = steps.len(), tokens = n_tokens)
-                .entered();
+            let _span = span.entered();
             self.engine.model().step(
                 &mut steps,
                 &mut self.kv,

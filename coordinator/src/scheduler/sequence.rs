@@ -23,6 +23,10 @@ pub(crate) struct Seq {
     pub started: bool,
     pub arrived: Instant,
     pub last_token: Option<Instant>,
+    /// The request's span (disabled unless traced): steps that compute this sequence join it.
+    pub span: tracing::Span,
+    /// Open from arrival to its first step (`queue` in a trace).
+    pub queued: Option<tracing::Span>,
 }
 
 impl Seq {
@@ -48,6 +52,8 @@ impl Seq {
             started: false,
             arrived: Instant::now(),
             last_token: None,
+            span: tracing::Span::current(),
+            queued: Some(tracing::debug_span!("queue", choice = index)),
         }
     }
 

@@ -109,6 +109,7 @@ pub fn encode_batch(
         experts: plan.experts().iter().map(|&e| e as u32).collect(),
         weights: plan.weights().to_vec(),
         reply_dtype: dtype.to_pb(),
+        traceparent: crate::trace::traceparent(&tracing::Span::current()),
     }
 }
 
@@ -432,6 +433,7 @@ mod tests {
                             offsets,
                             experts,
                             weights,
+                            traceparent: String::new(),
                         }
                     },
                 )

@@ -6,6 +6,7 @@
 //! crate sees it, and every failure is a `WireError` with a stable code.
 
 pub mod codec;
+pub mod trace;
 
 /// Generated protobuf and gRPC code.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -26,7 +26,9 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     let mut out = None;
-    rayon::scope(|s| s.spawn(|_| out = Some(f())));
+    // The step's span (a traced request's) continues on the pool thread.
+    let span = tracing::Span::current();
+    rayon::scope(|s| s.spawn(|_| out = Some(span.in_scope(f))));
     // `scope` returns only after the spawned job ran, and the job always sets `out`.
     out.expect("rayon scope ran the job")
 }
