@@ -404,6 +404,33 @@ fn the_planner_assigns_managed_workers_and_replicates_hot_experts() {
         || format!("{}\n{}", status(), s.log()),
     );
     assert_eq!(s.post("/v1/completions", &req(9)).0, 200);
+    // The operator's view shows the rebalancing plan, what it moved, and each worker's budget.
+    let (code, text) = s.get("/v1/cluster");
+    assert_eq!(code, 200, "{text}");
+    let view: Value = serde_json::from_str(&text).unwrap();
+    let planner = &view["planner"];
+    assert!(
+        planner["plan"]["generation"].as_u64().unwrap() >= 2
+            && planner["plan"]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("rebalance"),
+        "{planner}"
+    );
+    let moved: Vec<&str> = planner["moved"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(moved.iter().any(|m| m.starts_with('+')), "{moved:?}");
+    for w in view["workers"].as_array().unwrap() {
+        assert!(w["memory_budget_bytes"].as_u64().unwrap() > 0, "{w}");
+    }
+    assert!(
+        hot.iter().all(|&e| view["replicas"][e] == json!(2)),
+        "{view}"
+    );
 }
 
 #[test]
