@@ -18,11 +18,21 @@ fn dir() -> &'static std::path::Path {
 
 fuzz_target!(|data: &[u8]| {
     let d = dir();
-    let path = if data.starts_with(b"GGUF") { d.join("model.gguf") } else { d.join("model.safetensors") };
+    let path = if data.starts_with(b"GGUF") {
+        d.join("model.gguf")
+    } else {
+        d.join("model.safetensors")
+    };
     let _ = std::fs::remove_file(d.join("model.gguf"));
     let _ = std::fs::remove_file(d.join("model.safetensors"));
     std::fs::write(&path, data).unwrap();
-    let Ok(ck) = Checkpoint::open(if data.starts_with(b"GGUF") { path.as_path() } else { d }) else { return };
+    let Ok(ck) = Checkpoint::open(if data.starts_with(b"GGUF") {
+        path.as_path()
+    } else {
+        d
+    }) else {
+        return;
+    };
     for (name, shape) in ck.tensor_shapes() {
         if let Ok(t) = ck.tensor(&name, &shape) {
             let e = t.elems();

@@ -6,8 +6,12 @@ use switchyard_model::structured::{JsonMachine, Schema};
 
 fuzz_target!(|data: &[u8]| {
     let (schema, text) = switchyard_fuzz::split(data);
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(schema) else { return };
-    let Ok(schema) = Schema::compile(&v) else { return };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(schema) else {
+        return;
+    };
+    let Ok(schema) = Schema::compile(&v) else {
+        return;
+    };
     let mut m = JsonMachine::default();
     let mut fed = Vec::new();
     for &b in text {
@@ -17,6 +21,10 @@ fuzz_target!(|data: &[u8]| {
         fed.push(b);
     }
     if m.is_complete() {
-        assert!(serde_json::from_slice::<serde_json::Value>(&fed).is_ok(), "{}", String::from_utf8_lossy(&fed));
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&fed).is_ok(),
+            "{}",
+            String::from_utf8_lossy(&fed)
+        );
     }
 });

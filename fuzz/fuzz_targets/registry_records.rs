@@ -15,17 +15,32 @@ const EXPERTS: usize = 8;
 fuzz_target!(|data: &[u8]| {
     // NUL-separated records: workers first, a load record last.
     let parts: Vec<&[u8]> = data.split(|&b| b == 0).collect();
-    let Some((&load, workers)) = parts.split_last() else { return };
-    let raw: BTreeMap<String, Vec<u8>> =
-        workers.iter().enumerate().map(|(i, w)| (format!("10.0.0.{i}:7001"), w.to_vec())).collect();
+    let Some((&load, workers)) = parts.split_last() else {
+        return;
+    };
+    let raw: BTreeMap<String, Vec<u8>> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (format!("10.0.0.{i}:7001"), w.to_vec()))
+        .collect();
     let members = parse_workers(&raw);
     let managed: Vec<PlanWorker> = members
         .iter()
         .filter(|(_, r)| r.managed)
-        .map(|(k, r)| PlanWorker { addr: k.clone(), capacity: r.capacity(EXPERTS), current: r.experts_everywhere() })
+        .map(|(k, r)| PlanWorker {
+            addr: k.clone(),
+            capacity: r.capacity(EXPERTS),
+            current: r.experts_everywhere(),
+        })
         .collect();
-    let fixed: Vec<Vec<u32>> = members.values().filter(|r| !r.managed).map(WorkerRecord::experts_everywhere).collect();
-    let per_expert = serde_json::from_slice::<LoadRecord>(load).ok().and_then(|l| l.per_expert(EXPERTS));
+    let fixed: Vec<Vec<u32>> = members
+        .values()
+        .filter(|r| !r.managed)
+        .map(WorkerRecord::experts_everywhere)
+        .collect();
+    let per_expert = serde_json::from_slice::<LoadRecord>(load)
+        .ok()
+        .and_then(|l| l.per_expert(EXPERTS));
     if let Some(p) = &per_expert {
         assert_eq!(p.len(), EXPERTS);
     }
@@ -41,5 +56,10 @@ fuzz_target!(|data: &[u8]| {
     for w in &managed {
         assert!(plan.assign.get(&w.addr).map_or(0, Vec::len) <= w.capacity);
     }
-    assert!(plan.assign.values().flatten().chain(&plan.uncovered).all(|&e| (e as usize) < EXPERTS));
+    assert!(plan
+        .assign
+        .values()
+        .flatten()
+        .chain(&plan.uncovered)
+        .all(|&e| (e as usize) < EXPERTS));
 });

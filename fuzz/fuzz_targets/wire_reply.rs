@@ -11,7 +11,9 @@ fuzz_target!(|data: &[u8]| {
         [r, h] => (*r as usize % 32, *h as usize % 64),
         _ => (1, 4),
     };
-    let Ok(r) = pb::ExpertResult::decode(body) else { return };
+    let Ok(r) = pb::ExpertResult::decode(body) else {
+        return;
+    };
     if let Ok(d) = ExpertReply::decode(&r, rows, hidden) {
         assert_eq!(d.output.len(), rows * hidden);
     }

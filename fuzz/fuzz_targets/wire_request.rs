@@ -6,8 +6,17 @@ use prost::Message;
 use switchyard_wire::{codec::Expect, pb, ExpertRequest};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(b) = pb::ExpertBatch::decode(data) else { return };
-    let want = Expect { fingerprint: "fp", hidden: 4, layers: 2, experts: 8, top_k: 2, max_rows: 16 };
+    let Ok(b) = pb::ExpertBatch::decode(data) else {
+        return;
+    };
+    let want = Expect {
+        fingerprint: "fp",
+        hidden: 4,
+        layers: 2,
+        experts: 8,
+        top_k: 2,
+        max_rows: 16,
+    };
     if let Ok(r) = ExpertRequest::decode(&b, &want) {
         assert!(r.layer < want.layers);
         assert_eq!(r.x.len(), r.plan.rows() * want.hidden);

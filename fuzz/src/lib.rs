@@ -7,7 +7,12 @@ use std::path::PathBuf;
 pub fn fixtures() -> PathBuf {
     std::env::var_os("SWITCHYARD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
+        })
 }
 
 /// The trained fixture's tokenizer, loaded once per process.
