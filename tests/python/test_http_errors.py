@@ -169,8 +169,40 @@ def test_queue_full_is_429_with_retry_after(make_server):
             assert headers.get("retry-after") and j["error"]["type"] == "rate_limit_error"
 
 
+def test_two_hundred_requests_at_once_are_served_or_refused_cleanly(make_server):
+    """200 requests arrive together at a server that runs 4 and queues 100: each is answered
+    200 or 429 (with Retry-After), nothing else; every KV block comes back; it serves on."""
+    s = make_server("--max-running", "4", "--max-waiting", "100")
+    body = {"model": M, "prompt": "Return the", "max_tokens": 16, "ignore_eos": True}
+    results = []
+    lock = threading.Lock()
+    start = threading.Barrier(200)
+
+    def go():
+        start.wait()
+        r = request(s.addr, "POST", CMPL, body)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=go) for _ in range(200)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    codes = [r[0] for r in results]
+    assert len(codes) == 200 and set(codes) <= {200, 429}, sorted(set(codes))
+    assert codes.count(200) >= 100, codes.count(200)
+    for code, headers, j in results:
+        if code == 200:
+            assert j["choices"][0]["finish_reason"] == "length"
+        else:
+            assert headers.get("retry-after") and j["error"]["type"] == "rate_limit_error"
+    deadline = time.monotonic() + 10
+    while metric(s.addr, 'switchyard_kv_cache_blocks{state="used"}') != 0:
+        assert time.monotonic() < deadline, "KV blocks still in use"
+        time.sleep(0.2)
+    assert request(s.addr, "POST", CMPL, body)[0] == 200
+
+
 def metric(addr, name):
-    _, _, _ = None, None, None
     host, port = addr.split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=30)
     c.request("GET", "/metrics")
