@@ -404,10 +404,19 @@ fn the_planner_assigns_managed_workers_and_replicates_hot_experts() {
         || format!("{}\n{}", status(), s.log()),
     );
     assert_eq!(s.post("/v1/completions", &req(9)).0, 200);
-    // The operator's view shows the rebalancing plan, what it moved, and each worker's budget.
-    let (code, text) = s.get("/v1/cluster");
-    assert_eq!(code, 200, "{text}");
-    let view: Value = serde_json::from_str(&text).unwrap();
+    // The operator's view shows the rebalancing plan, what it moved, each worker's budget, and
+    // (once this coordinator has applied the new membership) the hot experts' replicas.
+    let view = || -> Value {
+        let (code, text) = s.get("/v1/cluster");
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || hot.iter().all(|&e| view()["replicas"][e] == json!(2)),
+        || view().to_string(),
+    );
+    let view = view();
     let planner = &view["planner"];
     assert!(
         planner["plan"]["generation"].as_u64().unwrap() >= 2
