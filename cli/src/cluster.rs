@@ -32,9 +32,10 @@ pub struct ClusterArgs {
     /// except near ties). CPU only for now.
     #[arg(long, env = "SWITCHYARD_KV_CACHE_DTYPE", default_value = "f32")]
     pub kv_cache_dtype: switchyard_model::KvDtype,
-    /// Activation dtype on the wire: bf16 (half the bytes; greedy choices as in embedded mode
-    /// except near ties) or f32 (bit-exact with embedded mode).
-    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "bf16")]
+    /// Activation dtype on the wire: f32 (bit-exact with embedded mode, within the reference's
+    /// tolerances) or bf16 (half the bytes, for slow links; logits move by up to ~2 on some
+    /// shapes and greedy choices can flip near ties).
+    #[arg(long, env = "SWITCHYARD_WIRE_DTYPE", default_value = "f32")]
     pub wire_dtype: WireDType,
     /// Dual-batch overlap: split steps of several sequences into two micro-batches and compute
     /// one's attention while the other's experts are on the workers (on, off). Worth it when

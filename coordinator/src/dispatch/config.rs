@@ -69,7 +69,7 @@ pub struct ClientTls {
 impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
-            wire_dtype: WireDType::BF16,
+            wire_dtype: WireDType::F32,
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             failure_backoff: Duration::from_secs(2),
