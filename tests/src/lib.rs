@@ -215,16 +215,38 @@ impl Etcd {
             tls,
             dir,
         };
-        e.endpoint = match e.tls {
-            Some(_) => format!("https://127.0.0.1:{}", e.client_port),
-            None => format!("127.0.0.1:{}", e.client_port),
-        };
-        e.restart();
+        // A port found free can be taken by a test running beside this one before etcd binds
+        // it: then etcd exits at once, and the first start tries other ports.
+        for attempt in 0.. {
+            e.endpoint = match e.tls {
+                Some(_) => format!("https://127.0.0.1:{}", e.client_port),
+                None => format!("127.0.0.1:{}", e.client_port),
+            };
+            match e.try_start() {
+                Ok(()) => break,
+                Err(log) if attempt < 4 && log.contains("address already in use") => {
+                    e.proc = None;
+                    let _ = std::fs::remove_dir_all(e.dir.path().join("data"));
+                    let _ = std::fs::remove_file(e.dir.path().join("log"));
+                    (e.client_port, e.peer_port, e.health_port) =
+                        (free_port(), free_port(), free_port());
+                }
+                Err(log) => panic!("etcd did not become healthy: {log}"),
+            }
+        }
         e
     }
 
     /// (Re)starts etcd on the same ports and data, and waits until it answers.
     pub fn restart(&mut self) {
+        if let Err(log) = self.try_start() {
+            panic!("etcd did not become healthy: {log}");
+        }
+    }
+
+    /// Starts etcd on this one's ports and data and waits until it answers; its log if it
+    /// exits or does not answer within 30 s.
+    fn try_start(&mut self) -> Result<(), String> {
         let bin = std::env::var_os("SWITCHYARD_ETCD_BIN").unwrap_or_else(|| "etcd".into());
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
@@ -273,6 +295,7 @@ impl Etcd {
             });
         self.proc = Some(Proc(child));
         let start = std::time::Instant::now();
+        let log = || std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
         loop {
             if let Ok(mut r) = ureq::get(&format!("{health}/health")).call() {
                 if r.body_mut()
@@ -280,14 +303,16 @@ impl Etcd {
                     .unwrap_or_default()
                     .contains("true")
                 {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(30),
-                "etcd did not become healthy: {}",
-                std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-            );
+            let exited = self
+                .proc
+                .as_mut()
+                .is_some_and(|p| p.0.try_wait().ok().flatten().is_some());
+            if exited || start.elapsed() > std::time::Duration::from_secs(30) {
+                return Err(log());
+            }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
