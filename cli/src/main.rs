@@ -37,6 +37,12 @@ struct Cli {
     /// elsewhere. f32 weights always meet f32.
     #[arg(long, global = true, env = "SWITCHYARD_CPU_ACTIVATIONS", default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
     cpu_activations: String,
+    /// on: a token's logits and logprobs do not depend on what else runs beside it (every
+    /// batch size, prefill chunk, cached prefix and placement gives the same bits; the CPU
+    /// kernels sum each row in one fixed order). off: each batch size takes its fastest
+    /// kernel, and results may move in the last bits with load (docs/determinism.md).
+    #[arg(long, global = true, env = "SWITCHYARD_DETERMINISTIC", default_value = "on", value_parser = ["on", "off"])]
+    deterministic: String,
     /// Log filter for stderr, e.g. info or warn,switchyard_coordinator=debug.
     #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "warn")]
     log: String,
@@ -102,9 +108,15 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: --cpu-activations {}: {e}", cli.cpu_activations);
         return std::process::ExitCode::FAILURE;
     }
+    let deterministic = cli.deterministic == "on";
+    if let Err(e) = switchyard_model::backend::cpu::linear::set_deterministic(deterministic) {
+        eprintln!("error: --deterministic {}: {e}", cli.deterministic);
+        return std::process::ExitCode::FAILURE;
+    }
     tracing::info!(
         kernels = switchyard_model::backend::cpu::linear::isa().as_str(),
         activations = if bf16 { "bf16" } else { "f32" },
+        deterministic,
         "CPU kernels chosen"
     );
     let result = match cli.cmd {

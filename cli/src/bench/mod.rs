@@ -103,6 +103,16 @@ pub(super) fn activations() -> &'static str {
     }
 }
 
+/// The kernel mode this process runs in (`--deterministic`), which local workers are started
+/// with too.
+pub(super) fn deterministic() -> &'static str {
+    if switchyard_model::backend::cpu::linear::deterministic() {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 /// The median of `v` (the upper one of an even count), NaN for none.
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -276,6 +286,7 @@ fn report(a: &Args, results: Vec<ModeResult>, bytes: u64) -> anyhow::Result<()> 
         "threads": rayon::current_num_threads(),
         "cpu_kernels": kernels,
         "cpu_activations": activations(),
+        "deterministic": deterministic(),
         "runs": a.runs,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,

@@ -1,6 +1,6 @@
 //! The loopback workers `--local-workers` starts.
 
-use super::{activations, Args};
+use super::{activations, deterministic, Args};
 use anyhow::Context;
 use std::time::Instant;
 
@@ -60,6 +60,8 @@ impl LocalWorkers {
                 .arg(threads.to_string())
                 .arg("--cpu-activations")
                 .arg(activations())
+                .arg("--deterministic")
+                .arg(deterministic())
                 .args(["worker", "--listen", "127.0.0.1:0", "--experts"])
                 .arg(format!("{lo}-{hi}"))
                 .arg("--model")

@@ -124,7 +124,22 @@ macro_rules! silu_mul_simd {
                     S::store(g.as_mut_ptr().add(i), S::mul(s, S::load(u.as_ptr().add(i))));
                 }
             }
-            silu_mul_scalar(&mut g[whole..n], &u[whole..n]);
+            // The tail in a register too, through a zero-padded copy: the scalar `exp` rounds
+            // differently, and which elements form the tail depends on how many rows the call
+            // had, so a row's bits would depend on its batch.
+            if whole < n {
+                let (mut gt, mut ut) = ([0f32; 16], [0f32; 16]);
+                gt[..n - whole].copy_from_slice(&g[whole..n]);
+                ut[..n - whole].copy_from_slice(&u[whole..n]);
+                // SAFETY: one register's lanes (at most 16) inside the two local arrays.
+                unsafe {
+                    let x = S::load(gt.as_ptr());
+                    let e = S::exp(S::sub(S::zero(), x));
+                    let s = S::div(x, S::add(S::splat(1.0), e));
+                    S::store(gt.as_mut_ptr(), S::mul(s, S::load(ut.as_ptr())));
+                }
+                g[whole..n].copy_from_slice(&gt[..n - whole]);
+            }
         }
     };
 }
@@ -225,5 +240,93 @@ mod tests {
         let mut a = vec![1.0f32, 2.0];
         add_assign(&mut a, &[0.5, -2.0]);
         assert_eq!(a, vec![1.5, 0.0]);
+    }
+
+    /// Every row-wise op gives a row the bits it gets alone, whatever the rows beside it (1 to
+    /// 64; tasks split rows by 8 and SwiGLU by 4096 elements, so a row lands anywhere in a
+    /// task and in a register); SwiGLU on every instruction set this CPU has, at a width whose
+    /// rows end mid-register.
+    #[test]
+    fn a_rows_bits_do_not_depend_on_the_rows_beside_it() {
+        let (width, hd) = (74, 74 / 2);
+        let data = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000)
+                .map(|v| v as f32 / 250.0 - 4.0)
+                .collect()
+        };
+        let x = data(64 * width, 1);
+        let (up, w) = (data(64 * width, 2), data(width, 3));
+        let (cos, sin) = rope_tables(1e6, hd, 128);
+        let positions: Vec<u32> = (0..64).map(|i| (i * 7 % 128) as u32).collect();
+        type Silu = fn(&mut [f32], &[f32]);
+        let mut silus: Vec<(&str, Silu)> =
+            vec![("scalar", silu_mul_scalar), ("selected", silu_mul)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::super::linear::{isa, Isa};
+            // SAFETY (both): the CPU has the instruction set, checked before each is listed.
+            fn avx512(g: &mut [f32], u: &[f32]) {
+                unsafe { silu_mul_avx512(g, u) }
+            }
+            fn avx2(g: &mut [f32], u: &[f32]) {
+                unsafe { silu_mul_avx2(g, u) }
+            }
+            if isa() >= Isa::Avx512 {
+                silus.push(("avx512", avx512));
+            }
+            if isa() >= Isa::Avx2 {
+                silus.push(("avx2", avx2));
+            }
+        }
+        // An op over rows `r` of the inputs, into `o`.
+        type Op<'a> = Box<dyn Fn(&mut [f32], std::ops::Range<usize>) + 'a>;
+        let el = |r: &std::ops::Range<usize>| r.start * width..r.end * width;
+        let mut ops: Vec<(&str, Op<'_>)> = vec![
+            (
+                "rms_norm",
+                Box::new(|o, r| rms_norm(&x[el(&r)], Elems::F32(&w), 1e-5, width, o)),
+            ),
+            (
+                "rope",
+                Box::new(|o, r| {
+                    o.copy_from_slice(&x[el(&r)]);
+                    rope(o, width, hd, &positions[r], &cos, &sin);
+                }),
+            ),
+            (
+                "add_assign",
+                Box::new(|o, r| {
+                    o.copy_from_slice(&x[el(&r)]);
+                    add_assign(o, &up[el(&r)]);
+                }),
+            ),
+        ];
+        for (name, f) in silus {
+            let up = &up;
+            let x = &x;
+            ops.push((
+                name,
+                Box::new(move |o, r| {
+                    o.copy_from_slice(&x[el(&r)]);
+                    f(o, &up[el(&r)]);
+                }),
+            ));
+        }
+        for (name, op) in &ops {
+            let mut alone = vec![f32::NAN; 64 * width];
+            for (r, o) in alone.chunks_mut(width).enumerate() {
+                op(o, r..r + 1);
+            }
+            for rows in 1..=64 {
+                let mut y = vec![f32::NAN; rows * width];
+                op(&mut y, 0..rows);
+                let same = y
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name}: {rows} rows");
+            }
+        }
     }
 }

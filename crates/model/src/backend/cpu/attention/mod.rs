@@ -918,4 +918,146 @@ mod tests {
         assert_eq!(outs[0], outs[1]);
         assert_eq!(outs[0], outs[2]);
     }
+
+    /// Every kernel this CPU runs: a run of tokens in one call gives each token the bits it
+    /// gets alone (a prefill chunk of any size, or decode), at positions on either side of the
+    /// register kernels' key chunks, on an f32 cache and a bf16 one.
+    #[test]
+    fn a_tokens_bits_do_not_depend_on_the_tokens_run_beside_it() {
+        a_tokens_bits_do_not_depend_on_the_run::<f32>();
+        a_tokens_bits_do_not_depend_on_the_run::<bf16>();
+    }
+
+    fn a_tokens_bits_do_not_depend_on_the_run<E: KvElem>() {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") {
+                kernels.push(Kernel::PortableAvx2);
+            }
+            if has!("avx2") && has!("fma") {
+                kernels.push(Kernel::Avx2);
+            }
+            if has!("avx512f") {
+                kernels.push(Kernel::Avx512);
+            }
+        }
+        let bs = 8;
+        let blocks = [6u32, 2, 0, 5, 3, 1, 4, 7, 9, 8];
+        for kernel in kernels {
+            for (hd, group) in [(16, 2), (32, 4), (64, 1), (128, 2)] {
+                #[cfg(target_arch = "x86_64")]
+                if (kernel == Kernel::Avx512 && !simd::avx512::supports(hd))
+                    || (kernel == Kernel::Avx2 && !simd::avx2::supports(hd))
+                {
+                    continue;
+                }
+                let kv_dim = hd;
+                let (k, v) = (
+                    cache_of::<E>(&data(10 * bs * kv_dim, 31)),
+                    cache_of::<E>(&data(10 * bs * kv_dim, 32)),
+                );
+                for (pos, tokens) in [(0, 8), (5, 3), (13, 8), (40, 7), (64, 8), (71, 1)] {
+                    let q = data(tokens * group * hd, 33 + pos as u32);
+                    let h = |q, tokens, pos| Heads::<'_, E> {
+                        q,
+                        tokens,
+                        group,
+                        k_cache: &k,
+                        v_cache: &v,
+                        blocks: &blocks,
+                        block_size: bs,
+                        lo: 0,
+                        pos,
+                        col: 0,
+                        kv_dim,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    let per = group * hd;
+                    let mut run = vec![f32::NAN; tokens * per];
+                    run_heads(kernel, &h(&q[..], tokens, pos), hd, &mut run);
+                    for t in 0..tokens {
+                        let mut one = vec![f32::NAN; per];
+                        run_heads(
+                            kernel,
+                            &h(&q[t * per..(t + 1) * per], 1, pos + t),
+                            hd,
+                            &mut one,
+                        );
+                        let same = one
+                            .iter()
+                            .zip(&run[t * per..(t + 1) * per])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{kernel:?}: head size {hd}, token {t} of {tokens} at {pos}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Through the public entry: a 64-token prompt's outputs in one call equal those of chunks
+    /// of 1, 7 and 64 tokens, and of the same chunks beside another sequence's decode, with and
+    /// without a sliding window.
+    #[test]
+    fn a_prompts_attention_is_the_same_in_any_chunking_and_company() {
+        let (heads, kv_heads, hd, bs) = (8, 2, 32, 16);
+        let kv_dim = kv_heads * hd;
+        let (blocks_a, blocks_b) = ([3u32, 0, 5, 1], [2u32, 4]);
+        let k = data(6 * bs * kv_dim, 41);
+        let v = data(6 * bs * kv_dim, 42);
+        let q_dim = heads * hd;
+        let q = data(65 * q_dim, 43);
+        for window in [None, Some(20)] {
+            let s = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                block_size: bs,
+                window,
+            };
+            let mut whole = vec![f32::NAN; 64 * q_dim];
+            let seq = |q_row0, n_q, pos0| AttnSeq {
+                q_row0,
+                n_q,
+                pos0,
+                blocks: &blocks_a,
+            };
+            attention(&q, &k, &v, &[seq(0, 64, 0)], &s, &mut whole);
+            for chunk in [1, 7, 64] {
+                for company in [false, true] {
+                    let mut got = Vec::new();
+                    for p0 in (0..64).step_by(chunk) {
+                        let n = chunk.min(64 - p0);
+                        // The chunk's queries, then (in company) another sequence's decode.
+                        let mut qc = q[p0 * q_dim..(p0 + n) * q_dim].to_vec();
+                        let mut seqs = vec![seq(0, n, p0)];
+                        if company {
+                            qc.extend_from_slice(&q[64 * q_dim..]);
+                            seqs.push(AttnSeq {
+                                q_row0: n,
+                                n_q: 1,
+                                pos0: 20,
+                                blocks: &blocks_b,
+                            });
+                        }
+                        let mut out = vec![f32::NAN; qc.len()];
+                        attention(&qc, &k, &v, &seqs, &s, &mut out);
+                        got.extend_from_slice(&out[..n * q_dim]);
+                    }
+                    let same = got
+                        .iter()
+                        .zip(&whole)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "window {window:?}, chunks of {chunk}, company {company}"
+                    );
+                }
+            }
+        }
+    }
 }

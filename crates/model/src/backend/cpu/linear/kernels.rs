@@ -236,6 +236,45 @@ pub fn set_bf16_activations(on: bool) -> crate::Result<()> {
     Ok(())
 }
 
+/// Whether a token's result must not depend on the other tokens of its call
+/// (`--deterministic`, `SWITCHYARD_DETERMINISTIC`; on unless set to `off`). On, every plan
+/// runs its tiles from one token row to any number (never the single-row kernels or the gemm
+/// path, which sum in other orders), one tile family per CPU whatever the row count, and on
+/// CPUs with AMX every row count of bf16 weights goes through the AMX tiles; so a row's sums
+/// run the same chains in the same order alone, among 31 others, in a prefill chunk or in a
+/// decode step. Off, each row count takes the fastest kernel measured for it
+/// (docs/determinism.md has the cost).
+pub fn deterministic() -> bool {
+    *DETERMINISTIC.get_or_init(|| match std::env::var("SWITCHYARD_DETERMINISTIC") {
+        Ok(v) if v.trim() == "off" => false,
+        Ok(v) if v.trim() != "on" => {
+            tracing::warn!(
+                value = v.as_str(),
+                "SWITCHYARD_DETERMINISTIC is not one of on, off; keeping on"
+            );
+            true
+        }
+        _ => true,
+    })
+}
+
+/// The kernel choice's mode, fixed on first use: by [`set_deterministic`], or else from the
+/// environment.
+static DETERMINISTIC: OnceLock<bool> = OnceLock::new();
+
+/// Fixes [`deterministic`] for this process (a command-line flag's choice, before anything
+/// computes). Fails, changing nothing, where the mode was already fixed to the other value.
+pub fn set_deterministic(on: bool) -> crate::Result<()> {
+    let now = *DETERMINISTIC.get_or_init(|| on);
+    if now != on {
+        return Err(crate::ModelError::Input(format!(
+            "deterministic kernels are already {}",
+            if now { "on" } else { "off" }
+        )));
+    }
+    Ok(())
+}
+
 /// Whether the `vdpbf16ps` tiles run here: the CPU has AVX-512 BF16, and the kernels in use
 /// are the AVX-512 ones or AMX (not lowered by `SWITCHYARD_CPU_KERNELS`, whose lower kernels
 /// have no bf16 plans: the mode would be on in name only).
@@ -360,7 +399,10 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 tile_min_rows: 1,
             };
         }
-        if isa >= Isa::Avx512 && rows >= avx512_tile_min_rows() {
+        // Deterministic plans take the AVX2 tiles at every row count (what Zen 4 runs at
+        // every count anyway): one family, so no row count changes a row's chains.
+        let det = deterministic();
+        if !det && isa >= Isa::Avx512 && rows >= avx512_tile_min_rows() {
             let pairs = matches!(w, Elems::BF16(_));
             return Plan {
                 single: avx512_dots,
@@ -410,7 +452,7 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 }),
                 pairs: if pairs { Pairing::Avx2 } else { Pairing::Off },
                 bf16: false,
-                tile_min_rows: super::TILE_MIN_ROWS,
+                tile_min_rows: if det { 1 } else { super::TILE_MIN_ROWS },
             };
         }
     }

@@ -53,7 +53,8 @@ mod avx2;
 mod avx512;
 
 pub use kernels::{
-    auto_bf16_activations, bf16_activations, has_avx512_bf16, isa, set_bf16_activations, Isa,
+    auto_bf16_activations, bf16_activations, deterministic, has_avx512_bf16, isa,
+    set_bf16_activations, set_deterministic, Isa,
 };
 
 pub use quant::QTiles;
@@ -136,7 +137,7 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
         return;
     }
     let plan = kernels::plan_for(isa(), w, rows);
-    if rows <= DOT_MAX_ROWS || plan.bf16 {
+    if rows <= DOT_MAX_ROWS || plan.bf16 || deterministic() {
         dot_plan(plan, x, rows, w, inp, out, y);
     } else {
         linear_gemm(x, rows, w, inp, out, y);
@@ -148,7 +149,7 @@ pub fn linear(x: &[f32], rows: usize, w: Elems<'_>, out: usize, y: &mut [f32]) {
 /// count, one row included, so that a token's result does not depend on its step (the rounded
 /// activation is one bf16 part, where f32 needs three).
 fn amx_for(isa: Isa, rows: usize) -> bool {
-    isa >= Isa::Amx && (rows >= AMX_MIN_ROWS || bf16_activations())
+    isa >= Isa::Amx && (rows >= AMX_MIN_ROWS || bf16_activations() || deterministic())
 }
 
 /// The AMX path, public for parity tests and benches. Returns false, computing nothing, where
@@ -208,7 +209,7 @@ pub fn linear_tiles(x: &[f32], rows: usize, parts: &mut [(&Tiles, &mut [f32])]) 
         // (asserted above).
         if bf16_activations() {
             unsafe { amx::linear_tiles::<{ amx::BF16_PARTS }>(x, rows, jobs) };
-        } else if rows < AMX_MIN_ROWS {
+        } else if rows < AMX_MIN_ROWS && !deterministic() {
             tiles_dot(x, rows, jobs);
         } else {
             unsafe { amx::linear_tiles::<{ amx::PARTS }>(x, rows, jobs) };
@@ -358,11 +359,19 @@ fn dot_plan(
     y: &mut [f32],
 ) {
     let yp = SendPtr(y.as_mut_ptr());
-    with_lhs(x, rows, inp, plan.pairs, plan.bf16, |lhs| {
-        (0..out.div_ceil(DOT_BLOCK))
-            .into_par_iter()
-            .for_each(|b| dot_block(lhs, rows, w, inp, out, yp, b, plan));
-    });
+    with_lhs(
+        x,
+        rows,
+        inp,
+        plan.pairs,
+        plan.tile_min_rows,
+        plan.bf16,
+        |lhs| {
+            (0..out.div_ceil(DOT_BLOCK))
+                .into_par_iter()
+                .for_each(|b| dot_block(lhs, rows, w, inp, out, yp, b, plan));
+        },
+    );
 }
 
 thread_local! {
@@ -405,13 +414,14 @@ fn with_scratch<E: bytemuck::Pod, T>(
 /// Runs `f` on x's rows, paired for the bf16 pair tiles, or rounded to bf16 for the
 /// `vdpbf16ps` ones, where the plan wants it ([`kernels::plan_for`] asks for each pairing only
 /// on CPUs with its instruction set, for rounded rows only on CPUs with AVX-512 BF16; both
-/// only serve tiles: fewer rows than [`TILE_MIN_ROWS`] get no pairing, and rounded rows are
+/// only serve tiles: fewer rows than the plan tiles from (`min_rows`) get no pairing, and rounded rows are
 /// made at any count because the bf16 plans tile from one row).
 fn with_lhs<T>(
     x: &[f32],
     rows: usize,
     inp: usize,
     pairs: Pairing,
+    min_rows: usize,
     bf16: bool,
     f: impl FnOnce(Lhs<'_>) -> T,
 ) -> T {
@@ -429,7 +439,7 @@ fn with_lhs<T>(
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if pairs != Pairing::Off && rows >= TILE_MIN_ROWS {
+    if pairs != Pairing::Off && rows >= min_rows {
         return with_scratch(&PAIRS, rows * inp, |buf| {
             let x = &x[..rows * inp];
             // SAFETY: plans want each pairing only where the CPU has its instruction set
@@ -450,7 +460,7 @@ fn with_lhs<T>(
             })
         });
     }
-    let _ = (rows, inp, pairs, bf16);
+    let _ = (rows, inp, pairs, min_rows, bf16);
     f(Lhs {
         f32: x,
         pairs: &[],
@@ -469,6 +479,7 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
     }
     let isa = isa();
     if rows > DOT_MAX_ROWS
+        && !deterministic()
         && !parts
             .iter()
             .all(|(w, _, _)| kernels::plan_for(isa, *w, rows).bf16)
@@ -518,7 +529,12 @@ pub fn linear_many(x: &[f32], rows: usize, parts: &mut [(Elems<'_>, usize, &mut 
         .find(|p| *p != Pairing::Off)
         .unwrap_or(Pairing::Off);
     let bf16 = plans.iter().all(|p| p.bf16);
-    with_lhs(x, rows, inp, pairs, bf16, |lhs| {
+    let min_rows = plans
+        .iter()
+        .map(|p| p.tile_min_rows)
+        .min()
+        .unwrap_or(usize::MAX);
+    with_lhs(x, rows, inp, pairs, min_rows, bf16, |lhs| {
         (0..tasks).into_par_iter().for_each(|t| {
             // A task belongs to the last weight whose first task is at or before it.
             let Some(i) = jobs.iter().rposition(|j| j.4 <= t) else {
@@ -854,9 +870,9 @@ mod tests {
             if Isa::best() < need {
                 continue;
             }
-            with_lhs(&x, rows, inp, pairing, false, |outer| {
+            with_lhs(&x, rows, inp, pairing, TILE_MIN_ROWS, false, |outer| {
                 let outer_pairs = outer.pairs.to_vec();
-                with_lhs(&x2, rows, inp, pairing, false, |inner| {
+                with_lhs(&x2, rows, inp, pairing, TILE_MIN_ROWS, false, |inner| {
                     assert_eq!(inner.pairs.len(), rows * inp);
                     // Every full block of every row is laid out evens first; the tail stays
                     // in order.
@@ -980,6 +996,104 @@ mod tests {
             let mut y = vec![0.0; rows * out];
             assert!(linear_dot_bf16_activations(&x, rows, w, inp, out, &mut y));
             assert_eq!(y[..], alone[..rows * out], "{rows} rows");
+        }
+    }
+
+    /// What `--deterministic` promises of every kernel: each token row gets the same bits
+    /// whatever the number of rows in its call (1 to 64, and past [`DOT_MAX_ROWS`] where the
+    /// gemm path would take over), on every instruction set this CPU has, for f32, bf16 and
+    /// f16 weights, with f32 activations and (where the CPU has AVX-512 BF16) bf16 ones, in
+    /// place, through `linear_many` and (on AMX) in tile order.
+    #[test]
+    fn a_rows_bits_do_not_depend_on_the_rows_beside_it() {
+        assert!(deterministic(), "the kernels default to deterministic");
+        // An odd width (tails everywhere) and an AMX-able one, outputs across tiles and blocks.
+        for (inp, out) in [(101, 29), (128, DOT_BLOCK + 13)] {
+            let most = 64;
+            let x = data((DOT_MAX_ROWS + 7) * inp, 51);
+            let wf = data(out * inp, 52);
+            let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+            let wh: Vec<f16> = wf.iter().map(|v| f16::from_f32(*v)).collect();
+            for (dtype, w) in [
+                ("f32", Elems::F32(&wf)),
+                ("bf16", Elems::BF16(&wb)),
+                ("f16", Elems::F16(&wh)),
+            ] {
+                // (name, kernel over `rows` rows) for every path this CPU has.
+                type Run<'a> = Box<dyn Fn(&[f32], usize, &mut [f32]) -> bool + 'a>;
+                let mut paths: Vec<(String, Run<'_>)> = isas()
+                    .into_iter()
+                    .filter(|i| *i < Isa::Amx)
+                    .map(|isa| {
+                        let f: Run<'_> = Box::new(move |x, rows, y| {
+                            dot_with(isa, x, rows, w, inp, out, y);
+                            true
+                        });
+                        (format!("{isa:?}"), f)
+                    })
+                    .collect();
+                paths.push((
+                    "linear".into(),
+                    Box::new(move |x, rows, y| {
+                        linear(x, rows, w, out, y);
+                        true
+                    }),
+                ));
+                paths.push((
+                    "linear_many".into(),
+                    Box::new(move |x, rows, y| {
+                        let mut spare = vec![0.0; rows * out];
+                        linear_many(x, rows, &mut [(w, out, y), (w, out, &mut spare)]);
+                        true
+                    }),
+                ));
+                paths.push((
+                    "bf16 activations".into(),
+                    Box::new(move |x, rows, y| {
+                        linear_dot_bf16_activations(x, rows, w, inp, out, y)
+                    }),
+                ));
+                if Isa::best() >= Isa::Amx {
+                    paths.push((
+                        "amx".into(),
+                        Box::new(move |x, rows, y| try_amx(x, rows, &mut [(w, out, y)], false)),
+                    ));
+                    if let Some(t) = tiles_for(w, out) {
+                        paths.push((
+                            "amx tile order".into(),
+                            Box::new(move |x, rows, y| {
+                                linear_tiles(x, rows, &mut [(&t, y)]);
+                                true
+                            }),
+                        ));
+                    }
+                }
+                for (name, run) in &paths {
+                    let mut alone = vec![f32::NAN; (DOT_MAX_ROWS + 7) * out];
+                    let mut ran = true;
+                    for (xr, yr) in x.chunks(inp).zip(alone.chunks_mut(out)) {
+                        ran &= run(xr, 1, yr);
+                    }
+                    if !ran {
+                        continue; // not on this CPU or for these weights
+                    }
+                    let counts = (1..=most).chain([DOT_MAX_ROWS + 7]);
+                    let counts: Vec<usize> = if name.starts_with("linear") {
+                        counts.collect()
+                    } else {
+                        counts.filter(|n| *n <= most).collect()
+                    };
+                    for rows in counts {
+                        let mut y = vec![f32::NAN; rows * out];
+                        assert!(run(&x[..rows * inp], rows, &mut y));
+                        let same = y
+                            .iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{name}, {dtype} weights: {rows} rows, in {inp}");
+                    }
+                }
+            }
         }
     }
 
