@@ -69,6 +69,7 @@ impl Agent {
             weight_format: info.weight_dtype,
             protocol_version: info.protocol_version,
             worker_version: info.worker_version,
+            kernels: info.kernels,
             load: self.load.clone(),
         }
     }

@@ -72,6 +72,12 @@ impl ExpertServer {
             max_batch_rows: wc.max_batch_rows as u32,
             weight_bytes: experts.weight_bytes() as u64,
             worker_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernels: match wc.device {
+                switchyard_model::Device::Cpu => {
+                    switchyard_model::backend::cpu::linear::signature()
+                }
+                _ => wc.device.to_string(),
+            },
         };
         let stats = Stats {
             expert_tokens: (0..cfg.num_hidden_layers * cfg.num_local_experts)

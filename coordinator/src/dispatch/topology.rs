@@ -172,6 +172,7 @@ impl Topology {
                 .map(|l| l.experts.clone())
                 .unwrap_or_default();
             tracing::info!(worker = %w.id, ?experts, device = %info.device, weight_bytes = info.weight_bytes, spec = ?spec.experts, "worker joined");
+            warn_if_kernels_differ(&w.id, &info.kernels);
         }
         Ok(Self { table, workers })
     }
@@ -225,6 +226,7 @@ impl Topology {
                     match endpoint(addr, cfg) {
                         Ok(ep) => {
                             tracing::info!(worker = %addr, experts = ?rec.experts_everywhere(), device = %rec.device, "worker joined");
+                            warn_if_kernels_differ(&WorkerId::new(addr), &rec.kernels);
                             Arc::new(Worker::new(
                                 addr,
                                 rec.instance.clone(),
@@ -255,5 +257,21 @@ impl Topology {
             }
         };
         Some(Self { table, workers })
+    }
+}
+
+/// Warns where worker `id` computes with other CPU kernels than this process: its experts'
+/// rows then round differently, and results differ from embedded mode's in the last bits
+/// (docs/determinism.md). Workers too old to say stay silent.
+fn warn_if_kernels_differ(id: &WorkerId, theirs: &str) {
+    let ours = switchyard_model::backend::cpu::linear::signature();
+    if !theirs.is_empty() && theirs != ours {
+        tracing::warn!(
+            worker = %id,
+            worker_kernels = theirs,
+            coordinator_kernels = %ours,
+            "worker computes with other kernels: results may differ from embedded mode's in \
+             the last bits (give both the same --cpu-activations and --deterministic)"
+        );
     }
 }

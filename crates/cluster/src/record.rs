@@ -90,6 +90,9 @@ pub struct WorkerRecord {
     pub protocol_version: u32,
     #[serde(default)]
     pub worker_version: String,
+    /// The CPU kernels it computes with (`WorkerInfo.kernels`); empty from older workers.
+    #[serde(default)]
+    pub kernels: String,
     #[serde(default)]
     pub load: WorkerLoad,
 }

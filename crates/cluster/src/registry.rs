@@ -544,6 +544,7 @@ mod tests {
             weight_format: "bf16".into(),
             protocol_version: 1,
             worker_version: String::new(),
+            kernels: "avx2 f32 deterministic".into(),
             load: crate::WorkerLoad::default(),
         };
         let mut raw = BTreeMap::new();

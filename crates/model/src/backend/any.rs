@@ -48,7 +48,16 @@ impl AnyBackend {
             Device::Cpu => Ok(Self::Cpu(Cpu)),
             // `Cuda::new` probes the libraries and the device before creating a context.
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Self::Cuda(Cuda::new(n)?)),
+            Device::Cuda(n) => {
+                if super::cpu::linear::deterministic() {
+                    // cuBLAS picks its GEMM algorithm (and split of the sums) by shape.
+                    tracing::warn!(
+                        "--deterministic covers the CPU kernels: on CUDA a token's last bits \
+                         may still depend on its batch"
+                    );
+                }
+                Ok(Self::Cuda(Cuda::new(n)?))
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(super::no_cuda_build(device)),
         }

@@ -46,8 +46,10 @@ pub fn span(rows: Elems<'_>, x: &[f32], inp: usize, y: &mut [f32]) {
 }
 
 /// R adjacent weight rows (`R * inp` elements) against up to four tokens; the caller
-/// checked avx2+fma+f16c.
-pub fn tile_dots<const R: usize>(
+/// checked avx2+fma+f16c. With `AHEAD` 0 the kernel fetches `ahead` (the next tile) paced over
+/// its steps; otherwise it streams: each of its rows `AHEAD` bytes on, into L1 where `L1`, L2
+/// elsewhere, as the single-row kernels do (see [`Fetch`]). The arithmetic is the same.
+pub fn tile_dots<const R: usize, const AHEAD: usize, const L1: bool>(
     rows: Elems<'_>,
     x: Lhs<'_>,
     n: usize,
@@ -63,7 +65,7 @@ pub fn tile_dots<const R: usize>(
             let w = $w;
             // SAFETY: `plan_for` only returns this kernel when the CPU has avx2, fma
             // and f16c; `w` covers R rows of `inp` elements and x covers `n * inp`.
-            unsafe { with_tokens!(n, $f::<R>(w, x.as_ptr(), inp, acc, ahead)) }
+            unsafe { with_tokens!(n, $f::<R, AHEAD, L1>(w, x.as_ptr(), inp, acc, ahead)) }
         }};
     }
     match rows {
@@ -75,8 +77,9 @@ pub fn tile_dots<const R: usize>(
 }
 
 /// R adjacent bf16 weight rows against up to four tokens' paired activations ([`pair_rows`]);
-/// other dtypes go to [`tile_dots`]. The caller checked avx2+fma+f16c.
-pub fn pair_tile<const R: usize>(
+/// other dtypes go to [`tile_dots`]. The caller checked avx2+fma+f16c. `AHEAD` and `L1` as
+/// for [`tile_dots`].
+pub fn pair_tile<const R: usize, const AHEAD: usize, const L1: bool>(
     rows: Elems<'_>,
     x: Lhs<'_>,
     n: usize,
@@ -85,14 +88,14 @@ pub fn pair_tile<const R: usize>(
     ahead: &[u8],
 ) {
     let Elems::BF16(w) = rows else {
-        return tile_dots::<R>(rows, x, n, inp, acc, ahead);
+        return tile_dots::<R, AHEAD, L1>(rows, x, n, inp, acc, ahead);
     };
     debug_assert!(x.pairs.len() >= n * inp && w.len() == R * inp);
     debug_assert!((1..=4).contains(&n));
     let (w, xp) = (w.as_ptr().cast::<u16>(), x.pairs.as_ptr());
     // SAFETY: `plan_for` hands this kernel out only on CPUs with avx2, fma and f16c, with the
     // paired rows made; `w` covers R rows of `inp` and `xp` n rows of `inp`.
-    unsafe { with_tokens!(n, pair_bf16::<R>(w, xp, inp, acc, ahead)) }
+    unsafe { with_tokens!(n, pair_bf16::<R, AHEAD, L1>(w, xp, inp, acc, ahead)) }
 }
 
 /// Prefetches `ahead` one line every few of a loop's steps, so the fetching spreads over the
@@ -104,6 +107,30 @@ struct Paced {
     end: *const u8,
     every: usize,
     wait: usize,
+}
+
+/// How a tile kernel fetches weights ahead of its loads. Tiles of many token rows are
+/// compute-bound and fetch the next tile, paced over their steps ([`Paced`]). With few rows
+/// (the deterministic plans run tiles down to one row) a tile is a stream of weights, and the
+/// single-row kernels' way pays: each row `AHEAD` bytes on, one line per 64 bytes read. A
+/// whole-model batch-1 decode with f32 activations (performance checkpoint, Zen 4) ran at
+/// 0.72× the single-row kernel with paced next-tile fetches.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn stream<const AHEAD: usize, const L1: bool, T>(w: *const T, rows: usize, inp: usize, k: usize) {
+    let size = std::mem::size_of::<T>();
+    // One prefetch per 64 bytes of each row (steps read 32 bytes or fewer).
+    if (k * size) % 64 < 32 {
+        for d in 0..rows {
+            let p = w.cast::<u8>().wrapping_add((d * inp + k) * size + AHEAD);
+            // A hint only: it cannot fault, even past the end of the weights.
+            if L1 {
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(p.cast());
+            }
+        }
+    }
 }
 
 impl Paced {
@@ -142,7 +169,7 @@ impl Paced {
 // Indices, not iterators: (row, token) address the accumulators in register-tile order.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pair_bf16<const R: usize, const N: usize>(
+unsafe fn pair_bf16<const R: usize, const N: usize, const AHEAD: usize, const L1: bool>(
     w: *const u16,
     x: *const f32,
     inp: usize,
@@ -162,7 +189,11 @@ unsafe fn pair_bf16<const R: usize, const N: usize>(
         let mut a = [[_mm256_setzero_ps(); N]; R];
         let mut k = 0;
         while k < main {
-            fetch.step();
+            if AHEAD == 0 {
+                fetch.step();
+            } else {
+                stream::<AHEAD, L1, u16>(w, R, inp, k);
+            }
             let mut v = [_mm256_setzero_ps(); R];
             for d in 0..R {
                 let raw = _mm256_loadu_si256(w.add(d * inp + k).cast());
@@ -244,7 +275,7 @@ unsafe fn pair_row(x: *const f32, out: *mut f32, inp: usize) {
 macro_rules! tile_kernel {
     ($name:ident, $wty:ty, $load:ident, $scalar:ident) => {
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const R: usize, const N: usize>(
+        unsafe fn $name<const R: usize, const N: usize, const AHEAD: usize, const L1: bool>(
             w: *const $wty,
             x: *const f32,
             inp: usize,
@@ -263,7 +294,11 @@ macro_rules! tile_kernel {
                     for (d, vd) in v.iter_mut().enumerate() {
                         *vd = $load(w.add(d * inp), k);
                     }
-                    fetch.step();
+                    if AHEAD == 0 {
+                        fetch.step();
+                    } else {
+                        stream::<AHEAD, L1, $wty>(w, R, inp, k);
+                    }
                     for t in 0..N {
                         let xv = _mm256_loadu_ps(x.add(t * inp + k));
                         for d in 0..R {

@@ -275,6 +275,22 @@ pub fn set_deterministic(on: bool) -> crate::Result<()> {
     Ok(())
 }
 
+/// The kernel choice that decides a row's bits, e.g. `avx512 bf16 deterministic`: two
+/// processes with the same signature compute an expert's rows alike, bit for bit.
+#[must_use]
+pub fn signature() -> String {
+    format!(
+        "{} {} {}",
+        isa().as_str(),
+        if bf16_activations() { "bf16" } else { "f32" },
+        if deterministic() {
+            "deterministic"
+        } else {
+            "per-size"
+        }
+    )
+}
+
 /// Whether the `vdpbf16ps` tiles run here: the CPU has AVX-512 BF16, and the kernels in use
 /// are the AVX-512 ones or AMX (not lowered by `SWITCHYARD_CPU_KERNELS`, whose lower kernels
 /// have no bf16 plans: the mode would be on in name only).
@@ -434,22 +450,40 @@ pub fn plan_with(isa: Isa, w: Elems<'_>, rows: usize, bf16_act: bool) -> Plan {
                 (avx2::dots as Kernel, avx2::span as SpanKernel)
             };
             let pairs = matches!(w, Elems::BF16(_));
+            macro_rules! avx2_tiles {
+                ($ahead:expr, $l1:expr) => {
+                    if pairs {
+                        Tiles {
+                            one: avx2::pair_tile::<1, { $ahead }, { $l1 }>,
+                            two: avx2::pair_tile::<2, { $ahead }, { $l1 }>,
+                            three: avx2::pair_tile::<3, { $ahead }, { $l1 }>,
+                        }
+                    } else {
+                        Tiles {
+                            one: avx2::tile_dots::<1, { $ahead }, { $l1 }>,
+                            two: avx2::tile_dots::<2, { $ahead }, { $l1 }>,
+                            three: avx2::tile_dots::<3, { $ahead }, { $l1 }>,
+                        }
+                    }
+                };
+            }
+            // Deterministic plans tile the rows the single-row kernels would take (fewer than
+            // TILE_MIN_ROWS), streaming weights ahead the way those kernels do on this CPU.
+            let tiles = if !det || rows >= super::TILE_MIN_ROWS {
+                avx2_tiles!(0, false)
+            } else if isa < Isa::Avx512 {
+                avx2_tiles!(avx2::PREFETCH_BYTES, true)
+            } else {
+                match prefetcher() {
+                    Prefetcher::Zen5 => avx2_tiles!(avx512::ZEN5_AHEAD, true),
+                    Prefetcher::Zen4 => avx2_tiles!(avx512::ZEN4_AHEAD, false),
+                    Prefetcher::Intel => avx2_tiles!(avx512::INTEL_AHEAD, false),
+                }
+            };
             return Plan {
                 single,
                 span,
-                tiles: Some(if pairs {
-                    Tiles {
-                        one: avx2::pair_tile::<1>,
-                        two: avx2::pair_tile::<2>,
-                        three: avx2::pair_tile::<3>,
-                    }
-                } else {
-                    Tiles {
-                        one: avx2::tile_dots::<1>,
-                        two: avx2::tile_dots::<2>,
-                        three: avx2::tile_dots::<3>,
-                    }
-                }),
+                tiles: Some(tiles),
                 pairs: if pairs { Pairing::Avx2 } else { Pairing::Off },
                 bf16: false,
                 tile_min_rows: if det { 1 } else { super::TILE_MIN_ROWS },

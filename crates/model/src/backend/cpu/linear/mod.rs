@@ -28,12 +28,12 @@
 /// `$f::<R, N>(args)` with the token count `$n` (1..=4) as the constant N, so a kernel's
 /// accumulators for each count are registers.
 macro_rules! with_tokens {
-    ($n:expr, $f:ident::<$r:tt>($($a:expr),* $(,)?)) => {
+    ($n:expr, $f:ident::<$r:tt $(, $g:tt)*>($($a:expr),* $(,)?)) => {
         match $n {
-            1 => $f::<$r, 1>($($a),*),
-            2 => $f::<$r, 2>($($a),*),
-            3 => $f::<$r, 3>($($a),*),
-            _ => $f::<$r, 4>($($a),*),
+            1 => $f::<$r, 1 $(, $g)*>($($a),*),
+            2 => $f::<$r, 2 $(, $g)*>($($a),*),
+            3 => $f::<$r, 3 $(, $g)*>($($a),*),
+            _ => $f::<$r, 4 $(, $g)*>($($a),*),
         }
     };
 }
@@ -54,7 +54,7 @@ mod avx512;
 
 pub use kernels::{
     auto_bf16_activations, bf16_activations, deterministic, has_avx512_bf16, isa,
-    set_bf16_activations, set_deterministic, Isa,
+    set_bf16_activations, set_deterministic, signature, Isa,
 };
 
 pub use quant::QTiles;
