@@ -55,6 +55,11 @@ pub struct Args {
     /// present a client certificate when --tls-client-ca requires one.
     #[arg(long, env = "SWITCHYARD_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
+    /// Run batches of one layer that arrive together (from several coordinators, or streams)
+    /// as one expert call, reading each expert's weights once for all of them: on, or off to
+    /// compute every batch alone. No timer: a batch waits only while another call runs.
+    #[arg(long, env = "SWITCHYARD_COALESCE", default_value = "on", value_parser = ["on", "off"])]
+    coalesce: String,
     #[command(flatten)]
     quant: crate::cluster::QuantArgs,
 }
@@ -125,6 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         quantize: a.quant.plan(),
         health_listen: a.health_listen,
+        coalesce: a.coalesce == "on",
     };
     tracing::info!(?cfg, "worker starting");
     let server = switchyard_worker::load(&cfg, &crate::progress::Bar::new("loading experts"))

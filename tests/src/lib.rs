@@ -437,3 +437,64 @@ fn agent() -> ureq::Agent {
         .build()
         .into()
 }
+
+/// 32 completion bodies: prompts of different lengths; even ones greedy, odd ones sampled at
+/// temperature 0.9 with a seed of their own; 12 tokens each with the top 2 logprobs.
+pub fn completion_bodies() -> Vec<serde_json::Value> {
+    let words = [
+        "the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "town",
+    ];
+    (0..32usize)
+        .map(|i| {
+            let prompt: Vec<&str> = (0..3 + i % 11)
+                .map(|k| words[(k * 5 + i * 7) % words.len()])
+                .collect();
+            let mut body = serde_json::json!({
+                "model": "tiny-mixtral-trained",
+                "prompt": prompt.join(" "),
+                "max_tokens": 12,
+                "logprobs": 2,
+                "temperature": 0.0,
+                "ignore_eos": true,
+            });
+            if i % 2 == 1 {
+                body["temperature"] = serde_json::json!(0.9);
+                body["seed"] = serde_json::json!(i * 1000 + 7);
+            }
+            body
+        })
+        .collect()
+}
+
+/// A completion's text and logprobs (tokens, their logprobs and the top 2 of each step), as
+/// the server wrote them: an f32 prints as the shortest decimal that reads back to it, so equal
+/// text means equal bits.
+pub fn answer(server: &Server, body: &serde_json::Value) -> (String, String) {
+    let (status, text) = server.post("/v1/completions", body);
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON answer");
+    let choice = &v["choices"][0];
+    (
+        choice["text"].as_str().expect("a text").to_string(),
+        choice["logprobs"].to_string(),
+    )
+}
+
+/// Every body sent at once, each on its own connection.
+pub fn together(server: &Server, bodies: &[serde_json::Value]) -> Vec<(String, String)> {
+    std::thread::scope(|s| {
+        let calls: Vec<_> = bodies
+            .iter()
+            .map(|b| s.spawn(move || answer(server, b)))
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("a request thread"))
+            .collect()
+    })
+}
+
+/// Every body sent alone, one after another.
+pub fn one_by_one(server: &Server, bodies: &[serde_json::Value]) -> Vec<(String, String)> {
+    bodies.iter().map(|b| answer(server, b)).collect()
+}

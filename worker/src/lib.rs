@@ -5,6 +5,7 @@
 //! Lifecycle: load the hosted experts (only their bytes are touched) → bind → health SERVING →
 //! serve → on stop: health NOT_SERVING, refuse new batches, finish in-flight ones → exit.
 
+mod coalesce;
 mod error;
 mod membership;
 mod service;
@@ -46,6 +47,8 @@ pub struct WorkerConfig {
     /// Also serve `grpc.health.v1` alone, in plaintext, here: for probes that cannot present a
     /// client certificate (Kubernetes' gRPC probe) when the expert port requires one.
     pub health_listen: Option<SocketAddr>,
+    /// Run batches of one layer that arrive together as one expert call (`coalesce.rs`).
+    pub coalesce: bool,
 }
 
 /// PEM files of a worker's TLS identity.

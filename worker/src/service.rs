@@ -1,7 +1,10 @@
 //! The tonic `ExpertService`: decode and validate → run the experts off the async runtime →
 //! encode one partial sum per row.
 
-use crate::{WorkerConfig, WorkerError};
+use crate::{
+    coalesce::{Coalescer, Job},
+    WorkerConfig, WorkerError,
+};
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,6 +17,7 @@ use switchyard_model::{
 };
 use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// Counters behind the Load RPC and the registry record.
 #[derive(Default)]
@@ -21,6 +25,10 @@ pub(crate) struct Stats {
     pub(crate) batches: AtomicU64,
     pub(crate) rows: AtomicU64,
     pub(crate) busy_micros: AtomicU64,
+    /// Expert calls made: fewer than batches where batches were coalesced.
+    pub(crate) calls: AtomicU64,
+    /// Batches that ran in one call with others.
+    pub(crate) coalesced: AtomicU64,
     /// `[layer * experts + expert]` token-expert entries computed.
     expert_tokens: Vec<AtomicU64>,
 }
@@ -43,6 +51,7 @@ pub struct ExpertServer {
     draining: Arc<AtomicBool>,
     stats: Arc<Stats>,
     started: Instant,
+    coalescer: Coalescer,
 }
 
 impl ExpertServer {
@@ -98,6 +107,7 @@ impl ExpertServer {
             draining: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(stats),
             started: Instant::now(),
+            coalescer: Coalescer::new(wc.coalesce),
         }
     }
 
@@ -194,64 +204,81 @@ impl ExpertServer {
             });
         }
         let layer = LayerId::new(req.layer, &self.cfg)?;
-        let stats = self.stats.clone();
-        let n_experts = self.cfg.num_local_experts;
         let h = self.cfg.hidden_size;
-        let compute = move || {
-            let span = tracing::debug_span!(
-                "worker.forward",
-                layer = req.layer,
-                rows = req.plan.rows(),
-                experts = tracing::field::Empty,
-            );
-            if !span.is_disabled() {
-                // Joins the coordinator's trace when the batch is traced.
-                switchyard_wire::trace::continue_trace(&span, &traceparent);
-                let mut distinct: Vec<u16> = req.plan.experts().to_vec();
-                distinct.sort_unstable();
-                distinct.dedup();
-                span.record("experts", format!("{distinct:?}"));
-            }
-            let _span = span.entered();
-            let start = Instant::now();
-            let mut out = vec![0.0f32; req.plan.rows() * h];
-            experts.run(layer, &req.x, &req.plan, &mut out)?;
-            let micros = start.elapsed().as_micros() as u64;
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats
-                .rows
-                .fetch_add(req.plan.rows() as u64, Ordering::Relaxed);
-            stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
-            for &e in req.plan.experts() {
-                stats.expert_tokens[req.layer * n_experts + e as usize]
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, WorkerError>((out, micros, req.plan.rows(), req.reply_dtype))
+        let span = tracing::debug_span!(
+            "worker.forward",
+            layer = req.layer,
+            rows = req.plan.rows(),
+            experts = tracing::field::Empty,
+            coalesced = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            // Joins the coordinator's trace when the batch is traced.
+            switchyard_wire::trace::continue_trace(&span, &traceparent);
+            let mut distinct: Vec<u16> = req.plan.experts().to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            span.record("experts", format!("{distinct:?}"));
+        }
+        let n_experts = self.cfg.num_local_experts;
+        let (rows, dtype) = (req.plan.rows(), req.reply_dtype);
+        for &e in req.plan.experts() {
+            self.stats.expert_tokens[req.layer * n_experts + e as usize]
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let job = Job {
+            layer,
+            x: req.x,
+            plan: req.plan,
+            experts,
         };
-        let (out, micros, rows, dtype) = if rayon::current_thread_index().is_some() {
-            // `switchyard worker` drives its I/O from a rayon thread (see `serve_on_pool`): the
-            // batch is computed where it was decoded, with no hand-off, and parallel ops fan out
-            // to the other pool threads. Batches are serialised by the experts' scratch anyway.
-            compute()?
-        } else {
-            // Otherwise the math goes to rayon's pool, never onto the async thread.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            rayon::spawn(move || {
-                // The receiver is gone only if the call was cancelled; nobody needs the result.
-                let _ = tx.send(compute());
-            });
-            rx.await.map_err(|_| {
-                WorkerError::Compute("the expert task ended without a result".into())
-            })??
-        };
+        let stats = self.stats.clone();
+        let ran = self
+            .coalescer
+            .run(job, h, |job| compute(job, h, stats.clone()))
+            .instrument(span.clone())
+            .await?;
+        span.record("coalesced", ran.batches);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        if ran.batches > 1 {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(pb::ExpertResult {
             rows: rows as u32,
             hidden_size: h as u32,
             dtype: dtype.to_pb(),
-            output: encode_rows(&out, dtype),
-            compute_micros: micros,
+            output: encode_rows(&ran.out, dtype),
+            compute_micros: ran.micros,
         })
     }
+}
+
+/// One expert call over `job`'s rows: `rows × hidden` partial sums and the compute time.
+async fn compute(job: Job, h: usize, stats: Arc<Stats>) -> Result<(Vec<f32>, u64), WorkerError> {
+    let run = move || {
+        let start = Instant::now();
+        let mut out = vec![0.0f32; job.plan.rows() * h];
+        job.experts.run(job.layer, &job.x, &job.plan, &mut out)?;
+        let micros = start.elapsed().as_micros() as u64;
+        stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, WorkerError>((out, micros))
+    };
+    if rayon::current_thread_index().is_some() {
+        // `switchyard worker` drives its I/O from a rayon thread (see `serve_on_pool`): the
+        // batch is computed where it was decoded, with no hand-off, and parallel ops fan out to
+        // the other pool threads. Batches are serialised by the experts' scratch anyway.
+        return run();
+    }
+    // Otherwise the math goes to rayon's pool, never onto the async thread.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        // The receiver is gone only if the call was cancelled; nobody needs the result.
+        let _ = tx.send(run());
+    });
+    rx.await
+        .map_err(|_| WorkerError::Compute("the expert task ended without a result".into()))?
 }
 
 /// The error reply of a stream batch: what Forward would have answered, as fields.
@@ -366,6 +393,8 @@ impl pb::expert_service_server::ExpertService for ExpertService {
                 .collect(),
             busy_micros: s.busy_micros.load(Ordering::Relaxed),
             uptime_micros: server.started.elapsed().as_micros() as u64,
+            expert_calls: s.calls.load(Ordering::Relaxed),
+            coalesced_batches: s.coalesced.load(Ordering::Relaxed),
         }))
     }
 }
