@@ -27,7 +27,7 @@ pub(super) fn decode_bytes_per_token(
     Ok(dense + cfg.num_experts_per_tok as u64 * per_expert)
 }
 
-/// Reads 1 GiB with every compute thread, summing it as the decode kernels read weights
+/// Reads `mib` MiB (1 GiB by default) with every compute thread, summing it as the decode kernels read weights
 /// (`linear::stream_sum`: their loads and prefetch): the bytes per second this machine's
 /// threads stream from memory now. Allocated once, so a sample costs one pass (tens of ms).
 pub(super) struct BandwidthProbe {
@@ -35,9 +35,9 @@ pub(super) struct BandwidthProbe {
 }
 
 impl BandwidthProbe {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(mib: usize) -> Self {
         use rayon::prelude::*;
-        let words = (1usize << 30) / 8;
+        let words = (mib << 20) / 8;
         Self {
             buf: (0..words as u64).into_par_iter().collect(),
         }

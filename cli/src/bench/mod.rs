@@ -91,6 +91,10 @@ pub struct Args {
     /// TrueType font for the plot's text (default: DejaVu Sans from the system).
     #[arg(long)]
     font: Option<PathBuf>,
+    /// MiB the read-bandwidth probe streams around every run (the bound decode is compared
+    /// with); smaller for a host with little memory, as in `scripts/bench-hosts.sh`.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    bandwidth_probe_mib: u64,
 }
 
 /// The CPU activation mode this process runs in (`--cpu-activations`), which local workers
@@ -221,7 +225,7 @@ fn mode_specs(a: &Args) -> Vec<ModeSpec> {
 /// the next loads.
 fn measure(a: &Args, specs: &[ModeSpec], bytes: u64) -> anyhow::Result<Vec<ModeResult>> {
     let per_mode = (a.runs + 1) * (1 + a.concurrency.len());
-    let probe = BandwidthProbe::new();
+    let probe = BandwidthProbe::new(a.bandwidth_probe_mib as usize);
     let bar = progress_bar((per_mode * specs.len()) as u64);
     // By default every mode is loaded first and the modes take turns run by run: a ratio
     // between modes then compares runs made side by side, not runs minutes apart on a host

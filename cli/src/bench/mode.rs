@@ -108,7 +108,11 @@ impl Mode {
                     SchedulerConfig {
                         max_running: n,
                         max_waiting: n,
-                        kv_cache_bytes: defaults.kv_cache_bytes.max(n * per_seq),
+                        // What n sequences need and no more: a cache per concurrency, each
+                        // of the serving default's 1 GiB, would not fit a small host
+                        // (`scripts/bench-hosts.sh` runs the coordinator in 95 % of the model's
+                        // size).
+                        kv_cache_bytes: n * per_seq,
                         prefix_caching,
                         ..defaults.clone()
                     },
