@@ -5,13 +5,17 @@
 # rate limit (and `tc netem` delay where the kernel has sch_netem). Measures 32-stream aggregate
 # throughput (and batch-1 decode) with 1, 2 and 4 workers of equal quota, the experts split
 # evenly, then with every expert on every worker; reports each role's peak memory and major
-# page faults. Writes bench JSON per run to OUT_DIR and a summary table to stdout.
+# page faults. Then several coordinators sharing 2 workers (data-parallel attention): 1 and 2
+# coordinators of SHARED_STREAMS streams each (default 4), each in a cgroup of COORD_CPU, with the
+# workers coalescing batches and with `--coalesce off`. Writes bench JSON per run to OUT_DIR and
+# a summary table to stdout.
 #
 #   sudo bash scripts/bench-hosts.sh MODEL_DIR [OUT_DIR=target/bench-hosts]
 #
 # Environment: WORKER_CPU (cores per worker, default 0.25), COORD_CPU (default 1), WORKER_MEM
 # and COORD_MEM (bytes, default: 95 % of the checkpoint's size), RATE (default 10gbit), DELAY_US
-# (one way, default 0; needs sch_netem), COUNTS (default "1 2 4"), BENCH_ARGS (default
+# (one way, default 0; needs sch_netem), COUNTS (default "1 2 4"; "" for the shared runs
+# alone), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75 each), BENCH_ARGS (default
 # "--concurrency 32 --runs 2 --decode-tokens 32"). Needs root, iproute2 and cgroup v1 (cpu,
 # memory) or v2.
 set -euo pipefail
@@ -22,7 +26,8 @@ BIN=$(cd "$(dirname "$0")/.." && pwd)/target/release/switchyard
 [ "$(id -u)" -eq 0 ] || { echo "needs root (cgroups, network namespaces, tc)" >&2; exit 1; }
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORKER_CPU=${WORKER_CPU:-0.25}; COORD_CPU=${COORD_CPU:-1}; RATE=${RATE:-10gbit}
-DELAY_US=${DELAY_US:-0}; COUNTS=${COUNTS:-"1 2 4"}
+DELAY_US=${DELAY_US:-0}; COUNTS=${COUNTS:-"1 2 4"}; SHARED_STREAMS=${SHARED_STREAMS:-4}
+SHARED_COORD_CPU=${SHARED_COORD_CPU:-0.75}
 BENCH_ARGS=${BENCH_ARGS:---concurrency 32 --runs 2 --decode-tokens 32}
 SIZE=$(du -sb --apparent-size "$MODEL" | cut -f1)
 WORKER_MEM=${WORKER_MEM:-$((SIZE * 95 / 100))}; COORD_MEM=${COORD_MEM:-$((SIZE * 95 / 100))}
@@ -71,7 +76,7 @@ cleanup() {
 trap cleanup EXIT
 
 # One namespace and veth pair per worker slot, shaped once.
-MAXW=$(echo "$COUNTS" | tr ' ' '\n' | sort -n | tail -1)
+MAXW=$(echo "$COUNTS 2" | tr ' ' '\n' | sort -n | tail -1)
 for i in $(seq 1 "$MAXW"); do
   ip netns add "sy-w$i"; NS_MADE+=("sy-w$i")
   ip link add "sy-h$i" type veth peer name "sy-n$i"
@@ -141,5 +146,56 @@ PY
       else rmdir "/sys/fs/cgroup/cpu/$g" "/sys/fs/cgroup/memory/$g" 2>/dev/null || true; fi
     done
     GROUPS_MADE=()
+  done
+done
+
+# Several coordinators on the same two workers (experts split 4+4).
+start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
+  PIDS=(); SPEC=()
+  sync; echo 1 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  for i in $(seq 1 "$1"); do
+    lo=$(( (i - 1) * EXPERTS / $1 )); hi=$(( i * EXPERTS / $1 - 1 ))
+    group "w$i" "$WORKER_CPU" "$WORKER_MEM"; rm -f "$TMP/w$i"
+    sh -c "$(enter "w$i"); exec \"\$0\" \"\$@\"" ip netns exec "sy-w$i" "$BIN" --threads 1 \
+      worker --model "$MODEL" --experts "$lo-$hi" --listen "10.78.$i.2:7001" --coalesce "$2" \
+      --ready-file "$TMP/w$i" >"$TMP/w$i.log" 2>&1 &
+    PIDS+=($!); SPEC+=("10.78.$i.2:7001=$lo-$hi")
+  done
+  for i in $(seq 1 "$1"); do
+    for _ in $(seq 1 3000); do [ -s "$TMP/w$i" ] && break; sleep 0.1; done
+    [ -s "$TMP/w$i" ] || { echo "worker $i did not start:"; cat "$TMP/w$i.log"; exit 1; }
+  done
+}
+stop_all() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  PIDS=()
+  for g in "${GROUPS_MADE[@]}"; do
+    if [ "$V2" = 1 ]; then rmdir "/sys/fs/cgroup/$g" 2>/dev/null || true
+    else rmdir "/sys/fs/cgroup/cpu/$g" "/sys/fs/cgroup/memory/$g" 2>/dev/null || true; fi
+  done
+  GROUPS_MADE=()
+}
+echo
+echo "coordinators sharing 2 workers, $SHARED_STREAMS streams each, coordinators ${SHARED_COORD_CPU} CPU each: aggregate tok/s"
+for coalesce in on off; do
+  for c in 1 2; do
+    start_workers 2 "$coalesce"
+    cpids=()
+    for k in $(seq 1 "$c"); do
+      group "coord$k" "$SHARED_COORD_CPU" "$COORD_MEM"
+      sh -c "$(enter "coord$k"); exec \"\$0\" \"\$@\"" "$BIN" --threads 1 bench --model "$MODEL" \
+        --workers "$(IFS=,; echo "${SPEC[*]}")" --bandwidth-probe-mib 64 --concurrency "$SHARED_STREAMS" \
+        --runs 3 --decode-tokens 32 --out "$OUT/shared-$coalesce-$c-$k" >/dev/null 2>"$TMP/coord$k.log" &
+      cpids+=($!)
+    done
+    for p in "${cpids[@]}"; do wait "$p" || { echo "bench failed:"; tail -n 5 "$TMP"/coord*.log; exit 1; }; done
+    python3 - "$OUT" "$coalesce" "$c" <<'PY'
+import json, sys
+out, coalesce, c = sys.argv[1], sys.argv[2], int(sys.argv[3])
+figs = [json.load(open(f"{out}/shared-{coalesce}-{c}-{k}/bench.json"))["modes"][0]["concurrency"][0]["tok_s_median"]
+        for k in range(1, c + 1)]
+print(f"coalesce {coalesce}, {c} coordinator(s): {sum(figs):.1f} tok/s ({' + '.join(f'{f:.1f}' for f in figs)})")
+PY
+    stop_all
   done
 done

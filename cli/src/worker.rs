@@ -56,9 +56,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
     /// Run batches of one layer that arrive together (from several coordinators, or streams)
-    /// as one expert call, reading each expert's weights once for all of them: on, or off to
-    /// compute every batch alone. No timer: a batch waits only while another call runs.
-    #[arg(long, env = "SWITCHYARD_COALESCE", default_value = "on", value_parser = ["on", "off"])]
+    /// as one expert call, reading each expert's weights once for all of them (on), or every
+    /// batch alone (off). No timer: a batch waits only for batches received with it. Off by
+    /// default: with two coordinators on two CPU workers it has not yet measured a gain, the
+    /// coordinators drifting to different layers (docs/cluster.md).
+    #[arg(long, env = "SWITCHYARD_COALESCE", default_value = "off", value_parser = ["on", "off"])]
     coalesce: String,
     #[command(flatten)]
     quant: crate::cluster::QuantArgs,

@@ -29,7 +29,10 @@ fn two_coordinators_share_two_workers_and_give_each_request_its_answer_alone() {
         let embedded = Server::start(&model, &[]);
         one_by_one(&embedded, &bodies)
     };
-    let workers = [Worker::start(&model, "0-3"), Worker::start(&model, "4-7")];
+    let workers = [
+        Worker::start_with(&model, &["--experts", "0-3", "--coalesce", "on"]),
+        Worker::start_with(&model, &["--experts", "4-7", "--coalesce", "on"]),
+    ];
     let spec = format!("{}=0-3,{}=4-7", workers[0].addr, workers[1].addr);
     let coordinators = [
         Server::start(&model, &["--workers", &spec]),

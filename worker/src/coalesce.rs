@@ -2,10 +2,11 @@
 //! streams, run as one expert call, so each expert's weights are read once for all of them.
 //!
 //! On CPU workers an expert batch of a few rows is bound by reading the expert's weights, and
-//! several coordinators sharing a worker (data-parallel attention) each send such batches for
-//! the same layer at about the same time. Run one by one, each reads every weight again; run
-//! together, one read serves them all. This is where attention–FFN disaggregation gets its
-//! gain.
+//! several coordinators sharing a worker (data-parallel attention) each send such batches. Run
+//! one by one, each reads every weight again; run together, one read serves them all, which is
+//! where attention–FFN disaggregation gets its gain, but only for batches of the same layer:
+//! coordinators that drift to different layers share nothing (docs/cluster.md has the
+//! measurement; off by default until coordinators keep in phase).
 //!
 //! There is no timer. A batch that finds the expert stage idle leads: it yields once to the
 //! runtime, so batches already received get decoded and join, then runs the oldest layer's
