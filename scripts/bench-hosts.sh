@@ -61,6 +61,15 @@ peak_kb() { # NAME: the cgroup's peak memory in kB
     f=/sys/fs/cgroup/$name/memory.peak; [ -f "$f" ] && echo $(($(cat "$f") / 1024)) || echo "?"
   else echo $(($(cat "/sys/fs/cgroup/memory/$name/memory.max_usage_in_bytes") / 1024)); fi
 }
+stop_all() { # stops this layout's processes and removes its cgroups
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  PIDS=()
+  for g in "${GROUPS_MADE[@]}"; do
+    if [ "$V2" = 1 ]; then rmdir "/sys/fs/cgroup/$g" 2>/dev/null || true
+    else rmdir "/sys/fs/cgroup/cpu/$g" "/sys/fs/cgroup/memory/$g" 2>/dev/null || true; fi
+  done
+  GROUPS_MADE=()
+}
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -139,13 +148,7 @@ m = d["modes"][0]
 c = m["concurrency"][0]["tok_s_median"] if m["concurrency"] else float("nan")
 print(f"{sys.argv[2]:<22} {c:10.1f} {m['decode_tok_s_median']:12.1f} {'':>12}  {sys.argv[3]}")
 PY
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    PIDS=()
-    for g in "${GROUPS_MADE[@]}"; do
-      if [ "$V2" = 1 ]; then rmdir "/sys/fs/cgroup/$g" 2>/dev/null || true
-      else rmdir "/sys/fs/cgroup/cpu/$g" "/sys/fs/cgroup/memory/$g" 2>/dev/null || true; fi
-    done
-    GROUPS_MADE=()
+    stop_all
   done
 done
 
@@ -165,15 +168,6 @@ start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
     for _ in $(seq 1 3000); do [ -s "$TMP/w$i" ] && break; sleep 0.1; done
     [ -s "$TMP/w$i" ] || { echo "worker $i did not start:"; cat "$TMP/w$i.log"; exit 1; }
   done
-}
-stop_all() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  PIDS=()
-  for g in "${GROUPS_MADE[@]}"; do
-    if [ "$V2" = 1 ]; then rmdir "/sys/fs/cgroup/$g" 2>/dev/null || true
-    else rmdir "/sys/fs/cgroup/cpu/$g" "/sys/fs/cgroup/memory/$g" 2>/dev/null || true; fi
-  done
-  GROUPS_MADE=()
 }
 echo
 echo "coordinators sharing 2 workers, $SHARED_STREAMS streams each, coordinators ${SHARED_COORD_CPU} CPU each: aggregate tok/s"
