@@ -41,7 +41,7 @@ for N in 2 4; do
   PIDS=(); SPEC=()
   for ((w = 0; w < N; w++)); do
     lo=$((w * 8 / N)); hi=$(((w + 1) * 8 / N - 1))
-    t0=$(date +%s.%N)
+    t0=$(date +%s.%N); rm -f "$TMP/w$w"
     SWITCHYARD_THREADS=1 "$BIN" worker --model "$MODEL" --experts "$lo-$hi" --listen 127.0.0.1:0 \
       --ready-file "$TMP/w$w" 2>"$TMP/w$w.log" &
     PIDS+=($!)
