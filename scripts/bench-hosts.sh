@@ -15,7 +15,8 @@
 # Environment: WORKER_CPU (cores per worker, default 0.25), COORD_CPU (default 1), WORKER_MEM
 # and COORD_MEM (bytes, default: 95 % of the checkpoint's size), RATE (default 10gbit), DELAY_US
 # (one way, default 0; needs sch_netem), COUNTS (default "1 2 4"; "" for the shared runs
-# alone), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75 each), BENCH_ARGS (default
+# alone), SHARED (0 to skip the shared runs), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75
+# each), BENCH_ARGS (default
 # "--concurrency 32 --runs 2 --decode-tokens 32"). Needs root, iproute2 and cgroup v1 (cpu,
 # memory) or v2.
 set -euo pipefail
@@ -169,6 +170,7 @@ start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
     [ -s "$TMP/w$i" ] || { echo "worker $i did not start:"; cat "$TMP/w$i.log"; exit 1; }
   done
 }
+[ "${SHARED:-1}" = 0 ] && exit 0
 echo
 echo "coordinators sharing 2 workers, $SHARED_STREAMS streams each, coordinators ${SHARED_COORD_CPU} CPU each: aggregate tok/s"
 for coalesce in on off; do
