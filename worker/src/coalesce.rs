@@ -60,7 +60,6 @@ struct State {
 }
 
 /// The queue in front of one worker's expert stage.
-#[derive(Default)]
 pub(crate) struct Coalescer {
     state: Mutex<State>,
     /// Off: every batch is its own call (`--coalesce off`, for comparisons).
@@ -99,12 +98,7 @@ impl Coalescer {
         Fut: std::future::Future<Output = Result<(Vec<f32>, u64), WorkerError>>,
     {
         if self.off {
-            let (out, micros) = compute(job).await?;
-            return Ok(Ran {
-                out,
-                micros,
-                batches: 1,
-            });
+            return compute_group(job, Vec::new(), hidden, &compute).await;
         }
         let (tell, told) = oneshot::channel();
         let mine = {
@@ -203,7 +197,7 @@ where
         plan,
         experts: mine.experts.clone(),
     };
-    let (out, micros) = match compute(merged).await {
+    let (mut out, micros) = match compute(merged).await {
         Ok(r) => r,
         Err(e) => {
             for w in others {
@@ -213,18 +207,19 @@ where
             return Err(e);
         }
     };
-    let part = |at: usize, n: usize| out[at * hidden..(at + n) * hidden].to_vec();
     let mut at = rows[0];
     for (w, &n) in others.into_iter().zip(&rows[1..]) {
         let _ = w.tell.send(Outcome::Done(Ok(Ran {
-            out: part(at, n),
+            out: out[at * hidden..(at + n) * hidden].to_vec(),
             micros,
             batches,
         })));
         at += n;
     }
+    // This batch's rows come first: the call's buffer, cut to them.
+    out.truncate(rows[0] * hidden);
     Ok(Ran {
-        out: part(0, rows[0]),
+        out,
         micros,
         batches,
     })
@@ -235,6 +230,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use switchyard_model::{weights::gen, Checkpoint, Device, ExpertSet, NoProgress};
+
+    fn runtime(threads: usize) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
 
     /// A random checkpoint of hidden 4 and `layers` layers, and all its experts.
     fn tiny(layers: usize) -> (tempfile::TempDir, Checkpoint, Arc<LocalExperts<AnyBackend>>) {
@@ -278,11 +281,7 @@ mod tests {
     #[test]
     fn batches_arriving_during_a_call_run_together_and_get_their_own_rows() {
         let (_dir, ck, experts) = tiny(2);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(4);
         let co = Arc::new(Coalescer::new(true));
         let calls = Arc::new(AtomicUsize::new(0));
         let (release, gate) = tokio::sync::watch::channel(false);
@@ -349,11 +348,7 @@ mod tests {
     #[test]
     fn a_cancelled_leader_passes_the_lead_on() {
         let (_dir, ck, experts) = tiny(1);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(2);
         let co = Arc::new(Coalescer::new(true));
         rt.block_on(async {
             // A leader whose call never finishes, cancelled while a second batch waits.

@@ -220,22 +220,17 @@ impl ExpertServer {
             distinct.dedup();
             span.record("experts", format!("{distinct:?}"));
         }
-        let n_experts = self.cfg.num_local_experts;
         let (rows, dtype) = (req.plan.rows(), req.reply_dtype);
-        for &e in req.plan.experts() {
-            self.stats.expert_tokens[req.layer * n_experts + e as usize]
-                .fetch_add(1, Ordering::Relaxed);
-        }
         let job = Job {
             layer,
             x: req.x,
             plan: req.plan,
             experts,
         };
-        let stats = self.stats.clone();
+        let (stats, n_experts) = (self.stats.clone(), self.cfg.num_local_experts);
         let ran = self
             .coalescer
-            .run(job, h, |job| compute(job, h, stats.clone()))
+            .run(job, h, |job| compute(job, h, n_experts, stats.clone()))
             .instrument(span.clone())
             .await?;
         span.record("coalesced", ran.batches);
@@ -254,13 +249,23 @@ impl ExpertServer {
     }
 }
 
-/// One expert call over `job`'s rows: `rows × hidden` partial sums and the compute time.
-async fn compute(job: Job, h: usize, stats: Arc<Stats>) -> Result<(Vec<f32>, u64), WorkerError> {
+/// One expert call over `job`'s rows (one batch's, or several coalesced): `rows × hidden`
+/// partial sums and the compute time. Counts the call's token-expert entries once it succeeds.
+async fn compute(
+    job: Job,
+    h: usize,
+    n_experts: usize,
+    stats: Arc<Stats>,
+) -> Result<(Vec<f32>, u64), WorkerError> {
     let run = move || {
         let start = Instant::now();
         let mut out = vec![0.0f32; job.plan.rows() * h];
         job.experts.run(job.layer, &job.x, &job.plan, &mut out)?;
         let micros = start.elapsed().as_micros() as u64;
+        let first = job.layer.index() * n_experts;
+        for &e in job.plan.experts() {
+            stats.expert_tokens[first + e as usize].fetch_add(1, Ordering::Relaxed);
+        }
         stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
         stats.calls.fetch_add(1, Ordering::Relaxed);
         Ok::<_, WorkerError>((out, micros))
