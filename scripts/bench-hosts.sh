@@ -8,14 +8,18 @@
 # page faults. Then several coordinators sharing 2 workers (data-parallel attention): 1 and 2
 # coordinators of SHARED_STREAMS streams each (default 4), each in a cgroup of COORD_CPU, with the
 # workers coalescing batches and with `--coalesce off`. Writes bench JSON per run to OUT_DIR and
-# a summary table to stdout.
+# a summary table to stdout. First it calibrates the planner on this machine (`bench
+# --calibrate`) and predicts every layout with `switchyard plan` (plan.json beside each
+# bench.json): measured and predicted decode rates side by side.
 #
 #   sudo bash scripts/bench-hosts.sh MODEL_DIR [OUT_DIR=target/bench-hosts]
 #
 # Environment: WORKER_CPU (cores per worker, default 0.25), COORD_CPU (default 1), WORKER_MEM
 # and COORD_MEM (bytes, default: 95 % of the checkpoint's size), RATE (default 10gbit), DELAY_US
 # (one way, default 0; needs sch_netem), COUNTS (default "1 2 4"; "" for the shared runs
-# alone), SHARED (0 to skip the shared runs), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75
+# alone), SHARED (0 to skip the shared runs), CALIBRATION (a calibration.json to predict
+# from instead of measuring one), PREDICT_ONLY (1: only predict OUT_DIR's layouts again, from
+# its calibration.json), CONTEXT (positions per stream for the predictions, 48), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75
 # each), BENCH_ARGS (default
 # "--concurrency 32 --runs 2 --decode-tokens 32"). Needs root, iproute2 and cgroup v1 (cpu,
 # memory) or v2.
@@ -24,14 +28,36 @@ MODEL=$(cd "${1:?usage: bench-hosts.sh MODEL_DIR [OUT_DIR]}" && pwd)
 OUT=${2:-target/bench-hosts}
 BIN=$(cd "$(dirname "$0")/.." && pwd)/target/release/switchyard
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-[ "$(id -u)" -eq 0 ] || { echo "needs root (cgroups, network namespaces, tc)" >&2; exit 1; }
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORKER_CPU=${WORKER_CPU:-0.25}; COORD_CPU=${COORD_CPU:-1}; RATE=${RATE:-10gbit}
 DELAY_US=${DELAY_US:-0}; COUNTS=${COUNTS:-"1 2 4"}; SHARED_STREAMS=${SHARED_STREAMS:-4}
 SHARED_COORD_CPU=${SHARED_COORD_CPU:-0.75}
 BENCH_ARGS=${BENCH_ARGS:---concurrency 32 --runs 2 --decode-tokens 32}
+# Positions a stream holds while decoding, on average: the bench's 32-token prompts and 32
+# decoded tokens.
+CONTEXT=${CONTEXT:-48}
 SIZE=$(du -sb --apparent-size "$MODEL" | cut -f1)
 WORKER_MEM=${WORKER_MEM:-$((SIZE * 95 / 100))}; COORD_MEM=${COORD_MEM:-$((SIZE * 95 / 100))}
+CAL=${CALIBRATION:-$OUT/calibration.json}
+predict() { # NAME WORKERS REPLICAS COORDINATORS STREAMS COORD_CPU: plan.json for one layout
+  mkdir -p "$OUT/$1"
+  "$BIN" plan --model "$MODEL" --calibration "$CAL" --hosts "$2x${WORKER_MEM}:${WORKER_CPU}c" \
+    --coordinator-host "${COORD_MEM}:$6c" --coordinators "$4" --streams "$5" \
+    --net "$RATE,${DELAY_US}us" --context "$CONTEXT" --replicas "$3" --reserve 0 --json >"$OUT/$1/plan.json"
+}
+# PREDICT_ONLY=1: predict an earlier sitting's layouts again from its calibration (after a
+# change to the planner), measuring nothing.
+if [ "${PREDICT_ONLY:-0}" = 1 ]; then
+  for n in $COUNTS; do
+    predict "split-$n" "$n" none 1 32 "$COORD_CPU"
+    [ "$n" = 1 ] || predict "replicated-$n" "$n" fill 1 32 "$COORD_CPU"
+  done
+  for coalesce in on off; do
+    for c in 1 2; do predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU"; done
+  done
+  exit 0
+fi
+[ "$(id -u)" -eq 0 ] || { echo "needs root (cgroups, network namespaces, tc)" >&2; exit 1; }
 EXPERTS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_local_experts'])" "$MODEL/config.json")
 TMP=$(mktemp -d); PIDS=(); GROUPS_MADE=(); NS_MADE=()
 
@@ -105,8 +131,14 @@ for i in $(seq 1 "$MAXW"); do
   done
 done
 
+# The planner's costs, measured on this machine now (one core, no cgroup), unless CALIBRATION
+# names a file: every layout below is predicted from them beside its measurement.
+if [ -z "${CALIBRATION:-}" ]; then
+  "$BIN" --threads 1 bench --model "$MODEL" --calibrate --out "$OUT" 2>"$TMP/calibrate.log" \
+    || { echo "calibration failed:"; tail -n 5 "$TMP/calibrate.log"; exit 1; }
+fi
 echo "model $(basename "$MODEL"): $((SIZE / 1048576)) MiB; workers ${WORKER_CPU} CPU and $((WORKER_MEM / 1048576)) MiB each; coordinator ${COORD_CPU} CPU and $((COORD_MEM / 1048576)) MiB; link $RATE, ${DELAY_US} us one way"
-printf '%-22s %10s %12s %12s  %s\n' run "32 streams" "batch-1" "" "roles: peak MiB / major faults"
+printf '%-16s %9s %9s %9s %9s %9s %9s  %s\n' run "32 agg" "32 steady" "predicted" "batch-1" "predicted" "" "roles: peak MiB / major faults"
 for layout in split replicated; do
   for n in $COUNTS; do
     [ "$layout" = replicated ] && [ "$n" = 1 ] && continue
@@ -133,6 +165,7 @@ for layout in split replicated; do
     group coord "$COORD_CPU" "$COORD_MEM"
     cthreads=$(python3 -c "import math; print(max(1, math.ceil($COORD_CPU)))")
     name="$layout-$n"
+    predict "$name" "$n" "$([ "$layout" = split ] && echo none || echo fill)" 1 32 "$COORD_CPU"
     # shellcheck disable=SC2086
     sh -c "$(enter coord); exec \"\$0\" \"\$@\"" /usr/bin/time -f %F -o "$TMP/coord.faults" \
       "$BIN" --threads "$cthreads" bench --model "$MODEL" \
@@ -142,12 +175,15 @@ for layout in split replicated; do
     for i in $(seq 1 "$n"); do
       roles+=", w$i $(($(peak_kb "w$i") / 1024))/$(awk '{print $12}' "/proc/${PIDS[$((i - 1))]}/stat")"
     done
-    python3 - "$OUT/$name/bench.json" "$name" "$roles" <<'PY'
+    echo "$roles" >"$OUT/$name/roles.txt"
+    python3 - "$OUT/$name" "$name" "$roles" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))
+d = json.load(open(sys.argv[1] + "/bench.json"))
+p = json.load(open(sys.argv[1] + "/plan.json"))["plan"]
 m = d["modes"][0]
-c = m["concurrency"][0]["tok_s_median"] if m["concurrency"] else float("nan")
-print(f"{sys.argv[2]:<22} {c:10.1f} {m['decode_tok_s_median']:12.1f} {'':>12}  {sys.argv[3]}")
+c = m["concurrency"][0] if m["concurrency"] else {}
+print(f"{sys.argv[2]:<16} {c.get('tok_s_median', float('nan')):9.1f} {c.get('decode_tok_s_from_itl_p50', float('nan')):9.1f} "
+      f"{p['at_streams']['tok_s']:9.1f} {m['decode_tok_s_median']:9.1f} {p['batch1']['tok_s']:9.1f} {'':>9}  {sys.argv[3]}")
 PY
     stop_all
   done
@@ -177,6 +213,7 @@ for coalesce in on off; do
   for c in 1 2; do
     start_workers 2 "$coalesce"
     cpids=()
+    predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU"
     for k in $(seq 1 "$c"); do
       group "coord$k" "$SHARED_COORD_CPU" "$COORD_MEM"
       sh -c "$(enter "coord$k"); exec \"\$0\" \"\$@\"" "$BIN" --threads 1 bench --model "$MODEL" \
@@ -188,9 +225,12 @@ for coalesce in on off; do
     python3 - "$OUT" "$coalesce" "$c" <<'PY'
 import json, sys
 out, coalesce, c = sys.argv[1], sys.argv[2], int(sys.argv[3])
-figs = [json.load(open(f"{out}/shared-{coalesce}-{c}-{k}/bench.json"))["modes"][0]["concurrency"][0]["tok_s_median"]
+runs = [json.load(open(f"{out}/shared-{coalesce}-{c}-{k}/bench.json"))["modes"][0]["concurrency"][0]
         for k in range(1, c + 1)]
-print(f"coalesce {coalesce}, {c} coordinator(s): {sum(figs):.1f} tok/s ({' + '.join(f'{f:.1f}' for f in figs)})")
+figs = [r["tok_s_median"] for r in runs]
+steady = sum(r["decode_tok_s_from_itl_p50"] for r in runs)
+p = json.load(open(f"{out}/shared-{coalesce}-{c}/plan.json"))["plan"]["at_streams"]["tok_s"]
+print(f"coalesce {coalesce}, {c} coordinator(s): {sum(figs):.1f} tok/s ({' + '.join(f'{f:.1f}' for f in figs)}); steady {steady:.1f}, predicted {p:.1f}")
 PY
     stop_all
   done

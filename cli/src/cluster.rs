@@ -98,7 +98,7 @@ impl QuantArgs {
     }
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),

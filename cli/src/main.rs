@@ -10,6 +10,7 @@ mod forward;
 mod gen_model;
 mod generate;
 mod perplexity;
+mod plan;
 mod plot;
 mod progress;
 mod quantize;
@@ -68,6 +69,9 @@ enum Cmd {
     Perplexity(perplexity::Args),
     /// Measure prefill and decode throughput (embedded, one sequence, median of runs).
     Bench(bench::Args),
+    /// Where a model's experts go on given hosts and the decode throughput to expect, from
+    /// costs `bench --calibrate` measured.
+    Plan(plan::Args),
     /// Measure one layer's scatter + gather over loopback workers it starts itself.
     BenchDispatch(bench_dispatch::Args),
     /// Host a subset of every layer's experts and serve expert batches over gRPC.
@@ -127,6 +131,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Quantize(a) => quantize::run(a),
         Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Plan(a) => plan::run(a),
         Cmd::Worker(a) => worker::run(a),
         Cmd::BenchDispatch(a) => bench_dispatch::run(a),
         Cmd::Cluster(c) => cluster_status::run(c),

@@ -9,9 +9,11 @@
 //! Results go to stdout and `--out` as JSON, with a PNG plot.
 //!
 //! `mode.rs` holds one mode under measurement, `concurrent.rs` a run of many sequences,
-//! `workers.rs` the loopback workers it starts, `bandwidth.rs` the bound it measures against.
+//! `workers.rs` the loopback workers it starts, `bandwidth.rs` the bound it measures against;
+//! `calibrate.rs` is `--calibrate`, the costs `switchyard plan` predicts from.
 
 mod bandwidth;
+mod calibrate;
 mod concurrent;
 mod mode;
 mod workers;
@@ -95,6 +97,12 @@ pub struct Args {
     /// with); smaller for a host with little memory, as in `scripts/bench-hosts.sh`.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
     bandwidth_probe_mib: u64,
+    /// Instead of throughput, measure the per-core costs `switchyard plan` predicts from
+    /// (one thread's read bandwidth, an expert's time per weight byte at 1-128 rows in the
+    /// checkpoint's format, Q8_0 and Q4_0, the coordinator's per-layer work, an expert call's
+    /// overhead): written to --out as calibration.json, or to stdout.
+    #[arg(long)]
+    calibrate: bool,
 }
 
 /// The CPU activation mode this process runs in (`--cpu-activations`), which local workers
@@ -124,6 +132,9 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.calibrate {
+        return calibrate::run(&a);
+    }
     check(&a)?;
     let specs = mode_specs(&a);
     let bytes = decode_bytes_per_token(&a.model, a.cluster.quant.plan())?;

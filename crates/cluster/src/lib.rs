@@ -6,6 +6,7 @@
 //! register under a lease and coordinators watch. The [`planner`] decides which managed worker
 //! should host what.
 
+pub mod capacity;
 mod placement;
 pub mod planner;
 pub mod rbac;
