@@ -44,8 +44,8 @@ pub struct Args {
     #[arg(long, default_value = "10gbit,200us")]
     net: NetSpec,
     /// Concurrent streams per coordinator.
-    #[arg(long, default_value_t = 32)]
-    streams: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    streams: u64,
     /// KV positions per stream while it decodes (prompt and output so far).
     #[arg(long, default_value_t = 1024)]
     context: usize,
@@ -78,7 +78,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => serde_json::from_str::<Calibration>(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
-        .with_context(|| format!("{} is not a calibration", p.display()))?,
+        .with_context(|| format!("{} is not a calibration", p.display()))
+        .and_then(|c| {
+            c.check()
+                .with_context(|| format!("{} is not a usable calibration", p.display()))?;
+            Ok(c)
+        })?,
         None => Calibration::builtin(),
     };
     let (shape, dense, stored, name) = match (&a.model, a.preset) {
@@ -131,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         workers: a.hosts,
         coordinator,
         net: a.net,
-        streams: a.streams,
+        streams: a.streams as usize,
         context: a.context,
         kv_elem_bytes: a.kv_cache_dtype.size(),
         wire_elem_bytes: a.wire_dtype.size(),

@@ -8,7 +8,7 @@
 //! - one expert call to a loopback worker: CPU on each side beyond the experts, and the
 //!   latency left over.
 
-use super::{bandwidth::BandwidthProbe, Args, LocalWorkers};
+use super::{bandwidth::BandwidthProbe, median, Args, LocalWorkers};
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -104,10 +104,6 @@ fn cpu_name() -> String {
         (Some(name), ..) => name,
         _ => std::env::consts::ARCH.to_string(),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    super::median(std::mem::take(&mut v))
 }
 
 /// One expert's ns per weight byte at each of [`ROWS`], its experts in `quant` (or as stored).

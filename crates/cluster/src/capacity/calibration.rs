@@ -2,6 +2,7 @@
 //! builds its predictions from. Saved as JSON; the planner ships one such file (see
 //! `docs/bench/calibration.json`) for when none is given.
 
+use super::CapacityError;
 use serde::{Deserialize, Serialize};
 
 /// One machine's measured costs. Times are of one thread on one core.
@@ -88,6 +89,42 @@ impl Calibration {
             .find(|c| c.dtype.eq_ignore_ascii_case(dtype))
     }
 
+    /// Refuses a calibration the planner cannot read costs from (a file edited by hand, or
+    /// from another version): every curve needs ascending row counts, one positive time each.
+    pub fn check(&self) -> Result<(), CapacityError> {
+        let bad = |why: String| Err(CapacityError::Spec(why));
+        if !(self.read_bytes_per_s_core > 0.0 && self.read_bytes_per_s_core.is_finite()) {
+            return bad("read_bytes_per_s_core must be a positive rate".into());
+        }
+        for c in &self.expert {
+            if c.rows.is_empty()
+                || c.rows.len() != c.ns_per_byte.len()
+                || c.rows.windows(2).any(|w| w[0] >= w[1])
+                || c.ns_per_byte.iter().any(|t| !(*t > 0.0 && t.is_finite()))
+            {
+                return bad(format!(
+                    "the {} curve needs ascending row counts and one positive time per count",
+                    c.dtype
+                ));
+            }
+        }
+        let rest = [
+            self.layer_fixed_ns,
+            self.layer_ns_per_token_hidden,
+            self.step_fixed_ns,
+            self.step_ns_per_token,
+            self.rpc.coordinator_fixed_ns,
+            self.rpc.coordinator_ns_per_byte,
+            self.rpc.worker_fixed_ns,
+            self.rpc.worker_ns_per_byte,
+            self.rpc.latency_ns,
+        ];
+        if rest.iter().any(|t| !(*t >= 0.0 && t.is_finite())) {
+            return bad("every overhead must be a time of zero or more".into());
+        }
+        Ok(())
+    }
+
     /// The calibration shipped with switchyard: a 2-core AMD EPYC Zen 3 VM (2.45 GHz, AVX2, no
     /// AVX-512), on the performance checkpoint (`gen-model --dtype bf16`), 2026-12-07.
     #[must_use]
@@ -123,5 +160,19 @@ mod tests {
             assert!(curve.ns_per_byte.iter().all(|&t| t > 0.0));
         }
         assert!(c.read_bytes_per_s_core > 1e9);
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn a_broken_calibration_is_refused_not_read_past_its_end() {
+        let mut c = Calibration::builtin();
+        c.expert[0].ns_per_byte.pop();
+        assert!(c.check().unwrap_err().to_string().contains("ascending"));
+        let mut c = Calibration::builtin();
+        c.expert[0].rows.reverse();
+        assert!(c.check().is_err());
+        let mut c = Calibration::builtin();
+        c.rpc.latency_ns = f64::NAN;
+        assert!(c.check().is_err());
     }
 }

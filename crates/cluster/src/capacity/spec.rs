@@ -3,6 +3,9 @@
 
 use super::CapacityError;
 
+/// The most hosts of one kind a plan takes.
+const MAX_HOSTS: usize = 4096;
+
 /// Hosts of one kind.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HostSpec {
@@ -42,8 +45,8 @@ impl std::str::FromStr for HostSpec {
             }
             _ => (1, first),
         };
-        if count == 0 {
-            return Err(bad("a count of zero hosts"));
+        if count == 0 || count > MAX_HOSTS {
+            return Err(bad(&format!("a count of 1 to {MAX_HOSTS} hosts")));
         }
         let memory_bytes = parse_bytes(mem).ok_or_else(|| bad("memory size"))?;
         let mut cores = None;
@@ -156,7 +159,8 @@ mod tests {
     fn bad_hosts_say_what_is_wrong() {
         for (s, why) in [
             ("4x24GiB", "no cores"),
-            ("0x24GiB:8c", "zero hosts"),
+            ("0x24GiB:8c", "1 to 4096 hosts"),
+            ("5000x24GiB:8c", "1 to 4096 hosts"),
             ("4xlots:8c", "memory"),
             ("24GiB:-1c", "cores"),
             ("24GiB:8c:fastGBps", "bandwidth"),
