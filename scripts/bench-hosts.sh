@@ -17,7 +17,11 @@
 # Environment: WORKER_CPU (cores per worker, default 0.25), COORD_CPU (default 1), WORKER_MEM
 # and COORD_MEM (bytes, default: 95 % of the checkpoint's size), RATE (default 10gbit), DELAY_US
 # (one way, default 0; needs sch_netem), COUNTS (default "1 2 4"; "" for the shared runs
-# alone), SHARED (0 to skip the shared runs), CALIBRATION (a calibration.json to predict
+# alone), SHARED (0 to skip the shared runs), SHARED_WORKER_CPU (cores per worker in the shared
+# runs, default WORKER_CPU), COALESCE (the workers' --coalesce settings for the shared runs, in
+# order, default "on off"), PERIOD_US (the CPU quota's period, default 100000: a role may run
+# at full speed until its quota of each period is spent; shorter periods make it run more
+# evenly, like a slower host), CALIBRATION (a calibration.json to predict
 # from instead of measuring one), PREDICT_ONLY (1: only predict OUT_DIR's layouts again, from
 # its calibration.json), CONTEXT (positions per stream for the predictions, 48), SHARED_STREAMS (4), SHARED_COORD_CPU (0.75
 # each), BENCH_ARGS (default
@@ -30,8 +34,9 @@ BIN=$(cd "$(dirname "$0")/.." && pwd)/target/release/switchyard
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORKER_CPU=${WORKER_CPU:-0.25}; COORD_CPU=${COORD_CPU:-1}; RATE=${RATE:-10gbit}
-DELAY_US=${DELAY_US:-0}; COUNTS=${COUNTS:-"1 2 4"}; SHARED_STREAMS=${SHARED_STREAMS:-4}
-SHARED_COORD_CPU=${SHARED_COORD_CPU:-0.75}
+DELAY_US=${DELAY_US:-0}; COUNTS=${COUNTS-"1 2 4"}; SHARED_STREAMS=${SHARED_STREAMS:-4}
+SHARED_COORD_CPU=${SHARED_COORD_CPU:-0.75}; SHARED_WORKER_CPU=${SHARED_WORKER_CPU:-$WORKER_CPU}
+COALESCE=${COALESCE:-"on off"}; PERIOD_US=${PERIOD_US:-100000}
 BENCH_ARGS=${BENCH_ARGS:---concurrency 32 --runs 2 --decode-tokens 32}
 # Positions a stream holds while decoding, on average: the bench's 32-token prompts and 32
 # decoded tokens.
@@ -39,9 +44,9 @@ CONTEXT=${CONTEXT:-48}
 SIZE=$(du -sb --apparent-size "$MODEL" | cut -f1)
 WORKER_MEM=${WORKER_MEM:-$((SIZE * 95 / 100))}; COORD_MEM=${COORD_MEM:-$((SIZE * 95 / 100))}
 CAL=${CALIBRATION:-$OUT/calibration.json}
-predict() { # NAME WORKERS REPLICAS COORDINATORS STREAMS COORD_CPU: plan.json for one layout
+predict() { # NAME WORKERS REPLICAS COORDINATORS STREAMS COORD_CPU [WORKER_CPU]: plan.json for one layout
   mkdir -p "$OUT/$1"
-  "$BIN" plan --model "$MODEL" --calibration "$CAL" --hosts "$2x${WORKER_MEM}:${WORKER_CPU}c" \
+  "$BIN" plan --model "$MODEL" --calibration "$CAL" --hosts "$2x${WORKER_MEM}:${7:-$WORKER_CPU}c" \
     --coordinator-host "${COORD_MEM}:$6c" --coordinators "$4" --streams "$5" \
     --net "$RATE,${DELAY_US}us" --context "$CONTEXT" --replicas "$3" --reserve 0 --json >"$OUT/$1/plan.json"
 }
@@ -52,8 +57,8 @@ if [ "${PREDICT_ONLY:-0}" = 1 ]; then
     predict "split-$n" "$n" none 1 32 "$COORD_CPU"
     [ "$n" = 1 ] || predict "replicated-$n" "$n" fill 1 32 "$COORD_CPU"
   done
-  for coalesce in on off; do
-    for c in 1 2; do predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU"; done
+  for coalesce in $COALESCE; do
+    for c in 1 2; do predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU" "$SHARED_WORKER_CPU"; done
   done
   exit 0
 fi
@@ -63,15 +68,15 @@ TMP=$(mktemp -d); PIDS=(); GROUPS_MADE=(); NS_MADE=()
 
 V2=0; [ -f /sys/fs/cgroup/cgroup.controllers ] && V2=1
 group() { # NAME CPUS BYTES: make a cgroup with a CPU quota and a memory limit
-  local name=sy-$1 quota; quota=$(python3 -c "print(int($2 * 100000))")
+  local name=sy-$1 quota; quota=$(python3 -c "print(int($2 * $PERIOD_US))")
   if [ "$V2" = 1 ]; then
     mkdir -p "/sys/fs/cgroup/$name"
-    echo "$quota 100000" >"/sys/fs/cgroup/$name/cpu.max"
+    echo "$quota $PERIOD_US" >"/sys/fs/cgroup/$name/cpu.max"
     echo "$3" >"/sys/fs/cgroup/$name/memory.max"
     echo 0 >"/sys/fs/cgroup/$name/memory.swap.max" 2>/dev/null || true
   else
     mkdir -p "/sys/fs/cgroup/cpu/$name" "/sys/fs/cgroup/memory/$name"
-    echo 100000 >"/sys/fs/cgroup/cpu/$name/cpu.cfs_period_us"
+    echo "$PERIOD_US" >"/sys/fs/cgroup/cpu/$name/cpu.cfs_period_us"
     echo "$quota" >"/sys/fs/cgroup/cpu/$name/cpu.cfs_quota_us"
     echo "$3" >"/sys/fs/cgroup/memory/$name/memory.limit_in_bytes"
   fi
@@ -195,7 +200,7 @@ start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
   sync; echo 1 >/proc/sys/vm/drop_caches 2>/dev/null || true
   for i in $(seq 1 "$1"); do
     lo=$(( (i - 1) * EXPERTS / $1 )); hi=$(( i * EXPERTS / $1 - 1 ))
-    group "w$i" "$WORKER_CPU" "$WORKER_MEM"; rm -f "$TMP/w$i"
+    group "w$i" "$SHARED_WORKER_CPU" "$WORKER_MEM"; rm -f "$TMP/w$i"
     sh -c "$(enter "w$i"); exec \"\$0\" \"\$@\"" ip netns exec "sy-w$i" "$BIN" --threads 1 \
       worker --model "$MODEL" --experts "$lo-$hi" --listen "10.78.$i.2:7001" --coalesce "$2" \
       --ready-file "$TMP/w$i" >"$TMP/w$i.log" 2>&1 &
@@ -208,12 +213,12 @@ start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
 }
 [ "${SHARED:-1}" = 0 ] && exit 0
 echo
-echo "coordinators sharing 2 workers, $SHARED_STREAMS streams each, coordinators ${SHARED_COORD_CPU} CPU each: aggregate tok/s"
-for coalesce in on off; do
+echo "coordinators sharing 2 workers of ${SHARED_WORKER_CPU} CPU, $SHARED_STREAMS streams each, coordinators ${SHARED_COORD_CPU} CPU each: aggregate tok/s"
+for coalesce in $COALESCE; do
   for c in 1 2; do
     start_workers 2 "$coalesce"
     cpids=()
-    predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU"
+    predict "shared-$coalesce-$c" 2 none "$c" "$SHARED_STREAMS" "$SHARED_COORD_CPU" "$SHARED_WORKER_CPU"
     for k in $(seq 1 "$c"); do
       group "coord$k" "$SHARED_COORD_CPU" "$COORD_MEM"
       sh -c "$(enter "coord$k"); exec \"\$0\" \"\$@\"" "$BIN" --threads 1 bench --model "$MODEL" \

@@ -70,10 +70,13 @@ def sitting(d):
                 steady = sum(r["decode_tok_s_from_itl_p50"] for r in runs)
                 shared.append((coalesce, c, sum(r["tok_s_median"] for r in runs), steady, p["tok_s"]))
     if shared:
-        print("\n| coordinators sharing 2 workers | coalescing | whole run | steady | predicted | error |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        one = {co: (agg, steady) for co, c, agg, steady, _ in shared if c == 1}
+        print("\n| coordinators sharing 2 workers | coalescing | whole run | steady | predicted | error | vs 1, whole run / steady |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for coalesce, c, agg, steady, p in shared:
-            print(f"| {c} | {coalesce} | {agg:.1f} | {steady:.1f} | {p:.1f} | {err(steady, p)} |")
+            base = one.get(coalesce)
+            vs = f"{agg / base[0]:.2f}× / {steady / base[1]:.2f}×" if base else "–"
+            print(f"| {c} | {coalesce} | {agg:.1f} | {steady:.1f} | {p:.1f} | {err(steady, p)} | {vs} |")
             worst = max(worst, abs(p / steady - 1))
     print(f"\nlargest prediction error: {worst * 100:.0f} %")
     return rows

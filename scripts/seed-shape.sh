@@ -7,6 +7,8 @@
 #
 #   scripts/seed-shape.sh [LAYERS=2] [DIR=target/seed-shape] [THREADS=2]
 #
+# COLD=1 (root) drops the page cache before each process loads, so load times read the disk.
+#
 # Needs about 3.5 GB of disk and memory per layer (bf16), twice that while a cluster runs.
 set -euo pipefail
 LAYERS=${1:-2}; DIR=${2:-target/seed-shape}; T=${3:-2}
@@ -26,10 +28,14 @@ trap cleanup EXIT
 IDS=1,415,2936,9068,3186,28705,1014,264,1179,302,272,1080,11843,28723
 # One expert of one layer: w1, w3 and w2 of intermediate × hidden bf16 elements.
 EXPERT_BYTES=$((3 * 14336 * 4096 * 2))
+cold() { # drops the page cache under COLD=1, so the next load reads the disk
+  if [ "${COLD:-0}" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
+}
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/"$1"/status; }
 majflt() { awk '{print $12}' /proc/"$1"/stat; }
 
 echo "== embedded ($T threads)"
+cold
 /usr/bin/time -f "forward: %e s, max RSS %M kB, %F major faults" \
   "$BIN" --threads "$T" forward --model "$MODEL" --ids "$IDS" --greedy 4 >"$TMP/embedded.json" 2>"$TMP/time"
 tail -1 "$TMP/time"
@@ -41,7 +47,7 @@ for N in 2 4; do
   PIDS=(); SPEC=()
   for ((w = 0; w < N; w++)); do
     lo=$((w * 8 / N)); hi=$(((w + 1) * 8 / N - 1))
-    t0=$(date +%s.%N); rm -f "$TMP/w$w"
+    cold; t0=$(date +%s.%N); rm -f "$TMP/w$w"
     SWITCHYARD_THREADS=1 "$BIN" worker --model "$MODEL" --experts "$lo-$hi" --listen 127.0.0.1:0 \
       --ready-file "$TMP/w$w" 2>"$TMP/w$w.log" &
     PIDS+=($!)

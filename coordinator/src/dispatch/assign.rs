@@ -21,7 +21,8 @@ pub(super) const EXPERT_COST_TOKENS: usize = 16;
 
 /// Chooses a host for every expert with tokens (`count[e]` of them) among `hosts(e)`: heaviest
 /// expert first, each to the host with the least load, that is `base[w]` plus what this call
-/// gave it so far (lowest index on ties), where an expert of `c` tokens weighs
+/// gave it so far; on ties the one given least before (`past[w]`), then the lowest index; an
+/// expert of `c` tokens weighs
 /// `c + EXPERT_COST_TOKENS`. Returns each expert's host (`usize::MAX` where it has no tokens)
 /// and each worker's load given; `Err(e)`: expert `e` has tokens and no host.
 ///
@@ -32,13 +33,16 @@ pub(super) fn assign<I: Iterator<Item = usize>>(
     count: &[usize],
     hosts: impl Fn(usize) -> I,
     base: &[usize],
+    past: &[u64],
 ) -> Result<(Vec<usize>, Vec<usize>), usize> {
     let mut order: Vec<usize> = (0..count.len()).filter(|&e| count[e] > 0).collect();
     order.sort_by_key(|&e| (std::cmp::Reverse(count[e]), e));
     let mut given = vec![0usize; base.len()];
     let mut choice = vec![usize::MAX; count.len()];
     for e in order {
-        let best = hosts(e).min_by_key(|&w| (base[w] + given[w], w)).ok_or(e)?;
+        let best = hosts(e)
+            .min_by_key(|&w| (base[w] + given[w], past[w] + given[w] as u64, w))
+            .ok_or(e)?;
         choice[e] = best;
         given[best] += count[e] + EXPERT_COST_TOKENS;
     }
@@ -102,7 +106,7 @@ mod tests {
     fn evenly_used_experts_split_evenly_over_replicas() {
         // A decode step of 32 sequences: 64 picks over 8 experts, unevenly.
         let count = [12, 5, 9, 6, 10, 7, 8, 7];
-        let (choice, given) = assign(&count, everywhere(2), &[0, 0]).unwrap();
+        let (choice, given) = assign(&count, everywhere(2), &[0, 0], &[0, 0]).unwrap();
         let on0 = choice.iter().filter(|&&w| w == 0).count();
         assert_eq!(on0, 4, "experts per worker: {choice:?}");
         let total: usize = count.iter().map(|c| c + EXPERT_COST_TOKENS).sum();
@@ -118,7 +122,7 @@ mod tests {
         // Counting tokens alone, in index order, the first worker would take the big expert
         // and the second six small ones.
         let count = [30, 3, 3, 3, 3, 3, 3, 3];
-        let (choice, _) = assign(&count, everywhere(2), &[0, 0]).unwrap();
+        let (choice, _) = assign(&count, everywhere(2), &[0, 0], &[0, 0]).unwrap();
         let on1 = choice.iter().filter(|&&w| w == 1).count();
         assert!((3..=5).contains(&on1), "experts per worker: {choice:?}");
     }
@@ -128,7 +132,7 @@ mod tests {
         let count = [1, 1, 0, 1];
         // Expert 3 lives on worker 0 alone; the others anywhere; worker 0 is busy.
         let hosts = |e: usize| if e == 3 { 0..1 } else { 0..2 };
-        let (choice, given) = assign(&count, hosts, &[1000, 0]).unwrap();
+        let (choice, given) = assign(&count, hosts, &[1000, 0], &[0, 0]).unwrap();
         assert_eq!(choice, vec![1, 1, usize::MAX, 0]);
         assert_eq!(
             given,
@@ -137,11 +141,37 @@ mod tests {
     }
 
     #[test]
+    fn replicas_take_turns_when_nothing_is_in_flight() {
+        // Batch-1 decode over 4 full replicas: two experts per layer, nothing in flight
+        // between layers. Counting what each was given before, all four share the calls.
+        let mut past = [0u64; 4];
+        let mut used = [0usize; 4];
+        for layer in 0..8 {
+            let mut count = [0usize; 8];
+            count[layer % 8] = 1;
+            count[(layer + 3) % 8] = 1;
+            let (choice, given) = assign(&count, everywhere(4), &[0; 4], &past).unwrap();
+            for (w, g) in given.iter().enumerate() {
+                past[w] += *g as u64;
+                used[w] += usize::from(*g > 0);
+            }
+            // The two experts still go to two workers.
+            let hosts: Vec<usize> = choice
+                .iter()
+                .copied()
+                .filter(|&w| w != usize::MAX)
+                .collect();
+            assert_ne!(hosts[0], hosts[1], "layer {layer}: {choice:?}");
+        }
+        assert_eq!(used, [4; 4], "calls per worker over 8 layers");
+    }
+
+    #[test]
     fn an_expert_with_tokens_and_no_host_is_named() {
         let hosts = |e: usize| if e == 2 { 0..0 } else { 0..1 };
-        assert_eq!(assign(&[1, 0, 4], hosts, &[0]), Err(2));
+        assert_eq!(assign(&[1, 0, 4], hosts, &[0], &[0]), Err(2));
         // Without tokens it needs no host.
-        assert!(assign(&[1, 0, 0], hosts, &[0]).is_ok());
+        assert!(assign(&[1, 0, 0], hosts, &[0], &[0]).is_ok());
     }
 
     #[test]

@@ -238,6 +238,11 @@ impl Dispatcher {
             .iter()
             .map(|w| w.inflight.load(Ordering::Relaxed))
             .collect();
+        let past: Vec<u64> = topo
+            .workers
+            .iter()
+            .map(|w| w.given.load(Ordering::Relaxed))
+            .collect();
         let (choice, cost) = assign(
             &count,
             |e| {
@@ -248,12 +253,18 @@ impl Dispatcher {
                     .filter(|&w| topo.workers[w].is_up(now))
             },
             &inflight,
+            &past,
         )
         .map_err(|expert| DispatchError::NoReplica {
             layer,
             expert,
             cause: None,
         })?;
+        for (w, &c) in topo.workers.iter().zip(&cost) {
+            if c > 0 {
+                w.given.fetch_add(c as u64, Ordering::Relaxed);
+            }
+        }
         Ok(split_rows(plan, global, &choice, &cost))
     }
 

@@ -57,6 +57,10 @@ pub(super) struct Worker {
     /// Work sent and not yet answered, in [`assign`]'s measure: the load for choosing among
     /// replicas.
     pub inflight: AtomicUsize,
+    /// Work ever sent, in the same measure: breaks ties between equally loaded replicas, so
+    /// that at batch 1 (nothing in flight between layers) every replica takes its turn instead
+    /// of the lowest-numbered ones taking every call.
+    pub given: AtomicU64,
     /// Out of routing until this instant (after a failure).
     pub down_until: Mutex<Option<Instant>>,
     /// The ForwardStream batches go down in [`RpcMode::Stream`], opened on first use and again
@@ -77,6 +81,7 @@ impl Worker {
             client,
             stats: WorkerStats::default(),
             inflight: AtomicUsize::new(0),
+            given: AtomicU64::new(0),
             down_until: Mutex::new(None),
             stream: tokio::sync::Mutex::new(None),
             unary_only: std::sync::atomic::AtomicBool::new(false),

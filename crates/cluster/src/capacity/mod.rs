@@ -489,13 +489,15 @@ impl Simulation<'_> {
             (0.0, 0.0, 0.0, 0.0);
         let mut coord_rpc_total = 0.0;
         let attn: Vec<f64> = lanes.iter().map(|&l| c.layer_ns(l)).collect();
+        // What each worker was given over the samples so far: the coordinator's tie-break.
+        let mut past = vec![0u64; n];
         for _ in 0..SAMPLES {
             let mut base = vec![0usize; n];
             let mut w_total = vec![0.0f64; n];
             let (mut coord_cpu, mut path_worst, mut path_exp, mut path_disp) =
                 (0.0f64, 0.0f64, 0.0, 0.0);
             for (li, &l) in lanes.iter().enumerate() {
-                let ls = self.sample_lane(l, &mut base, &mut rng);
+                let ls = self.sample_lane(l, &mut base, &mut past, &mut rng);
                 let mut crpc = 0.0;
                 let mut worst = (0.0f64, 0.0f64);
                 for w in 0..n {
@@ -572,11 +574,13 @@ impl Simulation<'_> {
     }
 
     /// Routes `tokens` tokens (uniform top-k), chooses each routed expert's host as the
-    /// coordinator does (`base`: load already in flight, updated), and costs each worker's part.
+    /// coordinator does (`base`: load already in flight, `past`: load given before, both
+    /// updated), and costs each worker's part.
     fn sample_lane(
         &self,
         tokens: usize,
         base: &mut [usize],
+        past: &mut [u64],
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> LaneSample {
         let s = &self.costs.req.shape;
@@ -597,10 +601,11 @@ impl Simulation<'_> {
         for e in order {
             let w = (0..n)
                 .filter(|&w| self.placement[w].contains(&(e as u32)))
-                .min_by_key(|&w| (base[w], w))
+                .min_by_key(|&w| (base[w], past[w], w))
                 .expect("every expert is placed");
             host[e] = w;
             base[w] += count[e] + EXPERT_COST_TOKENS;
+            past[w] += (count[e] + EXPERT_COST_TOKENS) as u64;
             expert_ns[w] += self.costs.expert_ns(count[e]);
         }
         let (mut rows, mut entries) = (vec![0usize; n], vec![0usize; n]);

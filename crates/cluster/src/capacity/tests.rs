@@ -143,6 +143,10 @@ fn throughput_grows_with_quota_bound_workers() {
         plan(&r, &cal()).unwrap().batch1.tok_s
     };
     assert!(b1(true) > 1.1 * b1(false), "{} vs {}", b1(true), b1(false));
+    // On quota-bound workers full replicas take turns at batch 1, so all four quotas serve
+    // it, as in an even split.
+    let q1 = |rep| plan(&small(4, rep), &cal()).unwrap().batch1.tok_s;
+    assert!(q1(true) > 0.95 * q1(false), "{} vs {}", q1(true), q1(false));
 }
 
 #[test]
