@@ -145,6 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         reserve_bytes: parse_reserve(&a.reserve)?,
     };
     let c = capacity::plan(&req, &cal)?;
+    let (fill, fill_tok_s) = capacity::coordinators_to_fill(&req, &cal, MAX_FILL)?;
     let mut o = String::new();
     if a.json {
         writeln!(
@@ -156,6 +157,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "dense_dtype": dense.as_str(),
                 "calibration": { "cpu": cal.cpu, "kernels": cal.kernels, "model": cal.model },
                 "plan": c,
+                "fill": { "coordinators": fill, "tok_s": fill_tok_s, "streams_each": a.streams },
             }))?
         )?;
         return emit(&o);
@@ -214,8 +216,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for (label, r) in [("batch 1", &c.batch1), ("streams", &c.at_streams)] {
         print_rate(&mut o, label, r, a.coordinators)?;
     }
+    writeln!(
+        o,
+        "fill        {}{fill} coordinator{} of {} streams each fill{} these workers: {fill_tok_s:.1} tok/s; one more would add under half of one's rate",
+        if fill == MAX_FILL { "at least " } else { "" },
+        if fill == 1 { "" } else { "s" },
+        a.streams,
+        if fill == 1 { "s" } else { "" }
+    )?;
     emit(&o)
 }
+
+/// Coordinators `plan` tries when finding how many the workers can feed.
+const MAX_FILL: usize = 64;
 
 /// Writes the report to stdout.
 fn emit(o: &str) -> anyhow::Result<()> {

@@ -253,6 +253,33 @@ pub fn plan(req: &PlanRequest, cal: &Calibration) -> Result<Capacity, CapacityEr
     })
 }
 
+/// How many coordinators of `req.streams` streams these workers can feed: counting up from
+/// one, the first past which one more coordinator would add under half of what one alone
+/// decodes (or `max`), with the rate of all of them at `req.streams` each. 1 where a single
+/// coordinator already keeps the workers (or the links) busy; where the coordinators are the
+/// limit, each added one brings about its own rate until the workers fill.
+pub fn coordinators_to_fill(
+    req: &PlanRequest,
+    cal: &Calibration,
+    max: usize,
+) -> Result<(usize, f64), CapacityError> {
+    let rate = |n: usize| {
+        let mut r = req.clone();
+        r.coordinator.count = n;
+        plan(&r, cal).map(|c| c.at_streams.tok_s)
+    };
+    let one = rate(1)?;
+    let mut at = one;
+    for n in 1..max.max(1) {
+        let next = rate(n + 1)?;
+        if next - at < one / 2.0 {
+            return Ok((n, at));
+        }
+        at = next;
+    }
+    Ok((max.max(1), at))
+}
+
 fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
