@@ -145,7 +145,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         reserve_bytes: parse_reserve(&a.reserve)?,
     };
     let c = capacity::plan(&req, &cal)?;
-    let (fill, fill_tok_s) = capacity::coordinators_to_fill(&req, &cal, MAX_FILL)?;
     let mut o = String::new();
     if a.json {
         writeln!(
@@ -157,7 +156,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "dense_dtype": dense.as_str(),
                 "calibration": { "cpu": cal.cpu, "kernels": cal.kernels, "model": cal.model },
                 "plan": c,
-                "fill": { "coordinators": fill, "tok_s": fill_tok_s, "streams_each": a.streams },
             }))?
         )?;
         return emit(&o);
@@ -216,19 +214,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for (label, r) in [("batch 1", &c.batch1), ("streams", &c.at_streams)] {
         print_rate(&mut o, label, r, a.coordinators)?;
     }
-    writeln!(
-        o,
-        "fill        {}{fill} coordinator{} of {} streams each fill{} these workers: {fill_tok_s:.1} tok/s; one more would add under half of one's rate",
-        if fill == MAX_FILL { "at least " } else { "" },
-        if fill == 1 { "" } else { "s" },
-        a.streams,
-        if fill == 1 { "s" } else { "" }
-    )?;
+    let f = &c.fill;
+    let n = f.coordinators;
+    if n == capacity::MAX_FILL {
+        writeln!(
+            o,
+            "fill        {n} coordinators of {} streams each do not fill these workers: {:.1} tok/s, and more would add more",
+            a.streams, f.tok_s
+        )?;
+    } else {
+        writeln!(
+            o,
+            "fill        {n} coordinator{} of {} streams each fill{} these workers: {:.1} tok/s; one more would add under half of one's rate",
+            if n == 1 { "" } else { "s" },
+            a.streams,
+            if n == 1 { "s" } else { "" },
+            f.tok_s
+        )?;
+    }
     emit(&o)
 }
-
-/// Coordinators `plan` tries when finding how many the workers can feed.
-const MAX_FILL: usize = 64;
 
 /// Writes the report to stdout.
 fn emit(o: &str) -> anyhow::Result<()> {

@@ -31,7 +31,7 @@ fn mixtral_on_four_24_gib_hosts_holds_two_experts_each() {
     }
     assert!(p["at_streams"]["tok_s"].as_f64() > p["batch1"]["tok_s"].as_f64());
     // How many coordinators these workers feed, and their rate: never below one's.
-    let fill = &v["fill"];
+    let fill = &p["fill"];
     assert!(fill["coordinators"].as_u64().unwrap() >= 1);
     assert!(fill["tok_s"].as_f64() >= p["at_streams"]["tok_s"].as_f64());
 }

@@ -260,11 +260,6 @@ impl Dispatcher {
             expert,
             cause: None,
         })?;
-        for (w, &c) in topo.workers.iter().zip(&cost) {
-            if c > 0 {
-                w.given.fetch_add(c as u64, Ordering::Relaxed);
-            }
-        }
         Ok(split_rows(plan, global, &choice, &cost))
     }
 
@@ -351,6 +346,7 @@ impl Dispatcher {
         drop(xs);
         let st = &w.stats;
         w.inflight.fetch_add(share.cost, Ordering::Relaxed);
+        w.given.fetch_add(share.cost as u64, Ordering::Relaxed);
         let start = Instant::now();
         let res = match self.transport(w).await {
             Ok(t) => {

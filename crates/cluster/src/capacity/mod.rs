@@ -197,7 +197,23 @@ pub struct Capacity {
     pub net_bytes_per_step: f64,
     pub batch1: Rate,
     pub at_streams: Rate,
+    /// How many coordinators of `streams` streams these workers can feed.
+    pub fill: Fill,
 }
+
+/// Coordinators the workers can feed: counting up from one, the last one that adds at least
+/// half of what one coordinator alone decodes (at most [`MAX_FILL`]), and the rate of them all
+/// at `streams` each. 1 where a single coordinator already keeps the workers (or the links)
+/// busy; where the coordinators are the limit, each added one brings about its own rate until
+/// the workers fill.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Fill {
+    pub coordinators: usize,
+    pub tok_s: f64,
+}
+
+/// The most coordinators [`Fill`] counts to.
+pub const MAX_FILL: usize = 64;
 
 /// Plans `req` with `cal`'s costs.
 pub fn plan(req: &PlanRequest, cal: &Calibration) -> Result<Capacity, CapacityError> {
@@ -232,8 +248,10 @@ pub fn plan(req: &PlanRequest, cal: &Calibration) -> Result<Capacity, CapacityEr
         costs: &costs,
         placement: &placement,
     };
-    let batch1 = sim.rate(1);
-    let at_streams = sim.rate(req.streams);
+    let coords = req.coordinator.count;
+    let batch1 = sim.rate(1, coords);
+    let at_streams = sim.rate(req.streams, coords);
+    let fill = sim.fill(req.streams);
     Ok(Capacity {
         worker_bytes: placement
             .iter()
@@ -250,34 +268,8 @@ pub fn plan(req: &PlanRequest, cal: &Calibration) -> Result<Capacity, CapacityEr
         net_bytes_per_step: at_streams.1,
         batch1: batch1.0,
         at_streams: at_streams.0,
+        fill,
     })
-}
-
-/// How many coordinators of `req.streams` streams these workers can feed: counting up from
-/// one, the first past which one more coordinator would add under half of what one alone
-/// decodes (or `max`), with the rate of all of them at `req.streams` each. 1 where a single
-/// coordinator already keeps the workers (or the links) busy; where the coordinators are the
-/// limit, each added one brings about its own rate until the workers fill.
-pub fn coordinators_to_fill(
-    req: &PlanRequest,
-    cal: &Calibration,
-    max: usize,
-) -> Result<(usize, f64), CapacityError> {
-    let rate = |n: usize| {
-        let mut r = req.clone();
-        r.coordinator.count = n;
-        plan(&r, cal).map(|c| c.at_streams.tok_s)
-    };
-    let one = rate(1)?;
-    let mut at = one;
-    for n in 1..max.max(1) {
-        let next = rate(n + 1)?;
-        if next - at < one / 2.0 {
-            return Ok((n, at));
-        }
-        at = next;
-    }
-    Ok((max.max(1), at))
 }
 
 fn gib(b: u64) -> String {
@@ -497,8 +489,9 @@ struct LaneSample {
 }
 
 impl Simulation<'_> {
-    /// The predicted rate at `b` streams per coordinator, and network bytes per step.
-    fn rate(&self, b: usize) -> (Rate, f64) {
+    /// The predicted rate at `b` streams per coordinator over `coordinators` of them, and
+    /// network bytes per step.
+    fn rate(&self, b: usize, coordinators: usize) -> (Rate, f64) {
         let c = self.costs;
         let r = c.req;
         let s = &r.shape;
@@ -566,7 +559,7 @@ impl Simulation<'_> {
         let layers = s.layers as f64;
         let head = c.head_ns(b);
         let latency = layers * layer_ns / k + head;
-        let coords = r.coordinator.count as f64;
+        let coords = coordinators as f64;
         let throttle = |h: &HostSpec| (h.threads() as f64 / h.cores).max(1.0);
         let worker_cpu = worker_sum.iter().copied().fold(0.0, f64::max) / k
             * layers
@@ -598,6 +591,26 @@ impl Simulation<'_> {
             experts_ms: crit_experts / k / 1e6,
         };
         (rate, bytes_total / k * layers)
+    }
+
+    /// [`Fill`] at `b` streams per coordinator.
+    fn fill(&self, b: usize) -> Fill {
+        let one = self.rate(b, 1).0.tok_s;
+        let mut at = one;
+        for n in 1..MAX_FILL {
+            let next = self.rate(b, n + 1).0.tok_s;
+            if next - at < one / 2.0 {
+                return Fill {
+                    coordinators: n,
+                    tok_s: at,
+                };
+            }
+            at = next;
+        }
+        Fill {
+            coordinators: MAX_FILL,
+            tok_s: at,
+        }
     }
 
     /// Routes `tokens` tokens (uniform top-k), chooses each routed expert's host as the

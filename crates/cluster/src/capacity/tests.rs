@@ -175,14 +175,14 @@ fn coordinators_add_throughput_until_the_workers_are_full() {
 fn coordinators_to_fill_the_workers() {
     // Workers of a tenth of a core: one coordinator already keeps them busy.
     let slow = req("8x24GiB:0.1c", DType::BF16);
-    assert_eq!(coordinators_to_fill(&slow, &cal(), 64).unwrap().0, 1);
+    assert_eq!(plan(&slow, &cal()).unwrap().fill.coordinators, 1);
     // Large hosts at batch 1: the latency chain leaves the workers idle, so coordinators add
     // throughput for a while, and the rate reported is that of all of them.
     let mut fast = req("8x24GiB:16c", DType::BF16);
     fast.streams = 1;
-    let (n, tok_s) = coordinators_to_fill(&fast, &cal(), 64).unwrap();
-    let one = plan(&fast, &cal()).unwrap().at_streams.tok_s;
-    assert!(n > 2, "{n}");
+    let c = plan(&fast, &cal()).unwrap();
+    let (n, tok_s, one) = (c.fill.coordinators, c.fill.tok_s, c.at_streams.tok_s);
+    assert!(n > 2 && n < MAX_FILL, "{n}");
     // Each coordinator counted added at least half of one's rate.
     assert!(
         tok_s >= one * (1.0 + (n - 1) as f64 / 2.0) - 1e-9,
@@ -190,8 +190,8 @@ fn coordinators_to_fill_the_workers() {
     );
     fast.coordinator.count = n;
     assert!((plan(&fast, &cal()).unwrap().at_streams.tok_s - tok_s).abs() < 1e-9);
-    // The search stops at its bound.
-    assert_eq!(coordinators_to_fill(&fast, &cal(), 2).unwrap().0, 2);
+    // The same answer whatever count the request names.
+    assert_eq!(plan(&fast, &cal()).unwrap().fill.coordinators, n);
 }
 
 #[test]
