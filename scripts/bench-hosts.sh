@@ -191,6 +191,9 @@ print(f"{sys.argv[2]:<16} {c.get('tok_s_median', float('nan')):9.1f} {c.get('dec
       f"{p['at_streams']['tok_s']:9.1f} {m['decode_tok_s_median']:9.1f} {p['batch1']['tok_s']:9.1f} {'':>9}  {sys.argv[3]}")
 PY
     stop_all
+    # The workers' counters, logged as they stop: batches, expert calls, coalesced and joined.
+    { grep -h "worker stopped" "$TMP"/w[12].log || true; } | sed 's/\x1b\[[0-9;]*m//g' \
+      | tee "$OUT/shared-$coalesce-$c/workers.log" | sed 's/^.*worker stopped/  worker stopped/'
   done
 done
 
@@ -202,6 +205,7 @@ start_workers() { # N COALESCE: N split workers; sets PIDS and SPEC
     lo=$(( (i - 1) * EXPERTS / $1 )); hi=$(( i * EXPERTS / $1 - 1 ))
     group "w$i" "$SHARED_WORKER_CPU" "$WORKER_MEM"; rm -f "$TMP/w$i"
     sh -c "$(enter "w$i"); exec \"\$0\" \"\$@\"" ip netns exec "sy-w$i" "$BIN" --threads 1 \
+      --log warn,switchyard_worker=info \
       worker --model "$MODEL" --experts "$lo-$hi" --listen "10.78.$i.2:7001" --coalesce "$2" \
       --ready-file "$TMP/w$i" >"$TMP/w$i.log" 2>&1 &
     PIDS+=($!); SPEC+=("10.78.$i.2:7001=$lo-$hi")
@@ -238,5 +242,8 @@ p = json.load(open(f"{out}/shared-{coalesce}-{c}/plan.json"))["plan"]["at_stream
 print(f"coalesce {coalesce}, {c} coordinator(s): {sum(figs):.1f} tok/s ({' + '.join(f'{f:.1f}' for f in figs)}); steady {steady:.1f}, predicted {p:.1f}")
 PY
     stop_all
+    # The workers' counters, logged as they stop: batches, expert calls, coalesced and joined.
+    { grep -h "worker stopped" "$TMP"/w[12].log || true; } | sed 's/\x1b\[[0-9;]*m//g' \
+      | tee "$OUT/shared-$coalesce-$c/workers.log" | sed 's/^.*worker stopped/  worker stopped/'
   done
 done

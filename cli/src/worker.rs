@@ -55,11 +55,12 @@ pub struct Args {
     /// present a client certificate when --tls-client-ca requires one.
     #[arg(long, env = "SWITCHYARD_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
-    /// Run batches of one layer that arrive together (from several coordinators, or streams)
-    /// as one expert call, reading each expert's weights once for all of them (on), or every
-    /// batch alone (off). No timer: a batch waits only for batches received with it. Off by
-    /// default: with two coordinators on two CPU workers it has not yet measured a gain, the
-    /// coordinators drifting to different layers (docs/cluster.md).
+    /// Let batches of one layer (from several coordinators, or streams) share expert calls,
+    /// reading each expert's weights once for all of them (on), or run every batch alone
+    /// (off). No timer: batches queued together run together, and a batch that arrives while
+    /// its layer's experts run joins the experts still to come. Results are bit-identical
+    /// either way. Off by default: two coordinators on two CPU workers measured no throughput
+    /// gain from it (docs/cluster.md).
     #[arg(long, env = "SWITCHYARD_COALESCE", default_value = "off", value_parser = ["on", "off"])]
     coalesce: String,
     #[command(flatten)]

@@ -64,5 +64,6 @@ fn two_coordinators_share_two_workers_and_give_each_request_its_answer_alone() {
         let r = load(&w.addr);
         assert!(r.expert_calls + r.coalesced_batches >= r.batches_total);
         assert!(r.expert_calls <= r.batches_total, "{r:?}");
+        assert!(r.joined_batches <= r.coalesced_batches, "{r:?}");
     }
 }

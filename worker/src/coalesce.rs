@@ -1,25 +1,32 @@
-//! Coalescing: batches for the same layer that arrive together, from different coordinators or
-//! streams, run as one expert call, so each expert's weights are read once for all of them.
+//! Coalescing: batches for the same layer from different coordinators or streams share expert
+//! calls, so each expert's weights are read once for all of them.
 //!
 //! On CPU workers an expert batch of a few rows is bound by reading the expert's weights, and
 //! several coordinators sharing a worker (data-parallel attention) each send such batches. Run
 //! one by one, each reads every weight again; run together, one read serves them all, which is
 //! where attention–FFN disaggregation gets its gain, but only for batches of the same layer:
-//! coordinators that drift to different layers share nothing (docs/cluster.md has the
-//! measurement; off by default until coordinators keep in phase).
+//! coordinators that drift to different layers share nothing.
 //!
-//! There is no timer. A batch that finds the expert stage idle leads: it yields once to the
-//! runtime, so batches already received get decoded and join, then runs the oldest layer's
-//! batches as one call. Batches that arrive while a call runs wait for it and then go together.
-//! A leader computes one group and hands the lead to the oldest batch still waiting, so no
-//! caller waits behind a stream of later arrivals.
+//! There is no timer. Batches queue in arrival order; one driver task at a time works the queue.
+//! It yields once to the runtime, so batches already received get decoded, then takes the oldest
+//! batch with every waiting batch of its layer as a group and runs the group's experts in parts,
+//! as many experts at a time as run side by side, yielding to the runtime between parts. A batch
+//! of that layer that arrives while the oldest batch's experts run joins the group: it shares
+//! the parts still to come, and the experts it missed run after them. Each batch is answered as
+//! soon as its own experts are done, so joining never delays a batch already in the group by
+//! more than the extra rows in its parts. Batches of other layers wait at most for the group
+//! that was running when they arrived.
 //!
-//! Results are unchanged: the deterministic kernels give a row the same bits in any call, and
-//! every row's partial sum is its own.
+//! Results are unchanged: an entry's expert output has the same bits in any call, and each row
+//! sums its entries in plan order once all are done.
 
 use crate::WorkerError;
-use std::sync::{Arc, Mutex, PoisonError};
-use switchyard_model::{AnyBackend, LayerId, LocalExperts, RoutePlan};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+};
+use switchyard_model::{combine_entries, AnyBackend, LayerId, LocalExperts, RoutePlan};
 use tokio::sync::oneshot;
 
 /// One decoded batch waiting for its experts.
@@ -31,62 +38,54 @@ pub(crate) struct Job {
     pub experts: Arc<LocalExperts<AnyBackend>>,
 }
 
-/// What one expert call computed for the batches in it.
+/// What the expert stage computed for one batch.
 pub(crate) struct Ran {
     /// This batch's rows × hidden partial sums.
     pub out: Vec<f32>,
-    /// The whole call's compute time.
+    /// Compute time of the parts this batch waited through.
     pub micros: u64,
-    /// Batches in the call, this one included.
+    /// The most batches that shared one of its parts, this one included (1: it ran alone).
     pub batches: usize,
-}
-
-enum Outcome {
-    Done(Result<Ran, WorkerError>),
-    /// Lead with this (the waiter's own) batch: the previous leader finished its group.
-    Lead(Job),
+    /// This batch counts as an expert call: it opened its group (one per group, however many
+    /// batches that served), or shared none of its parts with another batch.
+    pub own_call: bool,
+    /// This batch joined a group whose experts had started running, and shared a part.
+    pub joined: bool,
 }
 
 struct Waiting {
     job: Job,
-    tell: oneshot::Sender<Outcome>,
+    tell: oneshot::Sender<Result<Ran, WorkerError>>,
 }
 
 #[derive(Default)]
 struct State {
-    /// A leader is computing or about to.
-    busy: bool,
-    waiting: std::collections::VecDeque<Waiting>,
+    /// A driver task is working the queue.
+    driving: bool,
+    waiting: VecDeque<Waiting>,
 }
 
 /// The queue in front of one worker's expert stage.
 pub(crate) struct Coalescer {
-    state: Mutex<State>,
-    /// Off: every batch is its own call (`--coalesce off`, for comparisons).
+    state: Arc<Mutex<State>>,
+    /// Off: every batch is one call of all its experts (`--coalesce off`, for comparisons).
     off: bool,
-}
-
-/// The lead, held while a batch computes its group; dropping it (at the end, or when the
-/// leading call is cancelled) passes the lead on, so the queue never stalls.
-struct Leading<'a>(&'a Coalescer);
-
-impl Drop for Leading<'_> {
-    fn drop(&mut self) {
-        self.0.hand_on();
-    }
+    /// Experts per part; by default as many as the backend runs side by side.
+    width: Option<usize>,
 }
 
 impl Coalescer {
     pub(crate) fn new(on: bool) -> Self {
         Self {
-            state: Mutex::default(),
+            state: Arc::default(),
             off: !on,
+            width: None,
         }
     }
 
-    /// Runs `job`, alone or together with batches of its layer that arrived with it.
-    /// `compute` runs one call over the rows and plan of all batches in it, writing
-    /// `rows × hidden` outputs, and returns them with the compute time in microseconds.
+    /// Runs `job`'s experts, alone or in a group with batches of its layer. `compute` runs one
+    /// part: the given rows' experts, answering each plan entry's unweighted output
+    /// (`entries × hidden`, as [`LocalExperts::run_entries`]) and the compute time in µs.
     pub(crate) async fn run<F, Fut>(
         &self,
         job: Job,
@@ -94,135 +93,359 @@ impl Coalescer {
         compute: F,
     ) -> Result<Ran, WorkerError>
     where
-        F: Fn(Job) -> Fut,
-        Fut: std::future::Future<Output = Result<(Vec<f32>, u64), WorkerError>>,
+        F: Fn(Job) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(Vec<f32>, u64), WorkerError>> + Send + 'static,
     {
+        if job.plan.entries() == 0 {
+            // No experts to run: every row's sum is zero.
+            return Ok(Ran::alone(vec![0.0; job.plan.rows() * hidden], 0));
+        }
         if self.off {
-            return compute_group(job, Vec::new(), hidden, &compute).await;
+            let mut group = Group::open(Waiting::detached(job), hidden, usize::MAX);
+            let Some(Part { job, at }) = group.next_part() else {
+                return Err(WorkerError::Compute(
+                    "the expert call lost its batch".into(),
+                ));
+            };
+            let (ys, micros) = compute(job).await?;
+            return match group.scatter(&at, &ys, micros).pop() {
+                Some((_, ran)) => Ok(ran),
+                None => Err(WorkerError::Compute(
+                    "the expert call lost its batch".into(),
+                )),
+            };
         }
         let (tell, told) = oneshot::channel();
-        let mine = {
-            let mut s = self.lock();
-            if s.busy {
-                s.waiting.push_back(Waiting { job, tell });
-                None
-            } else {
-                s.busy = true;
-                Some(job)
-            }
+        let start = {
+            let mut s = lock(&self.state);
+            s.waiting.push_back(Waiting { job, tell });
+            !std::mem::replace(&mut s.driving, true)
         };
-        let job = match mine {
-            Some(job) => job,
-            None => match told.await {
-                Ok(Outcome::Done(r)) => return r,
-                Ok(Outcome::Lead(job)) => job,
-                Err(_) => {
-                    return Err(WorkerError::Compute(
-                        "the batch's expert call ended without a result".into(),
-                    ))
+        if start {
+            let driver = Driver {
+                state: self.state.clone(),
+                hidden,
+                width: self.width,
+                finished: false,
+            };
+            tokio::spawn(driver.drive(compute));
+        }
+        told.await.unwrap_or_else(|_| {
+            Err(WorkerError::Compute(
+                "the expert stage stopped before answering the batch".into(),
+            ))
+        })
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Ran {
+    fn alone(out: Vec<f32>, micros: u64) -> Self {
+        Self {
+            out,
+            micros,
+            batches: 1,
+            own_call: true,
+            joined: false,
+        }
+    }
+}
+
+impl Waiting {
+    /// A batch nobody waits on through the queue (the uncoalesced path answers by returning).
+    fn detached(job: Job) -> Self {
+        Self {
+            job,
+            tell: oneshot::channel().0,
+        }
+    }
+}
+
+/// The one task working the queue; while it lives, `driving` is set.
+struct Driver {
+    state: Arc<Mutex<State>>,
+    hidden: usize,
+    width: Option<usize>,
+    /// Set when the queue ran empty and the stage was marked idle.
+    finished: bool,
+}
+
+impl Driver {
+    async fn drive<F, Fut>(mut self, compute: F)
+    where
+        F: Fn(Job) -> Fut,
+        Fut: Future<Output = Result<(Vec<f32>, u64), WorkerError>>,
+    {
+        loop {
+            // Let batches received with the last ones be decoded and queue.
+            tokio::task::yield_now().await;
+            let Some(mut group) = self.next_group() else {
+                self.finished = true;
+                return;
+            };
+            while let Some(Part { job, at }) = group.next_part() {
+                let leader_running = group.leader_pending();
+                match compute(job).await {
+                    Ok((ys, micros)) => {
+                        for (tell, ran) in group.scatter(&at, &ys, micros) {
+                            // The receiver is gone only if that call was cancelled.
+                            let _ = tell.send(Ok(ran));
+                        }
+                    }
+                    Err(e) => {
+                        group.fail(e);
+                        break;
+                    }
                 }
-            },
+                if leader_running {
+                    // Batches of this layer that arrived during the leader's experts join.
+                    tokio::task::yield_now().await;
+                    let joiners = self.take_matching(group.layer, &group.experts);
+                    group.absorb(joiners, true);
+                }
+            }
+        }
+    }
+
+    /// The oldest waiting batch and every waiting batch of its layer, or `None` (and the stage
+    /// marked idle) when none waits.
+    fn next_group(&self) -> Option<Group> {
+        let mut s = lock(&self.state);
+        let Some(first) = s.waiting.pop_front() else {
+            s.driving = false;
+            return None;
         };
-        let _lead = Leading(self);
-        // Let batches received with this one be decoded and join it.
-        tokio::task::yield_now().await;
-        let others = self.take_matching(&job);
-        compute_group(job, others, hidden, &compute).await
+        drop(s);
+        let width = self
+            .width
+            .unwrap_or_else(|| first.job.experts.side_by_side());
+        let mut group = Group::open(first, self.hidden, width);
+        let others = self.take_matching(group.layer, &group.experts);
+        group.absorb(others, false);
+        Some(group)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Every waiting batch of `job`'s layer and expert set, in arrival order.
-    fn take_matching(&self, job: &Job) -> Vec<Waiting> {
-        let mut s = self.lock();
+    /// Every waiting batch of `layer` and `experts`, in arrival order.
+    fn take_matching(
+        &self,
+        layer: LayerId,
+        experts: &Arc<LocalExperts<AnyBackend>>,
+    ) -> Vec<Waiting> {
+        let mut s = lock(&self.state);
         let same = |w: &Waiting| {
-            w.job.layer.index() == job.layer.index() && Arc::ptr_eq(&w.job.experts, &job.experts)
+            w.job.layer.index() == layer.index() && Arc::ptr_eq(&w.job.experts, experts)
         };
-        let (group, rest): (std::collections::VecDeque<_>, _) =
+        let (group, rest): (VecDeque<_>, _) =
             std::mem::take(&mut s.waiting).into_iter().partition(same);
         s.waiting = rest;
         group.into()
     }
+}
 
-    /// Gives the lead to the oldest waiting batch, or marks the stage idle.
-    fn hand_on(&self) {
-        let mut s = self.lock();
-        while let Some(next) = s.waiting.pop_front() {
-            // A waiter whose call was cancelled cannot lead; its batch is dropped with it.
-            if next.tell.send(Outcome::Lead(next.job)).is_ok() {
-                return;
-            }
+impl Drop for Driver {
+    /// A driver that ends before its queue ran empty (a panic in a kernel, or the runtime
+    /// shutting down) marks the stage idle and refuses the batches still waiting, rather than
+    /// leave them, and every later batch, hanging.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
         }
-        s.busy = false;
+        let mut s = lock(&self.state);
+        s.driving = false;
+        for w in s.waiting.drain(..) {
+            let _ = w.tell.send(Err(WorkerError::Compute(
+                "the expert stage stopped before answering the batch".into(),
+            )));
+        }
     }
 }
 
-/// Runs `mine` and `others` as one call; sends the others their rows and returns `mine`'s.
-async fn compute_group<F, Fut>(
-    mine: Job,
-    others: Vec<Waiting>,
+/// One batch of a group and how far its entries are.
+struct Member {
+    job: Job,
+    /// `entries × hidden` expert outputs, filled part by part.
+    ys: Vec<f32>,
+    /// Entries whose expert has not run for this batch yet.
+    pending: Vec<bool>,
+    left: usize,
+    /// Where to answer; taken when answered.
+    tell: Option<oneshot::Sender<Result<Ran, WorkerError>>>,
+    joined: bool,
+    /// The most batches one of its parts served.
+    with: usize,
+    micros: u64,
+}
+
+/// One part to run: a batch of rows gathered from the members, and for each of its entries the
+/// (member, entry) it answers.
+struct Part {
+    job: Job,
+    at: Vec<(usize, usize)>,
+}
+
+/// The batches of one layer being answered together; `members[0]` leads.
+struct Group {
+    layer: LayerId,
+    experts: Arc<LocalExperts<AnyBackend>>,
+    members: Vec<Member>,
     hidden: usize,
-    compute: &F,
-) -> Result<Ran, WorkerError>
-where
-    F: Fn(Job) -> Fut,
-    Fut: std::future::Future<Output = Result<(Vec<f32>, u64), WorkerError>>,
-{
-    if others.is_empty() {
-        let (out, micros) = compute(mine).await?;
-        return Ok(Ran {
-            out,
-            micros,
-            batches: 1,
-        });
+    width: usize,
+    /// The next part starts at the first pending expert from here, wrapping, so a batch that
+    /// joins shares the experts still to run before its missed ones run.
+    cursor: u16,
+}
+
+impl Group {
+    /// A group led by `first`.
+    fn open(first: Waiting, hidden: usize, width: usize) -> Self {
+        let mut g = Self {
+            layer: first.job.layer,
+            experts: first.job.experts.clone(),
+            members: Vec::new(),
+            hidden,
+            width: width.max(1),
+            cursor: 0,
+        };
+        g.absorb(vec![first], false);
+        g
     }
-    let batches = others.len() + 1;
-    let mut rows = Vec::with_capacity(batches);
-    let mut plan = RoutePlan::new();
-    let jobs = std::iter::once(&mine).chain(others.iter().map(|w| &w.job));
-    let mut x = Vec::with_capacity(jobs.clone().map(|j| j.x.len()).sum());
-    for j in jobs {
-        x.extend_from_slice(&j.x);
-        for r in 0..j.plan.rows() {
-            let (e, w) = (j.plan.row_experts(r), j.plan.row_weights(r));
-            plan.push_row(e.iter().copied().zip(w.iter().copied()));
-        }
-        rows.push(j.plan.rows());
+
+    fn leader_pending(&self) -> bool {
+        self.members[0].left > 0
     }
-    let merged = Job {
-        layer: mine.layer,
-        x,
-        plan,
-        experts: mine.experts.clone(),
-    };
-    let (mut out, micros) = match compute(merged).await {
-        Ok(r) => r,
-        Err(e) => {
-            for w in others {
-                let err = WorkerError::Compute(format!("in a coalesced expert call: {e}"));
-                let _ = w.tell.send(Outcome::Done(Err(err)));
+
+    fn absorb(&mut self, batches: Vec<Waiting>, joined: bool) {
+        for w in batches {
+            let n = w.job.plan.entries();
+            if n == 0 {
+                let out = vec![0.0; w.job.plan.rows() * self.hidden];
+                let _ = w.tell.send(Ok(Ran::alone(out, 0)));
+                continue;
             }
-            return Err(e);
+            self.members.push(Member {
+                ys: vec![0.0; n * self.hidden],
+                pending: vec![true; n],
+                left: n,
+                job: w.job,
+                tell: Some(w.tell),
+                joined,
+                with: 1,
+                micros: 0,
+            });
         }
-    };
-    let mut at = rows[0];
-    for (w, &n) in others.into_iter().zip(&rows[1..]) {
-        let _ = w.tell.send(Outcome::Done(Ok(Ran {
-            out: out[at * hidden..(at + n) * hidden].to_vec(),
-            micros,
-            batches,
-        })));
-        at += n;
     }
-    // This batch's rows come first: the call's buffer, cut to them.
-    out.truncate(rows[0] * hidden);
-    Ok(Ran {
-        out,
-        micros,
-        batches,
-    })
+
+    /// The next `width` pending experts from the cursor, over every row that still needs them.
+    fn next_part(&mut self) -> Option<Part> {
+        let mut todo: Vec<u16> = self
+            .members
+            .iter()
+            .flat_map(|m| {
+                m.pending
+                    .iter()
+                    .zip(m.job.plan.experts())
+                    .filter_map(|(&p, &e)| p.then_some(e))
+            })
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        let from = todo.partition_point(|&e| e < self.cursor);
+        todo.rotate_left(from);
+        todo.truncate(self.width);
+        self.cursor = todo.last()?.saturating_add(1);
+        let h = self.hidden;
+        let (mut x, mut plan, mut at) = (Vec::new(), RoutePlan::new(), Vec::new());
+        for (m, member) in self.members.iter().enumerate() {
+            let p = &member.job.plan;
+            let take = |i: &usize| member.pending[*i] && todo.contains(&p.experts()[*i]);
+            for r in 0..p.rows() {
+                if !p.row_range(r).any(|i| take(&i)) {
+                    continue;
+                }
+                x.extend_from_slice(&member.job.x[r * h..(r + 1) * h]);
+                plan.push_row(p.row_range(r).filter(take).map(|i| {
+                    at.push((m, i));
+                    // The weight is applied when the member's rows are combined.
+                    (p.experts()[i], 1.0)
+                }));
+            }
+        }
+        let job = Job {
+            layer: self.layer,
+            x,
+            plan,
+            experts: self.experts.clone(),
+        };
+        Some(Part { job, at })
+    }
+
+    /// Files a part's outputs under the entries they answer; returns the answers of the batches
+    /// it completed.
+    fn scatter(
+        &mut self,
+        at: &[(usize, usize)],
+        ys: &[f32],
+        micros: u64,
+    ) -> Vec<(oneshot::Sender<Result<Ran, WorkerError>>, Ran)> {
+        let h = self.hidden;
+        let mut served: Vec<usize> = at.iter().map(|&(m, _)| m).collect();
+        served.dedup();
+        for &m in &served {
+            let member = &mut self.members[m];
+            member.with = member.with.max(served.len());
+            member.micros += micros;
+        }
+        for (j, &(m, i)) in at.iter().enumerate() {
+            let member = &mut self.members[m];
+            member.ys[i * h..(i + 1) * h].copy_from_slice(&ys[j * h..(j + 1) * h]);
+            member.pending[i] = false;
+            member.left -= 1;
+        }
+        let mut done = Vec::new();
+        for &m in &served {
+            let member = &mut self.members[m];
+            if member.left > 0 {
+                continue;
+            }
+            let Some(tell) = member.tell.take() else {
+                continue;
+            };
+            let mut out = vec![0.0; member.job.plan.rows() * h];
+            combine_entries(&member.job.plan, &member.ys, h, &mut out);
+            member.ys = Vec::new();
+            done.push((
+                tell,
+                Ran {
+                    out,
+                    micros: member.micros,
+                    batches: member.with,
+                    own_call: m == 0 || member.with == 1,
+                    joined: member.joined && member.with > 1,
+                },
+            ));
+        }
+        done
+    }
+
+    /// Fails every batch not yet answered with `e` (as it is, where it is the only one).
+    fn fail(&mut self, e: WorkerError) {
+        let mut unanswered: Vec<_> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.tell.take())
+            .collect();
+        if unanswered.len() == 1 {
+            let _ = unanswered.remove(0).send(Err(e));
+            return;
+        }
+        for tell in unanswered {
+            let err = WorkerError::Compute(format!("in a coalesced expert call: {e}"));
+            let _ = tell.send(Err(err));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -278,30 +501,57 @@ mod tests {
         }
     }
 
+    type PartFuture = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(Vec<f32>, u64), WorkerError>> + Send>,
+    >;
+
+    /// A fake part: each entry's output is its row doubled, after `hold(call number)` resolves.
+    fn doubling<H, HF>(calls: Arc<AtomicUsize>, hold: H) -> impl Fn(Job) -> PartFuture + Clone
+    where
+        H: Fn(usize) -> HF + Clone + Send + Sync + 'static,
+        HF: std::future::Future<Output = ()> + Send + 'static,
+    {
+        move |j: Job| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let hold = hold(n);
+            Box::pin(async move {
+                hold.await;
+                let mut ys = Vec::new();
+                for r in 0..j.plan.rows() {
+                    for _ in j.plan.row_range(r) {
+                        ys.extend(j.x[r * 4..(r + 1) * 4].iter().map(|v| v * 2.0));
+                    }
+                }
+                Ok((ys, j.plan.rows() as u64))
+            })
+        }
+    }
+
+    /// A future that resolves once `gate` says true.
+    async fn opened(mut gate: tokio::sync::watch::Receiver<bool>) {
+        while !*gate.borrow_and_update() {
+            gate.changed().await.unwrap();
+        }
+    }
+
     #[test]
-    fn batches_arriving_during_a_call_run_together_and_get_their_own_rows() {
+    fn batches_of_a_layer_that_queue_together_run_together_and_get_their_own_rows() {
         let (_dir, ck, experts) = tiny(2);
         let rt = runtime(4);
-        let co = Arc::new(Coalescer::new(true));
+        let mut co = Coalescer::new(true);
+        co.width = Some(8);
+        let co = Arc::new(co);
         let calls = Arc::new(AtomicUsize::new(0));
         let (release, gate) = tokio::sync::watch::channel(false);
-        // A fake expert call: waits for the gate on the first call (so others queue behind
-        // it), records its row count, and answers each row with its input doubled.
-        let compute = {
-            let calls = calls.clone();
-            move |j: Job| {
-                let calls = calls.clone();
-                let mut gate = gate.clone();
-                async move {
-                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                        while !*gate.borrow_and_update() {
-                            gate.changed().await.unwrap();
-                        }
-                    }
-                    Ok((j.x.iter().map(|v| v * 2.0).collect(), j.plan.rows() as u64))
+        // The first part waits for the gate, so that others arrive while it runs.
+        let compute = doubling(calls.clone(), move |n| {
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    opened(gate).await;
                 }
             }
-        };
+        });
         rt.block_on(async {
             let run = |j: Job| {
                 let (co, compute) = (co.clone(), compute.clone());
@@ -318,61 +568,170 @@ mod tests {
             let e = run(job(&experts, &ck, 1, 2, 400.0));
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             release.send(true).unwrap();
-            let first = first.await.unwrap().unwrap();
-            assert_eq!((first.batches, first.out), (1, vec![0.0, 2.0, 4.0, 6.0]));
-            // The oldest waiting batch (b, layer 1) leads with d and e; then c alone.
-            for (h, from, rows, batches) in [
-                (b, 100.0, 2, 3),
-                (d, 300.0, 1, 3),
-                (e, 400.0, 2, 3),
-                (c, 200.0, 3, 1),
+            // c (layer 0) joins the first group once the first batch is done, so it shares
+            // nothing and is a call of its own; then b, the oldest left, runs with d and e.
+            for (h, from, rows, batches, own_call) in [
+                (first, 0.0, 1, 1, true),
+                (c, 200.0, 3, 1, true),
+                (b, 100.0, 2, 3, true),
+                (d, 300.0, 1, 3, false),
+                (e, 400.0, 2, 3, false),
             ] {
                 let ran = h.await.unwrap().unwrap();
                 let want: Vec<f32> = (0..rows * 4).map(|i| (from + i as f32) * 2.0).collect();
                 assert_eq!(ran.out, want);
-                assert_eq!(ran.batches, batches, "batch from {from}");
+                assert_eq!(
+                    (ran.batches, ran.own_call, ran.joined),
+                    (batches, own_call, false),
+                    "batch from {from}"
+                );
             }
         });
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            3,
-            "one call, then b+d+e, then c"
-        );
-        // Idle again: the next batch leads at once.
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "a, then c, then b+d+e");
+        // Idle again: the next batch runs at once.
         let ran = rt
             .block_on(co.run(job(&experts, &ck, 0, 1, 7.0), 4, compute))
             .unwrap();
-        assert_eq!(ran.batches, 1);
+        assert_eq!((ran.batches, ran.own_call), (1, true));
+    }
+
+    /// A layer-`l` job of 8 rows, row r routed to experts r and r + 1 (mod 8).
+    fn two_each(
+        experts: &Arc<LocalExperts<AnyBackend>>,
+        ck: &Checkpoint,
+        l: usize,
+        seed: usize,
+    ) -> Job {
+        let mut plan = RoutePlan::new();
+        for r in 0..8u16 {
+            plan.push_row([(r, 0.625), ((r + 1) % 8, 0.375)]);
+        }
+        Job {
+            layer: LayerId::new(l, ck.config()).unwrap(),
+            x: (0..32)
+                .map(|i| (((i + seed) * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect(),
+            plan,
+            experts: experts.clone(),
+        }
+    }
+
+    /// The real expert part, as the service runs it, counting calls; the first waits for `gate`.
+    fn real(
+        calls: Arc<AtomicUsize>,
+        gate: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Fn(Job) -> PartFuture + Clone {
+        move |j: Job| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            Box::pin(async move {
+                if n == 0 {
+                    opened(gate).await;
+                }
+                let mut ys = vec![0.0; j.plan.entries() * 4];
+                j.experts.run_entries(j.layer, &j.x, &j.plan, &mut ys)?;
+                Ok((ys, 1))
+            })
+        }
     }
 
     #[test]
-    fn a_cancelled_leader_passes_the_lead_on() {
-        let (_dir, ck, experts) = tiny(1);
-        let rt = runtime(2);
-        let co = Arc::new(Coalescer::new(true));
-        rt.block_on(async {
-            // A leader whose call never finishes, cancelled while a second batch waits.
-            let hang = |_j: Job| async {
-                std::future::pending::<Result<(Vec<f32>, u64), WorkerError>>().await
+    fn a_batch_joining_mid_call_shares_the_experts_still_to_run_with_unchanged_bits() {
+        use switchyard_model::ExpertExecutor;
+        let (_dir, ck, experts) = tiny(2);
+        let rt = runtime(4);
+        let mut co = Coalescer::new(true);
+        co.width = Some(1);
+        let co = Arc::new(co);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let compute = real(calls.clone(), gate);
+        let alone = |j: &Job| {
+            let mut out = vec![0.0; 32];
+            experts.run(j.layer, &j.x, &j.plan, &mut out).unwrap();
+            out
+        };
+        let (a, b, other) = (
+            two_each(&experts, &ck, 1, 0),
+            two_each(&experts, &ck, 1, 5),
+            two_each(&experts, &ck, 0, 9),
+        );
+        let want = [alone(&a), alone(&b), alone(&other)];
+        let got = rt.block_on(async {
+            let run = |j: Job| {
+                let (co, compute) = (co.clone(), compute.clone());
+                tokio::spawn(async move { co.run(j, 4, compute).await })
             };
-            let co2 = co.clone();
-            let j = job(&experts, &ck, 0, 1, 0.0);
-            let leader = tokio::spawn(async move { co2.run(j, 4, hang).await });
+            let a = run(a);
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            // During a's first expert (0), a batch of its layer and one of another arrive.
+            let b = run(b);
+            let other = run(other);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            release.send(true).unwrap();
+            [a.await, b.await, other.await].map(|h| h.unwrap().unwrap())
+        });
+        for (ran, want) in got.iter().zip(&want) {
+            assert!(ran
+                .out
+                .iter()
+                .zip(want)
+                .all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        let flags: Vec<_> = got
+            .iter()
+            .map(|r| (r.batches, r.own_call, r.joined))
+            .collect();
+        assert_eq!(
+            flags,
+            [(2, true, false), (2, false, true), (1, true, false)]
+        );
+        // a's 8 experts (b sharing 1-7), b's missed expert 0, then the other layer's 8.
+        assert_eq!(calls.load(Ordering::SeqCst), 8 + 1 + 8);
+    }
+
+    #[test]
+    fn a_cancelled_caller_leaves_its_group_running_and_a_failed_stage_refuses_and_recovers() {
+        let (_dir, ck, experts) = tiny(2);
+        let rt = runtime(4);
+        let co = Arc::new(Coalescer::new(true));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let compute = doubling(calls.clone(), move |n| {
+            let gate = gate.clone();
+            async move {
+                match n {
+                    0 => opened(gate).await,
+                    1 => panic!("a kernel fault"),
+                    _ => {}
+                }
+            }
+        });
+        rt.block_on(async {
+            let run = |j: Job| {
+                let (co, compute) = (co.clone(), compute.clone());
+                tokio::spawn(async move { co.run(j, 4, compute).await })
+            };
+            // The first caller goes away while its batch runs; the group runs on.
+            let gone = run(job(&experts, &ck, 0, 1, 0.0));
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            let same = run(job(&experts, &ck, 0, 2, 10.0));
+            let other = run(job(&experts, &ck, 1, 1, 30.0));
+            gone.abort();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let co3 = co.clone();
-            let j = job(&experts, &ck, 0, 1, 5.0);
-            let waiter =
-                tokio::spawn(
-                    async move { co3.run(j, 4, |j: Job| async move { Ok((j.x, 1)) }).await },
-                );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            leader.abort();
-            let ran = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-                .await
-                .expect("the waiter leads once the leader is gone")
-                .unwrap()
-                .unwrap();
-            assert_eq!(ran.out, vec![5.0, 6.0, 7.0, 8.0]);
+            release.send(true).unwrap();
+            // The batch of the first one's layer joined after that one's only part, so its
+            // call is the second, which faults: it is refused, not left hanging, and so is the
+            // batch of the other layer queued behind it...
+            assert!(same.await.unwrap().is_err());
+            assert!(other.await.unwrap().is_err());
+            // ...and then the stage runs again.
+            let after = run(job(&experts, &ck, 1, 1, 20.0)).await.unwrap().unwrap();
+            assert_eq!(after.out, vec![40.0, 42.0, 44.0, 46.0]);
         });
     }
 }

@@ -221,6 +221,7 @@ pub async fn serve(
     if let Some(m) = &cfg.membership {
         register(&server, cfg, m, addr, &stop);
     }
+    let stats = server.clone();
     let svc = ExpertServiceServer::new(ExpertService {
         server,
         stop: stop.clone(),
@@ -260,6 +261,15 @@ pub async fn serve(
             tracing::warn!(?grace, "in-flight batches did not finish within the grace period");
         }
     }
-    tracing::info!("worker stopped");
+    let s = stats.stats();
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        batches = n(&s.batches),
+        expert_calls = n(&s.calls),
+        coalesced = n(&s.coalesced),
+        joined = n(&s.joined),
+        busy_ms = n(&s.busy_micros) / 1000,
+        "worker stopped"
+    );
     Ok(())
 }

@@ -12,9 +12,7 @@ use std::{
     },
     time::Instant,
 };
-use switchyard_model::{
-    AnyBackend, Checkpoint, ExpertExecutor, LayerId, LocalExperts, MixtralConfig,
-};
+use switchyard_model::{AnyBackend, Checkpoint, LayerId, LocalExperts, MixtralConfig};
 use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -25,10 +23,13 @@ pub(crate) struct Stats {
     pub(crate) batches: AtomicU64,
     pub(crate) rows: AtomicU64,
     pub(crate) busy_micros: AtomicU64,
-    /// Expert calls made: fewer than batches where batches were coalesced.
+    /// Expert calls made (coalesced groups, however many parts each ran in): fewer than
+    /// batches where batches were coalesced.
     pub(crate) calls: AtomicU64,
     /// Batches that ran in one call with others.
     pub(crate) coalesced: AtomicU64,
+    /// Of those, batches that joined a call already under way.
+    pub(crate) joined: AtomicU64,
     /// `[layer * experts + expert]` token-expert entries computed.
     expert_tokens: Vec<AtomicU64>,
 }
@@ -230,14 +231,20 @@ impl ExpertServer {
         let (stats, n_experts) = (self.stats.clone(), self.cfg.num_local_experts);
         let ran = self
             .coalescer
-            .run(job, h, |job| compute(job, h, n_experts, stats.clone()))
+            .run(job, h, move |job| compute(job, h, n_experts, stats.clone()))
             .instrument(span.clone())
             .await?;
         span.record("coalesced", ran.batches);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        if ran.own_call {
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        }
         if ran.batches > 1 {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        if ran.joined {
+            self.stats.joined.fetch_add(1, Ordering::Relaxed);
         }
         Ok(pb::ExpertResult {
             rows: rows as u32,
@@ -249,8 +256,9 @@ impl ExpertServer {
     }
 }
 
-/// One expert call over `job`'s rows (one batch's, or several coalesced): `rows × hidden`
-/// partial sums and the compute time. Counts the call's token-expert entries once it succeeds.
+/// One part of an expert call over `job`'s rows (one batch's, or several coalesced): each
+/// entry's unweighted output (`entries × hidden`) and the compute time. Counts the part's
+/// token-expert entries once it succeeds.
 async fn compute(
     job: Job,
     h: usize,
@@ -259,15 +267,15 @@ async fn compute(
 ) -> Result<(Vec<f32>, u64), WorkerError> {
     let run = move || {
         let start = Instant::now();
-        let mut out = vec![0.0f32; job.plan.rows() * h];
-        job.experts.run(job.layer, &job.x, &job.plan, &mut out)?;
+        let mut out = vec![0.0f32; job.plan.entries() * h];
+        job.experts
+            .run_entries(job.layer, &job.x, &job.plan, &mut out)?;
         let micros = start.elapsed().as_micros() as u64;
         let first = job.layer.index() * n_experts;
         for &e in job.plan.experts() {
             stats.expert_tokens[first + e as usize].fetch_add(1, Ordering::Relaxed);
         }
         stats.busy_micros.fetch_add(micros, Ordering::Relaxed);
-        stats.calls.fetch_add(1, Ordering::Relaxed);
         Ok::<_, WorkerError>((out, micros))
     };
     if rayon::current_thread_index().is_some() {
@@ -400,6 +408,7 @@ impl pb::expert_service_server::ExpertService for ExpertService {
             uptime_micros: server.started.elapsed().as_micros() as u64,
             expert_calls: s.calls.load(Ordering::Relaxed),
             coalesced_batches: s.coalesced.load(Ordering::Relaxed),
+            joined_batches: s.joined.load(Ordering::Relaxed),
         }))
     }
 }

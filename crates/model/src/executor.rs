@@ -218,7 +218,41 @@ impl<B: Backend> LocalExperts<B> {
 
 impl<B: Backend> ExpertExecutor for LocalExperts<B> {
     fn run(&self, layer: LayerId, x: &[f32], plan: &RoutePlan, out: &mut [f32]) -> Result<()> {
-        crate::backend::cpu::in_pool(|| self.run_inner(layer, x, plan, out))
+        crate::backend::cpu::in_pool(|| self.run_inner(layer, x, plan, Out::Combined(out)))
+    }
+}
+
+/// Where [`LocalExperts::run_inner`] writes: each row's weighted sum, or each entry's output.
+enum Out<'a> {
+    Combined(&'a mut [f32]),
+    Entries(&'a mut [f32]),
+}
+
+impl<B: Backend> LocalExperts<B> {
+    /// Each entry's unweighted expert output, `ys[i] = expert(x[row of entry i])`, as
+    /// `[plan.entries(), hidden]` in plan order; [`combine_entries`] sums them as
+    /// [`ExpertExecutor::run`] would. For a caller that runs one batch's experts in parts: a
+    /// worker lets a batch that arrives mid-call join the experts not yet run. An entry's output
+    /// has the same bits whatever other rows share its call.
+    pub fn run_entries(
+        &self,
+        layer: LayerId,
+        x: &[f32],
+        plan: &RoutePlan,
+        ys: &mut [f32],
+    ) -> Result<()> {
+        crate::backend::cpu::in_pool(|| self.run_inner(layer, x, plan, Out::Entries(ys)))
+    }
+
+    /// How many experts run side by side on this backend, so that a caller running a batch's
+    /// experts in parts can keep as many threads busy as one whole call would.
+    #[must_use]
+    pub fn side_by_side(&self) -> usize {
+        if self.backend.concurrent_ops() {
+            crate::backend::cpu::in_pool(rayon::current_num_threads).max(1)
+        } else {
+            1
+        }
     }
 }
 
@@ -230,10 +264,14 @@ impl<B: Backend> LocalExperts<B> {
         layer: LayerId,
         x: &[f32],
         plan: &RoutePlan,
-        out: &mut [f32],
+        mut out: Out<'_>,
     ) -> Result<()> {
         let h = self.hidden;
-        let experts = self.check(layer, x, plan, out)?;
+        let out_len = match &out {
+            Out::Combined(o) => (o.len(), plan.rows()),
+            Out::Entries(ys) => (ys.len(), plan.entries()),
+        };
+        let experts = self.check(layer, x, plan, out_len)?;
         // A poisoned lock only means another batch panicked mid-way; the scratch holds no
         // invariants across calls, so it is safe to keep using.
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,7 +309,15 @@ impl<B: Backend> LocalExperts<B> {
             h,
             &mut ys[..n_entries * h],
         )?;
-        combine(plan, ys, at, h, out);
+        match &mut out {
+            Out::Combined(o) => combine(plan, ys, at, h, o),
+            Out::Entries(dst) => {
+                for (d, &a) in dst.chunks_exact_mut(h).zip(at.iter()) {
+                    let a = a as usize * h;
+                    d.copy_from_slice(&ys[a..a + h]);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -281,17 +327,16 @@ impl<B: Backend> LocalExperts<B> {
         layer: LayerId,
         x: &[f32],
         plan: &RoutePlan,
-        out: &[f32],
+        (out_len, out_rows): (usize, usize),
     ) -> Result<&[Option<ExpertFfn<B>>]> {
         let h = self.hidden;
         let rows = plan.rows();
-        if x.len() != rows * h || out.len() != rows * h {
+        if x.len() != rows * h || out_len != out_rows * h {
             return Err(ModelError::Input(format!(
-                "expert batch: {} rows need {} values of hidden {h}, got x {} / out {}",
-                rows,
+                "expert batch: {rows} rows need {} values of hidden {h} in and {} out, got x {} / out {out_len}",
                 rows * h,
+                out_rows * h,
                 x.len(),
-                out.len()
             )));
         }
         let experts = self
@@ -415,12 +460,28 @@ fn run_experts(
 /// `y` is row `at[i]` of `ys`. Written as separate multiply and add (never fused) so that the
 /// sum of partials computed on different workers is bit-identical to this for top-2 routing.
 pub fn combine(plan: &RoutePlan, ys: &[f32], at: &[u32], h: usize, out: &mut [f32]) {
+    combine_at(plan, ys, |i| at[i] as usize, h, out);
+}
+
+/// [`combine`] of outputs in plan order (entry i's at row i), as [`LocalExperts::run_entries`]
+/// writes them.
+pub fn combine_entries(plan: &RoutePlan, ys: &[f32], h: usize, out: &mut [f32]) {
+    combine_at(plan, ys, |i| i, h, out);
+}
+
+fn combine_at(
+    plan: &RoutePlan,
+    ys: &[f32],
+    at: impl Fn(usize) -> usize,
+    h: usize,
+    out: &mut [f32],
+) {
     for r in 0..plan.rows() {
         let o = &mut out[r * h..(r + 1) * h];
         o.fill(0.0);
         for i in plan.row_range(r) {
             let w = plan.weights()[i];
-            let y = at[i] as usize * h;
+            let y = at(i) * h;
             for (ov, yv) in o.iter_mut().zip(&ys[y..y + h]) {
                 *ov += w * yv;
             }

@@ -28,7 +28,9 @@ mod tests;
 pub use backend::{any::AnyBackend, cpu::Cpu, Backend, Device, KvDtype};
 pub use config::MixtralConfig;
 pub use error::{ModelError, Result};
-pub use executor::{combine, ExpertExecutor, ExpertJob, Finished, LocalExperts, PendingExperts};
+pub use executor::{
+    combine, combine_entries, ExpertExecutor, ExpertJob, Finished, LocalExperts, PendingExperts,
+};
 pub use ids::{ExpertId, ExpertSet, LayerId};
 pub use kv_cache::{KvCache, SeqKv, DEFAULT_BLOCK_SIZE, FREED};
 pub use model::{Logits, Mixtral, SeqStep, StepOutput, StepScratch};

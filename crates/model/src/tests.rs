@@ -591,6 +591,68 @@ fn experts_side_by_side_give_the_bits_of_experts_one_at_a_time() {
 }
 
 #[test]
+fn entries_run_in_parts_combine_to_the_bits_of_one_call() {
+    // A worker that lets late batches join runs a batch's experts a few at a time, each part
+    // over whichever rows need those experts then, and sums the entries at the end.
+    use crate::ExpertExecutor;
+    let rig = Rig::open(&fixtures().join("tiny-mixtral"));
+    let cfg = rig.ck.config();
+    let h = cfg.hidden_size;
+    let ids: Vec<u32> = (1..30).collect();
+    let (_, trace) = rig.forward(&ids);
+    let plan = &trace[1];
+    let x: Vec<f32> = (0..plan.rows() * h)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let layer = crate::LayerId::new(1, cfg).unwrap();
+    let mut full = vec![0.0; x.len()];
+    rig.experts.run(layer, &x, plan, &mut full).unwrap();
+    let mut ys = vec![f32::NAN; plan.entries() * h];
+    rig.experts.run_entries(layer, &x, plan, &mut ys).unwrap();
+    let mut out = vec![f32::NAN; x.len()];
+    crate::combine_entries(plan, &ys, h, &mut out);
+    assert!(out
+        .iter()
+        .zip(&full)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // In parts: experts {e, e+1} at a time, each part a batch of only the rows that need them.
+    let mut parts = vec![f32::NAN; ys.len()];
+    for first in (0..8).step_by(2) {
+        let mut sub = RoutePlan::new();
+        let (mut xs, mut at) = (Vec::new(), Vec::new());
+        for r in 0..plan.rows() {
+            let mine: Vec<(u16, f32)> = plan
+                .row_range(r)
+                .filter(|&i| (first..first + 2).contains(&(plan.experts()[i] as usize)))
+                .map(|i| {
+                    at.push(i);
+                    (plan.experts()[i], 1.0)
+                })
+                .collect();
+            if !mine.is_empty() {
+                sub.push_row(mine);
+                xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+            }
+        }
+        let mut got = vec![0.0; sub.entries() * h];
+        rig.experts.run_entries(layer, &xs, &sub, &mut got).unwrap();
+        for (j, &i) in at.iter().enumerate() {
+            parts[i * h..(i + 1) * h].copy_from_slice(&got[j * h..(j + 1) * h]);
+        }
+    }
+    assert!(parts
+        .iter()
+        .zip(&ys)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // A wrong output size is an error, not a panic.
+    let mut short = vec![0.0; h];
+    assert!(matches!(
+        rig.experts.run_entries(layer, &x, plan, &mut short),
+        Err(ModelError::Input(_))
+    ));
+}
+
+#[test]
 fn partial_combines_add_up_to_the_full_combine_bit_for_bit() {
     // What the cluster relies on: experts split over "workers" and partials added in order give
     // the same bits as all experts in one place (top-2).
