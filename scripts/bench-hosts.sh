@@ -7,7 +7,8 @@
 # evenly, then with every expert on every worker; reports each role's peak memory and major
 # page faults. Then several coordinators sharing 2 workers (data-parallel attention): 1 and 2
 # coordinators of SHARED_STREAMS streams each (default 4), each in a cgroup of COORD_CPU, with the
-# workers coalescing batches and with `--coalesce off`. Writes bench JSON per run to OUT_DIR and
+# workers coalescing batches and with `--coalesce off` (the workers' counters, logged as they
+# stop, go to workers.log beside each shared run's plan.json). Writes bench JSON per run to OUT_DIR and
 # a summary table to stdout. First it calibrates the planner on this machine (`bench
 # --calibrate`) and predicts every layout with `switchyard plan` (plan.json beside each
 # bench.json): measured and predicted decode rates side by side.
