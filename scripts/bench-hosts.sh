@@ -192,9 +192,6 @@ print(f"{sys.argv[2]:<16} {c.get('tok_s_median', float('nan')):9.1f} {c.get('dec
       f"{p['at_streams']['tok_s']:9.1f} {m['decode_tok_s_median']:9.1f} {p['batch1']['tok_s']:9.1f} {'':>9}  {sys.argv[3]}")
 PY
     stop_all
-    # The workers' counters, logged as they stop: batches, expert calls, coalesced and joined.
-    { grep -h "worker stopped" "$TMP"/w[12].log || true; } | sed 's/\x1b\[[0-9;]*m//g' \
-      | tee "$OUT/shared-$coalesce-$c/workers.log" | sed 's/^.*worker stopped/  worker stopped/'
   done
 done
 

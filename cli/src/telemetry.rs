@@ -81,8 +81,11 @@ impl opentelemetry_sdk::trace::SpanExporter for OnRuntime {
 pub fn init(log: &str, otlp: &OtlpArgs, command: &str) -> anyhow::Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_new(log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colours only for a terminal: a log redirected to a file (or collected from a container)
+    // would otherwise carry escape codes around every level and field.
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter);
     let Some(endpoint) = &otlp.otlp_endpoint else {
         tracing_subscriber::registry().with(logs).init();
