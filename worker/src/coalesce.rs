@@ -214,6 +214,8 @@ impl Driver {
     /// marked idle) when none waits.
     fn next_group(&self) -> Option<Group> {
         let mut s = lock(&self.state);
+        // A batch whose caller has gone (cancelled, or past its deadline) is not computed.
+        s.waiting.retain(|w| !w.tell.is_closed());
         let Some(first) = s.waiting.pop_front() else {
             s.driving = false;
             return None;
@@ -235,6 +237,7 @@ impl Driver {
         experts: &Arc<LocalExperts<AnyBackend>>,
     ) -> Vec<Waiting> {
         let mut s = lock(&self.state);
+        s.waiting.retain(|w| !w.tell.is_closed());
         let same = |w: &Waiting| {
             w.job.layer.index() == layer.index() && Arc::ptr_eq(&w.job.experts, experts)
         };
@@ -733,5 +736,50 @@ mod tests {
             let after = run(job(&experts, &ck, 1, 1, 20.0)).await.unwrap().unwrap();
             assert_eq!(after.out, vec![40.0, 42.0, 44.0, 46.0]);
         });
+    }
+
+    #[test]
+    fn a_batch_whose_caller_went_away_while_queued_is_not_computed() {
+        let (_dir, ck, experts) = tiny(2);
+        let rt = runtime(4);
+        let co = Arc::new(Coalescer::new(true));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let compute = doubling(calls.clone(), move |n| {
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    opened(gate).await;
+                }
+            }
+        });
+        rt.block_on(async {
+            let run = |j: Job| {
+                let (co, compute) = (co.clone(), compute.clone());
+                tokio::spawn(async move { co.run(j, 4, compute).await })
+            };
+            let first = run(job(&experts, &ck, 0, 1, 0.0));
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            // Queued behind the first: one caller goes away, one of another layer stays.
+            let gone = run(job(&experts, &ck, 1, 1, 10.0));
+            let kept = run(job(&experts, &ck, 0, 2, 20.0));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            gone.abort();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            release.send(true).unwrap();
+            first.await.unwrap().unwrap();
+            let kept = kept.await.unwrap().unwrap();
+            assert_eq!(kept.out[..4], [40.0, 42.0, 44.0, 46.0]);
+            // One more batch, queued after everything else: once it is answered, the queue
+            // before it has been worked through.
+            run(job(&experts, &ck, 0, 1, 30.0)).await.unwrap().unwrap();
+        });
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the first, the kept batch, the last"
+        );
     }
 }
