@@ -38,6 +38,16 @@ pub(crate) struct Job {
     pub experts: Arc<LocalExperts<AnyBackend>>,
 }
 
+/// What one expert call answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Each row's weighted sum, `rows × hidden` (as `ExpertExecutor::run`): a whole batch.
+    Rows,
+    /// Each entry's unweighted output, `entries × hidden` (as [`LocalExperts::run_entries`]):
+    /// one part of a group, summed once the batch's every part is done.
+    Entries,
+}
+
 /// What the expert stage computed for one batch.
 pub(crate) struct Ran {
     /// This batch's rows × hidden partial sums.
@@ -83,9 +93,8 @@ impl Coalescer {
         }
     }
 
-    /// Runs `job`'s experts, alone or in a group with batches of its layer. `compute` runs one
-    /// part: the given rows' experts, answering each plan entry's unweighted output
-    /// (`entries × hidden`, as [`LocalExperts::run_entries`]) and the compute time in µs.
+    /// Runs `job`'s experts, alone or in a group with batches of its layer. `compute` runs the
+    /// given rows' experts as one call, answering as [`Answer`] asks, with its time in µs.
     pub(crate) async fn run<F, Fut>(
         &self,
         job: Job,
@@ -93,27 +102,19 @@ impl Coalescer {
         compute: F,
     ) -> Result<Ran, WorkerError>
     where
-        F: Fn(Job) -> Fut + Send + 'static,
+        F: Fn(Job, Answer) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(Vec<f32>, u64), WorkerError>> + Send + 'static,
     {
-        if job.plan.entries() == 0 {
-            // No experts to run: every row's sum is zero.
-            return Ok(Ran::alone(vec![0.0; job.plan.rows() * hidden], 0));
-        }
-        if self.off {
-            let mut group = Group::open(Waiting::detached(job), hidden, usize::MAX);
-            let Some(Part { job, at }) = group.next_part() else {
-                return Err(WorkerError::Compute(
-                    "the expert call lost its batch".into(),
-                ));
-            };
-            let (ys, micros) = compute(job).await?;
-            return match group.scatter(&at, &ys, micros).pop() {
-                Some((_, ran)) => Ok(ran),
-                None => Err(WorkerError::Compute(
-                    "the expert call lost its batch".into(),
-                )),
-            };
+        if self.off || job.plan.entries() == 0 {
+            // One call of all its experts (a batch of no entries sums to zero rows there).
+            let (out, micros) = compute(job, Answer::Rows).await?;
+            return Ok(Ran {
+                out,
+                micros,
+                batches: 1,
+                own_call: true,
+                joined: false,
+            });
         }
         let (tell, told) = oneshot::channel();
         let start = {
@@ -142,28 +143,6 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Ran {
-    fn alone(out: Vec<f32>, micros: u64) -> Self {
-        Self {
-            out,
-            micros,
-            batches: 1,
-            own_call: true,
-            joined: false,
-        }
-    }
-}
-
-impl Waiting {
-    /// A batch nobody waits on through the queue (the uncoalesced path answers by returning).
-    fn detached(job: Job) -> Self {
-        Self {
-            job,
-            tell: oneshot::channel().0,
-        }
-    }
-}
-
 /// The one task working the queue; while it lives, `driving` is set.
 struct Driver {
     state: Arc<Mutex<State>>,
@@ -176,7 +155,7 @@ struct Driver {
 impl Driver {
     async fn drive<F, Fut>(mut self, compute: F)
     where
-        F: Fn(Job) -> Fut,
+        F: Fn(Job, Answer) -> Fut,
         Fut: Future<Output = Result<(Vec<f32>, u64), WorkerError>>,
     {
         loop {
@@ -188,7 +167,7 @@ impl Driver {
             };
             while let Some(Part { job, at }) = group.next_part() {
                 let leader_running = group.leader_pending();
-                match compute(job).await {
+                match compute(job, Answer::Entries).await {
                     Ok((ys, micros)) => {
                         for (tell, ran) in group.scatter(&at, &ys, micros) {
                             // The receiver is gone only if that call was cancelled.
@@ -320,14 +299,11 @@ impl Group {
         self.members[0].left > 0
     }
 
+    /// Takes `batches` in; every queued batch has entries ([`Coalescer::run`] answers the
+    /// others at once), so every member has a part to wait for.
     fn absorb(&mut self, batches: Vec<Waiting>, joined: bool) {
         for w in batches {
             let n = w.job.plan.entries();
-            if n == 0 {
-                let out = vec![0.0; w.job.plan.rows() * self.hidden];
-                let _ = w.tell.send(Ok(Ran::alone(out, 0)));
-                continue;
-            }
             self.members.push(Member {
                 ys: vec![0.0; n * self.hidden],
                 pending: vec![true; n],
@@ -394,6 +370,7 @@ impl Group {
         micros: u64,
     ) -> Vec<(oneshot::Sender<Result<Ran, WorkerError>>, Ran)> {
         let h = self.hidden;
+        // `next_part` lists entries member by member, so each member's run is contiguous.
         let mut served: Vec<usize> = at.iter().map(|&(m, _)| m).collect();
         served.dedup();
         for &m in &served {
@@ -509,12 +486,16 @@ mod tests {
     >;
 
     /// A fake part: each entry's output is its row doubled, after `hold(call number)` resolves.
-    fn doubling<H, HF>(calls: Arc<AtomicUsize>, hold: H) -> impl Fn(Job) -> PartFuture + Clone
+    fn doubling<H, HF>(
+        calls: Arc<AtomicUsize>,
+        hold: H,
+    ) -> impl Fn(Job, Answer) -> PartFuture + Clone
     where
         H: Fn(usize) -> HF + Clone + Send + Sync + 'static,
         HF: std::future::Future<Output = ()> + Send + 'static,
     {
-        move |j: Job| {
+        move |j: Job, answer| {
+            assert_eq!(answer, Answer::Entries, "coalescing asks for parts");
             let n = calls.fetch_add(1, Ordering::SeqCst);
             let hold = hold(n);
             Box::pin(async move {
@@ -528,6 +509,26 @@ mod tests {
                 Ok((ys, j.plan.rows() as u64))
             })
         }
+    }
+
+    /// [`doubling`] whose first part waits until the returned gate is opened, so that others
+    /// arrive while it runs.
+    fn first_waits(
+        calls: &Arc<AtomicUsize>,
+    ) -> (
+        tokio::sync::watch::Sender<bool>,
+        impl Fn(Job, Answer) -> PartFuture + Clone,
+    ) {
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let compute = doubling(calls.clone(), move |n| {
+            let gate = gate.clone();
+            async move {
+                if n == 0 {
+                    opened(gate).await;
+                }
+            }
+        });
+        (release, compute)
     }
 
     /// A future that resolves once `gate` says true.
@@ -545,16 +546,7 @@ mod tests {
         co.width = Some(8);
         let co = Arc::new(co);
         let calls = Arc::new(AtomicUsize::new(0));
-        let (release, gate) = tokio::sync::watch::channel(false);
-        // The first part waits for the gate, so that others arrive while it runs.
-        let compute = doubling(calls.clone(), move |n| {
-            let gate = gate.clone();
-            async move {
-                if n == 0 {
-                    opened(gate).await;
-                }
-            }
-        });
+        let (release, compute) = first_waits(&calls);
         rt.block_on(async {
             let run = |j: Job| {
                 let (co, compute) = (co.clone(), compute.clone());
@@ -623,8 +615,9 @@ mod tests {
     fn real(
         calls: Arc<AtomicUsize>,
         gate: tokio::sync::watch::Receiver<bool>,
-    ) -> impl Fn(Job) -> PartFuture + Clone {
-        move |j: Job| {
+    ) -> impl Fn(Job, Answer) -> PartFuture + Clone {
+        move |j: Job, answer| {
+            assert_eq!(answer, Answer::Entries, "coalescing asks for parts");
             let n = calls.fetch_add(1, Ordering::SeqCst);
             let gate = gate.clone();
             Box::pin(async move {
@@ -744,15 +737,7 @@ mod tests {
         let rt = runtime(4);
         let co = Arc::new(Coalescer::new(true));
         let calls = Arc::new(AtomicUsize::new(0));
-        let (release, gate) = tokio::sync::watch::channel(false);
-        let compute = doubling(calls.clone(), move |n| {
-            let gate = gate.clone();
-            async move {
-                if n == 0 {
-                    opened(gate).await;
-                }
-            }
-        });
+        let (release, compute) = first_waits(&calls);
         rt.block_on(async {
             let run = |j: Job| {
                 let (co, compute) = (co.clone(), compute.clone());

@@ -2,7 +2,7 @@
 //! encode one partial sum per row.
 
 use crate::{
-    coalesce::{Coalescer, Job},
+    coalesce::{Answer, Coalescer, Job},
     WorkerConfig, WorkerError,
 };
 use std::{
@@ -12,7 +12,9 @@ use std::{
     },
     time::Instant,
 };
-use switchyard_model::{AnyBackend, Checkpoint, LayerId, LocalExperts, MixtralConfig};
+use switchyard_model::{
+    AnyBackend, Checkpoint, ExpertExecutor, LayerId, LocalExperts, MixtralConfig,
+};
 use switchyard_wire::{encode_rows, pb, Expect, ExpertRequest, PROTOCOL_VERSION};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -231,7 +233,9 @@ impl ExpertServer {
         let (stats, n_experts) = (self.stats.clone(), self.cfg.num_local_experts);
         let ran = self
             .coalescer
-            .run(job, h, move |job| compute(job, h, n_experts, stats.clone()))
+            .run(job, h, move |job, answer| {
+                compute(job, answer, h, n_experts, stats.clone())
+            })
             .instrument(span.clone())
             .await?;
         span.record("coalesced", ran.batches);
@@ -256,20 +260,30 @@ impl ExpertServer {
     }
 }
 
-/// One part of an expert call over `job`'s rows (one batch's, or several coalesced): each
-/// entry's unweighted output (`entries × hidden`) and the compute time. Counts the part's
-/// token-expert entries once it succeeds.
+/// One expert call over `job`'s rows (one batch's, or a part of several coalesced), answered
+/// as `answer` asks, and its compute time. Counts the call's token-expert entries once it
+/// succeeds.
 async fn compute(
     job: Job,
+    answer: Answer,
     h: usize,
     n_experts: usize,
     stats: Arc<Stats>,
 ) -> Result<(Vec<f32>, u64), WorkerError> {
     let run = move || {
         let start = Instant::now();
-        let mut out = vec![0.0f32; job.plan.entries() * h];
-        job.experts
-            .run_entries(job.layer, &job.x, &job.plan, &mut out)?;
+        let mut out;
+        match answer {
+            Answer::Rows => {
+                out = vec![0.0f32; job.plan.rows() * h];
+                job.experts.run(job.layer, &job.x, &job.plan, &mut out)?;
+            }
+            Answer::Entries => {
+                out = vec![0.0f32; job.plan.entries() * h];
+                job.experts
+                    .run_entries(job.layer, &job.x, &job.plan, &mut out)?;
+            }
+        }
         let micros = start.elapsed().as_micros() as u64;
         let first = job.layer.index() * n_experts;
         for &e in job.plan.experts() {
